@@ -1,0 +1,570 @@
+//! Record framing and payload encoding. Pure functions over byte slices: no I/O.
+//!
+//! A segment is a header followed by frames:
+//!
+//! ```text
+//! [len u32][crc32c(len) u32][crc32c(payload) u32][payload: len bytes][RECORD_END u32]
+//! ```
+//!
+//! All integers are little-endian. The header checksum makes `len` trustworthy on its own,
+//! and the trailer tells a torn write from a damaged one:
+//!
+//! * a frame that runs past the end of the file, or whose damage lies in a zero-filled run of
+//!   sectors reaching the end of the file, is a **torn write**: the write never completed, so it
+//!   was never synced, so it was never acknowledged. Recovery cuts it off.
+//! * anything else that fails a check is **corruption**: a complete frame whose bytes changed.
+//!   A single flipped bit can never look torn (it cannot zero a sector or remove the trailer), so
+//!   damage to synced data is always reported, never skipped.
+
+use phxq_types::GroupId;
+
+use crate::{ConfState, EntryKind, HardState, LogEntry};
+
+/// Bytes before the payload: length, length checksum, payload checksum.
+pub(crate) const FRAME_HEADER_BYTES: usize = 12;
+/// Bytes after the payload: the end marker.
+pub(crate) const FRAME_TRAILER_BYTES: usize = 4;
+/// Framing overhead of one record.
+pub(crate) const FRAME_OVERHEAD_BYTES: usize = FRAME_HEADER_BYTES + FRAME_TRAILER_BYTES;
+/// Marks the end of a complete frame ("PQEN" read as bytes).
+const RECORD_END: u32 = u32::from_le_bytes(*b"PQEN");
+/// Largest payload a frame may carry. Larger lengths are rejected on write and are corruption
+/// on read (the length checksum passed, so only a software bug can produce one).
+pub const RECORD_PAYLOAD_BYTES_MAX: usize = 64 << 20;
+/// Torn writes are assumed to lose whole sectors of this size (the smallest a disk writes
+/// atomically); a zero-filled run is only "unwritten" if it starts on such a boundary.
+const SECTOR_BYTES: usize = 512;
+
+/// One decoded record. Entry locations in the index point at the frame of an `Entry` record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Record {
+    /// A log entry for a group. Writing index `i` replaces any entry at `i` or above.
+    Entry { group: GroupId, entry: LogEntry },
+    /// The group's latest hard state.
+    HardState { group: GroupId, state: HardState },
+    /// The group's latest membership.
+    ConfState { group: GroupId, state: ConfState },
+    /// Entries up to `index` are gone; `term` is the term of entry `index`.
+    Compact {
+        group: GroupId,
+        index: u64,
+        term: u64,
+    },
+    /// Entries at `from_index` and above are gone.
+    TruncateSuffix { group: GroupId, from_index: u64 },
+    /// Every group's metadata at the moment a segment was started: its first record.
+    Checkpoint { groups: Vec<GroupCheckpoint> },
+}
+
+/// What a checkpoint remembers of one group: everything but the entries themselves.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct GroupCheckpoint {
+    pub group: GroupId,
+    pub hard_state: HardState,
+    pub conf_state: ConfState,
+    pub compact_index: u64,
+    pub compact_term: u64,
+    pub last_index: u64,
+}
+
+const KIND_ENTRY: u8 = 1;
+const KIND_HARD_STATE: u8 = 2;
+const KIND_CONF_STATE: u8 = 3;
+const KIND_COMPACT: u8 = 4;
+const KIND_TRUNCATE_SUFFIX: u8 = 5;
+const KIND_CHECKPOINT: u8 = 6;
+
+impl Record {
+    /// Short name for reports.
+    pub(crate) fn kind_name(&self) -> &'static str {
+        match self {
+            Record::Entry { .. } => "entry",
+            Record::HardState { .. } => "hard_state",
+            Record::ConfState { .. } => "conf_state",
+            Record::Compact { .. } => "compact",
+            Record::TruncateSuffix { .. } => "truncate_suffix",
+            Record::Checkpoint { .. } => "checkpoint",
+        }
+    }
+
+    /// The group a record belongs to; `None` for checkpoints, which cover all groups.
+    pub(crate) fn group(&self) -> Option<GroupId> {
+        match self {
+            Record::Entry { group, .. }
+            | Record::HardState { group, .. }
+            | Record::ConfState { group, .. }
+            | Record::Compact { group, .. }
+            | Record::TruncateSuffix { group, .. } => Some(*group),
+            Record::Checkpoint { .. } => None,
+        }
+    }
+}
+
+/// Appends one framed record to `out` and returns the frame's length.
+pub(crate) fn encode_frame(record: &Record, out: &mut Vec<u8>) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&[0; FRAME_HEADER_BYTES]);
+    encode_payload(record, out);
+    let payload_len = out.len() - start - FRAME_HEADER_BYTES;
+    assert!(
+        payload_len <= RECORD_PAYLOAD_BYTES_MAX,
+        "record payload over the limit"
+    );
+    let len = (payload_len as u32).to_le_bytes();
+    let payload_crc = crc32c::crc32c(&out[start + FRAME_HEADER_BYTES..]);
+    out[start..start + 4].copy_from_slice(&len);
+    out[start + 4..start + 8].copy_from_slice(&crc32c::crc32c(&len).to_le_bytes());
+    out[start + 8..start + 12].copy_from_slice(&payload_crc.to_le_bytes());
+    out.extend_from_slice(&RECORD_END.to_le_bytes());
+    out.len() - start
+}
+
+/// Payload bytes a record will need, used to enforce the limit before anything is encoded.
+pub(crate) fn entry_payload_bytes(entry: &LogEntry) -> usize {
+    1 + 8 + 8 + 8 + 1 + 4 + entry.data.len() + 4 + entry.context.len()
+}
+
+/// What [`next_frame`] found at a position.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Frame<'a> {
+    /// A complete, checksummed frame; the next one starts at `next`.
+    Record { payload: &'a [u8], next: usize },
+    /// Clean end of the buffer.
+    End,
+    /// An incomplete write at the tail: everything from here on was never synced.
+    Torn,
+    /// A complete frame that fails a check.
+    Corrupt(&'static str),
+}
+
+/// Where the buffer's trailing run of zero bytes starts (`buf.len()` if it ends in non-zero).
+pub(crate) fn trailing_zeros_start(buf: &[u8]) -> usize {
+    buf.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1)
+}
+
+/// True if an unwritten (zero-filled, sector-aligned, reaching the end of file) region
+/// overlaps `[.., end)`. `zeros_start` is [`trailing_zeros_start`] of the whole file and
+/// `base` the file offset of `buf[0]`.
+fn touches_unwritten_tail(zeros_start: usize, base: usize, end: usize) -> bool {
+    let first_unwritten = (base + zeros_start).next_multiple_of(SECTOR_BYTES) - base;
+    first_unwritten < end
+}
+
+/// Reads the frame at `pos`. `base` is the file offset of `buf[0]` (for sector alignment) and
+/// `zeros_start` the start of the buffer's trailing zero run.
+pub(crate) fn next_frame(buf: &[u8], pos: usize, base: usize, zeros_start: usize) -> Frame<'_> {
+    let rest = &buf[pos..];
+    if rest.is_empty() {
+        return Frame::End;
+    }
+    if rest.len() < FRAME_HEADER_BYTES {
+        return Frame::Torn;
+    }
+    let len_bytes: [u8; 4] = rest[0..4].try_into().expect("4 bytes");
+    let len = u32::from_le_bytes(len_bytes) as usize;
+    let len_crc = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes"));
+    if crc32c::crc32c(&len_bytes) != len_crc {
+        if touches_unwritten_tail(zeros_start, base, pos + FRAME_HEADER_BYTES) {
+            return Frame::Torn;
+        }
+        return Frame::Corrupt("frame header checksum mismatch");
+    }
+    if len > RECORD_PAYLOAD_BYTES_MAX {
+        return Frame::Corrupt("frame length over the limit");
+    }
+    let frame_len = len + FRAME_OVERHEAD_BYTES;
+    if rest.len() < frame_len {
+        return Frame::Torn;
+    }
+    let trailer = u32::from_le_bytes(rest[frame_len - 4..frame_len].try_into().expect("4 bytes"));
+    if trailer != RECORD_END {
+        if touches_unwritten_tail(zeros_start, base, pos + frame_len) {
+            return Frame::Torn;
+        }
+        return Frame::Corrupt("frame end marker missing");
+    }
+    let payload = &rest[FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + len];
+    let payload_crc = u32::from_le_bytes(rest[8..12].try_into().expect("4 bytes"));
+    if crc32c::crc32c(payload) != payload_crc {
+        return Frame::Corrupt("payload checksum mismatch");
+    }
+    Frame::Record {
+        payload,
+        next: pos + frame_len,
+    }
+}
+
+/// After corruption at `pos`, the next position holding a complete, valid frame, if any.
+/// A false match needs two independent CRC32C collisions, about 1 in 2^64.
+pub(crate) fn resync(buf: &[u8], pos: usize, base: usize, zeros_start: usize) -> Option<usize> {
+    (pos + 1..buf.len()).find(|&candidate| {
+        matches!(
+            next_frame(buf, candidate, base, zeros_start),
+            Frame::Record { .. }
+        )
+    })
+}
+
+fn put_u64(out: &mut Vec<u8>, value: u64) {
+    out.extend_from_slice(&value.to_le_bytes());
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    let len = u32::try_from(bytes.len()).expect("field under 4 GiB");
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+fn put_ids(out: &mut Vec<u8>, ids: &[u64]) {
+    let len = u32::try_from(ids.len()).expect("id list under 4 G");
+    out.extend_from_slice(&len.to_le_bytes());
+    ids.iter().for_each(|&id| put_u64(out, id));
+}
+
+fn put_hard_state(out: &mut Vec<u8>, state: &HardState) {
+    put_u64(out, state.term);
+    put_u64(out, state.vote);
+    put_u64(out, state.commit);
+}
+
+fn put_conf_state(out: &mut Vec<u8>, state: &ConfState) {
+    put_ids(out, &state.voters);
+    put_ids(out, &state.learners);
+    put_ids(out, &state.voters_outgoing);
+    put_ids(out, &state.learners_next);
+    out.push(u8::from(state.auto_leave));
+}
+
+fn encode_payload(record: &Record, out: &mut Vec<u8>) {
+    match record {
+        Record::Entry { group, entry } => {
+            out.push(KIND_ENTRY);
+            put_u64(out, group.0);
+            put_u64(out, entry.index);
+            put_u64(out, entry.term);
+            out.push(entry.kind as u8);
+            put_bytes(out, &entry.data);
+            put_bytes(out, &entry.context);
+        }
+        Record::HardState { group, state } => {
+            out.push(KIND_HARD_STATE);
+            put_u64(out, group.0);
+            put_hard_state(out, state);
+        }
+        Record::ConfState { group, state } => {
+            out.push(KIND_CONF_STATE);
+            put_u64(out, group.0);
+            put_conf_state(out, state);
+        }
+        Record::Compact { group, index, term } => {
+            out.push(KIND_COMPACT);
+            put_u64(out, group.0);
+            put_u64(out, *index);
+            put_u64(out, *term);
+        }
+        Record::TruncateSuffix { group, from_index } => {
+            out.push(KIND_TRUNCATE_SUFFIX);
+            put_u64(out, group.0);
+            put_u64(out, *from_index);
+        }
+        Record::Checkpoint { groups } => {
+            out.push(KIND_CHECKPOINT);
+            let count = u32::try_from(groups.len()).expect("group count under 4 G");
+            out.extend_from_slice(&count.to_le_bytes());
+            for g in groups {
+                put_u64(out, g.group.0);
+                put_hard_state(out, &g.hard_state);
+                put_conf_state(out, &g.conf_state);
+                put_u64(out, g.compact_index);
+                put_u64(out, g.compact_term);
+                put_u64(out, g.last_index);
+            }
+        }
+    }
+}
+
+/// A cursor over a payload. Every read is bounds-checked: a payload that passed its checksum
+/// but does not decode is reported as corruption, never a panic.
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+type DecodeResult<T> = Result<T, &'static str>;
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> DecodeResult<&'a [u8]> {
+        if self.buf.len() < n {
+            return Err("payload shorter than its fields");
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> DecodeResult<u8> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> DecodeResult<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
+    }
+
+    fn u64(&mut self) -> DecodeResult<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
+    }
+
+    fn bytes(&mut self) -> DecodeResult<Vec<u8>> {
+        let len = self.u32()? as usize;
+        Ok(self.take(len)?.to_vec())
+    }
+
+    fn ids(&mut self) -> DecodeResult<Vec<u64>> {
+        let len = self.u32()? as usize;
+        if len > self.buf.len() / 8 {
+            return Err("id list longer than the payload");
+        }
+        (0..len).map(|_| self.u64()).collect()
+    }
+
+    fn hard_state(&mut self) -> DecodeResult<HardState> {
+        Ok(HardState {
+            term: self.u64()?,
+            vote: self.u64()?,
+            commit: self.u64()?,
+        })
+    }
+
+    fn conf_state(&mut self) -> DecodeResult<ConfState> {
+        Ok(ConfState {
+            voters: self.ids()?,
+            learners: self.ids()?,
+            voters_outgoing: self.ids()?,
+            learners_next: self.ids()?,
+            auto_leave: match self.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err("invalid boolean"),
+            },
+        })
+    }
+
+    fn group(&mut self) -> DecodeResult<GroupId> {
+        Ok(GroupId(self.u64()?))
+    }
+}
+
+/// Decodes a payload that passed its checksum.
+pub(crate) fn decode_payload(payload: &[u8]) -> DecodeResult<Record> {
+    let mut r = Reader { buf: payload };
+    let record = match r.u8()? {
+        KIND_ENTRY => Record::Entry {
+            group: r.group()?,
+            entry: LogEntry {
+                index: r.u64()?,
+                term: r.u64()?,
+                kind: EntryKind::from_u8(r.u8()?).ok_or("unknown entry kind")?,
+                data: r.bytes()?,
+                context: r.bytes()?,
+            },
+        },
+        KIND_HARD_STATE => Record::HardState {
+            group: r.group()?,
+            state: r.hard_state()?,
+        },
+        KIND_CONF_STATE => Record::ConfState {
+            group: r.group()?,
+            state: r.conf_state()?,
+        },
+        KIND_COMPACT => Record::Compact {
+            group: r.group()?,
+            index: r.u64()?,
+            term: r.u64()?,
+        },
+        KIND_TRUNCATE_SUFFIX => Record::TruncateSuffix {
+            group: r.group()?,
+            from_index: r.u64()?,
+        },
+        KIND_CHECKPOINT => {
+            let count = r.u32()? as usize;
+            let mut groups = Vec::with_capacity(count.min(r.buf.len() / 8));
+            for _ in 0..count {
+                groups.push(GroupCheckpoint {
+                    group: r.group()?,
+                    hard_state: r.hard_state()?,
+                    conf_state: r.conf_state()?,
+                    compact_index: r.u64()?,
+                    compact_term: r.u64()?,
+                    last_index: r.u64()?,
+                });
+            }
+            Record::Checkpoint { groups }
+        }
+        _ => return Err("unknown record kind"),
+    };
+    if !r.buf.is_empty() {
+        return Err("trailing bytes after the record");
+    }
+    Ok(record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(index: u64, data: &[u8]) -> Record {
+        Record::Entry {
+            group: GroupId(3),
+            entry: LogEntry {
+                index,
+                term: 2,
+                kind: EntryKind::Normal,
+                data: data.to_vec(),
+                context: b"ctx".to_vec(),
+            },
+        }
+    }
+
+    fn samples() -> Vec<Record> {
+        vec![
+            entry(1, b"hello"),
+            Record::HardState {
+                group: GroupId(1),
+                state: HardState {
+                    term: 4,
+                    vote: 2,
+                    commit: 9,
+                },
+            },
+            Record::ConfState {
+                group: GroupId(1),
+                state: ConfState {
+                    voters: vec![1, 2, 3],
+                    learners: vec![4],
+                    voters_outgoing: vec![],
+                    learners_next: vec![5],
+                    auto_leave: true,
+                },
+            },
+            Record::Compact {
+                group: GroupId(9),
+                index: 10,
+                term: 3,
+            },
+            Record::TruncateSuffix {
+                group: GroupId(9),
+                from_index: 11,
+            },
+            Record::Checkpoint {
+                groups: vec![GroupCheckpoint {
+                    group: GroupId(5),
+                    compact_index: 3,
+                    compact_term: 1,
+                    last_index: 7,
+                    ..Default::default()
+                }],
+            },
+        ]
+    }
+
+    fn scan(buf: &[u8]) -> (Vec<Record>, Frame<'_>) {
+        let zeros = trailing_zeros_start(buf);
+        let mut pos = 0;
+        let mut out = Vec::new();
+        loop {
+            match next_frame(buf, pos, 0, zeros) {
+                Frame::Record { payload, next } => {
+                    out.push(decode_payload(payload).unwrap());
+                    pos = next;
+                }
+                other => return (out, other),
+            }
+        }
+    }
+
+    #[test]
+    fn every_record_kind_round_trips() {
+        let mut buf = Vec::new();
+        for r in samples() {
+            encode_frame(&r, &mut buf);
+        }
+        let (decoded, end) = scan(&buf);
+        assert_eq!(decoded, samples());
+        assert_eq!(end, Frame::End);
+    }
+
+    #[test]
+    fn a_cut_anywhere_in_the_last_frame_is_torn_not_corrupt() {
+        let mut buf = Vec::new();
+        encode_frame(&entry(1, b"first"), &mut buf);
+        let first_len = buf.len();
+        encode_frame(&entry(2, &[7; 600]), &mut buf);
+        for cut in first_len + 1..buf.len() {
+            let (decoded, end) = scan(&buf[..cut]);
+            assert_eq!(decoded.len(), 1, "cut at {cut}");
+            assert_eq!(end, Frame::Torn, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn unwritten_zero_sectors_at_the_tail_are_torn() {
+        let mut buf = Vec::new();
+        encode_frame(&entry(1, &[1; 100]), &mut buf);
+        encode_frame(&entry(2, &[9; 2000]), &mut buf);
+        // The second frame's sectors from 1024 on never reached the disk; the size did.
+        for start in [512usize, 1024, 1536] {
+            let mut torn = buf.clone();
+            torn[start..].fill(0);
+            let (decoded, end) = scan(&torn);
+            assert_eq!(end, Frame::Torn, "zeros from {start}");
+            assert_eq!(decoded.len(), 1, "the first frame ends before byte 512");
+        }
+    }
+
+    #[test]
+    fn a_flipped_bit_anywhere_is_corruption_even_in_the_last_frame() {
+        let mut buf = Vec::new();
+        encode_frame(&entry(1, b"a"), &mut buf);
+        encode_frame(&entry(2, &[0; 1500]), &mut buf); // zero-heavy payload, last frame
+        for byte in 0..buf.len() {
+            for bit in [0, 3, 7] {
+                let mut bad = buf.clone();
+                bad[byte] ^= 1 << bit;
+                let (_, end) = scan(&bad);
+                assert!(
+                    matches!(end, Frame::Corrupt(_)),
+                    "flip at byte {byte} bit {bit} gave {end:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn resync_finds_the_frame_after_a_damaged_one() {
+        let mut buf = Vec::new();
+        encode_frame(&entry(1, b"one"), &mut buf);
+        let second = buf.len();
+        encode_frame(&entry(2, b"two"), &mut buf);
+        let third = buf.len();
+        encode_frame(&entry(3, b"three"), &mut buf);
+        buf[second + 20] ^= 0x10;
+        let zeros = trailing_zeros_start(&buf);
+        assert!(matches!(
+            next_frame(&buf, second, 0, zeros),
+            Frame::Corrupt(_)
+        ));
+        assert_eq!(resync(&buf, second, 0, zeros), Some(third));
+    }
+
+    #[test]
+    fn garbage_payloads_decode_to_errors_not_panics() {
+        for payload in [
+            &[][..],
+            &[1],
+            &[1, 0, 0],
+            &[6, 255, 255, 255, 255],
+            &[42; 9],
+        ] {
+            assert!(decode_payload(payload).is_err(), "{payload:?}");
+        }
+    }
+}

@@ -1,0 +1,976 @@
+//! The write-ahead log: files, group commit, recovery, repair, segment deletion.
+//!
+//! Concurrency: one writer lock serialises writes (validate, encode, one `pwrite`, update the
+//! index); syncs run outside it, so writers keep appending while an `fdatasync` is in flight and
+//! the next sync takes everything they appended (adaptive group commit, no timer). At most one
+//! sync runs at a time; callers of [`Wal::sync_to`] whose write is not yet covered wait for the
+//! running one and then one of them starts the next. Lock order: writer, then sync state.
+//!
+//! Durability rules kept here:
+//!
+//! * a sync reports an [`Lsn`] only after the `fdatasync` covering it returned success;
+//! * a segment is sealed by syncing it before its successor is created, and a new segment is
+//!   created whole (header and checkpoint synced, then the directory synced);
+//! * a segment is deleted only once none of its entries are live *and* the writes that released
+//!   them, and its successor's checkpoint, are durable;
+//! * any failed write or fsync poisons the log: every later call returns [`Error::Poisoned`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions, TryLockError};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+
+use phxq_types::GroupId;
+
+use crate::index::LogIndex;
+use crate::record::{self, Frame, Record};
+use crate::recovery::{self, Damage, Mode};
+use crate::segment::{self, SEGMENT_HEADER_BYTES};
+use crate::{ConfState, Error, GroupInfo, HardState, LogEntry, Lsn, Result, SegmentId, io_error};
+
+/// How the log is opened.
+#[derive(Clone, Debug)]
+pub struct WalOptions {
+    /// A segment is closed and a new one started once a write would take it past this size.
+    pub segment_bytes_max: u64,
+    /// Open even if synced data is damaged: drop the damaged records (the original file is kept
+    /// beside as `*.corrupt`), and cut each group that lost an entry at that entry, lowering
+    /// its commit index to match. The group's peers send the lost entries again.
+    pub repair: bool,
+}
+
+impl Default for WalOptions {
+    fn default() -> Self {
+        WalOptions {
+            segment_bytes_max: 64 << 20,
+            repair: false,
+        }
+    }
+}
+
+/// What [`Wal::open`] found and did.
+#[derive(Clone, Debug, Default)]
+pub struct RecoveryReport {
+    /// Segment files replayed.
+    pub segments: usize,
+    /// Whole records replayed.
+    pub records: u64,
+    /// A torn tail cut from the newest segment: file, offset, bytes removed.
+    pub torn_tail: Option<(PathBuf, u64, u64)>,
+    /// Damage dropped by repair, per file.
+    pub repaired: Vec<(PathBuf, Vec<Damage>)>,
+    /// Groups cut at a missing entry by repair, and the first index they lost.
+    pub cut_groups: Vec<(GroupId, u64)>,
+    /// Segments deleted at open because none of their entries were live.
+    pub segments_deleted: usize,
+}
+
+/// Counters, for metrics and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WalStats {
+    /// Writes that wrote something.
+    pub writes: u64,
+    /// Records written.
+    pub records: u64,
+    /// Bytes written, framing included.
+    pub bytes: u64,
+    /// Successful `fdatasync` calls made by [`Wal::sync_to`].
+    pub syncs: u64,
+    /// The last Lsn assigned.
+    pub last_lsn: Lsn,
+    /// The highest Lsn known durable.
+    pub durable_lsn: Lsn,
+    /// Segment files in use.
+    pub segments: u64,
+    /// Segments started since open.
+    pub rotations: u64,
+    /// Segments deleted since open.
+    pub segments_deleted: u64,
+}
+
+/// A set of changes written together by one [`Wal::write`]: validated as a whole before any
+/// byte is written, then written with one system call.
+#[derive(Clone, Debug, Default)]
+pub struct WriteBatch {
+    ops: Vec<Op>,
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Entry(GroupId, LogEntry),
+    HardState(GroupId, HardState),
+    ConfState(GroupId, ConfState),
+    Compact(GroupId, u64),
+    TruncateSuffix(GroupId, u64),
+    InstallSnapshot {
+        group: GroupId,
+        index: u64,
+        term: u64,
+        conf_state: ConfState,
+    },
+}
+
+impl WriteBatch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        WriteBatch::default()
+    }
+
+    /// Appends entries to a group's log. Their indexes must be consecutive and the first must
+    /// be at most one past the last index; an entry replaces any at its index or above (this
+    /// is how a new master's entries replace conflicting ones).
+    pub fn append(
+        &mut self,
+        group: GroupId,
+        entries: impl IntoIterator<Item = LogEntry>,
+    ) -> &mut Self {
+        self.ops
+            .extend(entries.into_iter().map(|e| Op::Entry(group, e)));
+        self
+    }
+
+    /// Records the group's hard state.
+    pub fn hard_state(&mut self, group: GroupId, state: HardState) -> &mut Self {
+        self.ops.push(Op::HardState(group, state));
+        self
+    }
+
+    /// Records the group's membership.
+    pub fn conf_state(&mut self, group: GroupId, state: ConfState) -> &mut Self {
+        self.ops.push(Op::ConfState(group, state));
+        self
+    }
+
+    /// Drops the group's entries up to and including `index` (at most its last index). A
+    /// compaction at or below the current compaction point does nothing.
+    pub fn compact(&mut self, group: GroupId, index: u64) -> &mut Self {
+        self.ops.push(Op::Compact(group, index));
+        self
+    }
+
+    /// Drops the group's entries from `from_index` on; it must be above the compaction point.
+    pub fn truncate_suffix(&mut self, group: GroupId, from_index: u64) -> &mut Self {
+        self.ops.push(Op::TruncateSuffix(group, from_index));
+        self
+    }
+
+    /// Replaces the group's log by a snapshot taken at `index` (with `term`): every entry is
+    /// dropped and the log continues at `index + 1`.
+    pub fn install_snapshot(
+        &mut self,
+        group: GroupId,
+        index: u64,
+        term: u64,
+        conf_state: ConfState,
+    ) -> &mut Self {
+        self.ops.push(Op::InstallSnapshot {
+            group,
+            index,
+            term,
+            conf_state,
+        });
+        self
+    }
+
+    /// True if the batch holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Checks every op against the log as the earlier ops of the batch leave it, and turns the
+    /// batch into records. Nothing is written if any op is invalid.
+    fn resolve(&self, index: &LogIndex) -> Result<Vec<Record>> {
+        let mut shadows: HashMap<GroupId, Shadow> = HashMap::new();
+        let mut records = Vec::with_capacity(self.ops.len());
+        for op in &self.ops {
+            let group = op.group();
+            let shadow = shadows
+                .entry(group)
+                .or_insert_with(|| Shadow::of(index, group));
+            let invalid = |reason: String| Error::InvalidWrite { group, reason };
+            match op {
+                Op::Entry(_, entry) => {
+                    if entry.index <= shadow.compact_index || entry.index > shadow.last_index + 1 {
+                        return Err(invalid(format!(
+                            "entry {} does not follow the log (first index {}, last index {})",
+                            entry.index,
+                            shadow.compact_index + 1,
+                            shadow.last_index
+                        )));
+                    }
+                    let bytes = record::entry_payload_bytes(entry);
+                    if bytes > record::RECORD_PAYLOAD_BYTES_MAX {
+                        return Err(invalid(format!(
+                            "entry {} is {bytes} bytes, over the {} byte limit",
+                            entry.index,
+                            record::RECORD_PAYLOAD_BYTES_MAX
+                        )));
+                    }
+                    shadow.batch_terms.split_off(&entry.index);
+                    shadow.batch_terms.insert(entry.index, entry.term);
+                    shadow.last_index = entry.index;
+                    records.push(Record::Entry {
+                        group,
+                        entry: entry.clone(),
+                    });
+                }
+                Op::HardState(_, state) => records.push(Record::HardState {
+                    group,
+                    state: state.clone(),
+                }),
+                Op::ConfState(_, state) => records.push(Record::ConfState {
+                    group,
+                    state: state.clone(),
+                }),
+                Op::Compact(_, compact_to) => {
+                    if *compact_to <= shadow.compact_index {
+                        continue;
+                    }
+                    if *compact_to > shadow.last_index {
+                        return Err(invalid(format!(
+                            "cannot compact to {compact_to}, past the last index {}",
+                            shadow.last_index
+                        )));
+                    }
+                    let term = shadow.term(index, group, *compact_to);
+                    shadow.compact_index = *compact_to;
+                    shadow.compact_term = term;
+                    records.push(Record::Compact {
+                        group,
+                        index: *compact_to,
+                        term,
+                    });
+                }
+                Op::TruncateSuffix(_, from_index) => {
+                    if *from_index <= shadow.compact_index {
+                        return Err(invalid(format!(
+                            "cannot truncate from {from_index}: entries up to {} are compacted",
+                            shadow.compact_index
+                        )));
+                    }
+                    if *from_index > shadow.last_index {
+                        continue;
+                    }
+                    shadow.last_index = from_index - 1;
+                    shadow.batch_terms.split_off(from_index);
+                    records.push(Record::TruncateSuffix {
+                        group,
+                        from_index: *from_index,
+                    });
+                }
+                Op::InstallSnapshot {
+                    index: at,
+                    term,
+                    conf_state,
+                    ..
+                } => {
+                    if *at <= shadow.compact_index {
+                        return Err(invalid(format!(
+                            "snapshot at {at} is older than the compaction point {}",
+                            shadow.compact_index
+                        )));
+                    }
+                    records.push(Record::Compact {
+                        group,
+                        index: *at,
+                        term: *term,
+                    });
+                    records.push(Record::TruncateSuffix {
+                        group,
+                        from_index: at + 1,
+                    });
+                    records.push(Record::ConfState {
+                        group,
+                        state: conf_state.clone(),
+                    });
+                    *shadow = Shadow {
+                        compact_index: *at,
+                        compact_term: *term,
+                        last_index: *at,
+                        batch_terms: BTreeMap::new(),
+                    };
+                }
+            }
+        }
+        Ok(records)
+    }
+}
+
+impl Op {
+    fn group(&self) -> GroupId {
+        match self {
+            Op::Entry(g, _)
+            | Op::HardState(g, _)
+            | Op::ConfState(g, _)
+            | Op::Compact(g, _)
+            | Op::TruncateSuffix(g, _)
+            | Op::InstallSnapshot { group: g, .. } => *g,
+        }
+    }
+}
+
+/// A group's log range as a batch's earlier ops leave it.
+struct Shadow {
+    compact_index: u64,
+    compact_term: u64,
+    last_index: u64,
+    /// Terms of entries appended by this batch (they override the index).
+    batch_terms: BTreeMap<u64, u64>,
+}
+
+impl Shadow {
+    fn of(index: &LogIndex, group: GroupId) -> Shadow {
+        let log = index.groups.get(&group);
+        Shadow {
+            compact_index: log.map_or(0, |l| l.compact_index),
+            compact_term: log.map_or(0, |l| l.compact_term),
+            last_index: log.map_or(0, |l| l.last_index()),
+            batch_terms: BTreeMap::new(),
+        }
+    }
+
+    /// Term of a live index (`compact_index <= at <= last_index`).
+    fn term(&self, index: &LogIndex, group: GroupId, at: u64) -> u64 {
+        if at == self.compact_index {
+            return self.compact_term;
+        }
+        self.batch_terms
+            .get(&at)
+            .copied()
+            .or_else(|| index.groups.get(&group).and_then(|l| l.term(at)))
+            .expect("every index in the live range has a term")
+    }
+}
+
+struct SegmentFile {
+    file: Arc<File>,
+    path: PathBuf,
+    /// The Lsn of the checkpoint that opens the next segment (`None` while active).
+    sealed_at: Option<Lsn>,
+}
+
+struct Writer {
+    index: LogIndex,
+    segments: BTreeMap<SegmentId, SegmentFile>,
+    active: SegmentId,
+    active_bytes: u64,
+    /// Size of the active segment when it was created (header and checkpoint).
+    active_floor: u64,
+    last_lsn: Lsn,
+    encode_buf: Vec<u8>,
+    stats: WalStats,
+}
+
+impl Writer {
+    fn active_file(&self) -> &SegmentFile {
+        &self.segments[&self.active]
+    }
+}
+
+#[derive(Default)]
+struct SyncState {
+    durable: Lsn,
+    in_progress: bool,
+    syncs: u64,
+}
+
+/// The node's write-ahead log. Share it with `Arc`; every method takes `&self`.
+pub struct Wal {
+    dir: PathBuf,
+    options: WalOptions,
+    writer: Mutex<Writer>,
+    sync: Mutex<SyncState>,
+    synced: Condvar,
+    poison: OnceLock<String>,
+    /// Held for the life of the log: one process per directory.
+    _lock: File,
+    #[cfg(feature = "failpoints")]
+    fail_next_sync: std::sync::atomic::AtomicBool,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .expect("a thread panicked while holding a write-ahead log lock")
+}
+
+const LOCK_FILE: &str = "LOCK";
+const REPAIR_SUFFIX: &str = ".repair-tmp";
+
+impl Wal {
+    /// Opens (or creates) the log in `dir`: replays every segment, cuts a torn tail, and starts
+    /// a new segment. Fails on damage unless `options.repair` is set.
+    pub fn open(dir: impl AsRef<Path>, options: WalOptions) -> Result<(Wal, RecoveryReport)> {
+        let dir = dir.as_ref().to_path_buf();
+        assert!(
+            options.segment_bytes_max >= 4096,
+            "segment_bytes_max must be at least 4096"
+        );
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir).map_err(|e| io_error("create directory", &dir, e))?;
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                segment::sync_dir(parent)?;
+            }
+        }
+        let lock_file = take_lock(&dir)?;
+        remove_repair_leftovers(&dir)?;
+        let mut report = RecoveryReport::default();
+        if options.repair {
+            repair(&dir, &mut report)?;
+        }
+        let segments = segment::list(&dir)?;
+        let mode = if options.repair {
+            Mode {
+                tolerate_damage: false,
+                cut_gaps: true,
+            }
+        } else {
+            Mode::STRICT
+        };
+        let replay = recovery::replay(&dir, &segments, mode)?;
+        report.segments = replay.segments.len();
+        report.records = replay.records;
+        report.cut_groups = replay.cut_groups.clone();
+
+        let mut files = BTreeMap::new();
+        for scanned in &replay.segments {
+            let newest = Some(scanned.id) == segments.last().map(|s| s.0);
+            if newest && scanned.header_torn {
+                std::fs::remove_file(&scanned.path)
+                    .map_err(|e| io_error("remove torn segment", &scanned.path, e))?;
+                segment::sync_dir(&dir)?;
+                continue;
+            }
+            let file = OpenOptions::new()
+                .read(true)
+                .write(newest)
+                .open(&scanned.path)
+                .map_err(|e| io_error("open segment", &scanned.path, e))?;
+            if newest {
+                if let Some(offset) = scanned.torn_at {
+                    file.set_len(offset)
+                        .map_err(|e| io_error("truncate torn tail", &scanned.path, e))?;
+                    report.torn_tail =
+                        Some((scanned.path.clone(), offset, scanned.file_bytes - offset));
+                }
+                // The crashed process may have written data it never synced: make what we
+                // replayed durable before anything is built on it.
+                file.sync_data()
+                    .map_err(|e| io_error("fsync segment", &scanned.path, e))?;
+            }
+            files.insert(
+                scanned.id,
+                SegmentFile {
+                    file: Arc::new(file),
+                    path: scanned.path.clone(),
+                    sealed_at: Some(1),
+                },
+            );
+        }
+
+        let next_id = segments.last().map_or(1, |s| s.0 + 1);
+        let writer = Writer {
+            index: replay.index,
+            segments: files,
+            active: next_id,
+            active_bytes: 0,
+            active_floor: 0,
+            last_lsn: 0,
+            encode_buf: Vec::new(),
+            stats: WalStats::default(),
+        };
+        let wal = Wal {
+            dir,
+            options,
+            writer: Mutex::new(writer),
+            sync: Mutex::new(SyncState::default()),
+            synced: Condvar::new(),
+            poison: OnceLock::new(),
+            _lock: lock_file,
+            #[cfg(feature = "failpoints")]
+            fail_next_sync: std::sync::atomic::AtomicBool::new(false),
+        };
+        {
+            let mut writer = lock(&wal.writer);
+            wal.start_segment(&mut writer, next_id)?;
+            debug_assert_eq!(writer.last_lsn, 1);
+        }
+        report.segments_deleted = wal.delete_dead_segments(1)?;
+        Ok((wal, report))
+    }
+
+    /// The directory the log lives in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Writes a batch and returns its Lsn. The batch is not durable until a sync covers the
+    /// Lsn. An invalid batch writes nothing and returns [`Error::InvalidWrite`]; a batch that
+    /// resolves to nothing (say, only compactions already done) returns the last Lsn.
+    pub fn write(&self, batch: &WriteBatch) -> Result<Lsn> {
+        self.check_poison()?;
+        let mut writer = lock(&self.writer);
+        self.check_poison()?;
+        let records = batch.resolve(&writer.index)?;
+        if records.is_empty() {
+            return Ok(writer.last_lsn);
+        }
+        let mut buf = std::mem::take(&mut writer.encode_buf);
+        buf.clear();
+        let frames: Vec<(usize, usize)> = records
+            .iter()
+            .map(|r| {
+                let start = buf.len();
+                (start, record::encode_frame(r, &mut buf))
+            })
+            .collect();
+        if writer.active_bytes > writer.active_floor
+            && writer.active_bytes + buf.len() as u64 > self.options.segment_bytes_max
+        {
+            let next = writer.active + 1;
+            let old = writer.active_file();
+            if let Err(e) = old.file.sync_data() {
+                return Err(self.poisoned_by(io_error("fsync segment", &old.path, e)));
+            }
+            self.start_segment(&mut writer, next)?;
+        }
+        let base = writer.active_bytes;
+        let active = writer.active_file();
+        if let Err(e) = active.file.write_all_at(&buf, base) {
+            return Err(self.poisoned_by(io_error("write segment", &active.path, e)));
+        }
+        let lsn = writer.last_lsn + 1;
+        let segment_id = writer.active;
+        for (record, (start, len)) in records.iter().zip(frames) {
+            let location = (segment_id, base + start as u64, len as u32);
+            if let Err(inconsistent) = writer.index.apply(record, location, lsn) {
+                panic!("a validated write did not apply: {}", inconsistent.0);
+            }
+        }
+        writer.active_bytes += buf.len() as u64;
+        writer.last_lsn = lsn;
+        writer.stats.writes += 1;
+        writer.stats.records += records.len() as u64;
+        writer.stats.bytes += buf.len() as u64;
+        if buf.capacity() <= 4 << 20 {
+            writer.encode_buf = buf;
+        }
+        Ok(lsn)
+    }
+
+    /// Makes every write made so far durable; returns the durable Lsn.
+    pub fn sync(&self) -> Result<Lsn> {
+        let target = lock(&self.writer).last_lsn;
+        self.sync_to(target)
+    }
+
+    /// Waits until write `target` is durable, sharing `fdatasync` calls with every other
+    /// caller: if a sync is running, wait for it; if it did not cover `target`, one waiter
+    /// starts the next, which covers everything written by then. Returns the durable Lsn.
+    ///
+    /// # Panics
+    ///
+    /// If `target` was never assigned (greater than the last Lsn).
+    pub fn sync_to(&self, target: Lsn) -> Result<Lsn> {
+        let mut state = lock(&self.sync);
+        loop {
+            self.check_poison()?;
+            if state.durable >= target {
+                return Ok(state.durable);
+            }
+            if !state.in_progress {
+                break;
+            }
+            state = self.synced.wait(state).expect("sync state lock");
+        }
+        state.in_progress = true;
+        drop(state);
+
+        let outcome = self.sync_active();
+        let mut state = lock(&self.sync);
+        state.in_progress = false;
+        let outcome = match outcome {
+            Ok(lsn) => {
+                assert!(lsn >= target, "sync_to({target}) but the last Lsn is {lsn}");
+                state.durable = state.durable.max(lsn);
+                state.syncs += 1;
+                Ok(state.durable)
+            }
+            Err(error) => Err(self.poisoned_by(error)),
+        };
+        self.synced.notify_all();
+        drop(state);
+        let durable = outcome?;
+        self.delete_dead_segments(durable)?;
+        Ok(durable)
+    }
+
+    /// The fsync of a round: captures the last Lsn and the active file, then syncs outside the
+    /// writer lock. Everything up to that Lsn is in this file or in sealed (synced) segments.
+    fn sync_active(&self) -> Result<Lsn> {
+        let (lsn, file, path) = {
+            let writer = lock(&self.writer);
+            let active = writer.active_file();
+            (
+                writer.last_lsn,
+                Arc::clone(&active.file),
+                active.path.clone(),
+            )
+        };
+        #[cfg(feature = "failpoints")]
+        if self
+            .fail_next_sync
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(io_error(
+                "fsync segment",
+                &path,
+                std::io::Error::other("injected fsync failure"),
+            ));
+        }
+        file.sync_data()
+            .map_err(|e| io_error("fsync segment", &path, e))?;
+        Ok(lsn)
+    }
+
+    /// Creates segment `id` opened by a checkpoint of every group and makes it active. The
+    /// previous active segment (if any) must already be synced: everything written so far is
+    /// then durable.
+    fn start_segment(&self, writer: &mut Writer, id: SegmentId) -> Result<()> {
+        let mut first = Vec::new();
+        record::encode_frame(&writer.index.checkpoint(), &mut first);
+        let (file, path) = match segment::create(&self.dir, id, &first) {
+            Ok(created) => created,
+            Err(error) => return Err(self.poisoned_by(error)),
+        };
+        let lsn = writer.last_lsn + 1;
+        if let Some(previous) = writer.segments.get_mut(&writer.active) {
+            previous.sealed_at = Some(lsn);
+        }
+        writer.segments.insert(
+            id,
+            SegmentFile {
+                file: Arc::new(file),
+                path,
+                sealed_at: None,
+            },
+        );
+        writer.active = id;
+        writer.active_bytes = (SEGMENT_HEADER_BYTES + first.len()) as u64;
+        writer.active_floor = writer.active_bytes;
+        writer.last_lsn = lsn;
+        writer.stats.rotations += 1;
+        let mut state = lock(&self.sync);
+        state.durable = state.durable.max(lsn);
+        self.synced.notify_all();
+        Ok(())
+    }
+
+    /// Deletes sealed segments with no live entries whose release is durable. Returns how
+    /// many were deleted.
+    fn delete_dead_segments(&self, durable: Lsn) -> Result<usize> {
+        let doomed: Vec<PathBuf> = {
+            let mut writer = lock(&self.writer);
+            let writer = &mut *writer;
+            let dead: Vec<SegmentId> = writer
+                .segments
+                .iter()
+                .filter(|(id, segment)| {
+                    let sealed = segment.sealed_at.is_some_and(|lsn| lsn <= durable);
+                    let usage = writer.index.segment_use.get(id);
+                    let released =
+                        usage.is_none_or(|u| u.live_entries == 0 && u.released_at <= durable);
+                    **id != writer.active && sealed && released
+                })
+                .map(|(&id, _)| id)
+                .collect();
+            dead.iter()
+                .map(|id| {
+                    writer.index.segment_use.remove(id);
+                    writer.stats.segments_deleted += 1;
+                    writer.segments.remove(id).expect("listed above").path
+                })
+                .collect()
+        };
+        if doomed.is_empty() {
+            return Ok(0);
+        }
+        for path in &doomed {
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error("remove segment", path, e)),
+            }
+        }
+        segment::sync_dir(&self.dir).map_err(|e| self.poisoned_by(e))?;
+        Ok(doomed.len())
+    }
+
+    fn check_poison(&self) -> Result<()> {
+        match self.poison.get() {
+            Some(cause) => Err(Error::Poisoned {
+                cause: cause.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Poisons the log with `error` as the cause and returns the error.
+    fn poisoned_by(&self, error: Error) -> Error {
+        let _ = self.poison.set(error.to_string());
+        error
+    }
+
+    /// Makes the next fsync fail, as a dying disk would. Test builds only.
+    #[cfg(feature = "failpoints")]
+    pub fn fail_next_sync(&self) {
+        self.fail_next_sync
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Counters since open.
+    pub fn stats(&self) -> WalStats {
+        let writer = lock(&self.writer);
+        let sync = lock(&self.sync);
+        WalStats {
+            syncs: sync.syncs,
+            last_lsn: writer.last_lsn,
+            durable_lsn: sync.durable,
+            segments: writer.segments.len() as u64,
+            ..writer.stats
+        }
+    }
+
+    /// Groups that have written anything, in order.
+    pub fn groups(&self) -> Result<Vec<GroupId>> {
+        self.check_poison()?;
+        Ok(lock(&self.writer).index.groups.keys().copied().collect())
+    }
+
+    /// A group's metadata and live range. A group never written reads as empty (first index
+    /// 1, last index 0), which is what raft expects of a new replica.
+    pub fn group(&self, group: GroupId) -> Result<GroupInfo> {
+        self.check_poison()?;
+        let writer = lock(&self.writer);
+        Ok(writer.index.groups.get(&group).map_or(
+            GroupInfo {
+                first_index: 1,
+                ..GroupInfo::default()
+            },
+            |log| log.info(),
+        ))
+    }
+
+    /// Term of entry `index` of a group (the compaction point included).
+    pub fn term(&self, group: GroupId, index: u64) -> Result<u64> {
+        self.check_poison()?;
+        let writer = lock(&self.writer);
+        let log = writer.index.groups.get(&group);
+        let (compact_index, last_index) = log.map_or((0, 0), |l| (l.compact_index, l.last_index()));
+        if index < compact_index {
+            return Err(Error::Compacted {
+                group,
+                index,
+                first_index: compact_index + 1,
+            });
+        }
+        if index > last_index {
+            return Err(Error::Unavailable {
+                group,
+                index,
+                last_index,
+            });
+        }
+        Ok(log.and_then(|l| l.term(index)).unwrap_or(0))
+    }
+
+    /// Entries `low..high` of a group, read back from disk with their checksums verified.
+    /// At most `bytes_max` bytes of frames, but always at least one entry when the range is
+    /// not empty.
+    pub fn entries(
+        &self,
+        group: GroupId,
+        low: u64,
+        high: u64,
+        bytes_max: Option<u64>,
+    ) -> Result<Vec<LogEntry>> {
+        self.check_poison()?;
+        let reads = {
+            let writer = lock(&self.writer);
+            let log = writer.index.groups.get(&group);
+            let (first_index, last_index) =
+                log.map_or((1, 0), |l| (l.first_index(), l.last_index()));
+            if low < first_index {
+                return Err(Error::Compacted {
+                    group,
+                    index: low,
+                    first_index,
+                });
+            }
+            if high > last_index + 1 {
+                return Err(Error::Unavailable {
+                    group,
+                    index: high - 1,
+                    last_index,
+                });
+            }
+            let Some(log) = log.filter(|_| low < high) else {
+                return Ok(Vec::new());
+            };
+            plan_reads(&writer.segments, log.entries.range(low..high), bytes_max)
+        };
+        let mut entries = Vec::new();
+        for read in reads {
+            read.execute(group, &mut entries)?;
+        }
+        Ok(entries)
+    }
+}
+
+/// A run of adjacent frames in one segment, read with one `pread`.
+struct Read {
+    file: Arc<File>,
+    path: PathBuf,
+    offset: u64,
+    bytes: u64,
+    /// (index, term) of each frame, in order.
+    expect: Vec<(u64, u64)>,
+}
+
+fn plan_reads<'a>(
+    segments: &BTreeMap<SegmentId, SegmentFile>,
+    locations: impl Iterator<Item = (&'a u64, &'a crate::index::EntryLocation)>,
+    bytes_max: Option<u64>,
+) -> Vec<Read> {
+    let mut reads: Vec<Read> = Vec::new();
+    let mut total = 0u64;
+    for (&index, location) in locations {
+        total += u64::from(location.frame_len);
+        if total > bytes_max.unwrap_or(u64::MAX) && !reads.is_empty() {
+            break;
+        }
+        let segment = &segments[&location.segment];
+        match reads.last_mut() {
+            Some(read)
+                if Arc::ptr_eq(&read.file, &segment.file)
+                    && read.offset + read.bytes == location.offset =>
+            {
+                read.bytes += u64::from(location.frame_len);
+                read.expect.push((index, location.term));
+            }
+            _ => reads.push(Read {
+                file: Arc::clone(&segment.file),
+                path: segment.path.clone(),
+                offset: location.offset,
+                bytes: u64::from(location.frame_len),
+                expect: vec![(index, location.term)],
+            }),
+        }
+    }
+    reads
+}
+
+impl Read {
+    fn execute(self, group: GroupId, out: &mut Vec<LogEntry>) -> Result<()> {
+        let mut buf = vec![0; self.bytes as usize];
+        self.file
+            .read_exact_at(&mut buf, self.offset)
+            .map_err(|e| io_error("read segment", &self.path, e))?;
+        let mut pos = 0;
+        for (index, term) in self.expect {
+            let offset = self.offset + pos as u64;
+            let corrupt = |reason: &str| Error::Corruption {
+                path: self.path.clone(),
+                offset,
+                reason: reason.to_string(),
+            };
+            let (payload, next) = match record::next_frame(&buf, pos, 0, buf.len()) {
+                Frame::Record { payload, next } => (payload, next),
+                Frame::Corrupt(reason) => return Err(corrupt(reason)),
+                Frame::Torn | Frame::End => return Err(corrupt("entry frame cut short")),
+            };
+            match record::decode_payload(payload).map_err(corrupt)? {
+                Record::Entry { group: g, entry }
+                    if g == group && entry.index == index && entry.term == term =>
+                {
+                    out.push(entry);
+                }
+                _ => return Err(corrupt("the frame is not the entry the index points at")),
+            }
+            pos = next;
+        }
+        Ok(())
+    }
+}
+
+fn take_lock(dir: &Path) -> Result<File> {
+    let path = dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| io_error("open lock file", &path, e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(TryLockError::WouldBlock) => Err(Error::Locked { path }),
+        Err(TryLockError::Error(e)) => Err(io_error("lock", &path, e)),
+    }
+}
+
+fn remove_repair_leftovers(dir: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(|e| io_error("list", dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| io_error("list", dir, e))?;
+        if entry.file_name().to_string_lossy().ends_with(REPAIR_SUFFIX) {
+            std::fs::remove_file(entry.path()).map_err(|e| io_error("remove", &entry.path(), e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Rewrites every damaged segment without its damaged bytes, keeping the original beside it
+/// as `<name>.corrupt`. An unreadable segment (damaged header) is moved aside whole.
+fn repair(dir: &Path, report: &mut RecoveryReport) -> Result<()> {
+    let segments = segment::list(dir)?;
+    let scan = recovery::replay(dir, &segments, Mode::LENIENT)?;
+    for scanned in scan.segments {
+        if scanned.damage.is_empty() && scanned.unreadable.is_none() {
+            continue;
+        }
+        let path = &scanned.path;
+        let aside = PathBuf::from(format!("{}.corrupt", path.display()));
+        let _ = std::fs::remove_file(&aside);
+        std::fs::hard_link(path, &aside)
+            .map_err(|e| io_error("keep damaged segment", &aside, e))?;
+        if let Some(reason) = &scanned.unreadable {
+            std::fs::remove_file(path).map_err(|e| io_error("remove damaged segment", path, e))?;
+            let whole = Damage {
+                offset: 0,
+                end: scanned.file_bytes,
+                reason: reason.clone(),
+            };
+            report.repaired.push((path.clone(), vec![whole]));
+            segment::sync_dir(dir)?;
+            continue;
+        }
+        let bytes = std::fs::read(path).map_err(|e| io_error("read segment", path, e))?;
+        let mut kept = Vec::with_capacity(bytes.len());
+        let mut pos = 0u64;
+        for damage in &scanned.damage {
+            kept.extend_from_slice(&bytes[pos as usize..damage.offset as usize]);
+            pos = damage.end;
+        }
+        kept.extend_from_slice(&bytes[pos as usize..scanned.valid_bytes.max(pos) as usize]);
+        let temporary = PathBuf::from(format!("{}{REPAIR_SUFFIX}", path.display()));
+        std::fs::write(&temporary, &kept)
+            .and_then(|()| File::open(&temporary)?.sync_all())
+            .map_err(|e| io_error("write repaired segment", &temporary, e))?;
+        std::fs::rename(&temporary, path)
+            .map_err(|e| io_error("replace damaged segment", path, e))?;
+        segment::sync_dir(dir)?;
+        report.repaired.push((path.clone(), scanned.damage));
+    }
+    Ok(())
+}
