@@ -217,11 +217,11 @@ impl LogIndex {
         }
     }
 
-    /// Cuts a group at its first gap and lowers its commit index to what it still holds. Only
-    /// for repair: the group's lost entries come back from its peers.
-    pub fn truncate_at_gap(&mut self, group: GroupId, gap: u64, lsn: Lsn) {
+    /// Drops a group's entries from `from_index` on and lowers its commit index to what it
+    /// still holds. Only for repair: the group's lost entries come back from its peers.
+    pub fn cut(&mut self, group: GroupId, from_index: u64, lsn: Lsn) {
         let log = self.groups.get_mut(&group).expect("group exists");
-        let removed = log.entries.split_off(&gap);
+        let removed = log.entries.split_off(&from_index);
         log.hard_state.commit = log.hard_state.commit.min(log.last_index());
         self.release(removed.values(), lsn);
     }
@@ -356,7 +356,7 @@ mod tests {
         ix.segment_use.get_mut(&1).unwrap().live_entries -= 1;
         ix.groups.get_mut(&G).unwrap().hard_state.commit = 3;
         assert!(ix.validate().unwrap_err().0.contains("entry 2 is missing"));
-        ix.truncate_at_gap(G, 2, 5);
+        ix.cut(G, 2, 5);
         assert_eq!(indexes(&ix), vec![(1, 1)]);
         assert_eq!(ix.groups[&G].hard_state.commit, 1);
         ix.validate().unwrap();

@@ -38,7 +38,7 @@ impl InspectReport {
 /// Scans `dir` without changing it.
 pub fn inspect(dir: &Path) -> Result<InspectReport> {
     let segments = crate::segment::list(dir)?;
-    let replay = recovery::replay(dir, &segments, Mode::LENIENT)?;
+    let replay = recovery::replay(dir, &segments, Mode::Lenient)?;
     let groups = replay
         .index
         .groups

@@ -3,11 +3,15 @@
 //! A segment is a header followed by frames:
 //!
 //! ```text
-//! [len u32][crc32c(len) u32][crc32c(payload) u32][payload: len bytes][RECORD_END u32]
+//! [len u32][group u64][crc32c(len, group) u32][crc32c(payload) u32][payload][RECORD_END u32]
 //! ```
 //!
-//! All integers are little-endian. The header checksum makes `len` trustworthy on its own,
-//! and the trailer tells a torn write from a damaged one:
+//! The top bit of `len` says "more records of the same write follow": recovery applies a
+//! write only once its last frame is there, so a write is all-or-nothing across a crash.
+//!
+//! All integers are little-endian. The header checksum makes `len` and `group` trustworthy on
+//! their own: when a payload is damaged, repair still knows which group lost a record. The
+//! trailer tells a torn write from a damaged one:
 //!
 //! * a frame that runs past the end of the file, or whose damage lies in a zero-filled run of
 //!   sectors reaching the end of the file, is a **torn write**: the write never completed, so it
@@ -20,8 +24,12 @@ use phxq_types::GroupId;
 
 use crate::{ConfState, EntryKind, HardState, LogEntry};
 
-/// Bytes before the payload: length, length checksum, payload checksum.
-pub(crate) const FRAME_HEADER_BYTES: usize = 12;
+/// Bytes before the payload: length, group, header checksum, payload checksum.
+pub(crate) const FRAME_HEADER_BYTES: usize = 20;
+/// Flag in the length field: the next frame belongs to the same write.
+const MORE_IN_WRITE: u32 = 1 << 31;
+/// The header's group field for records that belong to no group (checkpoints).
+const NO_GROUP: u64 = u64::MAX;
 /// Bytes after the payload: the end marker.
 pub(crate) const FRAME_TRAILER_BYTES: usize = 4;
 /// Framing overhead of one record.
@@ -102,6 +110,25 @@ impl Record {
 
 /// Appends one framed record to `out` and returns the frame's length.
 pub(crate) fn encode_frame(record: &Record, out: &mut Vec<u8>) -> usize {
+    encode_frame_in_write(record, false, out)
+}
+
+/// Appends the frames of one write; returns each frame's (offset in `out`, length).
+pub(crate) fn encode_write(records: &[Record], out: &mut Vec<u8>) -> Vec<(usize, usize)> {
+    records
+        .iter()
+        .enumerate()
+        .map(|(i, record)| {
+            let start = out.len();
+            (
+                start,
+                encode_frame_in_write(record, i + 1 < records.len(), out),
+            )
+        })
+        .collect()
+}
+
+fn encode_frame_in_write(record: &Record, more: bool, out: &mut Vec<u8>) -> usize {
     let start = out.len();
     out.extend_from_slice(&[0; FRAME_HEADER_BYTES]);
     encode_payload(record, out);
@@ -110,11 +137,18 @@ pub(crate) fn encode_frame(record: &Record, out: &mut Vec<u8>) -> usize {
         payload_len <= RECORD_PAYLOAD_BYTES_MAX,
         "record payload over the limit"
     );
-    let len = (payload_len as u32).to_le_bytes();
+    let group = record.group().map_or(NO_GROUP, |g| g.0);
+    assert!(
+        record.group() != Some(GroupId(NO_GROUP)),
+        "group id u64::MAX is reserved"
+    );
+    let len_field = payload_len as u32 | if more { MORE_IN_WRITE } else { 0 };
+    out[start..start + 4].copy_from_slice(&len_field.to_le_bytes());
+    out[start + 4..start + 12].copy_from_slice(&group.to_le_bytes());
+    let header_crc = crc32c::crc32c(&out[start..start + 12]);
     let payload_crc = crc32c::crc32c(&out[start + FRAME_HEADER_BYTES..]);
-    out[start..start + 4].copy_from_slice(&len);
-    out[start + 4..start + 8].copy_from_slice(&crc32c::crc32c(&len).to_le_bytes());
-    out[start + 8..start + 12].copy_from_slice(&payload_crc.to_le_bytes());
+    out[start + 12..start + 16].copy_from_slice(&header_crc.to_le_bytes());
+    out[start + 16..start + 20].copy_from_slice(&payload_crc.to_le_bytes());
     out.extend_from_slice(&RECORD_END.to_le_bytes());
     out.len() - start
 }
@@ -126,15 +160,48 @@ pub(crate) fn entry_payload_bytes(entry: &LogEntry) -> usize {
 
 /// What [`next_frame`] found at a position.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Frame<'a> {
-    /// A complete, checksummed frame; the next one starts at `next`.
-    Record { payload: &'a [u8], next: usize },
+pub(crate) enum Frame {
+    /// A complete, checksummed and decoded frame; the next one starts at `next`. `more`: the
+    /// write it belongs to continues in the next frame.
+    Record {
+        record: Record,
+        next: usize,
+        more: bool,
+    },
     /// Clean end of the buffer.
     End,
     /// An incomplete write at the tail: everything from here on was never synced.
     Torn,
     /// A complete frame that fails a check.
-    Corrupt(&'static str),
+    Corrupt {
+        reason: &'static str,
+        /// Who lost a record: known when only the payload is damaged.
+        affected: Affected,
+    },
+}
+
+impl Frame {
+    fn corrupt(reason: &'static str, affected: Affected) -> Frame {
+        Frame::Corrupt { reason, affected }
+    }
+}
+
+/// Which groups a damaged frame may have belonged to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Affected {
+    Group(GroupId),
+    /// The header is damaged, or the record was a checkpoint: any group.
+    All,
+}
+
+impl Affected {
+    fn of_header_group(group: u64) -> Affected {
+        if group == NO_GROUP {
+            Affected::All
+        } else {
+            Affected::Group(GroupId(group))
+        }
+    }
 }
 
 /// Where the buffer's trailing run of zero bytes starts (`buf.len()` if it ends in non-zero).
@@ -152,7 +219,7 @@ fn touches_unwritten_tail(zeros_start: usize, base: usize, end: usize) -> bool {
 
 /// Reads the frame at `pos`. `base` is the file offset of `buf[0]` (for sector alignment) and
 /// `zeros_start` the start of the buffer's trailing zero run.
-pub(crate) fn next_frame(buf: &[u8], pos: usize, base: usize, zeros_start: usize) -> Frame<'_> {
+pub(crate) fn next_frame(buf: &[u8], pos: usize, base: usize, zeros_start: usize) -> Frame {
     let rest = &buf[pos..];
     if rest.is_empty() {
         return Frame::End;
@@ -160,17 +227,20 @@ pub(crate) fn next_frame(buf: &[u8], pos: usize, base: usize, zeros_start: usize
     if rest.len() < FRAME_HEADER_BYTES {
         return Frame::Torn;
     }
-    let len_bytes: [u8; 4] = rest[0..4].try_into().expect("4 bytes");
-    let len = u32::from_le_bytes(len_bytes) as usize;
-    let len_crc = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes"));
-    if crc32c::crc32c(&len_bytes) != len_crc {
+    let len_field = u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes"));
+    let more = len_field & MORE_IN_WRITE != 0;
+    let len = (len_field & !MORE_IN_WRITE) as usize;
+    let group = u64::from_le_bytes(rest[4..12].try_into().expect("8 bytes"));
+    let header_crc = u32::from_le_bytes(rest[12..16].try_into().expect("4 bytes"));
+    if crc32c::crc32c(&rest[..12]) != header_crc {
         if touches_unwritten_tail(zeros_start, base, pos + FRAME_HEADER_BYTES) {
             return Frame::Torn;
         }
-        return Frame::Corrupt("frame header checksum mismatch");
+        return Frame::corrupt("frame header checksum mismatch", Affected::All);
     }
+    let affected = Affected::of_header_group(group);
     if len > RECORD_PAYLOAD_BYTES_MAX {
-        return Frame::Corrupt("frame length over the limit");
+        return Frame::corrupt("frame length over the limit", affected);
     }
     let frame_len = len + FRAME_OVERHEAD_BYTES;
     if rest.len() < frame_len {
@@ -181,16 +251,21 @@ pub(crate) fn next_frame(buf: &[u8], pos: usize, base: usize, zeros_start: usize
         if touches_unwritten_tail(zeros_start, base, pos + frame_len) {
             return Frame::Torn;
         }
-        return Frame::Corrupt("frame end marker missing");
+        return Frame::corrupt("frame end marker missing", affected);
     }
     let payload = &rest[FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + len];
-    let payload_crc = u32::from_le_bytes(rest[8..12].try_into().expect("4 bytes"));
+    let payload_crc = u32::from_le_bytes(rest[16..20].try_into().expect("4 bytes"));
     if crc32c::crc32c(payload) != payload_crc {
-        return Frame::Corrupt("payload checksum mismatch");
+        return Frame::corrupt("payload checksum mismatch", affected);
     }
-    Frame::Record {
-        payload,
-        next: pos + frame_len,
+    match decode_payload(payload) {
+        Ok(record) if record.group().map_or(NO_GROUP, |g| g.0) == group => Frame::Record {
+            record,
+            next: pos + frame_len,
+            more,
+        },
+        Ok(_) => Frame::corrupt("payload group differs from the header", Affected::All),
+        Err(reason) => Frame::corrupt(reason, affected),
     }
 }
 
@@ -354,7 +429,7 @@ impl<'a> Reader<'a> {
 }
 
 /// Decodes a payload that passed its checksum.
-pub(crate) fn decode_payload(payload: &[u8]) -> DecodeResult<Record> {
+fn decode_payload(payload: &[u8]) -> DecodeResult<Record> {
     let mut r = Reader { buf: payload };
     let record = match r.u8()? {
         KIND_ENTRY => Record::Entry {
@@ -466,14 +541,14 @@ mod tests {
         ]
     }
 
-    fn scan(buf: &[u8]) -> (Vec<Record>, Frame<'_>) {
+    fn scan(buf: &[u8]) -> (Vec<Record>, Frame) {
         let zeros = trailing_zeros_start(buf);
         let mut pos = 0;
         let mut out = Vec::new();
         loop {
             match next_frame(buf, pos, 0, zeros) {
-                Frame::Record { payload, next } => {
-                    out.push(decode_payload(payload).unwrap());
+                Frame::Record { record, next, .. } => {
+                    out.push(record);
                     pos = next;
                 }
                 other => return (out, other),
@@ -524,18 +599,39 @@ mod tests {
     fn a_flipped_bit_anywhere_is_corruption_even_in_the_last_frame() {
         let mut buf = Vec::new();
         encode_frame(&entry(1, b"a"), &mut buf);
+        let second = buf.len();
         encode_frame(&entry(2, &[0; 1500]), &mut buf); // zero-heavy payload, last frame
         for byte in 0..buf.len() {
             for bit in [0, 3, 7] {
                 let mut bad = buf.clone();
                 bad[byte] ^= 1 << bit;
                 let (_, end) = scan(&bad);
-                assert!(
-                    matches!(end, Frame::Corrupt(_)),
-                    "flip at byte {byte} bit {bit} gave {end:?}"
-                );
+                let Frame::Corrupt { affected, .. } = end else {
+                    panic!("flip at byte {byte} bit {bit} gave {end:?}");
+                };
+                // Past a frame's header, the damage is pinned on the frame's own group.
+                let frame_start = if byte >= second { second } else { 0 };
+                if byte >= frame_start + FRAME_HEADER_BYTES {
+                    assert_eq!(affected, Affected::Group(GroupId(3)), "byte {byte}");
+                }
             }
         }
+    }
+
+    #[test]
+    fn frames_of_one_write_say_whether_more_follow() {
+        let mut buf = Vec::new();
+        let records = [entry(1, b"a"), entry(2, b"b"), entry(3, b"c")];
+        let frames = encode_write(&records, &mut buf);
+        let zeros = trailing_zeros_start(&buf);
+        let flags: Vec<bool> = frames
+            .iter()
+            .map(|&(start, _)| match next_frame(&buf, start, 0, zeros) {
+                Frame::Record { more, .. } => more,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(flags, [true, true, false]);
     }
 
     #[test]
@@ -546,12 +642,12 @@ mod tests {
         encode_frame(&entry(2, b"two"), &mut buf);
         let third = buf.len();
         encode_frame(&entry(3, b"three"), &mut buf);
-        buf[second + 20] ^= 0x10;
+        buf[second + 30] ^= 0x10;
         let zeros = trailing_zeros_start(&buf);
-        assert!(matches!(
+        assert_eq!(
             next_frame(&buf, second, 0, zeros),
-            Frame::Corrupt(_)
-        ));
+            Frame::corrupt("payload checksum mismatch", Affected::Group(GroupId(3)))
+        );
         assert_eq!(resync(&buf, second, 0, zeros), Some(third));
     }
 

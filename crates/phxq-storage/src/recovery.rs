@@ -10,28 +10,18 @@ use std::path::{Path, PathBuf};
 use phxq_types::GroupId;
 
 use crate::index::LogIndex;
-use crate::record::{self, Frame, Record};
+use crate::record::{self, Affected, Frame, Record};
 use crate::segment::{self, Header, SEGMENT_HEADER_BYTES};
 use crate::{Error, Result, SegmentId, io_error};
 
 /// How to treat damage.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Mode {
-    /// Skip damaged bytes (resynchronise on the next valid frame) instead of failing.
-    pub tolerate_damage: bool,
-    /// Cut a group at a missing entry instead of failing (the group's peers resend the rest).
-    pub cut_gaps: bool,
-}
-
-impl Mode {
-    pub const STRICT: Mode = Mode {
-        tolerate_damage: false,
-        cut_gaps: false,
-    };
-    pub const LENIENT: Mode = Mode {
-        tolerate_damage: true,
-        cut_gaps: true,
-    };
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// The first damage, or an entry missing from a group's live range, is an error.
+    Strict,
+    /// Skip damaged bytes (resynchronising on the next valid frame) and cut each group that
+    /// lost a record; its peers resend the rest. For repair and inspection.
+    Lenient,
 }
 
 /// A damaged byte range of a segment: `offset..end` is lost.
@@ -86,8 +76,12 @@ pub(crate) struct Replay {
     pub index: LogIndex,
     pub segments: Vec<ScannedSegment>,
     pub records: u64,
-    /// Groups cut at a missing entry, and where (lenient mode only).
+    /// Groups cut by repair, and the first index each lost (lenient mode only).
     pub cut_groups: Vec<(GroupId, u64)>,
+    /// Groups that lost a record to damage: the last index each may keep.
+    keep_through: BTreeMap<GroupId, u64>,
+    /// A record of unknown group was lost: groups first seen later may have lost state too.
+    unknown_group_lost: bool,
 }
 
 fn corruption(path: &Path, offset: u64, reason: impl Into<String>) -> Error {
@@ -105,12 +99,28 @@ pub(crate) fn replay(dir: &Path, segments: &[(SegmentId, PathBuf)], mode: Mode) 
         segments: Vec::with_capacity(segments.len()),
         records: 0,
         cut_groups: Vec::new(),
+        keep_through: BTreeMap::new(),
+        unknown_group_lost: false,
     };
     for (position, (id, path)) in segments.iter().enumerate() {
         let newest = position + 1 == segments.len();
         let bytes = std::fs::read(path).map_err(|e| io_error("read segment", path, e))?;
         let scanned = scan_segment(*id, path, &bytes, newest, mode, &mut out)?;
         out.segments.push(scanned);
+    }
+    if out.unknown_group_lost {
+        for &group in out.index.groups.keys() {
+            out.keep_through.entry(group).or_insert(0);
+        }
+    }
+    for (group, keep_through) in std::mem::take(&mut out.keep_through) {
+        let Some(log) = out.index.groups.get(&group) else {
+            continue;
+        };
+        if log.last_index() > keep_through || log.hard_state.commit > keep_through {
+            out.index.cut(group, keep_through + 1, 0);
+            out.cut_groups.push((group, keep_through + 1));
+        }
     }
     let gaps: Vec<(GroupId, u64)> = out
         .index
@@ -119,7 +129,7 @@ pub(crate) fn replay(dir: &Path, segments: &[(SegmentId, PathBuf)], mode: Mode) 
         .filter_map(|(&group, log)| log.first_gap().map(|gap| (group, gap)))
         .collect();
     for (group, gap) in gaps {
-        if !mode.cut_gaps {
+        if mode == Mode::Strict {
             let log = &out.index.groups[&group];
             return Err(corruption(
                 dir,
@@ -132,7 +142,7 @@ pub(crate) fn replay(dir: &Path, segments: &[(SegmentId, PathBuf)], mode: Mode) 
                 ),
             ));
         }
-        out.index.truncate_at_gap(group, gap, 0);
+        out.index.cut(group, gap, 0);
         out.cut_groups.push((group, gap));
     }
     if let Err(inconsistent) = out.index.validate() {
@@ -172,99 +182,161 @@ fn scan_segment(
         }
         Ok(Header::Torn) => {
             let error = corruption(path, 0, "sealed segment has no header");
-            return unreadable(error, scanned, mode);
+            return unreadable(error, scanned, mode, out);
         }
-        Err(error @ Error::Corruption { .. }) => return unreadable(error, scanned, mode),
+        Err(error @ Error::Corruption { .. }) => return unreadable(error, scanned, mode, out),
         Err(other) => return Err(other),
     }
     let body = &bytes[SEGMENT_HEADER_BYTES..];
     let base = SEGMENT_HEADER_BYTES;
     let zeros_start = record::trailing_zeros_start(body);
     let mut pos = 0;
-    let mut first = true;
+    // Frames of a write whose last frame has not been seen yet: (record, offset, length).
+    let mut write: Vec<(Record, u64, u32)> = Vec::new();
     loop {
         let offset = (base + pos) as u64;
-        let (payload, next) = match record::next_frame(body, pos, base, zeros_start) {
-            Frame::End => break,
-            Frame::Record { payload, next } => (payload, next),
-            Frame::Torn if newest => {
-                scanned.torn_at = Some(offset);
+        let write_start = write.first().map_or(offset, |w| w.1);
+        match record::next_frame(body, pos, base, zeros_start) {
+            Frame::Record { record, next, more } => {
+                write.push((record, offset, (next - pos) as u32));
+                if !more {
+                    apply_write(id, path, &mut write, &mut scanned, mode, out)?;
+                }
+                pos = next;
+            }
+            Frame::End if write.is_empty() => break,
+            // A write whose last frame is missing never completed: it was never synced.
+            Frame::Torn | Frame::End if newest => {
+                scanned.torn_at = Some(write_start);
                 break;
             }
-            Frame::Torn => {
-                let error = corruption(path, offset, "sealed segment ends in a torn write");
-                damaged(error, &mut scanned, bytes.len(), mode)?;
+            Frame::Torn | Frame::End => {
+                let error = corruption(path, write_start, "sealed segment ends in a torn write");
+                damaged(
+                    error,
+                    write_start,
+                    Affected::All,
+                    bytes.len(),
+                    &mut scanned,
+                    mode,
+                    out,
+                )?;
                 break;
             }
-            Frame::Corrupt(reason) => {
+            Frame::Corrupt { reason, affected } => {
+                // The damaged write is lost whole, like a torn one: its groups lost records.
+                for (record, ..) in write.drain(..) {
+                    lost(record.group().map_or(Affected::All, Affected::Group), out);
+                }
                 let resume = record::resync(body, pos, base, zeros_start);
                 let resume_offset = resume.map_or(bytes.len(), |r| base + r);
+                let error = corruption(path, offset, reason);
                 damaged(
-                    corruption(path, offset, reason),
-                    &mut scanned,
+                    error,
+                    write_start,
+                    affected,
                     resume_offset,
+                    &mut scanned,
                     mode,
+                    out,
                 )?;
                 match resume {
-                    Some(r) => {
-                        pos = r;
-                        continue;
-                    }
+                    Some(r) => pos = r,
                     None => break,
                 }
             }
-        };
-        let outcome = record::decode_payload(payload)
-            .map_err(|reason| corruption(path, offset, reason))
-            .and_then(|record| {
-                if first && !matches!(record, Record::Checkpoint { .. }) && !mode.cut_gaps {
-                    return Err(corruption(
-                        path,
-                        offset,
-                        "segment does not start with a checkpoint",
-                    ));
-                }
-                let frame_len = (next - pos) as u32;
-                out.index
-                    .apply(&record, (id, offset, frame_len), 0)
-                    .map_err(|inconsistent| corruption(path, offset, inconsistent.0))?;
-                Ok(record)
-            });
-        match outcome {
-            Ok(record) => {
-                count(&mut scanned, &record);
-                out.records += 1;
-            }
-            Err(error) => damaged(error, &mut scanned, base + next, mode)?,
         }
-        first = false;
-        pos = next;
     }
     scanned.valid_bytes = scanned.torn_at.unwrap_or(bytes.len() as u64);
     Ok(scanned)
 }
 
-/// Records damage, or fails in strict mode. `resume` is where valid frames start again.
-fn damaged(error: Error, scanned: &mut ScannedSegment, resume: usize, mode: Mode) -> Result<()> {
-    let Error::Corruption { offset, reason, .. } = &error else {
-        unreachable!("only corruption is recorded as damage")
-    };
-    if !mode.tolerate_damage {
-        return Err(error);
+/// Applies the records of one complete write to the index.
+fn apply_write(
+    id: SegmentId,
+    path: &Path,
+    write: &mut Vec<(Record, u64, u32)>,
+    scanned: &mut ScannedSegment,
+    mode: Mode,
+    out: &mut Replay,
+) -> Result<()> {
+    for (record, offset, frame_len) in write.drain(..) {
+        match out.index.apply(&record, (id, offset, frame_len), 0) {
+            Ok(()) => {
+                count(scanned, &record);
+                out.records += 1;
+            }
+            Err(inconsistent) => {
+                let error = corruption(path, offset, inconsistent.0);
+                let affected = record.group().map_or(Affected::All, Affected::Group);
+                let resume = (offset + u64::from(frame_len)) as usize;
+                damaged(error, offset, affected, resume, scanned, mode, out)?;
+            }
+        }
     }
-    scanned.damage.push(Damage {
-        offset: *offset,
-        end: resume as u64,
-        reason: reason.clone(),
-    });
     Ok(())
 }
 
-fn unreadable(error: Error, mut scanned: ScannedSegment, mode: Mode) -> Result<ScannedSegment> {
-    if !mode.tolerate_damage {
+/// Records damage from `lost_from` up to `resume`, or fails in strict mode.
+fn damaged(
+    error: Error,
+    lost_from: u64,
+    affected: Affected,
+    resume: usize,
+    scanned: &mut ScannedSegment,
+    mode: Mode,
+    out: &mut Replay,
+) -> Result<()> {
+    let Error::Corruption { reason, .. } = &error else {
+        unreachable!("only corruption is recorded as damage")
+    };
+    if mode == Mode::Strict {
         return Err(error);
     }
-    scanned.unreadable = Some(error.to_string());
+    scanned.damage.push(Damage {
+        offset: lost_from,
+        end: resume as u64,
+        reason: reason.clone(),
+    });
+    lost(affected, out);
+    Ok(())
+}
+
+/// Notes that `affected` lost a record here.
+///
+/// A group that lost a record keeps only the entries it had committed *before* the loss:
+/// committed entries are never replaced, so they cannot be stale, while an uncommitted entry
+/// before the loss may have been superseded by the lost record (keeping it would break raft's
+/// log matching). Its peers send the rest again. A lost record of unknown group (a damaged
+/// header or checkpoint) also cuts, to nothing, every group first seen after it.
+fn lost(affected: Affected, out: &mut Replay) {
+    let groups: Vec<GroupId> = match affected {
+        Affected::Group(group) => vec![group],
+        Affected::All => {
+            out.unknown_group_lost = true;
+            out.index.groups.keys().copied().collect()
+        }
+    };
+    for group in groups {
+        let committed = out
+            .index
+            .groups
+            .get(&group)
+            .map_or(0, |log| log.hard_state.commit);
+        let limit = out.keep_through.entry(group).or_insert(committed);
+        *limit = (*limit).min(committed);
+    }
+}
+
+fn unreadable(
+    error: Error,
+    mut scanned: ScannedSegment,
+    mode: Mode,
+    out: &mut Replay,
+) -> Result<ScannedSegment> {
+    let end = scanned.file_bytes as usize;
+    damaged(error, 0, Affected::All, end, &mut scanned, mode, out)?;
+    scanned.unreadable = scanned.damage.pop().map(|d| d.reason);
     Ok(scanned)
 }
 

@@ -119,7 +119,8 @@ impl WriteBatch {
 
     /// Appends entries to a group's log. Their indexes must be consecutive and the first must
     /// be at most one past the last index; an entry replaces any at its index or above (this
-    /// is how a new master's entries replace conflicting ones).
+    /// is how a new master's entries replace conflicting ones). Committed entries are never
+    /// replaced: that would be a raft bug, and repair relies on it.
     pub fn append(
         &mut self,
         group: GroupId,
@@ -130,7 +131,7 @@ impl WriteBatch {
         self
     }
 
-    /// Records the group's hard state.
+    /// Records the group's hard state. Its commit index may not pass the last index.
     pub fn hard_state(&mut self, group: GroupId, state: HardState) -> &mut Self {
         self.ops.push(Op::HardState(group, state));
         self
@@ -149,7 +150,7 @@ impl WriteBatch {
         self
     }
 
-    /// Drops the group's entries from `from_index` on; it must be above the compaction point.
+    /// Drops the group's entries from `from_index` on; it must be above the commit index.
     pub fn truncate_suffix(&mut self, group: GroupId, from_index: u64) -> &mut Self {
         self.ops.push(Op::TruncateSuffix(group, from_index));
         self
@@ -191,6 +192,12 @@ impl WriteBatch {
             let invalid = |reason: String| Error::InvalidWrite { group, reason };
             match op {
                 Op::Entry(_, entry) => {
+                    if entry.index <= shadow.commit {
+                        return Err(invalid(format!(
+                            "entry {} would replace a committed entry (commit index {})",
+                            entry.index, shadow.commit
+                        )));
+                    }
                     if entry.index <= shadow.compact_index || entry.index > shadow.last_index + 1 {
                         return Err(invalid(format!(
                             "entry {} does not follow the log (first index {}, last index {})",
@@ -215,10 +222,19 @@ impl WriteBatch {
                         entry: entry.clone(),
                     });
                 }
-                Op::HardState(_, state) => records.push(Record::HardState {
-                    group,
-                    state: state.clone(),
-                }),
+                Op::HardState(_, state) => {
+                    if state.commit > shadow.last_index {
+                        return Err(invalid(format!(
+                            "commit index {} is past the last index {}",
+                            state.commit, shadow.last_index
+                        )));
+                    }
+                    shadow.commit = state.commit;
+                    records.push(Record::HardState {
+                        group,
+                        state: state.clone(),
+                    });
+                }
                 Op::ConfState(_, state) => records.push(Record::ConfState {
                     group,
                     state: state.clone(),
@@ -243,6 +259,12 @@ impl WriteBatch {
                     });
                 }
                 Op::TruncateSuffix(_, from_index) => {
+                    if *from_index <= shadow.commit {
+                        return Err(invalid(format!(
+                            "cannot truncate from {from_index}: entries up to {} are committed",
+                            shadow.commit
+                        )));
+                    }
                     if *from_index <= shadow.compact_index {
                         return Err(invalid(format!(
                             "cannot truncate from {from_index}: entries up to {} are compacted",
@@ -288,6 +310,7 @@ impl WriteBatch {
                         compact_index: *at,
                         compact_term: *term,
                         last_index: *at,
+                        commit: shadow.commit.min(*at),
                         batch_terms: BTreeMap::new(),
                     };
                 }
@@ -315,6 +338,8 @@ struct Shadow {
     compact_index: u64,
     compact_term: u64,
     last_index: u64,
+    /// Entries up to here are committed: raft never replaces them.
+    commit: u64,
     /// Terms of entries appended by this batch (they override the index).
     batch_terms: BTreeMap<u64, u64>,
 }
@@ -326,6 +351,7 @@ impl Shadow {
             compact_index: log.map_or(0, |l| l.compact_index),
             compact_term: log.map_or(0, |l| l.compact_term),
             last_index: log.map_or(0, |l| l.last_index()),
+            commit: log.map_or(0, |l| l.hard_state.commit),
             batch_terms: BTreeMap::new(),
         }
     }
@@ -420,45 +446,22 @@ impl Wal {
             repair(&dir, &mut report)?;
         }
         let segments = segment::list(&dir)?;
-        let mode = if options.repair {
-            Mode {
-                tolerate_damage: false,
-                cut_gaps: true,
-            }
-        } else {
-            Mode::STRICT
-        };
-        let replay = recovery::replay(&dir, &segments, mode)?;
+        let replay = recovery::replay(&dir, &segments, Mode::Strict)?;
         report.segments = replay.segments.len();
         report.records = replay.records;
-        report.cut_groups = replay.cut_groups.clone();
 
-        let mut files = BTreeMap::new();
-        for scanned in &replay.segments {
-            let newest = Some(scanned.id) == segments.last().map(|s| s.0);
-            if newest && scanned.header_torn {
-                std::fs::remove_file(&scanned.path)
-                    .map_err(|e| io_error("remove torn segment", &scanned.path, e))?;
-                segment::sync_dir(&dir)?;
-                continue;
+        if let Some(newest) = replay.segments.last() {
+            if let Some(bytes) = settle_torn_tail(&dir, newest)? {
+                let offset = newest.torn_at.expect("a cut tail has an offset");
+                report.torn_tail = Some((newest.path.clone(), offset, bytes));
             }
+        }
+        let mut files = BTreeMap::new();
+        for scanned in replay.segments.iter().filter(|s| !s.header_torn) {
             let file = OpenOptions::new()
                 .read(true)
-                .write(newest)
                 .open(&scanned.path)
                 .map_err(|e| io_error("open segment", &scanned.path, e))?;
-            if newest {
-                if let Some(offset) = scanned.torn_at {
-                    file.set_len(offset)
-                        .map_err(|e| io_error("truncate torn tail", &scanned.path, e))?;
-                    report.torn_tail =
-                        Some((scanned.path.clone(), offset, scanned.file_bytes - offset));
-                }
-                // The crashed process may have written data it never synced: make what we
-                // replayed durable before anything is built on it.
-                file.sync_data()
-                    .map_err(|e| io_error("fsync segment", &scanned.path, e))?;
-            }
             files.insert(
                 scanned.id,
                 SegmentFile {
@@ -467,6 +470,14 @@ impl Wal {
                     sealed_at: Some(1),
                 },
             );
+        }
+        // The crashed process may have written data it never synced: make what we replayed
+        // durable before anything is built on it.
+        if let Some((_, newest)) = files.last_key_value() {
+            newest
+                .file
+                .sync_data()
+                .map_err(|e| io_error("fsync segment", &newest.path, e))?;
         }
 
         let next_id = segments.last().map_or(1, |s| s.0 + 1);
@@ -518,13 +529,7 @@ impl Wal {
         }
         let mut buf = std::mem::take(&mut writer.encode_buf);
         buf.clear();
-        let frames: Vec<(usize, usize)> = records
-            .iter()
-            .map(|r| {
-                let start = buf.len();
-                (start, record::encode_frame(r, &mut buf))
-            })
-            .collect();
+        let frames = record::encode_write(&records, &mut buf);
         if writer.active_bytes > writer.active_floor
             && writer.active_bytes + buf.len() as u64 > self.options.segment_bytes_max
         {
@@ -885,12 +890,12 @@ impl Read {
                 offset,
                 reason: reason.to_string(),
             };
-            let (payload, next) = match record::next_frame(&buf, pos, 0, buf.len()) {
-                Frame::Record { payload, next } => (payload, next),
-                Frame::Corrupt(reason) => return Err(corrupt(reason)),
+            let (record, next) = match record::next_frame(&buf, pos, 0, buf.len()) {
+                Frame::Record { record, next, .. } => (record, next),
+                Frame::Corrupt { reason, .. } => return Err(corrupt(reason)),
                 Frame::Torn | Frame::End => return Err(corrupt("entry frame cut short")),
             };
-            match record::decode_payload(payload).map_err(corrupt)? {
+            match record {
                 Record::Entry { group: g, entry }
                     if g == group && entry.index == index && entry.term == term =>
                 {
@@ -930,47 +935,92 @@ fn remove_repair_leftovers(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Rewrites every damaged segment without its damaged bytes, keeping the original beside it
-/// as `<name>.corrupt`. An unreadable segment (damaged header) is moved aside whole.
+/// Repairs damage before a normal open, in an order that is safe to interrupt:
+///
+/// 1. a lenient scan finds the damage and cuts each group that lost a record (see
+///    `recovery::lost`);
+/// 2. the newest segment's torn tail is cut, so it can be sealed;
+/// 3. a new segment is written holding a checkpoint of the cut state: from here on every open
+///    replays to the cut state, whatever happens next;
+/// 4. each damaged segment is rewritten without its damaged bytes (the original is kept beside
+///    it as `<name>.corrupt`); an unreadable one is moved aside whole.
 fn repair(dir: &Path, report: &mut RecoveryReport) -> Result<()> {
     let segments = segment::list(dir)?;
-    let scan = recovery::replay(dir, &segments, Mode::LENIENT)?;
-    for scanned in scan.segments {
-        if scanned.damage.is_empty() && scanned.unreadable.is_none() {
-            continue;
-        }
-        let path = &scanned.path;
-        let aside = PathBuf::from(format!("{}.corrupt", path.display()));
-        let _ = std::fs::remove_file(&aside);
-        std::fs::hard_link(path, &aside)
-            .map_err(|e| io_error("keep damaged segment", &aside, e))?;
+    let scan = recovery::replay(dir, &segments, Mode::Lenient)?;
+    let damaged: Vec<&recovery::ScannedSegment> = scan
+        .segments
+        .iter()
+        .filter(|s| !s.damage.is_empty() || s.unreadable.is_some())
+        .collect();
+    if damaged.is_empty() && scan.cut_groups.is_empty() {
+        return Ok(());
+    }
+    if let Some(newest) = scan.segments.last() {
+        settle_torn_tail(dir, newest)?;
+    }
+    let mut checkpoint = Vec::new();
+    record::encode_frame(&scan.index.checkpoint(), &mut checkpoint);
+    let next_id = segments.last().map_or(1, |s| s.0 + 1);
+    segment::create(dir, next_id, &checkpoint)?;
+    for scanned in damaged {
+        rewrite_without_damage(dir, scanned)?;
+        let mut damage = scanned.damage.clone();
         if let Some(reason) = &scanned.unreadable {
-            std::fs::remove_file(path).map_err(|e| io_error("remove damaged segment", path, e))?;
-            let whole = Damage {
+            damage = vec![Damage {
                 offset: 0,
                 end: scanned.file_bytes,
                 reason: reason.clone(),
-            };
-            report.repaired.push((path.clone(), vec![whole]));
-            segment::sync_dir(dir)?;
-            continue;
+            }];
         }
-        let bytes = std::fs::read(path).map_err(|e| io_error("read segment", path, e))?;
-        let mut kept = Vec::with_capacity(bytes.len());
-        let mut pos = 0u64;
-        for damage in &scanned.damage {
-            kept.extend_from_slice(&bytes[pos as usize..damage.offset as usize]);
-            pos = damage.end;
-        }
-        kept.extend_from_slice(&bytes[pos as usize..scanned.valid_bytes.max(pos) as usize]);
-        let temporary = PathBuf::from(format!("{}{REPAIR_SUFFIX}", path.display()));
-        std::fs::write(&temporary, &kept)
-            .and_then(|()| File::open(&temporary)?.sync_all())
-            .map_err(|e| io_error("write repaired segment", &temporary, e))?;
-        std::fs::rename(&temporary, path)
-            .map_err(|e| io_error("replace damaged segment", path, e))?;
-        segment::sync_dir(dir)?;
-        report.repaired.push((path.clone(), scanned.damage));
+        report.repaired.push((scanned.path.clone(), damage));
     }
+    report.cut_groups = scan.cut_groups;
     Ok(())
+}
+
+/// Cuts the newest segment's torn tail (or removes it if even its header is torn). Returns the
+/// bytes cut.
+fn settle_torn_tail(dir: &Path, newest: &recovery::ScannedSegment) -> Result<Option<u64>> {
+    let path = &newest.path;
+    if newest.header_torn {
+        std::fs::remove_file(path).map_err(|e| io_error("remove torn segment", path, e))?;
+        segment::sync_dir(dir)?;
+        return Ok(None);
+    }
+    let Some(offset) = newest.torn_at else {
+        return Ok(None);
+    };
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| io_error("open segment", path, e))?;
+    file.set_len(offset)
+        .and_then(|()| file.sync_data())
+        .map_err(|e| io_error("truncate torn tail", path, e))?;
+    Ok(Some(newest.file_bytes - offset))
+}
+
+fn rewrite_without_damage(dir: &Path, scanned: &recovery::ScannedSegment) -> Result<()> {
+    let path = &scanned.path;
+    let aside = PathBuf::from(format!("{}.corrupt", path.display()));
+    let _ = std::fs::remove_file(&aside);
+    std::fs::hard_link(path, &aside).map_err(|e| io_error("keep damaged segment", &aside, e))?;
+    if scanned.unreadable.is_some() {
+        std::fs::remove_file(path).map_err(|e| io_error("remove damaged segment", path, e))?;
+        return segment::sync_dir(dir);
+    }
+    let bytes = std::fs::read(path).map_err(|e| io_error("read segment", path, e))?;
+    let mut kept = Vec::with_capacity(bytes.len());
+    let mut pos = 0u64;
+    for damage in &scanned.damage {
+        kept.extend_from_slice(&bytes[pos as usize..damage.offset as usize]);
+        pos = damage.end;
+    }
+    kept.extend_from_slice(&bytes[pos as usize..scanned.valid_bytes.max(pos) as usize]);
+    let temporary = PathBuf::from(format!("{}{REPAIR_SUFFIX}", path.display()));
+    std::fs::write(&temporary, &kept)
+        .and_then(|()| File::open(&temporary)?.sync_all())
+        .map_err(|e| io_error("write repaired segment", &temporary, e))?;
+    std::fs::rename(&temporary, path).map_err(|e| io_error("replace damaged segment", path, e))?;
+    segment::sync_dir(dir)
 }
