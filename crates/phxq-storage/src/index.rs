@@ -59,14 +59,10 @@ impl GroupLog {
 
     /// The first index at which the live entries stop being contiguous, if any.
     pub fn first_gap(&self) -> Option<u64> {
-        let mut expected = self.first_index();
-        for &index in self.entries.keys() {
-            if index != expected {
-                return Some(expected);
-            }
-            expected += 1;
-        }
-        None
+        (self.first_index()..)
+            .zip(self.entries.keys())
+            .find(|(expected, index)| expected != *index)
+            .map(|(expected, _)| expected)
     }
 
     /// The public view of the group.

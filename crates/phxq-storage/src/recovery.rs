@@ -117,9 +117,12 @@ pub(crate) fn replay(dir: &Path, segments: &[(SegmentId, PathBuf)], mode: Mode) 
         let Some(log) = out.index.groups.get(&group) else {
             continue;
         };
-        if log.last_index() > keep_through || log.hard_state.commit > keep_through {
-            out.index.cut(group, keep_through + 1, 0);
-            out.cut_groups.push((group, keep_through + 1));
+        // The state at the loss may itself be partial (a stale hard state whose clamp was in
+        // the lost checkpoint), so the commit index is checked against what is left too.
+        let from = keep_through.min(log.last_index()) + 1;
+        if log.last_index() >= from || log.hard_state.commit >= from {
+            out.index.cut(group, from, 0);
+            out.cut_groups.push((group, from));
         }
     }
     let gaps: Vec<(GroupId, u64)> = out

@@ -450,11 +450,11 @@ impl Wal {
         report.segments = replay.segments.len();
         report.records = replay.records;
 
-        if let Some(newest) = replay.segments.last() {
-            if let Some(bytes) = settle_torn_tail(&dir, newest)? {
-                let offset = newest.torn_at.expect("a cut tail has an offset");
-                report.torn_tail = Some((newest.path.clone(), offset, bytes));
-            }
+        if let Some(newest) = replay.segments.last()
+            && let Some(bytes) = settle_torn_tail(&dir, newest)?
+        {
+            let offset = newest.torn_at.expect("a cut tail has an offset");
+            report.torn_tail = Some((newest.path.clone(), offset, bytes));
         }
         let mut files = BTreeMap::new();
         for scanned in replay.segments.iter().filter(|s| !s.header_torn) {
