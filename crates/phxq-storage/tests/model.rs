@@ -68,6 +68,8 @@ enum Crash {
     Tear(f64),
     /// Power loss: the size grew but sectors from a random point on were never written.
     UnwrittenSectors(f64),
+    /// Power loss exactly between two frames of the unsynced tail (possibly inside one write).
+    TearAtFrame(f64),
 }
 
 #[derive(Clone, Debug)]
@@ -116,6 +118,7 @@ fn op() -> impl Strategy<Value = Op> {
         Just(Crash::DropUnsynced),
         (0.0..1.0f64).prop_map(Crash::Tear),
         (0.0..1.0f64).prop_map(Crash::UnwrittenSectors),
+        (0.0..1.0f64).prop_map(Crash::TearAtFrame),
     ];
     prop_oneof![
         10 => (group.clone(), 0..4u64, 1..6u64, prop::bool::weighted(0.2), 0..400usize)
@@ -441,6 +444,11 @@ impl Harness {
                 end,
                 false,
             ),
+            Crash::TearAtFrame(at) => {
+                let boundaries = frame_boundaries(&path, synced);
+                let cut = boundaries[((boundaries.len() - 1) as f64 * at) as usize];
+                self.cut(&path, cut, end, false)
+            }
             Crash::UnwrittenSectors(at) => {
                 let cut = (synced + ((end - synced) as f64 * at) as u64).next_multiple_of(SECTOR);
                 if cut >= end {
@@ -580,6 +588,23 @@ impl Harness {
             );
         }
     }
+}
+
+/// Offsets where frames start in `path` from `from` (a frame boundary) to the end of file.
+/// Reads only frame lengths: `[len u32 (top bit: more in this write)][..16 bytes][payload][4]`.
+fn frame_boundaries(path: &Path, from: u64) -> Vec<u64> {
+    let bytes = std::fs::read(path).unwrap();
+    let mut at = from as usize;
+    let mut boundaries = vec![at as u64];
+    while at + 4 <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) & !(1 << 31);
+        at += 20 + len as usize + 4;
+        if at > bytes.len() {
+            break;
+        }
+        boundaries.push(at as u64);
+    }
+    boundaries
 }
 
 /// One line per group: compaction point, hard state, and (index, term, first data byte).
