@@ -54,7 +54,7 @@ pub struct Options {
     pub writers: Vec<usize>,
     /// How long each log case writes.
     pub duration: Duration,
-    /// How long the raw disk loop before each case runs.
+    /// How long each raw disk loop (one before and one after each case) runs.
     pub raw_duration: Duration,
     /// Entry payload bytes (the raw loop writes blocks of this size).
     pub record_bytes: usize,
@@ -133,7 +133,7 @@ pub struct Report {
     pub cases: Vec<Case>,
 }
 
-/// One writer count: the raw disk just before, the log, and how they compare.
+/// One writer count: the raw disk just before and just after, the log, and how they compare.
 #[derive(Clone, Debug, Serialize)]
 pub struct Case {
     /// Writer threads.
@@ -319,9 +319,8 @@ struct Shared<'a> {
     wal: Wal,
     /// Last index written, per group; held across the write so indexes stay consecutive.
     last_index: Vec<Mutex<u64>>,
-    /// Records claimed by writers so far, against `records_max`.
+    /// Records claimed by writers so far, against `options.records_max`.
     claimed: AtomicU64,
-    records_max: u64,
     payload: Vec<u8>,
     /// When writers stop; setting it is the start signal (writers wait for it).
     deadline: OnceLock<Instant>,
@@ -336,7 +335,6 @@ fn wal_case(dir: &Path, writers: usize, options: &Options) -> Result<WalFigures>
         wal,
         last_index: (0..options.groups).map(|_| Mutex::new(0)).collect(),
         claimed: AtomicU64::new(0),
-        records_max: options.records_max,
         payload: payload(options.record_bytes),
         deadline: OnceLock::new(),
         options,
@@ -414,7 +412,7 @@ fn writer_loop(shared: &Shared<'_>, thread: usize) -> Result<Histogram<u64>> {
     let mut latency = new_histogram();
     let deadline = *shared.deadline.wait();
     while Instant::now() < deadline
-        && shared.claimed.fetch_add(1, Ordering::Relaxed) < shared.records_max
+        && shared.claimed.fetch_add(1, Ordering::Relaxed) < shared.options.records_max
     {
         let began = Instant::now();
         let lsn = append(shared, group)?;

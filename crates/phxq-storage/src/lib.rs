@@ -40,6 +40,9 @@ pub use raft_storage::GroupStorage;
 pub use record::RECORD_PAYLOAD_BYTES_MAX;
 pub use wal::{RecoveryReport, Wal, WalOptions, WalStats, WriteBatch};
 
+/// The one group id no group may use: frame headers mark records of no group with it.
+pub const GROUP_ID_RESERVED: GroupId = GroupId(u64::MAX);
+
 /// Log sequence number: the number of a [`Wal::write`] call in this process, from 1.
 ///
 /// A sync returns the highest `Lsn` it made durable; every write with a lower or equal `Lsn`

@@ -186,10 +186,13 @@ impl WriteBatch {
         let mut records = Vec::with_capacity(self.ops.len());
         for op in &self.ops {
             let group = op.group();
+            let invalid = |reason: String| Error::InvalidWrite { group, reason };
+            if group == crate::GROUP_ID_RESERVED {
+                return Err(invalid("group id u64::MAX is reserved".to_string()));
+            }
             let shadow = shadows
                 .entry(group)
                 .or_insert_with(|| Shadow::of(index, group));
-            let invalid = |reason: String| Error::InvalidWrite { group, reason };
             match op {
                 Op::Entry(_, entry) => {
                     if entry.index <= shadow.commit {

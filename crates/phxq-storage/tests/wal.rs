@@ -306,3 +306,15 @@ fn a_raft_node_commits_through_the_log_and_restarts_from_it() {
     let second = run(wal, &[b"d"]);
     assert_eq!(second.last(), Some(&b"d".to_vec()));
 }
+
+#[test]
+fn the_reserved_group_id_is_refused_and_the_log_keeps_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = open(dir.path());
+    let mut batch = WriteBatch::new();
+    batch.append(phxq_storage::GROUP_ID_RESERVED, [entry(1, 1, b"x")]);
+    assert!(matches!(wal.write(&batch), Err(Error::InvalidWrite { .. })));
+    let mut fine = WriteBatch::new();
+    fine.append(GroupId(1), [entry(1, 1, b"x")]);
+    wal.sync_to(wal.write(&fine).unwrap()).unwrap();
+}
