@@ -29,7 +29,7 @@ pub(crate) const FRAME_HEADER_BYTES: usize = 20;
 /// Flag in the length field: the next frame belongs to the same write.
 const MORE_IN_WRITE: u32 = 1 << 31;
 /// The header's group field for records that belong to no group (checkpoints).
-const NO_GROUP: u64 = u64::MAX;
+const NO_GROUP: u64 = crate::GROUP_ID_RESERVED.0;
 /// Bytes after the payload: the end marker.
 pub(crate) const FRAME_TRAILER_BYTES: usize = 4;
 /// Framing overhead of one record.
@@ -139,8 +139,8 @@ fn encode_frame_in_write(record: &Record, more: bool, out: &mut Vec<u8>) -> usiz
     );
     let group = record.group().map_or(NO_GROUP, |g| g.0);
     assert!(
-        record.group() != Some(GroupId(NO_GROUP)),
-        "group id u64::MAX is reserved"
+        record.group() != Some(crate::GROUP_ID_RESERVED),
+        "the reserved group id is refused by WriteBatch validation"
     );
     let len_field = payload_len as u32 | if more { MORE_IN_WRITE } else { 0 };
     out[start..start + 4].copy_from_slice(&len_field.to_le_bytes());

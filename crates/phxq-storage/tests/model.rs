@@ -600,6 +600,28 @@ impl Harness {
     }
 }
 
+/// An append at the end of a group's log, in the current term (for the regression tests).
+fn append(group: u64, count: u64, bytes: usize) -> Op {
+    Op::Append {
+        group,
+        back: 0,
+        count,
+        new_term: false,
+        bytes,
+    }
+}
+
+/// Runs `ops` on a fresh log, checking it against the model after each one.
+fn run_ops(ops: &[Op], single_damage: bool) -> Harness {
+    let mut harness = Harness::new();
+    harness.single_damage = single_damage;
+    for op in ops {
+        harness.run(op);
+        harness.check(&harness.model.clone());
+    }
+    harness
+}
+
 /// Offsets where frames start in `path` from `from` (a frame boundary) to the end of file.
 /// Reads only frame lengths: `[len u32 (top bit: more in this write)][..16 bytes][payload][4]`.
 fn frame_boundaries(path: &Path, from: u64) -> Vec<u64> {
@@ -675,12 +697,7 @@ proptest! {
 
     #[test]
     fn the_log_matches_the_model_through_crashes_tears_and_bit_flips(ops in prop::collection::vec(op(), 1..80)) {
-        let mut harness = Harness::new();
-        harness.single_damage = true;
-        for op in &ops {
-            harness.run(op);
-            harness.check(&harness.model.clone());
-        }
+        let mut harness = run_ops(&ops, true);
         // A last clean reopen sees the same log.
         harness.run(&Op::Crash(Crash::Process));
     }
@@ -690,13 +707,6 @@ proptest! {
 /// cuts, and committed entries the first cut come back.
 #[test]
 fn a_second_repair_may_bring_back_committed_entries_the_first_cut() {
-    let append = |group, count, bytes| Op::Append {
-        group,
-        back: 0,
-        count,
-        new_term: false,
-        bytes,
-    };
     let ops = [
         append(0, 3, 1),
         append(1, 4, 12),
@@ -725,31 +735,20 @@ fn a_second_repair_may_bring_back_committed_entries_the_first_cut() {
             bit: 0,
         },
     ];
-    let mut harness = Harness::new();
-    for op in &ops {
-        harness.run(op);
-        harness.check(&harness.model.clone());
-    }
+    run_ops(&ops, false);
 }
 
 /// Found by the property test: two bit flips, each repaired, around a snapshot install.
 #[test]
 fn repair_twice_around_a_snapshot() {
-    let append = Op::Append {
-        group: 0,
-        back: 0,
-        count: 1,
-        new_term: false,
-        bytes: 0,
-    };
     let hard_state = Op::HardState {
         group: 0,
         commit: 0.0,
         vote: 0,
     };
     let ops = [
-        append.clone(),
-        append,
+        append(0, 1, 0),
+        append(0, 1, 0),
         hard_state.clone(),
         Op::Snapshot { group: 0, ahead: 0 },
         Op::FlipBit {
@@ -764,23 +763,12 @@ fn repair_twice_around_a_snapshot() {
             bit: 0,
         },
     ];
-    let mut harness = Harness::new();
-    for op in &ops {
-        harness.run(op);
-        harness.check(&harness.model.clone());
-    }
+    run_ops(&ops, false);
 }
 
 /// Found by the property test: commit past the last index after a second repair.
 #[test]
 fn a_second_repair_keeps_commit_within_the_log() {
-    let append = |group, count, bytes| Op::Append {
-        group,
-        back: 0,
-        count,
-        new_term: false,
-        bytes,
-    };
     let ops = [
         Op::HardState {
             group: 0,
@@ -816,9 +804,5 @@ fn a_second_repair_keeps_commit_within_the_log() {
             bit: 5,
         },
     ];
-    let mut harness = Harness::new();
-    for op in &ops {
-        harness.run(op);
-        harness.check(&harness.model.clone());
-    }
+    run_ops(&ops, false);
 }
