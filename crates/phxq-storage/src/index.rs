@@ -11,10 +11,11 @@
 //!   after every entry below it), so a group pins a contiguous range of segments.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use phxq_types::GroupId;
 
-use crate::record::{GroupCheckpoint, Record};
+use crate::record::{self, GroupCheckpoint, Record};
 use crate::{ConfState, GroupInfo, HardState, Lsn, SegmentId};
 
 /// Where an entry's frame lives, and its term (kept in memory: raft asks for terms often).
@@ -35,6 +36,9 @@ pub(crate) struct GroupLog {
     pub compact_index: u64,
     /// Term of entry `compact_index` (0 when nothing was compacted).
     pub compact_term: u64,
+    /// The state machine at `compact_index` (empty when never set). Shared with the
+    /// checkpoints that repeat it.
+    pub snapshot: Arc<[u8]>,
     pub entries: BTreeMap<u64, EntryLocation>,
 }
 
@@ -73,6 +77,7 @@ impl GroupLog {
             first_index: self.first_index(),
             last_index: self.last_index(),
             compact_term: self.compact_term,
+            snapshot: self.snapshot.to_vec(),
         }
     }
 
@@ -84,6 +89,7 @@ impl GroupLog {
             compact_index: self.compact_index,
             compact_term: self.compact_term,
             last_index: self.last_index(),
+            snapshot: Arc::clone(&self.snapshot),
         }
     }
 }
@@ -145,7 +151,12 @@ impl LogIndex {
             Record::ConfState { group, state } => {
                 self.groups.entry(*group).or_default().conf_state = state.clone();
             }
-            Record::Compact { group, index, term } => {
+            Record::Compact {
+                group,
+                index,
+                term,
+                snapshot,
+            } => {
                 let log = self.groups.entry(*group).or_default();
                 if *index < log.compact_index {
                     return Err(Inconsistent(format!(
@@ -157,6 +168,7 @@ impl LogIndex {
                 let removed = std::mem::replace(&mut log.entries, kept);
                 log.compact_index = *index;
                 log.compact_term = *term;
+                log.snapshot = Arc::clone(snapshot);
                 self.release(removed.values(), lsn);
             }
             Record::TruncateSuffix { group, from_index } => {
@@ -182,6 +194,7 @@ impl LogIndex {
         log.conf_state = g.conf_state.clone();
         log.compact_index = g.compact_index;
         log.compact_term = g.compact_term;
+        log.snapshot = Arc::clone(&g.snapshot);
         let above = log.entries.split_off(&(g.last_index + 1));
         let kept = log.entries.split_off(&(g.compact_index + 1));
         let below = std::mem::replace(&mut log.entries, kept);
@@ -202,15 +215,14 @@ impl LogIndex {
         }
     }
 
-    /// Every group's metadata, for the checkpoint that opens a new segment.
-    pub fn checkpoint(&self) -> Record {
-        Record::Checkpoint {
-            groups: self
-                .groups
+    /// Every group's metadata, for the checkpoint that opens a new segment: records to be
+    /// written as one write.
+    pub fn checkpoint(&self) -> Vec<Record> {
+        record::checkpoint_records(
+            self.groups
                 .iter()
-                .map(|(&group, log)| log.checkpoint(group))
-                .collect(),
-        }
+                .map(|(&group, log)| log.checkpoint(group)),
+        )
     }
 
     /// Drops a group's entries from `from_index` on and lowers its commit index to what it
@@ -308,12 +320,14 @@ mod tests {
             group: G,
             index: 2,
             term: 2,
+            snapshot: Arc::from(&b"at 2"[..]),
         };
         ix.apply(&compact, (4, 50, 10), 7).unwrap();
         let log = &ix.groups[&G];
         assert_eq!((log.first_index(), log.last_index()), (3, 4));
         assert_eq!(log.term(2), Some(2));
         assert_eq!(log.term(1), None);
+        assert_eq!(log.info().snapshot, b"at 2");
         assert_eq!(ix.segment_use[&1].live_entries, 0);
         assert_eq!(ix.segment_use[&2].released_at, 7);
         assert!(ix.apply(&entry(2, 9), (5, 0, 10), 8).is_err());
@@ -334,11 +348,13 @@ mod tests {
                 compact_index: 2,
                 compact_term: 1,
                 last_index: 4,
+                snapshot: Arc::from(&b"at 2"[..]),
                 ..Default::default()
             }],
         };
         ix.apply(&checkpoint, (3, 0, 10), 2).unwrap();
         assert_eq!(indexes(&ix), vec![(3, 1), (4, 1)]);
+        assert_eq!(ix.groups[&G].info().snapshot, b"at 2");
         ix.validate().unwrap();
     }
 

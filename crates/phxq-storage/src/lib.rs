@@ -25,6 +25,25 @@
 //! * after a failed fsync every call fails ([`Error::Poisoned`]): nothing is acknowledged
 //!   after it.
 
+mod group_commit;
+#[doc(hidden)]
+#[allow(missing_docs)]
+pub mod probe {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Instant;
+    pub static P: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
+    static T0: OnceLock<Instant> = OnceLock::new();
+    pub fn now() -> u64 {
+        T0.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    }
+    pub fn add(i: usize, v: u64) {
+        P[i].fetch_add(v, Ordering::Relaxed);
+    }
+    pub fn take() -> [u64; 8] {
+        std::array::from_fn(|i| P[i].swap(0, Ordering::Relaxed))
+    }
+}
 mod index;
 pub mod inspect;
 pub mod raft_storage;
@@ -39,6 +58,11 @@ pub use phxq_types::GroupId;
 pub use raft_storage::GroupStorage;
 pub use record::RECORD_PAYLOAD_BYTES_MAX;
 pub use wal::{RecoveryReport, Wal, WalOptions, WalStats, WriteBatch};
+
+/// Largest snapshot a compaction or snapshot install may carry, in bytes. Half the record limit:
+/// the rest is room for the group's other metadata in the same record, so a checkpoint of a group
+/// always fits in one frame.
+pub const SNAPSHOT_BYTES_MAX: usize = RECORD_PAYLOAD_BYTES_MAX / 2;
 
 /// The one group id no group may use: frame headers mark records of no group with it.
 pub const GROUP_ID_RESERVED: GroupId = GroupId(u64::MAX);
@@ -130,6 +154,11 @@ pub struct GroupInfo {
     pub last_index: u64,
     /// The term of entry `first_index - 1`, the compaction point (0 if never compacted).
     pub compact_term: u64,
+    /// The group's state machine at the compaction point `first_index - 1`, as given to the
+    /// compaction or snapshot install that set it: opaque bytes, empty if never set. A restarted
+    /// replica rebuilds its state machine from it and the live entries; raft-rs sends it to a
+    /// follower that needs compacted entries.
+    pub snapshot: Vec<u8>,
 }
 
 /// Everything that can go wrong in the log.

@@ -46,11 +46,16 @@ fn to_raft(error: Error) -> raft::Error {
 
 impl Storage for GroupStorage {
     fn initial_state(&self) -> raft::Result<RaftState> {
-        let info = self.wal.group(self.group).map_err(to_raft)?;
-        Ok(RaftState::new(
-            hard_state_to_raft(&info.hard_state),
-            conf_state_to_raft(&info.conf_state),
-        ))
+        let (hard_state, conf_state) = self
+            .wal
+            .read_group(self.group, |log| {
+                (
+                    hard_state_to_raft(&log.hard_state),
+                    conf_state_to_raft(&log.conf_state),
+                )
+            })
+            .map_err(to_raft)?;
+        Ok(RaftState::new(hard_state, conf_state))
     }
 
     fn entries(
@@ -73,23 +78,34 @@ impl Storage for GroupStorage {
     }
 
     fn first_index(&self) -> raft::Result<u64> {
-        Ok(self.wal.group(self.group).map_err(to_raft)?.first_index)
+        self.wal
+            .read_group(self.group, |log| log.first_index())
+            .map_err(to_raft)
     }
 
     fn last_index(&self) -> raft::Result<u64> {
-        Ok(self.wal.group(self.group).map_err(to_raft)?.last_index)
+        self.wal
+            .read_group(self.group, |log| log.last_index())
+            .map_err(to_raft)
     }
 
-    /// The snapshot at the compaction point: metadata only. The queue state machine that will
-    /// add its data (cursors, queue positions) arrives with the replicated store.
+    /// The snapshot at the compaction point: its index, term and membership, and in `data` the
+    /// state machine there, as the compaction or snapshot install that set it stored it (empty
+    /// if none did).
     fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        let info = self.wal.group(self.group).map_err(to_raft)?;
-        let mut snapshot = Snapshot::default();
-        let metadata = snapshot.mut_metadata();
-        metadata.index = info.first_index - 1;
-        metadata.term = info.compact_term;
-        metadata.set_conf_state(conf_state_to_raft(&info.conf_state));
-        Ok(snapshot)
+        self.wal
+            .read_group(self.group, |log| {
+                let mut snapshot = Snapshot {
+                    data: log.snapshot.to_vec().into(),
+                    ..Default::default()
+                };
+                let metadata = snapshot.mut_metadata();
+                metadata.index = log.compact_index;
+                metadata.term = log.compact_term;
+                metadata.set_conf_state(conf_state_to_raft(&log.conf_state));
+                snapshot
+            })
+            .map_err(to_raft)
     }
 }
 

@@ -20,6 +20,8 @@
 //!   A single flipped bit can never look torn (it cannot zero a sector or remove the trailer), so
 //!   damage to synced data is always reported, never skipped.
 
+use std::sync::Arc;
+
 use phxq_types::GroupId;
 
 use crate::{ConfState, EntryKind, HardState, LogEntry};
@@ -52,15 +54,18 @@ pub(crate) enum Record {
     HardState { group: GroupId, state: HardState },
     /// The group's latest membership.
     ConfState { group: GroupId, state: ConfState },
-    /// Entries up to `index` are gone; `term` is the term of entry `index`.
+    /// Entries up to `index` are gone; `term` is the term of entry `index` and `snapshot` the
+    /// group's state machine there (opaque bytes, shared: a checkpoint repeats them).
     Compact {
         group: GroupId,
         index: u64,
         term: u64,
+        snapshot: Arc<[u8]>,
     },
     /// Entries at `from_index` and above are gone.
     TruncateSuffix { group: GroupId, from_index: u64 },
-    /// Every group's metadata at the moment a segment was started: its first record.
+    /// Metadata of some groups at the moment a segment was started. A segment's first write
+    /// is one or more checkpoints that together cover every group (see [`checkpoint_records`]).
     Checkpoint { groups: Vec<GroupCheckpoint> },
 }
 
@@ -73,6 +78,45 @@ pub(crate) struct GroupCheckpoint {
     pub compact_index: u64,
     pub compact_term: u64,
     pub last_index: u64,
+    /// The state machine at `compact_index`.
+    pub snapshot: Arc<[u8]>,
+}
+
+/// A checkpoint record is closed once its groups' encoding passes this size, so that each frame
+/// stays far below [`RECORD_PAYLOAD_BYTES_MAX`] whatever the number of groups: a group's
+/// snapshot may be up to [`crate::SNAPSHOT_BYTES_MAX`], and there may be thousands of groups.
+const CHECKPOINT_RECORD_BYTES_TARGET: usize = 1 << 20;
+
+/// Every group's metadata as checkpoint records, to be written as one write (so recovery
+/// applies all of them or none): groups are packed in order, a record taking groups until its
+/// encoding passes [`CHECKPOINT_RECORD_BYTES_TARGET`]. Always at least one record, so an empty
+/// log's segments still open with a checkpoint.
+pub(crate) fn checkpoint_records(groups: impl IntoIterator<Item = GroupCheckpoint>) -> Vec<Record> {
+    let mut records = vec![Record::Checkpoint { groups: Vec::new() }];
+    let mut bytes = 0;
+    for group in groups {
+        if bytes >= CHECKPOINT_RECORD_BYTES_TARGET {
+            records.push(Record::Checkpoint { groups: Vec::new() });
+            bytes = 0;
+        }
+        bytes += group.encoded_bytes();
+        let Some(Record::Checkpoint { groups }) = records.last_mut() else {
+            unreachable!("only checkpoints are pushed");
+        };
+        groups.push(group);
+    }
+    records
+}
+
+impl GroupCheckpoint {
+    /// Bytes of this group in a checkpoint payload (see [`encode_payload`]).
+    fn encoded_bytes(&self) -> usize {
+        let ids = self.conf_state.voters.len()
+            + self.conf_state.learners.len()
+            + self.conf_state.voters_outgoing.len()
+            + self.conf_state.learners_next.len();
+        8 + 24 + (16 + 8 * ids + 1) + 24 + 4 + self.snapshot.len()
+    }
 }
 
 const KIND_ENTRY: u8 = 1;
@@ -108,7 +152,8 @@ impl Record {
     }
 }
 
-/// Appends one framed record to `out` and returns the frame's length.
+/// Appends one framed record, a write of its own, to `out` and returns the frame's length.
+#[cfg(test)]
 pub(crate) fn encode_frame(record: &Record, out: &mut Vec<u8>) -> usize {
     encode_frame_in_write(record, false, out)
 }
@@ -331,11 +376,17 @@ fn encode_payload(record: &Record, out: &mut Vec<u8>) {
             put_u64(out, group.0);
             put_conf_state(out, state);
         }
-        Record::Compact { group, index, term } => {
+        Record::Compact {
+            group,
+            index,
+            term,
+            snapshot,
+        } => {
             out.push(KIND_COMPACT);
             put_u64(out, group.0);
             put_u64(out, *index);
             put_u64(out, *term);
+            put_bytes(out, snapshot);
         }
         Record::TruncateSuffix { group, from_index } => {
             out.push(KIND_TRUNCATE_SUFFIX);
@@ -353,6 +404,7 @@ fn encode_payload(record: &Record, out: &mut Vec<u8>) {
                 put_u64(out, g.compact_index);
                 put_u64(out, g.compact_term);
                 put_u64(out, g.last_index);
+                put_bytes(out, &g.snapshot);
             }
         }
     }
@@ -391,6 +443,11 @@ impl<'a> Reader<'a> {
     fn bytes(&mut self) -> DecodeResult<Vec<u8>> {
         let len = self.u32()? as usize;
         Ok(self.take(len)?.to_vec())
+    }
+
+    fn shared_bytes(&mut self) -> DecodeResult<Arc<[u8]>> {
+        let len = self.u32()? as usize;
+        Ok(Arc::from(self.take(len)?))
     }
 
     fn ids(&mut self) -> DecodeResult<Vec<u64>> {
@@ -454,6 +511,7 @@ fn decode_payload(payload: &[u8]) -> DecodeResult<Record> {
             group: r.group()?,
             index: r.u64()?,
             term: r.u64()?,
+            snapshot: r.shared_bytes()?,
         },
         KIND_TRUNCATE_SUFFIX => Record::TruncateSuffix {
             group: r.group()?,
@@ -470,6 +528,7 @@ fn decode_payload(payload: &[u8]) -> DecodeResult<Record> {
                     compact_index: r.u64()?,
                     compact_term: r.u64()?,
                     last_index: r.u64()?,
+                    snapshot: r.shared_bytes()?,
                 });
             }
             Record::Checkpoint { groups }
@@ -524,6 +583,7 @@ mod tests {
                 group: GroupId(9),
                 index: 10,
                 term: 3,
+                snapshot: Arc::from(&b"state at 10"[..]),
             },
             Record::TruncateSuffix {
                 group: GroupId(9),
@@ -535,6 +595,7 @@ mod tests {
                     compact_index: 3,
                     compact_term: 1,
                     last_index: 7,
+                    snapshot: Arc::from(&b"state at 3"[..]),
                     ..Default::default()
                 }],
             },
@@ -565,6 +626,40 @@ mod tests {
         let (decoded, end) = scan(&buf);
         assert_eq!(decoded, samples());
         assert_eq!(end, Frame::End);
+    }
+
+    #[test]
+    fn a_checkpoint_of_many_large_snapshots_is_split_into_bounded_records_of_one_write() {
+        let groups: Vec<GroupCheckpoint> = (0..40)
+            .map(|g| GroupCheckpoint {
+                group: GroupId(g),
+                compact_index: g,
+                snapshot: Arc::from(vec![g as u8 + 1; 100_000]),
+                ..Default::default()
+            })
+            .collect();
+        let records = checkpoint_records(groups.clone());
+        assert!(records.len() > 1, "4 MB of snapshots in one record");
+        let mut buf = Vec::new();
+        let frames = encode_write(&records, &mut buf);
+        for (_, len) in &frames {
+            assert!(*len < CHECKPOINT_RECORD_BYTES_TARGET + 200_000, "{len}");
+        }
+        let (decoded, end) = scan(&buf);
+        assert_eq!(end, Frame::End);
+        let back: Vec<GroupCheckpoint> = decoded
+            .into_iter()
+            .flat_map(|r| match r {
+                Record::Checkpoint { groups } => groups,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(back, groups);
+        assert_eq!(
+            checkpoint_records([]),
+            [Record::Checkpoint { groups: vec![] }],
+            "an empty log still opens its segments with a checkpoint"
+        );
     }
 
     #[test]

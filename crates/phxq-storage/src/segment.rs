@@ -1,9 +1,9 @@
 //! Segment files: naming, the header, creation with the directory fsync, and reading.
 //!
 //! Header (32 bytes): magic `PHXQ-WAL`, format version u32, flags u32 (0), segment id u64,
-//! reserved u32 (0), CRC32C of the first 28 bytes. A segment's first record is always a
-//! checkpoint of every group's metadata, so older segments can be deleted in any order once
-//! none of their entries are live.
+//! reserved u32 (0), CRC32C of the first 28 bytes. A segment's first write is always a
+//! checkpoint of every group's metadata (snapshots included), so older segments can be deleted
+//! in any order once none of their entries are live.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -13,8 +13,9 @@ use crate::{Error, Result, SegmentId, io_error};
 
 pub(crate) const SEGMENT_HEADER_BYTES: usize = 32;
 const MAGIC: &[u8; 8] = b"PHXQ-WAL";
-/// The segment format this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The segment format this build reads and writes. Version 2 added snapshots to compaction
+/// and checkpoint records; version 1 logs are refused (none were deployed).
+pub const FORMAT_VERSION: u32 = 2;
 const SUFFIX: &str = ".wal";
 
 pub(crate) fn file_name(id: SegmentId) -> String {
@@ -161,5 +162,23 @@ mod tests {
             check_header(p, 7, &flipped),
             Err(Error::Corruption { .. })
         ));
+    }
+
+    #[test]
+    fn a_segment_of_another_format_version_is_refused_as_such() {
+        for version in [1, FORMAT_VERSION + 1] {
+            let mut header = encode_header(7);
+            header[8..12].copy_from_slice(&u32::to_le_bytes(version));
+            let crc = crc32c::crc32c(&header[..28]);
+            header[28..32].copy_from_slice(&crc.to_le_bytes());
+            assert!(
+                matches!(
+                    check_header(Path::new("x"), 7, &header),
+                    Err(Error::UnsupportedVersion { version: v, supported: FORMAT_VERSION, .. })
+                        if v == version
+                ),
+                "version {version}"
+            );
+        }
     }
 }

@@ -19,10 +19,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions, TryLockError};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use phxq_types::GroupId;
 
+use crate::group_commit::{GroupCommit, Turn};
 use crate::index::LogIndex;
 use crate::record::{self, Frame, Record};
 use crate::recovery::{self, Damage, Mode};
@@ -32,7 +34,9 @@ use crate::{ConfState, Error, GroupInfo, HardState, LogEntry, Lsn, Result, Segme
 /// How the log is opened.
 #[derive(Clone, Debug)]
 pub struct WalOptions {
-    /// A segment is closed and a new one started once a write would take it past this size.
+    /// A segment is closed and a new one started once a write would take the records after its
+    /// opening checkpoint past this size. (The checkpoint holds every group's snapshot, so it
+    /// can be larger than this on its own; it is not counted.)
     pub segment_bytes_max: u64,
     /// Open even if synced data is damaged: drop the damaged records (the original file is kept
     /// beside as `*.corrupt`), and cut each group that lost an entry at that entry, lowering
@@ -87,6 +91,9 @@ pub struct WalStats {
     pub rotations: u64,
     /// Segments deleted since open.
     pub segments_deleted: u64,
+    /// Dead segments whose file could not be deleted (it is left for the next open, which
+    /// replays it harmlessly and deletes it). The sync that tried still succeeded.
+    pub segment_delete_failures: u64,
 }
 
 /// A set of changes written together by one [`Wal::write`]: validated as a whole before any
@@ -101,13 +108,14 @@ enum Op {
     Entry(GroupId, LogEntry),
     HardState(GroupId, HardState),
     ConfState(GroupId, ConfState),
-    Compact(GroupId, u64),
+    Compact(GroupId, u64, Arc<[u8]>),
     TruncateSuffix(GroupId, u64),
     InstallSnapshot {
         group: GroupId,
         index: u64,
         term: u64,
         conf_state: ConfState,
+        snapshot: Arc<[u8]>,
     },
 }
 
@@ -143,10 +151,12 @@ impl WriteBatch {
         self
     }
 
-    /// Drops the group's entries up to and including `index` (at most its last index). A
-    /// compaction at or below the current compaction point does nothing.
-    pub fn compact(&mut self, group: GroupId, index: u64) -> &mut Self {
-        self.ops.push(Op::Compact(group, index));
+    /// Drops the group's entries up to and including `index` (at most its last index), and
+    /// stores `snapshot`, the group's state machine at `index` (opaque bytes, at most
+    /// [`SNAPSHOT_BYTES_MAX`](crate::SNAPSHOT_BYTES_MAX)), in their place. A compaction at or
+    /// below the current compaction point does nothing, and keeps the snapshot stored there.
+    pub fn compact(&mut self, group: GroupId, index: u64, snapshot: Vec<u8>) -> &mut Self {
+        self.ops.push(Op::Compact(group, index, snapshot.into()));
         self
     }
 
@@ -157,19 +167,23 @@ impl WriteBatch {
     }
 
     /// Replaces the group's log by a snapshot taken at `index` (with `term`): every entry is
-    /// dropped and the log continues at `index + 1`.
+    /// dropped, `snapshot` (the state machine at `index`, at most
+    /// [`SNAPSHOT_BYTES_MAX`](crate::SNAPSHOT_BYTES_MAX) bytes) is stored, and the log continues
+    /// at `index + 1`.
     pub fn install_snapshot(
         &mut self,
         group: GroupId,
         index: u64,
         term: u64,
         conf_state: ConfState,
+        snapshot: Vec<u8>,
     ) -> &mut Self {
         self.ops.push(Op::InstallSnapshot {
             group,
             index,
             term,
             conf_state,
+            snapshot: snapshot.into(),
         });
         self
     }
@@ -193,6 +207,14 @@ impl WriteBatch {
             let shadow = shadows
                 .entry(group)
                 .or_insert_with(|| Shadow::of(index, group));
+            if let Some(bytes) = op.snapshot().map(|s| s.len())
+                && bytes > crate::SNAPSHOT_BYTES_MAX
+            {
+                return Err(invalid(format!(
+                    "snapshot of {bytes} bytes is over the {} byte limit",
+                    crate::SNAPSHOT_BYTES_MAX
+                )));
+            }
             match op {
                 Op::Entry(_, entry) => {
                     if entry.index <= shadow.commit {
@@ -242,7 +264,7 @@ impl WriteBatch {
                     group,
                     state: state.clone(),
                 }),
-                Op::Compact(_, compact_to) => {
+                Op::Compact(_, compact_to, snapshot) => {
                     if *compact_to <= shadow.compact_index {
                         continue;
                     }
@@ -259,6 +281,7 @@ impl WriteBatch {
                         group,
                         index: *compact_to,
                         term,
+                        snapshot: Arc::clone(snapshot),
                     });
                 }
                 Op::TruncateSuffix(_, from_index) => {
@@ -288,6 +311,7 @@ impl WriteBatch {
                     index: at,
                     term,
                     conf_state,
+                    snapshot,
                     ..
                 } => {
                     if *at <= shadow.compact_index {
@@ -300,6 +324,7 @@ impl WriteBatch {
                         group,
                         index: *at,
                         term: *term,
+                        snapshot: Arc::clone(snapshot),
                     });
                     records.push(Record::TruncateSuffix {
                         group,
@@ -329,9 +354,16 @@ impl Op {
             Op::Entry(g, _)
             | Op::HardState(g, _)
             | Op::ConfState(g, _)
-            | Op::Compact(g, _)
+            | Op::Compact(g, ..)
             | Op::TruncateSuffix(g, _)
             | Op::InstallSnapshot { group: g, .. } => *g,
+        }
+    }
+
+    fn snapshot(&self) -> Option<&[u8]> {
+        match self {
+            Op::Compact(_, _, snapshot) | Op::InstallSnapshot { snapshot, .. } => Some(snapshot),
+            _ => None,
         }
     }
 }
@@ -397,25 +429,52 @@ impl Writer {
     }
 }
 
-#[derive(Default)]
-struct SyncState {
-    durable: Lsn,
-    in_progress: bool,
-    syncs: u64,
-}
-
 /// The node's write-ahead log. Share it with `Arc`; every method takes `&self`.
 pub struct Wal {
     dir: PathBuf,
     options: WalOptions,
     writer: Mutex<Writer>,
-    sync: Mutex<SyncState>,
-    synced: Condvar,
+    commit: GroupCommit,
+    /// Sealed segments in `writer.segments`, readable without the writer lock: a sync looks
+    /// for dead segments only when there are some.
+    segments_sealed: AtomicUsize,
     poison: OnceLock<String>,
     /// Held for the life of the log: one process per directory.
     _lock: File,
     #[cfg(feature = "failpoints")]
     fail_next_sync: std::sync::atomic::AtomicBool,
+    #[cfg(feature = "failpoints")]
+    fail_next_segment_delete: std::sync::atomic::AtomicBool,
+    /// Closed (true): syncs wait after choosing what they cover, before the `fdatasync`.
+    #[cfg(feature = "failpoints")]
+    sync_gate: (Mutex<bool>, std::sync::Condvar),
+}
+
+/// The lead of a sync, held by the caller of [`Wal::sync_to`] running it. Dropped without
+/// [`Lead::finish`] (the sync panicked), it poisons the log and wakes every waiter, so that no
+/// waiter sleeps forever.
+struct Lead<'a> {
+    wal: &'a Wal,
+    finished: bool,
+}
+
+impl Lead<'_> {
+    /// Hands the outcome to the waiters: `synced` is the Lsn the sync made durable, if it
+    /// succeeded.
+    fn finish(mut self, synced: Option<Lsn>) {
+        self.finished = true;
+        let stopped = self.wal.poison.get().is_some();
+        self.wal.commit.finish(synced, stopped);
+    }
+}
+
+impl Drop for Lead<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = self.wal.poison.set("a sync panicked".to_string());
+            self.wal.commit.finish(None, true);
+        }
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -498,12 +557,16 @@ impl Wal {
             dir,
             options,
             writer: Mutex::new(writer),
-            sync: Mutex::new(SyncState::default()),
-            synced: Condvar::new(),
+            commit: GroupCommit::default(),
+            segments_sealed: AtomicUsize::new(0),
             poison: OnceLock::new(),
             _lock: lock_file,
             #[cfg(feature = "failpoints")]
             fail_next_sync: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(feature = "failpoints")]
+            fail_next_segment_delete: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(feature = "failpoints")]
+            sync_gate: Default::default(),
         };
         {
             let mut writer = lock(&wal.writer);
@@ -533,9 +596,8 @@ impl Wal {
         let mut buf = std::mem::take(&mut writer.encode_buf);
         buf.clear();
         let frames = record::encode_write(&records, &mut buf);
-        if writer.active_bytes > writer.active_floor
-            && writer.active_bytes + buf.len() as u64 > self.options.segment_bytes_max
-        {
+        let written = writer.active_bytes - writer.active_floor;
+        if written > 0 && written + buf.len() as u64 > self.options.segment_bytes_max {
             let next = writer.active + 1;
             let old = writer.active_file();
             if let Err(e) = old.file.sync_data() {
@@ -575,50 +637,57 @@ impl Wal {
 
     /// Waits until write `target` is durable, sharing `fdatasync` calls with every other
     /// caller: if a sync is running, wait for it; if it did not cover `target`, one waiter
-    /// starts the next, which covers everything written by then. Returns the durable Lsn.
+    /// runs the next, which covers everything written by then. Returns the durable Lsn.
+    ///
+    /// A caller whose write is already durable returns without taking a lock; a waiter is
+    /// woken only when its write is durable, when it is to run the next sync, or when the log
+    /// is poisoned (see `group_commit`).
     ///
     /// # Panics
     ///
     /// If `target` was never assigned (greater than the last Lsn).
     pub fn sync_to(&self, target: Lsn) -> Result<Lsn> {
-        let mut state = lock(&self.sync);
-        loop {
-            self.check_poison()?;
-            if state.durable >= target {
-                return Ok(state.durable);
+        self.check_poison()?;
+        match self
+            .commit
+            .wait_or_lead(target, || self.poison.get().is_some())
+        {
+            Turn::Settled(durable) => {
+                self.check_poison()?;
+                assert!(durable >= target, "woken at {durable} for {target}");
+                return Ok(durable);
             }
-            if !state.in_progress {
-                break;
-            }
-            state = self.synced.wait(state).expect("sync state lock");
+            Turn::Lead => {}
         }
-        state.in_progress = true;
-        drop(state);
-
-        let outcome = self.sync_active();
-        let mut state = lock(&self.sync);
-        state.in_progress = false;
-        let outcome = match outcome {
-            Ok(lsn) => {
-                assert!(lsn >= target, "sync_to({target}) but the last Lsn is {lsn}");
-                state.durable = state.durable.max(lsn);
-                state.syncs += 1;
-                Ok(state.durable)
-            }
-            Err(error) => Err(self.poisoned_by(error)),
+        let lead = Lead {
+            wal: self,
+            finished: false,
         };
-        self.synced.notify_all();
-        drop(state);
-        let durable = outcome?;
-        self.delete_dead_segments(durable)?;
+        let outcome = self
+            .check_poison()
+            .and_then(|()| self.sync_active())
+            .map_err(|error| self.poisoned_by(error));
+        if let Ok(lsn) = outcome {
+            assert!(lsn >= target, "sync_to({target}) but the last Lsn is {lsn}");
+        }
+        lead.finish(outcome.as_ref().ok().copied());
+        outcome?;
+        // A write that failed while this sync ran poisoned the log: nobody is told success.
+        self.check_poison()?;
+        let durable = self.commit.durable();
+        if self.segments_sealed.load(Ordering::Relaxed) > 0 {
+            self.delete_dead_segments(durable)?;
+        }
         Ok(durable)
     }
 
     /// The fsync of a round: captures the last Lsn and the active file, then syncs outside the
     /// writer lock. Everything up to that Lsn is in this file or in sealed (synced) segments.
     fn sync_active(&self) -> Result<Lsn> {
+        let t0 = crate::probe::now();
         let (lsn, file, path) = {
             let writer = lock(&self.writer);
+            crate::probe::add(2, crate::probe::now() - t0);
             let active = writer.active_file();
             (
                 writer.last_lsn,
@@ -626,6 +695,13 @@ impl Wal {
                 active.path.clone(),
             )
         };
+        #[cfg(feature = "failpoints")]
+        {
+            let mut closed = lock(&self.sync_gate.0);
+            while *closed {
+                closed = self.sync_gate.1.wait(closed).expect("sync gate lock");
+            }
+        }
         #[cfg(feature = "failpoints")]
         if self
             .fail_next_sync
@@ -637,8 +713,17 @@ impl Wal {
                 std::io::Error::other("injected fsync failure"),
             ));
         }
+        let t1 = crate::probe::now();
+        let last_end = crate::probe::P[7].load(std::sync::atomic::Ordering::Relaxed);
+        if last_end > 0 {
+            crate::probe::add(6, t1 - last_end);
+        }
         file.sync_data()
             .map_err(|e| io_error("fsync segment", &path, e))?;
+        let t2 = crate::probe::now();
+        crate::probe::add(1, t2 - t1);
+        crate::probe::add(0, 1);
+        crate::probe::P[7].store(t2, std::sync::atomic::Ordering::Relaxed);
         Ok(lsn)
     }
 
@@ -647,7 +732,7 @@ impl Wal {
     /// then durable.
     fn start_segment(&self, writer: &mut Writer, id: SegmentId) -> Result<()> {
         let mut first = Vec::new();
-        record::encode_frame(&writer.index.checkpoint(), &mut first);
+        record::encode_write(&writer.index.checkpoint(), &mut first);
         let (file, path) = match segment::create(&self.dir, id, &first) {
             Ok(created) => created,
             Err(error) => return Err(self.poisoned_by(error)),
@@ -669,9 +754,9 @@ impl Wal {
         writer.active_floor = writer.active_bytes;
         writer.last_lsn = lsn;
         writer.stats.rotations += 1;
-        let mut state = lock(&self.sync);
-        state.durable = state.durable.max(lsn);
-        self.synced.notify_all();
+        self.segments_sealed
+            .store(writer.segments.len() - 1, Ordering::Relaxed);
+        self.commit.advance(lsn);
         Ok(())
     }
 
@@ -693,26 +778,46 @@ impl Wal {
                 })
                 .map(|(&id, _)| id)
                 .collect();
-            dead.iter()
+            let doomed = dead
+                .iter()
                 .map(|id| {
                     writer.index.segment_use.remove(id);
-                    writer.stats.segments_deleted += 1;
                     writer.segments.remove(id).expect("listed above").path
                 })
-                .collect()
+                .collect();
+            self.segments_sealed
+                .store(writer.segments.len() - 1, Ordering::Relaxed);
+            doomed
         };
         if doomed.is_empty() {
             return Ok(0);
         }
+        let mut failures = 0;
         for path in &doomed {
+            #[cfg(feature = "failpoints")]
+            if self
+                .fail_next_segment_delete
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                failures += 1;
+                continue;
+            }
             match std::fs::remove_file(path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_error("remove segment", path, e)),
+                // Deleting is housekeeping: what the caller asked for is durable. The file's
+                // entries are dead and its successor's checkpoint is durable, so the next open
+                // replays it harmlessly and deletes it.
+                Err(_) => failures += 1,
             }
         }
+        {
+            let mut writer = lock(&self.writer);
+            writer.stats.segments_deleted += (doomed.len() - failures) as u64;
+            writer.stats.segment_delete_failures += failures as u64;
+        }
         segment::sync_dir(&self.dir).map_err(|e| self.poisoned_by(e))?;
-        Ok(doomed.len())
+        Ok(doomed.len() - failures)
     }
 
     fn check_poison(&self) -> Result<()> {
@@ -737,14 +842,40 @@ impl Wal {
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Makes syncs stop after capturing what they cover and wait, before their `fdatasync`,
+    /// until [`Wal::release_syncs`]: a slow disk on demand. Test builds only.
+    #[cfg(feature = "failpoints")]
+    pub fn hold_syncs(&self) {
+        *lock(&self.sync_gate.0) = true;
+    }
+
+    /// Lets held syncs go on. Test builds only.
+    #[cfg(feature = "failpoints")]
+    pub fn release_syncs(&self) {
+        *lock(&self.sync_gate.0) = false;
+        self.sync_gate.1.notify_all();
+    }
+
+    /// Callers of [`Wal::sync_to`] asleep waiting for a sync. Test builds only.
+    #[cfg(feature = "failpoints")]
+    pub fn sync_waiters(&self) -> usize {
+        self.commit.waiters()
+    }
+
+    /// Makes the next deletion of a dead segment fail (the file stays). Test builds only.
+    #[cfg(feature = "failpoints")]
+    pub fn fail_next_segment_delete(&self) {
+        self.fail_next_segment_delete
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Counters since open.
     pub fn stats(&self) -> WalStats {
         let writer = lock(&self.writer);
-        let sync = lock(&self.sync);
         WalStats {
-            syncs: sync.syncs,
+            syncs: self.commit.syncs(),
             last_lsn: writer.last_lsn,
-            durable_lsn: sync.durable,
+            durable_lsn: self.commit.durable(),
             segments: writer.segments.len() as u64,
             ..writer.stats
         }
@@ -759,15 +890,22 @@ impl Wal {
     /// A group's metadata and live range. A group never written reads as empty (first index
     /// 1, last index 0), which is what raft expects of a new replica.
     pub fn group(&self, group: GroupId) -> Result<GroupInfo> {
+        self.read_group(group, |log| log.info())
+    }
+
+    /// Reads a group's metadata in the index without copying it out (its snapshot may be
+    /// large): `read` sees the group as [`Wal::group`] describes it, empty if never written.
+    pub(crate) fn read_group<T>(
+        &self,
+        group: GroupId,
+        read: impl FnOnce(&crate::index::GroupLog) -> T,
+    ) -> Result<T> {
         self.check_poison()?;
         let writer = lock(&self.writer);
-        Ok(writer.index.groups.get(&group).map_or(
-            GroupInfo {
-                first_index: 1,
-                ..GroupInfo::default()
-            },
-            |log| log.info(),
-        ))
+        Ok(match writer.index.groups.get(&group) {
+            Some(log) => read(log),
+            None => read(&crate::index::GroupLog::default()),
+        })
     }
 
     /// Term of entry `index` of a group (the compaction point included).
@@ -962,7 +1100,7 @@ fn repair(dir: &Path, report: &mut RecoveryReport) -> Result<()> {
         settle_torn_tail(dir, newest)?;
     }
     let mut checkpoint = Vec::new();
-    record::encode_frame(&scan.index.checkpoint(), &mut checkpoint);
+    record::encode_write(&scan.index.checkpoint(), &mut checkpoint);
     let next_id = segments.last().map_or(1, |s| s.0 + 1);
     segment::create(dir, next_id, &checkpoint)?;
     for scanned in damaged {

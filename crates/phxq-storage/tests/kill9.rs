@@ -122,6 +122,17 @@ fn expected_entry(group: u64, index: u64) -> LogEntry {
     }
 }
 
+/// The snapshot stored with a compaction of `group` to `index`: names both, so a snapshot that
+/// came back with the wrong compaction point says whose it is.
+fn expected_snapshot(group: u64, index: u64) -> Vec<u8> {
+    if index == 0 {
+        return Vec::new();
+    }
+    format!("state machine of g{group} at {index};")
+        .repeat(1 + (index % 7) as usize)
+        .into_bytes()
+}
+
 /// 20..=2000 bytes: the group and index (so a misplaced entry says whose it is), then bytes
 /// drawn from a generator seeded by both.
 fn entry_data(group: u64, index: u64) -> Vec<u8> {
@@ -307,7 +318,11 @@ fn plan_group(wal: &Wal, group: u64, rng: &mut SplitMix64, batch: &mut WriteBatc
     }
     if state.last_index - state.compact_index > LIVE_ENTRIES_MAX {
         state.compact_index = state.last_index - rng.between(0, COMPACT_KEEP_MAX);
-        batch.compact(id, state.compact_index);
+        batch.compact(
+            id,
+            state.compact_index,
+            expected_snapshot(group, state.compact_index),
+        );
     }
     state
 }
@@ -683,7 +698,7 @@ fn raise(owed: &mut BTreeMap<u64, GroupState>, group: u64, state: GroupState) {
     *entry = entry.max(&state);
 }
 
-/// The hard state, membership and compaction term are what the child wrote.
+/// The hard state, membership, compaction term and snapshot are what the child wrote.
 fn check_metadata(group: u64, info: &GroupInfo) -> Result<(), String> {
     let state = GroupState::of(info);
     if state.commit > state.last_index {
@@ -700,6 +715,13 @@ fn check_metadata(group: u64, info: &GroupInfo) -> Result<(), String> {
     let compact_term = if state.compact_index > 0 { TERM } else { 0 };
     if info.compact_term != compact_term {
         return Err(format!("g{group}: compaction term {}", info.compact_term));
+    }
+    if info.snapshot != expected_snapshot(group, state.compact_index) {
+        return Err(format!(
+            "g{group}: the snapshot at compaction point {} is not the one written with it: {:?}",
+            state.compact_index,
+            String::from_utf8_lossy(&info.snapshot[..info.snapshot.len().min(60)])
+        ));
     }
     if state.last_index > 0 && info.conf_state != membership() {
         return Err(format!(

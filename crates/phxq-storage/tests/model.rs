@@ -1,22 +1,26 @@
 //! Model-based test of the write-ahead log: random operations over several groups against an
 //! in-memory model, with crashes and damage in between.
 //!
-//! The model is a plain map per group (entries, compaction point, hard state), written
+//! The model is a plain map per group (entries, compaction point and its snapshot, hard
+//! state), written
 //! independently of the log's index. The harness tracks which writes are durable (after a
 //! sync, or after the sync a segment rotation makes) and where each unsynced write ends in the
 //! newest segment file, so a simulated power loss can cut the file at any byte beyond the synced
 //! length and know exactly which state must come back:
 //!
-//! * every synced write comes back exactly, and no more than what survived the cut;
+//! * every synced write comes back exactly, and no more than what survived the cut: snapshot
+//!   bytes included, also when they are larger than a segment and when only a checkpoint still
+//!   holds them;
 //! * a torn tail (cut mid-record, or zero-filled unwritten sectors) is cut off silently;
 //! * a flipped bit in synced data is reported as corruption naming the file, and repair then
 //!   opens with each group holding a contiguous subset of what the model holds (never a
-//!   different entry at the same index), and the repaired log opens strictly afterwards.
+//!   different entry at the same index) and a compaction point that was once written, with the
+//!   snapshot written with it; the repaired log opens strictly afterwards.
 //!
 //! The operations are raft-like (nothing committed is rewritten, commit never passes the last
 //! index), because the log enforces exactly that.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use phxq_storage::{
@@ -33,6 +37,8 @@ struct ModelGroup {
     entries: BTreeMap<u64, (u64, Vec<u8>)>,
     compact_index: u64,
     compact_term: u64,
+    /// The state machine at `compact_index`, as the compaction or install that set it gave it.
+    snapshot: Vec<u8>,
     hard_state: HardState,
     conf_state: ConfState,
 }
@@ -89,6 +95,7 @@ enum Op {
     Compact {
         group: u64,
         to: f64,
+        snapshot_bytes: usize,
     },
     Truncate {
         group: u64,
@@ -97,6 +104,7 @@ enum Op {
     Snapshot {
         group: u64,
         ahead: u64,
+        snapshot_bytes: usize,
     },
     Invalid {
         group: u64,
@@ -109,6 +117,14 @@ enum Op {
         byte: f64,
         bit: u8,
     },
+}
+
+/// Mostly small snapshots; some larger than a segment, so a checkpoint is too.
+fn snapshot_bytes() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        8 => 0..300usize,
+        1 => SEGMENT_BYTES as usize..2 * SEGMENT_BYTES as usize,
+    ]
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -124,9 +140,9 @@ fn op() -> impl Strategy<Value = Op> {
         10 => (group.clone(), 0..4u64, 1..6u64, prop::bool::weighted(0.2), 0..400usize)
             .prop_map(|(group, back, count, new_term, bytes)| Op::Append { group, back, count, new_term, bytes }),
         3 => (group.clone(), 0.0..1.0f64, 0..4u64).prop_map(|(group, commit, vote)| Op::HardState { group, commit, vote }),
-        2 => (group.clone(), 0.0..1.0f64).prop_map(|(group, to)| Op::Compact { group, to }),
+        2 => (group.clone(), 0.0..1.0f64, snapshot_bytes()).prop_map(|(group, to, snapshot_bytes)| Op::Compact { group, to, snapshot_bytes }),
         2 => (group.clone(), 0.0..1.0f64).prop_map(|(group, from)| Op::Truncate { group, from }),
-        1 => (group.clone(), 0..3u64).prop_map(|(group, ahead)| Op::Snapshot { group, ahead }),
+        1 => (group.clone(), 0..3u64, snapshot_bytes()).prop_map(|(group, ahead, snapshot_bytes)| Op::Snapshot { group, ahead, snapshot_bytes }),
         1 => (group.clone(), 0..4u8).prop_map(|(group, kind)| Op::Invalid { group, kind }),
         4 => Just(Op::Sync),
         2 => crash.prop_map(Op::Crash),
@@ -151,6 +167,9 @@ struct Harness {
     /// Every entry ever committed. Raft never changes one, so after repair cuts a group its
     /// peers resend these same entries, and repair may keep them.
     committed: BTreeMap<(GroupId, u64), (u64, Vec<u8>)>,
+    /// Every compaction point ever set, with its term and snapshot: repair may go back to an
+    /// earlier one (when it lost the record of a later one), never to one never written.
+    compactions: BTreeSet<(GroupId, u64, u64, Vec<u8>)>,
     next_data: u64,
     /// Inject at most one damage event (see ARCHITECTURE.md, invariant 8: a second fault that
     /// destroys an earlier repair's checkpoint is not handled yet).
@@ -192,6 +211,7 @@ impl Harness {
             },
             unsynced: Vec::new(),
             committed: BTreeMap::new(),
+            compactions: BTreeSet::new(),
             single_damage: false,
             damaged: false,
             next_data: 0,
@@ -277,18 +297,29 @@ impl Harness {
                     m.entry(GroupId(group)).or_default().hard_state = state
                 });
             }
-            Op::Compact { group, to } => {
+            Op::Compact {
+                group,
+                to,
+                snapshot_bytes,
+            } => {
                 let g = self.group(group);
                 let to = g.compact_index
                     + ((g.hard_state.commit.saturating_sub(g.compact_index)) as f64 * to) as u64;
+                let snapshot = self.data(snapshot_bytes);
+                if to > g.compact_index {
+                    let term = g.entries[&to].0;
+                    self.compactions
+                        .insert((GroupId(group), to, term, snapshot.clone()));
+                }
                 let mut batch = WriteBatch::new();
-                batch.compact(GroupId(group), to);
+                batch.compact(GroupId(group), to, snapshot.clone());
                 self.write(batch, |m| {
                     let g = m.entry(GroupId(group)).or_default();
                     if to > g.compact_index {
                         g.compact_term = g.entries[&to].0;
                         g.entries = g.entries.split_off(&(to + 1));
                         g.compact_index = to;
+                        g.snapshot = snapshot;
                     }
                 });
             }
@@ -308,8 +339,13 @@ impl Harness {
                         .split_off(&from);
                 });
             }
-            Op::Snapshot { group, ahead } => {
+            Op::Snapshot {
+                group,
+                ahead,
+                snapshot_bytes,
+            } => {
                 let g = self.group(group);
+                let snapshot = self.data(snapshot_bytes);
                 let index = g.last_index() + 1 + ahead;
                 let term = g.term() + 1;
                 let conf = ConfState {
@@ -322,14 +358,17 @@ impl Harness {
                     vote: 0,
                     commit: index,
                 };
+                self.compactions
+                    .insert((GroupId(group), index, term, snapshot.clone()));
                 let mut batch = WriteBatch::new();
-                batch.install_snapshot(GroupId(group), index, term, conf.clone());
+                batch.install_snapshot(GroupId(group), index, term, conf.clone(), snapshot.clone());
                 batch.hard_state(GroupId(group), state.clone());
                 self.write(batch, |m| {
                     *m.entry(GroupId(group)).or_default() = ModelGroup {
                         entries: BTreeMap::new(),
                         compact_index: index,
                         compact_term: term,
+                        snapshot,
                         hard_state: state,
                         conf_state: conf,
                     };
@@ -405,7 +444,7 @@ impl Harness {
                     ..Default::default()
                 }],
             ),
-            1 => batch.compact(id, g.last_index() + 2),
+            1 => batch.compact(id, g.last_index() + 2, b"past the end".to_vec()),
             2 => batch.hard_state(
                 id,
                 HardState {
@@ -548,6 +587,20 @@ impl Harness {
         let recovered = read_model(&wal);
         for (group, got) in &recovered {
             let want = self.model.get(group).cloned().unwrap_or_default();
+            let compaction = (
+                *group,
+                got.compact_index,
+                got.compact_term,
+                got.snapshot.clone(),
+            );
+            assert!(
+                compaction == (*group, 0, 0, Vec::new()) || self.compactions.contains(&compaction),
+                "{group}: repair left compaction point {}@{} with a snapshot of {} bytes that \
+                 was never written together",
+                got.compact_index,
+                got.compact_term,
+                got.snapshot.len()
+            );
             assert!(
                 got.hard_state.commit <= got.last_index(),
                 "{group}: commit past the last index after repair"
@@ -647,9 +700,11 @@ fn summary(g: &ModelGroup) -> String {
         .map(|(i, (t, d))| format!("{i}/{t}/{}", d.first().copied().unwrap_or(0)))
         .collect();
     format!(
-        "compact {}@{} {:?} [{}]",
+        "compact {}@{} snapshot {} bytes ({:?}) {:?} [{}]",
         g.compact_index,
         g.compact_term,
+        g.snapshot.len(),
+        &g.snapshot[..g.snapshot.len().min(4)],
         g.hard_state,
         entries.join(" ")
     )
@@ -678,6 +733,7 @@ fn read_model(wal: &Wal) -> Model {
                 .collect(),
             compact_index: info.first_index - 1,
             compact_term: info.compact_term,
+            snapshot: info.snapshot,
             hard_state: info.hard_state,
             conf_state: info.conf_state,
         };
@@ -722,6 +778,7 @@ fn a_second_repair_may_bring_back_committed_entries_the_first_cut() {
         Op::Compact {
             group: 0,
             to: 0.5028064503170144,
+            snapshot_bytes: 0,
         },
         append(1, 4, 353),
         Op::FlipBit {
@@ -750,7 +807,11 @@ fn repair_twice_around_a_snapshot() {
         append(0, 1, 0),
         append(0, 1, 0),
         hard_state.clone(),
-        Op::Snapshot { group: 0, ahead: 0 },
+        Op::Snapshot {
+            group: 0,
+            ahead: 0,
+            snapshot_bytes: 0,
+        },
         Op::FlipBit {
             file: 0,
             byte: 0.8203565438515397,
@@ -777,10 +838,18 @@ fn a_second_repair_keeps_commit_within_the_log() {
         },
         append(1, 2, 195),
         append(2, 5, 239),
-        Op::Snapshot { group: 0, ahead: 0 },
+        Op::Snapshot {
+            group: 0,
+            ahead: 0,
+            snapshot_bytes: 0,
+        },
         append(0, 5, 294),
         Op::Crash(Crash::DropUnsynced),
-        Op::Snapshot { group: 0, ahead: 0 },
+        Op::Snapshot {
+            group: 0,
+            ahead: 0,
+            snapshot_bytes: 0,
+        },
         append(0, 1, 0),
         append(0, 1, 0),
         Op::HardState {

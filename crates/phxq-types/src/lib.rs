@@ -1,9 +1,18 @@
-//! Identifiers shared by every phxq layer.
+//! Identifiers, error codes, names and limits shared by every phxq layer.
 //!
 //! This crate sits at the bottom of the dependency graph: it holds plain data and no I/O, no
-//! clock and no randomness, so the sans-IO core and the simulator can use it freely.
+//! clock and no ambient randomness ([`Rng`] is seeded by its caller), so the sans-IO core and
+//! the simulator can use it freely.
 
 use std::fmt;
+
+mod code;
+mod name;
+mod rng;
+
+pub use code::ErrorCode;
+pub use name::{NameError, validate_name};
+pub use rng::Rng;
 
 /// A replication group: one consensus group inside a store.
 ///
@@ -19,6 +28,37 @@ impl fmt::Display for GroupId {
     }
 }
 
+/// A node of a store, numbered from 1 (raft-rs reserves 0 for "nobody").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeId(pub u64);
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "n{}", self.0)
+    }
+}
+
+/// A queue's number inside its topic, from 0.
+pub type QueueId = u32;
+
+/// A message's position in its queue: dense, from 1, never reused.
+pub type Offset = u64;
+
+/// The replication group that hosts queue `queue` in a store of `groups` groups.
+pub fn group_of_queue(queue: QueueId, groups: u32) -> GroupId {
+    assert!(groups > 0, "a store has at least one group");
+    GroupId(u64::from(queue % groups))
+}
+
+/// Largest message value accepted by default (1 MiB); configurable per store.
+pub const MESSAGE_BYTES_MAX_DEFAULT: usize = 1 << 20;
+
+/// Largest message key.
+pub const KEY_BYTES_MAX: usize = 1024;
+
+/// Most queues a topic may have.
+pub const QUEUES_PER_TOPIC_MAX: u32 = 4096;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -27,5 +67,13 @@ mod tests {
     fn group_ids_print_with_a_prefix_and_order_numerically() {
         assert_eq!(GroupId(7).to_string(), "g7");
         assert!(GroupId(2) < GroupId(10));
+        assert_eq!(NodeId(3).to_string(), "n3");
+    }
+
+    #[test]
+    fn queues_map_to_groups_by_modulo() {
+        assert_eq!(group_of_queue(0, 24), GroupId(0));
+        assert_eq!(group_of_queue(25, 24), GroupId(1));
+        assert_eq!(group_of_queue(7, 1), GroupId(0));
     }
 }

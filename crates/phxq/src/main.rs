@@ -1,16 +1,21 @@
 //! `phxq`: the one binary of a phxq deployment.
 //!
-//! Today it holds the operator's tools for a node's write-ahead log (`phxq wal inspect`), the
-//! write-ahead log benchmark (`phxq bench wal`) and `phxq dev`, which opens and checks a local
-//! node's log. The server and the local cluster arrive with the replicated store (issue #3).
+//! * `phxq node --config FILE` runs one node of a store (`etc/` has a 3-node sample).
+//! * `phxq dev` runs a complete 3-node store on loopback in one process.
+//! * `phxq produce`, `phxq consume`, `phxq cluster status`: a first client path over gRPC.
+//! * `phxq wal inspect` and `phxq bench wal`: operator tools for a node's write-ahead log.
 //!
 //! Exit codes are part of the interface, for scripts: 0 success, 1 error (including a bad
-//! command line), 2 the log is damaged and needs repair. Clap's own usage errors would exit 2,
-//! so they are mapped to 1 to keep 2 unambiguous.
+//! command line, a refused request, or a node that stopped on a failure), 2 the log is damaged
+//! and needs repair. Clap's own usage errors would exit 2, so they are mapped to 1 to keep 2
+//! unambiguous.
 
 mod bench;
+mod client;
 mod dev;
 mod inspect;
+mod logging;
+mod node_cmd;
 mod table;
 
 use std::io::Write;
@@ -46,8 +51,25 @@ enum Command {
         #[command(subcommand)]
         command: BenchCommand,
     },
-    /// Open and check a local node's write-ahead log (the 3-node dev store arrives with #3).
+    /// Run one node of a store from its TOML config (see etc/node1.toml).
+    Node(node_cmd::Args),
+    /// Run a complete 3-node store on 127.0.0.1 in one command, until Ctrl-C.
     Dev(dev::Args),
+    /// Send one message per line of standard input; exits 0 only if every one was acknowledged.
+    Produce(client::ProduceArgs),
+    /// Print messages of a topic for a consumer group and commit its cursor.
+    Consume(client::ConsumeArgs),
+    /// The store as its nodes see it.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Nodes, the master of every group and its lease, asking every node for its view.
+    Status(client::StatusArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -84,7 +106,13 @@ fn main() -> ExitCode {
         Command::Bench {
             command: BenchCommand::Wal(args),
         } => bench::run(args),
+        Command::Node(args) => node_cmd::run(args),
         Command::Dev(args) => dev::run(args),
+        Command::Produce(args) => client::produce(args),
+        Command::Consume(args) => client::consume(args),
+        Command::Cluster {
+            command: ClusterCommand::Status(args),
+        } => client::status(args),
     };
     match outcome {
         Ok(code) => code,

@@ -1,5 +1,6 @@
 //! The `phxq` binary as an operator meets it: logs written through the real write-ahead log,
-//! damaged on purpose, and read back with `phxq wal inspect`; a benchmark smoke run; `phxq dev`.
+//! damaged on purpose, and read back with `phxq wal inspect`; a benchmark smoke run. (The store
+//! itself, `phxq node` and `phxq dev`, is tested in `store.rs`.)
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -313,34 +314,4 @@ fn bench_wal_smoke_run_ends_with_a_json_line_and_cleans_up() {
         0,
         "the run removes its scratch directory"
     );
-}
-
-#[test]
-fn dev_checks_the_node_log_and_says_the_store_is_not_there_yet() {
-    let data = tempfile::tempdir().unwrap();
-    let data_dir = data.path().to_str().unwrap();
-    let first = phxq(&["dev", "--data-dir", data_dir]);
-    assert!(first.status.success(), "{first:?}");
-    let text = stdout(&first);
-    assert!(text.contains("replayed 0 segment(s)"), "{text}");
-    assert!(text.contains("wrote entries 1..=3"), "{text}");
-    assert!(
-        text.contains(
-            "phxq dev: the replicated 3-node store arrives with issue #3; today this opens and \
-             checks the node write-ahead log only."
-        ),
-        "{text}"
-    );
-
-    let second = phxq(&["dev", "--data-dir", data_dir]);
-    assert!(second.status.success(), "{second:?}");
-    let text = stdout(&second);
-    assert!(text.contains("replayed 1 segment(s)"), "{text}");
-    assert!(
-        text.contains("wrote entries 4..=6"),
-        "the self-check continues the log: {text}"
-    );
-    let (code, report) = inspect_json(&data.path().join("node-1"));
-    assert_eq!(code, 0);
-    assert_eq!(report["status"], "clean");
 }

@@ -1,0 +1,212 @@
+//! The store's layout: how many groups, which topics, which consumer groups read them.
+//!
+//! Every node of a store is started with the same layout (from its config file); topics
+//! managed through the API arrive with the client issue.
+
+use phxq_types::{GroupId, QUEUES_PER_TOPIC_MAX, QueueId, group_of_queue, validate_name};
+
+/// How long consumed data is kept, per topic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// Messages kept per queue behind the slowest consumer group (replay window, by count).
+    pub replay_count: u64,
+    /// Milliseconds of messages kept behind the slowest consumer group (replay window, by age).
+    pub replay_age_ms: u64,
+    /// Messages older than this are deletable even if unconsumed (`None`: no age cap).
+    pub max_age_ms: Option<u64>,
+    /// Per queue, the oldest messages beyond this many bytes are deletable even if unconsumed.
+    pub max_bytes: Option<u64>,
+}
+
+/// One topic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopicConfig {
+    /// Its name (see `phxq_types::validate_name`).
+    pub name: String,
+    /// Number of queues, numbered `0..queues`.
+    pub queues: u32,
+    /// The consumer groups subscribed to it; each has its own cursor per queue.
+    pub consumer_groups: Vec<String>,
+    /// How long data is kept.
+    pub retention: Retention,
+}
+
+/// Everything a store's nodes must agree on to apply the log the same way.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreLayout {
+    /// Replication groups in the store (queue `q` lives in group `q mod groups`).
+    pub groups: u32,
+    /// The topics.
+    pub topics: Vec<TopicConfig>,
+    /// Largest message value accepted, in bytes.
+    pub message_bytes_max: usize,
+}
+
+/// Why a layout was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    /// Described in the message.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Most replication groups a store may have.
+const GROUPS_MAX: u32 = 1024;
+
+impl StoreLayout {
+    /// Checks names, counts and limits; duplicate topics or consumer groups are refused.
+    pub fn validate(&self) -> Result<(), LayoutError> {
+        if self.groups == 0 || self.groups > GROUPS_MAX {
+            return Err(invalid(format!(
+                "groups is {}; it must be 1 to {GROUPS_MAX}",
+                self.groups
+            )));
+        }
+        if self.message_bytes_max == 0 {
+            return Err(invalid("message_bytes_max must be at least 1".to_string()));
+        }
+        for (position, topic) in self.topics.iter().enumerate() {
+            topic.validate()?;
+            if self.topics[..position].iter().any(|t| t.name == topic.name) {
+                return Err(invalid(format!("topic {:?} is listed twice", topic.name)));
+            }
+        }
+        Ok(())
+    }
+
+    /// The topic called `name`.
+    pub fn topic(&self, name: &str) -> Option<&TopicConfig> {
+        self.topics.iter().find(|topic| topic.name == name)
+    }
+
+    /// The `(topic, queue)` pairs hosted by `group`, in topic then queue order.
+    pub fn queues_of_group(&self, group: GroupId) -> Vec<(&TopicConfig, QueueId)> {
+        self.topics
+            .iter()
+            .flat_map(|topic| (0..topic.queues).map(move |queue| (topic, queue)))
+            .filter(|&(_, queue)| group_of_queue(queue, self.groups) == group)
+            .collect()
+    }
+}
+
+impl TopicConfig {
+    /// Checks the topic's name, queue count and consumer groups.
+    fn validate(&self) -> Result<(), LayoutError> {
+        validate_name(&self.name)
+            .map_err(|error| invalid(format!("topic name {:?}: {error}", self.name)))?;
+        if self.queues == 0 || self.queues > QUEUES_PER_TOPIC_MAX {
+            return Err(invalid(format!(
+                "topic {:?} has {} queues; it must have 1 to {QUEUES_PER_TOPIC_MAX}",
+                self.name, self.queues
+            )));
+        }
+        for (position, consumer_group) in self.consumer_groups.iter().enumerate() {
+            validate_name(consumer_group).map_err(|error| {
+                invalid(format!(
+                    "consumer group {consumer_group:?} of topic {:?}: {error}",
+                    self.name
+                ))
+            })?;
+            if self.consumer_groups[..position].contains(consumer_group) {
+                return Err(invalid(format!(
+                    "consumer group {consumer_group:?} is listed twice in topic {:?}",
+                    self.name
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn invalid(message: String) -> LayoutError {
+    LayoutError::Invalid(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn retention() -> Retention {
+        Retention {
+            replay_count: 0,
+            replay_age_ms: 0,
+            max_age_ms: None,
+            max_bytes: None,
+        }
+    }
+
+    fn topic(name: &str, queues: u32, consumer_groups: &[&str]) -> TopicConfig {
+        TopicConfig {
+            name: name.to_string(),
+            queues,
+            consumer_groups: consumer_groups.iter().map(|g| g.to_string()).collect(),
+            retention: retention(),
+        }
+    }
+
+    fn layout() -> StoreLayout {
+        StoreLayout {
+            groups: 3,
+            topics: vec![
+                topic("orders", 5, &["billing", "audit"]),
+                topic("logs", 2, &[]),
+            ],
+            message_bytes_max: 1024,
+        }
+    }
+
+    fn refusal(change: impl FnOnce(&mut StoreLayout)) -> String {
+        let mut layout = layout();
+        change(&mut layout);
+        match layout.validate() {
+            Err(LayoutError::Invalid(message)) => message,
+            Ok(()) => panic!("layout accepted: {layout:?}"),
+        }
+    }
+
+    #[test]
+    fn a_sound_layout_is_accepted_and_its_topics_found_by_name() {
+        let layout = layout();
+        assert_eq!(layout.validate(), Ok(()));
+        assert_eq!(layout.topic("logs").map(|t| t.queues), Some(2));
+        assert_eq!(layout.topic("nope"), None);
+    }
+
+    #[test]
+    fn each_broken_rule_is_refused_with_a_reason() {
+        assert!(refusal(|l| l.groups = 0).contains("groups"));
+        assert!(refusal(|l| l.groups = GROUPS_MAX + 1).contains("groups"));
+        assert!(refusal(|l| l.message_bytes_max = 0).contains("message_bytes_max"));
+        assert!(refusal(|l| l.topics[0].name = "bad name".into()).contains("topic name"));
+        assert!(refusal(|l| l.topics[0].queues = 0).contains("queues"));
+        assert!(refusal(|l| l.topics[0].queues = QUEUES_PER_TOPIC_MAX + 1).contains("queues"));
+        assert!(refusal(|l| l.topics[1].name = "orders".into()).contains("twice"));
+        assert!(refusal(|l| l.topics[0].consumer_groups[1] = "".into()).contains("consumer"));
+        assert!(refusal(|l| l.topics[0].consumer_groups[1] = "billing".into()).contains("twice"));
+    }
+
+    #[test]
+    fn limits_are_inclusive() {
+        let mut layout = layout();
+        layout.groups = GROUPS_MAX;
+        layout.topics[0].queues = QUEUES_PER_TOPIC_MAX;
+        layout.message_bytes_max = 1;
+        assert_eq!(layout.validate(), Ok(()));
+    }
+
+    #[test]
+    fn a_group_hosts_every_queue_congruent_to_it_in_topic_then_queue_order() {
+        let layout = layout();
+        let hosted = |group| {
+            layout
+                .queues_of_group(GroupId(group))
+                .into_iter()
+                .map(|(topic, queue)| (topic.name.as_str(), queue))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(hosted(0), [("orders", 0), ("orders", 3), ("logs", 0)]);
+        assert_eq!(hosted(1), [("orders", 1), ("orders", 4), ("logs", 1)]);
+        assert_eq!(hosted(2), [("orders", 2)]);
+        assert_eq!(hosted(3), []);
+    }
+}

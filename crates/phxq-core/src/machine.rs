@@ -1,0 +1,403 @@
+//! A replication group's queues and cursors, as its committed log leaves them.
+//!
+//! Applying an entry gives the messages of each queue the next offsets, in command order;
+//! the machine then only remembers which entry holds which offsets (a *run* per queue and
+//! entry) and reads messages back from the log ([`GroupMachine::read_plan`], then
+//! [`GroupMachine::extract`] on each entry's bytes). Every command is checked again when
+//! applied, with the same outcome on every replica: a refused command changes nothing.
+//!
+//! State worth naming (see [`GroupMachine::validate`]):
+//! - per hosted queue, offsets are dense from 1 and never reused; the runs cover the
+//!   retained offsets `oldest..next_offset` exactly, in raft index order;
+//! - per consumer group and queue, a cursor: the next offset the group reads (1 until it
+//!   commits). Commits set absolute values and may move a cursor back (replay);
+//! - the log may drop entries at or below [`GroupMachine::deletable_index`]; the node then
+//!   calls [`GroupMachine::forget_through`], and a snapshot at that index plus the log's
+//!   tail rebuilds the same state.
+
+mod extract;
+mod queue;
+mod retention;
+mod snapshot;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+
+use phxq_types::{ErrorCode, GroupId, KEY_BYTES_MAX, Offset, QueueId, group_of_queue};
+
+use self::queue::QueueState;
+use crate::{Command, DecodeError, Message, StoreLayout, decode_batch};
+
+/// What applying one command did, in command order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// The messages got offsets `first_offset..first_offset + count`.
+    Enqueued {
+        /// Offset of the first message.
+        first_offset: Offset,
+        /// How many.
+        count: u64,
+    },
+    /// The cursor now stands at `offset`.
+    CursorCommitted {
+        /// The next offset the consumer group reads.
+        offset: Offset,
+    },
+    /// Refused, deterministically on every replica; nothing changed.
+    Rejected(ErrorCode),
+}
+
+/// Where some of a queue's messages live: one raft entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EntryRef {
+    /// The raft index of the entry.
+    pub index: u64,
+    /// The offset of the queue's first message in that entry.
+    pub first_offset: Offset,
+    /// How many of the queue's messages the entry holds.
+    pub count: u64,
+}
+
+/// What to read to serve a dequeue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadPlan {
+    /// Where reading actually starts: `from`, or the oldest retained offset if `from` was
+    /// deleted.
+    pub start: Offset,
+    /// The entries holding offsets `start..`, in order, as many as `count_max` needs.
+    pub entries: Vec<EntryRef>,
+    /// The queue's next offset to be assigned (one past its last message).
+    pub end: Offset,
+}
+
+/// One message as a consumer receives it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// Its offset in the queue.
+    pub offset: Offset,
+    /// When the master accepted it, ms since the Unix epoch.
+    pub time_ms: u64,
+    /// The routing key.
+    pub key: Vec<u8>,
+    /// The payload.
+    pub value: Vec<u8>,
+}
+
+/// A replication group's state machine.
+#[derive(Clone, Debug)]
+pub struct GroupMachine {
+    group: GroupId,
+    layout: Arc<StoreLayout>,
+    applied_index: u64,
+    /// One per topic of the layout, in layout order.
+    topics: Vec<TopicState>,
+}
+
+/// The queues of one topic that this group hosts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct TopicState {
+    /// Queue `q` (with `q mod groups` = this group) at slot `q / groups`.
+    queues: Vec<QueueState>,
+}
+
+impl GroupMachine {
+    /// The empty state of `group`, before index 1.
+    ///
+    /// Panics if the layout is invalid or has no such group (a bug in the caller).
+    pub fn new(group: GroupId, layout: Arc<StoreLayout>) -> GroupMachine {
+        if let Err(error) = layout.validate() {
+            panic!("invalid layout: {error}");
+        }
+        assert!(
+            group.0 < u64::from(layout.groups),
+            "{group} is not in the layout"
+        );
+        let topics = layout
+            .topics
+            .iter()
+            .map(|topic| TopicState {
+                queues: (0..topic.queues)
+                    .filter(|&queue| group_of_queue(queue, layout.groups) == group)
+                    .map(|_| QueueState::new(topic.consumer_groups.len()))
+                    .collect(),
+            })
+            .collect();
+        GroupMachine {
+            group,
+            layout,
+            applied_index: 0,
+            topics,
+        }
+    }
+
+    /// The group.
+    pub fn group(&self) -> GroupId {
+        self.group
+    }
+
+    /// The highest raft index applied.
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index
+    }
+
+    /// Checks a command as the master would before proposing it: the topic exists, the queue
+    /// exists and lives in this group, the consumer group reads the topic, the batch is not
+    /// empty, no message is over the limits, the cursor is not past the end.
+    pub fn check(&self, command: &Command) -> Result<(), ErrorCode> {
+        match command {
+            Command::Enqueue {
+                topic,
+                queue,
+                messages,
+            } => {
+                self.slot(topic, *queue)?;
+                check_messages(messages, self.layout.message_bytes_max)
+            }
+            Command::CommitCursor {
+                consumer_group,
+                topic,
+                queue,
+                offset,
+            } => {
+                let (topic_position, slot) = self.slot(topic, *queue)?;
+                self.member(topic_position, consumer_group)
+                    .ok_or(ErrorCode::UnknownConsumerGroup)?;
+                let next_offset = self.topics[topic_position].queues[slot].next_offset;
+                if *offset == 0 || *offset > next_offset {
+                    return Err(ErrorCode::InvalidArgument);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Applies entry `index` (one past the applied index). Empty `data` is a raft no-op entry
+    /// and applies nothing. Bytes that do not decode are an error and change nothing: the log
+    /// checksums every record, so this means a bug, and the node stops.
+    pub fn apply(&mut self, index: u64, data: &[u8]) -> Result<Vec<Applied>, DecodeError> {
+        assert_eq!(
+            index,
+            self.applied_index + 1,
+            "{}: entries apply in order",
+            self.group
+        );
+        if data.is_empty() {
+            self.applied_index = index;
+            return Ok(Vec::new());
+        }
+        let batch = decode_batch(data)?;
+        self.applied_index = index;
+        Ok(batch
+            .commands
+            .iter()
+            .map(|command| self.apply_command(index, batch.time_ms, command))
+            .collect())
+    }
+
+    /// Applies one command of entry `index`, unless the checks refuse it.
+    fn apply_command(&mut self, index: u64, time_ms: u64, command: &Command) -> Applied {
+        if let Err(code) = self.check(command) {
+            return Applied::Rejected(code);
+        }
+        match command {
+            Command::Enqueue {
+                topic,
+                queue,
+                messages,
+            } => {
+                let first_offset = self
+                    .queue_mut(topic, *queue)
+                    .append(index, time_ms, messages);
+                Applied::Enqueued {
+                    first_offset,
+                    count: messages.len() as u64,
+                }
+            }
+            Command::CommitCursor {
+                consumer_group,
+                topic,
+                queue,
+                offset,
+            } => {
+                let (topic_position, slot) = self.slot(topic, *queue).expect("checked");
+                let member = self
+                    .member(topic_position, consumer_group)
+                    .expect("checked");
+                self.topics[topic_position].queues[slot].cursors[member] = *offset;
+                Applied::CursorCommitted { offset: *offset }
+            }
+        }
+    }
+
+    /// The next offset `queue` of `topic` will assign, if the queue lives here.
+    pub fn end_offset(&self, topic: &str, queue: QueueId) -> Option<Offset> {
+        self.queue(topic, queue).map(|state| state.next_offset)
+    }
+
+    /// A consumer group's cursor on a queue: the next offset it reads (1 if never committed).
+    pub fn cursor(&self, consumer_group: &str, topic: &str, queue: QueueId) -> Option<Offset> {
+        let (topic_position, slot) = self.slot(topic, queue).ok()?;
+        let member = self.member(topic_position, consumer_group)?;
+        Some(self.topics[topic_position].queues[slot].cursors[member])
+    }
+
+    /// The entries to read for up to `count_max` messages of a queue from offset `from`.
+    pub fn read_plan(
+        &self,
+        topic: &str,
+        queue: QueueId,
+        from: Offset,
+        count_max: u64,
+    ) -> Option<ReadPlan> {
+        Some(self.queue(topic, queue)?.plan(from, count_max))
+    }
+
+    /// The messages of `queue` of `topic` at offsets `from..` in the entry `entry` refers to,
+    /// whose payload is `data`: at most `count_max`, and at most `bytes_max` of keys and values
+    /// (but always at least one).
+    pub fn extract(
+        entry: &EntryRef,
+        data: &[u8],
+        topic: &str,
+        queue: QueueId,
+        from: Offset,
+        count_max: u64,
+        bytes_max: u64,
+    ) -> Result<Vec<StoredMessage>, DecodeError> {
+        let limits = extract::Limits {
+            from,
+            count_max,
+            bytes_max,
+        };
+        extract::extract(entry, data, topic, queue, &limits)
+    }
+
+    /// The highest raft index (at most the applied index) whose entries no queue of the group
+    /// still needs at wall time `now_ms`: every subscribed consumer group has passed them, they
+    /// are outside the replay window, or the age and size caps release them.
+    pub fn deletable_index(&self, now_ms: u64) -> u64 {
+        let queues = self
+            .layout
+            .topics
+            .iter()
+            .zip(&self.topics)
+            .flat_map(|(config, topic)| {
+                topic.queues.iter().map(|queue| (&config.retention, queue))
+            });
+        queues
+            .filter_map(|(retention, queue)| {
+                retention::first_needed_index(queue, retention, now_ms)
+            })
+            .map(|index| index - 1)
+            .fold(self.applied_index, u64::min)
+    }
+
+    /// The state as of raft index `index` (deletable and at most the applied index), with every
+    /// message at or below it forgotten, encoded for a raft snapshot. Replaying the entries
+    /// after `index` on [`GroupMachine::restore`]d state gives back this state.
+    pub fn snapshot(&self, index: u64) -> Vec<u8> {
+        assert!(
+            index <= self.applied_index,
+            "{}: snapshot at {index} is past the applied index {}",
+            self.group,
+            self.applied_index
+        );
+        snapshot::encode(self, index)
+    }
+
+    /// Forgets messages in entries at or below `index` (after the log was compacted there).
+    pub fn forget_through(&mut self, index: u64) {
+        assert!(
+            index <= self.applied_index,
+            "{}: cannot forget through {index}, past the applied index {}",
+            self.group,
+            self.applied_index
+        );
+        for topic in &mut self.topics {
+            for queue in &mut topic.queues {
+                queue.forget_through(index);
+            }
+        }
+    }
+
+    /// The state a [`GroupMachine::snapshot`] encoded.
+    pub fn restore(
+        group: GroupId,
+        layout: Arc<StoreLayout>,
+        snapshot: &[u8],
+    ) -> Result<GroupMachine, DecodeError> {
+        let mut machine = GroupMachine::new(group, layout);
+        snapshot::decode_into(&mut machine, snapshot)?;
+        machine.validate();
+        Ok(machine)
+    }
+
+    /// Checks the invariants of the module doc; panics (a bug) if one does not hold.
+    pub fn validate(&self) {
+        assert_eq!(self.topics.len(), self.layout.topics.len());
+        for (config, topic) in self.layout.topics.iter().zip(&self.topics) {
+            let hosted = (0..config.queues)
+                .filter(|&queue| group_of_queue(queue, self.layout.groups) == self.group)
+                .count();
+            assert_eq!(
+                topic.queues.len(),
+                hosted,
+                "hosted queues of {}",
+                config.name
+            );
+            for queue in &topic.queues {
+                queue.validate(self.applied_index, config.consumer_groups.len());
+            }
+        }
+    }
+
+    /// Where `topic`/`queue` lives in `self.topics`, or why it is not hosted here.
+    fn slot(&self, topic: &str, queue: QueueId) -> Result<(usize, usize), ErrorCode> {
+        let topic_position = (self.layout.topics.iter())
+            .position(|config| config.name == topic)
+            .ok_or(ErrorCode::UnknownTopic)?;
+        if queue >= self.layout.topics[topic_position].queues {
+            return Err(ErrorCode::UnknownQueue);
+        }
+        if group_of_queue(queue, self.layout.groups) != self.group {
+            return Err(ErrorCode::InvalidArgument);
+        }
+        Ok((topic_position, (queue / self.layout.groups) as usize))
+    }
+
+    /// The queue number at `slot` of a topic's hosted queues.
+    fn queue_of_slot(&self, slot: usize) -> QueueId {
+        let queue = slot as u64 * u64::from(self.layout.groups) + self.group.0;
+        QueueId::try_from(queue).expect("slots come from queue numbers")
+    }
+
+    /// The position of `consumer_group` among the consumer groups of topic `topic_position`.
+    fn member(&self, topic_position: usize, consumer_group: &str) -> Option<usize> {
+        (self.layout.topics[topic_position].consumer_groups.iter())
+            .position(|name| name == consumer_group)
+    }
+
+    fn queue(&self, topic: &str, queue: QueueId) -> Option<&QueueState> {
+        let (topic_position, slot) = self.slot(topic, queue).ok()?;
+        Some(&self.topics[topic_position].queues[slot])
+    }
+
+    /// A queue the checks accepted.
+    fn queue_mut(&mut self, topic: &str, queue: QueueId) -> &mut QueueState {
+        let (topic_position, slot) = self.slot(topic, queue).expect("checked");
+        &mut self.topics[topic_position].queues[slot]
+    }
+}
+
+/// Refuses an empty enqueue or one with a message over the limits.
+fn check_messages(messages: &[Message], value_bytes_max: usize) -> Result<(), ErrorCode> {
+    if messages.is_empty() {
+        return Err(ErrorCode::EmptyBatch);
+    }
+    let too_large = |m: &Message| m.key.len() > KEY_BYTES_MAX || m.value.len() > value_bytes_max;
+    if messages.iter().any(too_large) {
+        return Err(ErrorCode::MessageTooLarge);
+    }
+    Ok(())
+}

@@ -1,0 +1,179 @@
+//! One hosted queue: its offsets, the raft entries holding them, and its consumer groups'
+//! cursors.
+//!
+//! Invariants (checked by [`QueueState::validate`]):
+//! - the runs cover `oldest_offset..next_offset` exactly, in order, without gaps;
+//! - run raft indexes strictly increase (one run per entry) and none is above the applied index;
+//! - `retained_bytes` is the sum of the runs' bytes;
+//! - every cursor is at least 1. A cursor may stand above `next_offset` while a restored
+//!   machine replays its log tail (the snapshot holds the cursors of its newest state).
+
+use std::collections::VecDeque;
+
+use phxq_types::Offset;
+
+use super::{EntryRef, ReadPlan};
+use crate::Message;
+
+/// The messages of one queue held by one raft entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Run {
+    /// The raft index of the entry.
+    pub(super) index: u64,
+    /// The offset of the queue's first message in the entry.
+    pub(super) first_offset: Offset,
+    /// How many of the queue's messages the entry holds (at least 1).
+    pub(super) count: u64,
+    /// The batch's time: the enqueue time of all these messages.
+    pub(super) time_ms: u64,
+    /// Bytes of keys and values of these messages.
+    pub(super) bytes: u64,
+}
+
+impl Run {
+    /// One past the run's last offset.
+    pub(super) fn end_offset(&self) -> Offset {
+        self.first_offset + self.count
+    }
+
+    fn entry_ref(&self) -> EntryRef {
+        EntryRef {
+            index: self.index,
+            first_offset: self.first_offset,
+            count: self.count,
+        }
+    }
+}
+
+/// A hosted queue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct QueueState {
+    /// The offset the next message gets.
+    pub(super) next_offset: Offset,
+    /// The oldest offset still held in the log (`next_offset` when none is).
+    pub(super) oldest_offset: Offset,
+    /// The entries holding `oldest_offset..next_offset`, oldest first.
+    pub(super) runs: VecDeque<Run>,
+    /// Bytes of keys and values in `runs`.
+    pub(super) retained_bytes: u64,
+    /// The next offset each consumer group of the topic reads, in the topic's order.
+    pub(super) cursors: Vec<Offset>,
+}
+
+/// Bytes a message counts for, in retention and in dequeue limits.
+pub(super) fn message_bytes(message: &Message) -> u64 {
+    (message.key.len() + message.value.len()) as u64
+}
+
+impl QueueState {
+    /// An empty queue read by `consumer_groups` groups, none of which has committed.
+    pub(super) fn new(consumer_groups: usize) -> QueueState {
+        QueueState::restored(1, vec![1; consumer_groups])
+    }
+
+    /// A queue whose messages before `next_offset` are all forgotten.
+    pub(super) fn restored(next_offset: Offset, cursors: Vec<Offset>) -> QueueState {
+        QueueState {
+            next_offset,
+            oldest_offset: next_offset,
+            runs: VecDeque::new(),
+            retained_bytes: 0,
+            cursors,
+        }
+    }
+
+    /// Gives `messages` (at least one) the next offsets, held by entry `index`; returns the
+    /// first. Messages of several commands of one entry join that entry's run.
+    pub(super) fn append(&mut self, index: u64, time_ms: u64, messages: &[Message]) -> Offset {
+        assert!(!messages.is_empty(), "an accepted enqueue has messages");
+        let first_offset = self.next_offset;
+        let count = messages.len() as u64;
+        let bytes: u64 = messages.iter().map(message_bytes).sum();
+        match self.runs.back_mut() {
+            Some(run) if run.index == index => {
+                debug_assert_eq!(run.time_ms, time_ms, "one entry, one batch time");
+                run.count += count;
+                run.bytes += bytes;
+            }
+            last => {
+                assert!(
+                    last.is_none_or(|run| run.index < index),
+                    "entries apply in order"
+                );
+                self.runs.push_back(Run {
+                    index,
+                    first_offset,
+                    count,
+                    time_ms,
+                    bytes,
+                });
+            }
+        }
+        self.next_offset += count;
+        self.retained_bytes += bytes;
+        first_offset
+    }
+
+    /// The entries holding up to `count_max` messages from `from` (or from the oldest retained
+    /// offset, if `from` is gone).
+    pub(super) fn plan(&self, from: Offset, count_max: u64) -> ReadPlan {
+        let start = from.max(self.oldest_offset);
+        let limit = start.saturating_add(count_max).min(self.next_offset);
+        let entries = if start < limit {
+            let first = self.runs.partition_point(|run| run.end_offset() <= start);
+            (self.runs.range(first..))
+                .take_while(|run| run.first_offset < limit)
+                .map(Run::entry_ref)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        ReadPlan {
+            start,
+            entries,
+            end: self.next_offset,
+        }
+    }
+
+    /// Drops the runs of entries at or below `index`.
+    pub(super) fn forget_through(&mut self, index: u64) {
+        while let Some(run) = self.runs.front() {
+            if run.index > index {
+                break;
+            }
+            self.retained_bytes -= run.bytes;
+            self.runs.pop_front();
+        }
+        self.oldest_offset = self.next_offset_after(index);
+    }
+
+    /// The queue's next offset right after entry `index` was applied, if that is still known
+    /// (the oldest retained offset otherwise).
+    pub(super) fn next_offset_after(&self, index: u64) -> Offset {
+        let first_later = self.runs.partition_point(|run| run.index <= index);
+        self.runs
+            .get(first_later)
+            .map_or(self.next_offset, |run| run.first_offset)
+    }
+
+    /// Panics if an invariant of the module doc does not hold.
+    pub(super) fn validate(&self, applied_index: u64, consumer_groups: usize) {
+        assert!(self.oldest_offset >= 1, "offsets start at 1");
+        let mut offset = self.oldest_offset;
+        let mut previous_index = 0;
+        let mut bytes = 0;
+        for run in &self.runs {
+            assert!(run.count >= 1, "empty run {run:?}");
+            assert_eq!(run.first_offset, offset, "runs leave a gap or overlap");
+            assert!(run.index > previous_index, "run indexes must increase");
+            assert!(run.index <= applied_index, "run above the applied index");
+            offset = run.end_offset();
+            previous_index = run.index;
+            bytes += run.bytes;
+        }
+        assert_eq!(offset, self.next_offset, "runs must end at next_offset");
+        assert_eq!(bytes, self.retained_bytes, "retained bytes out of step");
+        assert_eq!(self.cursors.len(), consumer_groups, "one cursor per group");
+        assert!(self.cursors.iter().all(|&c| c >= 1), "cursors start at 1");
+    }
+}

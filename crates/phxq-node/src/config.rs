@@ -1,0 +1,824 @@
+//! A node's configuration file (TOML): who this node is, the store it belongs to, and timing.
+//!
+//! ```toml
+//! [node]
+//! id = 1                               # this node; must be one of [[store.nodes]]
+//! data_dir = "phxq-data/node-1"        # its write-ahead log
+//!
+//! [store]
+//! id = 1
+//! groups = 24                          # default 24
+//! message_bytes_max = 1048576          # default 1 MiB
+//!
+//! [[store.nodes]]
+//! id = 1
+//! client_addr = "127.0.0.1:7100"
+//! peer_addr = "127.0.0.1:7200"
+//! # ... one entry per node of the store
+//!
+//! [[store.topics]]
+//! name = "test"
+//! queues = 8
+//! consumer_groups = ["g1"]
+//! ```
+//!
+//! Sections `[timing]` and `[limits]` are optional and override [`Timing::default`] and the
+//! limits of [`NodeConfig::new`]. `etc/node1.toml` in the repository documents every key.
+//!
+//! Every node of a store must be started with the same `[store]` section: the layout (groups,
+//! topics) decides how every replica applies the log.
+//!
+//! Invariants of a [`ServerConfig`] (checked by [`ServerConfig::parse`], so the server and
+//! [`crate::Node`] never meet a bad value): unknown keys are refused; every value is in range;
+//! node ids are distinct and from 1; addresses are distinct; this node is a member; the layout
+//! passes [`StoreLayout::validate`]; `heartbeat_ticks < lease_ticks < election_ticks`.
+//! Errors name the key at fault (`store.nodes[1].peer_addr: ...`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use phxq_core::{Retention, StoreLayout, TopicConfig};
+use phxq_types::{MESSAGE_BYTES_MAX_DEFAULT, NodeId};
+use serde::Deserialize;
+
+use crate::{NodeConfig, Timing};
+
+/// Replication groups of a store when the config does not say.
+pub const GROUPS_DEFAULT: u32 = 24;
+
+/// Largest `store.message_bytes_max` accepted (16 MiB): a message must fit, with its batch,
+/// in one log record and one client request.
+pub const MESSAGE_BYTES_MAX_LIMIT: usize = 16 << 20;
+
+/// Most nodes in a store (a raft group of 7 is already slow to commit).
+pub const STORE_NODES_MAX: usize = 7;
+
+/// Most topics in one store's config.
+pub const TOPICS_MAX: usize = 1024;
+
+/// Most consumer groups subscribed to one topic.
+pub const CONSUMER_GROUPS_PER_TOPIC_MAX: usize = 256;
+
+/// Default replay window by count: messages kept per queue behind the slowest consumer group.
+pub const REPLAY_COUNT_DEFAULT: u64 = 10_000;
+
+/// Default replay window by age (1 hour).
+pub const REPLAY_AGE_MS_DEFAULT: u64 = 3_600_000;
+
+/// Bounds on `timing.tick_ms`: 1 ms to 1 s.
+const TICK_MS_RANGE: (u64, u64) = (1, 1_000);
+
+/// Most ticks any timing key may count (so no timeout can be absurdly long).
+const TIMING_TICKS_MAX: u64 = 100_000;
+
+/// Largest config file read, in bytes.
+const CONFIG_FILE_BYTES_MAX: u64 = 1 << 20;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Not TOML, an unknown key, a missing key or a value of the wrong type (toml's message
+    /// names the key and shows the line).
+    #[error("{0}")]
+    Syntax(String),
+    /// A value out of range or inconsistent with another.
+    #[error("{key}: {reason}")]
+    Invalid {
+        /// The key at fault, as a path (`store.topics[0].queues`).
+        key: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file, as written (every key; defaults filled in by serde).
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    node: NodeSection,
+    store: StoreSection,
+    #[serde(default)]
+    timing: TimingSection,
+    #[serde(default)]
+    limits: LimitsSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeSection {
+    id: u64,
+    data_dir: PathBuf,
+    client_addr: Option<String>,
+    peer_addr: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoreSection {
+    id: u64,
+    #[serde(default = "groups_default")]
+    groups: u32,
+    #[serde(default = "message_bytes_max_default")]
+    message_bytes_max: usize,
+    nodes: Vec<MemberSection>,
+    #[serde(default)]
+    topics: Vec<TopicSection>,
+}
+
+fn groups_default() -> u32 {
+    GROUPS_DEFAULT
+}
+
+fn message_bytes_max_default() -> usize {
+    MESSAGE_BYTES_MAX_DEFAULT
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MemberSection {
+    id: u64,
+    client_addr: String,
+    peer_addr: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TopicSection {
+    name: String,
+    queues: u32,
+    #[serde(default)]
+    consumer_groups: Vec<String>,
+    #[serde(default)]
+    retention: RetentionSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RetentionSection {
+    replay_count: u64,
+    replay_age_ms: u64,
+    max_age_ms: Option<u64>,
+    max_bytes: Option<u64>,
+}
+
+impl Default for RetentionSection {
+    fn default() -> Self {
+        RetentionSection {
+            replay_count: REPLAY_COUNT_DEFAULT,
+            replay_age_ms: REPLAY_AGE_MS_DEFAULT,
+            max_age_ms: None,
+            max_bytes: None,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TimingSection {
+    tick_ms: Option<u64>,
+    election_ticks: Option<u64>,
+    heartbeat_ticks: Option<u64>,
+    lease_ticks: Option<u64>,
+    skip_tick_one_in: Option<u64>,
+    rebalance_ticks: Option<u64>,
+    compact_ticks: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsSection {
+    batch_commands_max: Option<usize>,
+    batch_bytes_max: Option<usize>,
+    requests_pending_max: Option<usize>,
+    compact_entries_min: Option<u64>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The validated configuration.
+
+/// A node of the store, as every node and client knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// Its id, from 1.
+    pub id: NodeId,
+    /// Where clients reach its gRPC service (and where `NOT_MASTER` answers send them).
+    pub client_addr: SocketAddr,
+    /// Where other nodes of the store reach its peer transport.
+    pub peer_addr: SocketAddr,
+}
+
+/// Limits of the node driver (see [`NodeConfig`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Most commands packed into one log entry.
+    pub batch_commands_max: usize,
+    /// Most bytes of messages packed into one log entry.
+    pub batch_bytes_max: usize,
+    /// Client requests accepted and not yet answered; beyond, `BUSY`.
+    pub requests_pending_max: usize,
+    /// A group compacts only when at least this many entries are deletable.
+    pub compact_entries_min: u64,
+}
+
+/// A node's validated configuration. See the module documentation.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// This node.
+    pub node: NodeId,
+    /// Its data directory (the write-ahead log lives here).
+    pub data_dir: PathBuf,
+    /// Address the client gRPC service binds.
+    pub client_listen: SocketAddr,
+    /// Address the peer transport binds.
+    pub peer_listen: SocketAddr,
+    /// The store's id; peers of another store are refused.
+    pub store_id: u64,
+    /// Every node of the store, ordered by id, this one included.
+    pub members: Vec<Member>,
+    /// Groups and topics.
+    pub layout: StoreLayout,
+    /// Ticks.
+    pub timing: Timing,
+    /// Driver limits.
+    pub limits: Limits,
+}
+
+impl ServerConfig {
+    /// Reads and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<ServerConfig, ConfigError> {
+        let read_error = |source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        };
+        let size = std::fs::metadata(path).map_err(read_error)?.len();
+        if size > CONFIG_FILE_BYTES_MAX {
+            return Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                source: std::io::Error::other(format!(
+                    "{size} bytes; a config file is at most {CONFIG_FILE_BYTES_MAX}"
+                )),
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(read_error)?;
+        ServerConfig::parse(&text).map_err(|error| match error {
+            ConfigError::Syntax(message) => {
+                ConfigError::Syntax(format!("{}: {message}", path.display()))
+            }
+            other => other,
+        })
+    }
+
+    /// Parses and validates a config from TOML text.
+    pub fn parse(text: &str) -> Result<ServerConfig, ConfigError> {
+        let file: File = toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        ServerConfig::from_file(file)
+    }
+
+    fn from_file(file: File) -> Result<ServerConfig, ConfigError> {
+        let members = members(&file.store.nodes)?;
+        let node = NodeId(file.node.id);
+        let Some(me) = members.iter().find(|m| m.id == node) else {
+            return Err(invalid(
+                "node.id",
+                format!(
+                    "{} is not one of the store's nodes ({})",
+                    file.node.id,
+                    members
+                        .iter()
+                        .map(|m| m.id.0.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        };
+        if file.node.data_dir.as_os_str().is_empty() {
+            return Err(invalid("node.data_dir", "must not be empty"));
+        }
+        let client_listen = match &file.node.client_addr {
+            Some(addr) => socket_addr("node.client_addr", addr)?,
+            None => me.client_addr,
+        };
+        let peer_listen = match &file.node.peer_addr {
+            Some(addr) => socket_addr("node.peer_addr", addr)?,
+            None => me.peer_addr,
+        };
+        if client_listen == peer_listen {
+            return Err(invalid(
+                "node.peer_addr",
+                format!("{peer_listen} is also the client address"),
+            ));
+        }
+        if file.store.id == 0 {
+            return Err(invalid("store.id", "store ids start at 1"));
+        }
+        Ok(ServerConfig {
+            node,
+            data_dir: file.node.data_dir,
+            client_listen,
+            peer_listen,
+            store_id: file.store.id,
+            layout: layout(&file.store)?,
+            members,
+            timing: timing(&file.timing)?,
+            limits: limits(&file.limits)?,
+        })
+    }
+
+    /// This node's entry in the member list.
+    pub fn me(&self) -> &Member {
+        self.member(self.node)
+            .expect("validated: this node is a member")
+    }
+
+    /// The member with id `id`.
+    pub fn member(&self, id: NodeId) -> Option<&Member> {
+        self.members.iter().find(|m| m.id == id)
+    }
+
+    /// The driver's configuration; `seed` seeds its random choices (election jitter).
+    pub fn node_config(&self, seed: u64) -> NodeConfig {
+        let mut config = NodeConfig::new(
+            self.node,
+            self.members.iter().map(|m| m.id).collect(),
+            Arc::new(self.layout.clone()),
+            seed,
+        );
+        config.timing = self.timing.clone();
+        config.batch_commands_max = self.limits.batch_commands_max;
+        config.batch_bytes_max = self.limits.batch_bytes_max;
+        config.requests_pending_max = self.limits.requests_pending_max;
+        config.compact_entries_min = self.limits.compact_entries_min;
+        config
+    }
+}
+
+fn socket_addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("{text:?} is not an IP address and port (like \"127.0.0.1:7100\")"),
+        )
+    })
+}
+
+fn members(nodes: &[MemberSection]) -> Result<Vec<Member>, ConfigError> {
+    if nodes.is_empty() || nodes.len() > STORE_NODES_MAX {
+        return Err(invalid(
+            "store.nodes",
+            format!(
+                "{} nodes listed; a store has 1 to {STORE_NODES_MAX} (3 or 5 for fault tolerance)",
+                nodes.len()
+            ),
+        ));
+    }
+    let mut members: Vec<Member> = Vec::with_capacity(nodes.len());
+    for (i, node) in nodes.iter().enumerate() {
+        let key = |field: &str| format!("store.nodes[{i}].{field}");
+        if node.id == 0 {
+            return Err(invalid(key("id"), "node ids start at 1"));
+        }
+        let member = Member {
+            id: NodeId(node.id),
+            client_addr: socket_addr(&key("client_addr"), &node.client_addr)?,
+            peer_addr: socket_addr(&key("peer_addr"), &node.peer_addr)?,
+        };
+        if member.client_addr == member.peer_addr {
+            return Err(invalid(
+                key("peer_addr"),
+                format!("{} is also the node's client_addr", member.peer_addr),
+            ));
+        }
+        for other in &members {
+            if other.id == member.id {
+                return Err(invalid(
+                    key("id"),
+                    format!("node {} is listed twice", node.id),
+                ));
+            }
+            let taken = [other.client_addr, other.peer_addr];
+            if taken.contains(&member.client_addr) {
+                return Err(invalid(
+                    key("client_addr"),
+                    format!(
+                        "{} is also an address of node {}",
+                        member.client_addr, other.id.0
+                    ),
+                ));
+            }
+            if taken.contains(&member.peer_addr) {
+                return Err(invalid(
+                    key("peer_addr"),
+                    format!(
+                        "{} is also an address of node {}",
+                        member.peer_addr, other.id.0
+                    ),
+                ));
+            }
+        }
+        members.push(member);
+    }
+    members.sort_by_key(|m| m.id);
+    Ok(members)
+}
+
+fn layout(store: &StoreSection) -> Result<StoreLayout, ConfigError> {
+    if store.message_bytes_max == 0 || store.message_bytes_max > MESSAGE_BYTES_MAX_LIMIT {
+        return Err(invalid(
+            "store.message_bytes_max",
+            format!(
+                "{} bytes; it must be 1 to {MESSAGE_BYTES_MAX_LIMIT}",
+                store.message_bytes_max
+            ),
+        ));
+    }
+    if store.topics.len() > TOPICS_MAX {
+        return Err(invalid(
+            "store.topics",
+            format!("{} topics; at most {TOPICS_MAX}", store.topics.len()),
+        ));
+    }
+    let mut topics = Vec::with_capacity(store.topics.len());
+    for (i, topic) in store.topics.iter().enumerate() {
+        topics.push(topic_config(i, topic)?);
+        // Check each topic on its own first, so the error names its key.
+        let single = StoreLayout {
+            groups: store.groups.max(1),
+            topics: topics[i..].to_vec(),
+            message_bytes_max: store.message_bytes_max,
+        };
+        single
+            .validate()
+            .map_err(|error| invalid(format!("store.topics[{i}]"), error.to_string()))?;
+        if let Some(first) = topics[..i].iter().position(|t| t.name == topic.name) {
+            return Err(invalid(
+                format!("store.topics[{i}].name"),
+                format!("topic {:?} is also store.topics[{first}]", topic.name),
+            ));
+        }
+    }
+    let layout = StoreLayout {
+        groups: store.groups,
+        topics,
+        message_bytes_max: store.message_bytes_max,
+    };
+    layout
+        .validate()
+        .map_err(|error| invalid("store.groups", error.to_string()))?;
+    Ok(layout)
+}
+
+fn topic_config(i: usize, topic: &TopicSection) -> Result<TopicConfig, ConfigError> {
+    if topic.consumer_groups.len() > CONSUMER_GROUPS_PER_TOPIC_MAX {
+        return Err(invalid(
+            format!("store.topics[{i}].consumer_groups"),
+            format!(
+                "{} consumer groups; at most {CONSUMER_GROUPS_PER_TOPIC_MAX}",
+                topic.consumer_groups.len()
+            ),
+        ));
+    }
+    let retention = &topic.retention;
+    if retention.max_age_ms == Some(0) || retention.max_bytes == Some(0) {
+        return Err(invalid(
+            format!("store.topics[{i}].retention"),
+            "max_age_ms and max_bytes must be positive (leave them out for no cap)",
+        ));
+    }
+    Ok(TopicConfig {
+        name: topic.name.clone(),
+        queues: topic.queues,
+        consumer_groups: topic.consumer_groups.clone(),
+        retention: Retention {
+            replay_count: retention.replay_count,
+            replay_age_ms: retention.replay_age_ms,
+            max_age_ms: retention.max_age_ms,
+            max_bytes: retention.max_bytes,
+        },
+    })
+}
+
+/// `value` if it lies in `min..=max`, else an error naming `timing.KEY`.
+fn in_range(key: &str, value: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(value)
+    } else {
+        Err(invalid(
+            format!("timing.{key}"),
+            format!("{value} is out of range {min}..={max}"),
+        ))
+    }
+}
+
+fn timing(section: &TimingSection) -> Result<Timing, ConfigError> {
+    let default = Timing::default();
+    let ticks = |key: &str, value: Option<u64>, default: u64, min: u64| {
+        in_range(key, value.unwrap_or(default), min, TIMING_TICKS_MAX)
+    };
+    let (tick_min, tick_max) = TICK_MS_RANGE;
+    let tick_ms = in_range(
+        "tick_ms",
+        section.tick_ms.unwrap_or(default.tick_ms),
+        tick_min,
+        tick_max,
+    )?;
+    let election_ticks = ticks(
+        "election_ticks",
+        section.election_ticks,
+        default.election_ticks as u64,
+        3,
+    )?;
+    let heartbeat_ticks = ticks(
+        "heartbeat_ticks",
+        section.heartbeat_ticks,
+        default.heartbeat_ticks as u64,
+        1,
+    )?;
+    let lease_ticks = ticks("lease_ticks", section.lease_ticks, default.lease_ticks, 1)?;
+    // A master must hear from a majority (heartbeats) within its lease, and its lease must end
+    // before followers may elect another master.
+    if heartbeat_ticks >= lease_ticks {
+        return Err(invalid(
+            "timing.heartbeat_ticks",
+            format!("{heartbeat_ticks} must be below lease_ticks ({lease_ticks})"),
+        ));
+    }
+    if lease_ticks >= election_ticks {
+        return Err(invalid(
+            "timing.lease_ticks",
+            format!("{lease_ticks} must be below election_ticks ({election_ticks})"),
+        ));
+    }
+    Ok(Timing {
+        tick_ms,
+        election_ticks: usize::try_from(election_ticks).expect("bounded by TIMING_TICKS_MAX"),
+        heartbeat_ticks: usize::try_from(heartbeat_ticks).expect("bounded by TIMING_TICKS_MAX"),
+        lease_ticks,
+        skip_tick_one_in: ticks(
+            "skip_tick_one_in",
+            section.skip_tick_one_in,
+            default.skip_tick_one_in,
+            2,
+        )?,
+        rebalance_ticks: ticks(
+            "rebalance_ticks",
+            section.rebalance_ticks,
+            default.rebalance_ticks,
+            1,
+        )?,
+        compact_ticks: ticks(
+            "compact_ticks",
+            section.compact_ticks,
+            default.compact_ticks,
+            1,
+        )?,
+    })
+}
+
+fn limits(section: &LimitsSection) -> Result<Limits, ConfigError> {
+    let default = NodeConfig::new(
+        NodeId(1),
+        vec![NodeId(1)],
+        Arc::new(StoreLayout {
+            groups: 1,
+            topics: Vec::new(),
+            message_bytes_max: 1,
+        }),
+        0,
+    );
+    let positive = |key: &str, value: Option<usize>, default: usize, max: usize| {
+        let value = value.unwrap_or(default);
+        if (1..=max).contains(&value) {
+            Ok(value)
+        } else {
+            Err(invalid(
+                format!("limits.{key}"),
+                format!("{value} is out of range 1..={max}"),
+            ))
+        }
+    };
+    Ok(Limits {
+        batch_commands_max: positive(
+            "batch_commands_max",
+            section.batch_commands_max,
+            default.batch_commands_max,
+            1 << 20,
+        )?,
+        batch_bytes_max: positive(
+            "batch_bytes_max",
+            section.batch_bytes_max,
+            default.batch_bytes_max,
+            phxq_storage::RECORD_PAYLOAD_BYTES_MAX / 2,
+        )?,
+        requests_pending_max: positive(
+            "requests_pending_max",
+            section.requests_pending_max,
+            default.requests_pending_max,
+            10_000_000,
+        )?,
+        compact_entries_min: section
+            .compact_entries_min
+            .unwrap_or(default.compact_entries_min),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+        [node]
+        id = 2
+        data_dir = "data/n2"
+
+        [store]
+        id = 7
+
+        [[store.nodes]]
+        id = 1
+        client_addr = "127.0.0.1:7100"
+        peer_addr = "127.0.0.1:7200"
+
+        [[store.nodes]]
+        id = 2
+        client_addr = "127.0.0.1:7101"
+        peer_addr = "127.0.0.1:7201"
+
+        [[store.nodes]]
+        id = 3
+        client_addr = "127.0.0.1:7102"
+        peer_addr = "127.0.0.1:7202"
+
+        [[store.topics]]
+        name = "test"
+        queues = 8
+        consumer_groups = ["g1"]
+    "#;
+
+    fn refusal(from: &str, to: &str) -> String {
+        let text = SAMPLE.replacen(from, to, 1);
+        assert_ne!(text, SAMPLE, "{from:?} is not in the sample");
+        match ServerConfig::parse(&text) {
+            Ok(config) => panic!("accepted with {to:?}: {config:?}"),
+            Err(error) => error.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_minimal_config_takes_every_default() {
+        let config = ServerConfig::parse(SAMPLE).expect("valid");
+        assert_eq!(config.node, NodeId(2));
+        assert_eq!(config.data_dir, PathBuf::from("data/n2"));
+        assert_eq!(config.client_listen, "127.0.0.1:7101".parse().unwrap());
+        assert_eq!(config.peer_listen, "127.0.0.1:7201".parse().unwrap());
+        assert_eq!(config.store_id, 7);
+        assert_eq!(config.members.len(), 3);
+        assert_eq!(config.me().id, NodeId(2));
+        assert_eq!(config.layout.groups, GROUPS_DEFAULT);
+        assert_eq!(config.layout.message_bytes_max, MESSAGE_BYTES_MAX_DEFAULT);
+        let topic = config.layout.topic("test").expect("topic");
+        assert_eq!(topic.queues, 8);
+        assert_eq!(topic.consumer_groups, ["g1"]);
+        assert_eq!(topic.retention.replay_count, REPLAY_COUNT_DEFAULT);
+        assert_eq!(topic.retention.replay_age_ms, REPLAY_AGE_MS_DEFAULT);
+        assert_eq!(topic.retention.max_age_ms, None);
+        let default = Timing::default();
+        assert_eq!(config.timing.tick_ms, default.tick_ms);
+        assert_eq!(config.timing.election_ticks, default.election_ticks);
+        assert_eq!(config.timing.lease_ticks, default.lease_ticks);
+        let node = config.node_config(9);
+        assert_eq!(node.members, [NodeId(1), NodeId(2), NodeId(3)]);
+        assert_eq!(node.batch_bytes_max, config.limits.batch_bytes_max);
+    }
+
+    #[test]
+    fn overrides_are_taken() {
+        let text = format!(
+            "{SAMPLE}\n[store.topics.retention]\nreplay_count = 5\nmax_bytes = 100\n\
+             [timing]\ntick_ms = 10\nelection_ticks = 20\nlease_ticks = 15\n\
+             [limits]\nbatch_commands_max = 64\n"
+        )
+        .replace(
+            "[node]\n        id = 2",
+            "[node]\nclient_addr = \"0.0.0.0:9000\"\nid = 2",
+        );
+        let config = ServerConfig::parse(&text).expect("valid");
+        let retention = &config.layout.topics[0].retention;
+        assert_eq!(retention.replay_count, 5);
+        assert_eq!(retention.replay_age_ms, REPLAY_AGE_MS_DEFAULT);
+        assert_eq!(retention.max_bytes, Some(100));
+        assert_eq!(config.timing.tick_ms, 10);
+        assert_eq!(config.timing.election_ticks, 20);
+        assert_eq!(config.timing.lease_ticks, 15);
+        assert_eq!(config.limits.batch_commands_max, 64);
+        assert_eq!(config.client_listen, "0.0.0.0:9000".parse().unwrap());
+        assert_eq!(config.me().client_addr, "127.0.0.1:7101".parse().unwrap());
+    }
+
+    #[test]
+    fn unknown_and_missing_keys_are_refused_by_name() {
+        let unknown = refusal("queues = 8", "queues = 8\nqueue_count = 8");
+        assert!(unknown.contains("queue_count"), "{unknown}");
+        let typo = refusal("[store]", "[store]\ngruops = 24");
+        assert!(typo.contains("gruops"), "{typo}");
+        let section = refusal("[node]", "[nodes]\nx = 1\n[node]");
+        assert!(section.contains("nodes"), "{section}");
+        let missing = refusal("data_dir = \"data/n2\"", "");
+        assert!(missing.contains("data_dir"), "{missing}");
+        let wrong_type = refusal("queues = 8", "queues = \"8\"");
+        assert!(wrong_type.contains("queues"), "{wrong_type}");
+    }
+
+    #[test]
+    fn each_bad_value_is_refused_naming_its_key() {
+        let cases = [
+            ("id = 2\n        data_dir", "id = 4\ndata_dir", "node.id"),
+            ("data_dir = \"data/n2\"", "data_dir = \"\"", "node.data_dir"),
+            ("[store]\n        id = 7", "[store]\nid = 0", "store.id"),
+            ("[store]", "[store]\ngroups = 0", "store.groups"),
+            (
+                "[store]",
+                "[store]\nmessage_bytes_max = 0",
+                "store.message_bytes_max",
+            ),
+            (
+                "[store]",
+                "[store]\nmessage_bytes_max = 999999999",
+                "store.message_bytes_max",
+            ),
+            ("id = 3\n", "id = 1\n", "store.nodes[2].id"),
+            ("id = 1\n", "id = 0\n", "store.nodes[0].id"),
+            (
+                "127.0.0.1:7100",
+                "localhost:7100",
+                "store.nodes[0].client_addr",
+            ),
+            (
+                "127.0.0.1:7202",
+                "127.0.0.1:7200",
+                "store.nodes[2].peer_addr",
+            ),
+            (
+                "127.0.0.1:7201",
+                "127.0.0.1:7101",
+                "store.nodes[1].peer_addr",
+            ),
+            ("name = \"test\"", "name = \"no spaces\"", "store.topics[0]"),
+            ("queues = 8", "queues = 0", "store.topics[0]"),
+            ("[\"g1\"]", "[\"g1\", \"g1\"]", "store.topics[0]"),
+            ("[\"g1\"]", "[\"g/1\"]", "store.topics[0]"),
+        ];
+        for (from, to, key) in cases {
+            let message = refusal(from, to);
+            assert!(message.starts_with(key), "{to:?}: {message}");
+        }
+    }
+
+    #[test]
+    fn timing_must_keep_heartbeat_below_lease_below_election() {
+        let with_timing =
+            |timing: &str| ServerConfig::parse(&format!("{SAMPLE}\n[timing]\n{timing}"));
+        let message = |timing: &str| with_timing(timing).expect_err(timing).to_string();
+        assert!(message("lease_ticks = 8").starts_with("timing.lease_ticks"));
+        assert!(message("heartbeat_ticks = 6").starts_with("timing.heartbeat_ticks"));
+        assert!(message("tick_ms = 0").starts_with("timing.tick_ms"));
+        assert!(message("tick_ms = 5000").starts_with("timing.tick_ms"));
+        assert!(message("skip_tick_one_in = 1").starts_with("timing.skip_tick_one_in"));
+        assert!(message("rebalance_ticks = 0").starts_with("timing.rebalance_ticks"));
+        assert!(message("election_ticks = 1000000").starts_with("timing.election_ticks"));
+        assert!(with_timing("election_ticks = 30\nlease_ticks = 20\nheartbeat_ticks = 5").is_ok());
+    }
+
+    #[test]
+    fn a_second_topic_of_the_same_name_is_refused() {
+        let text = format!("{SAMPLE}\n[[store.topics]]\nname = \"test\"\nqueues = 1\n");
+        let error = ServerConfig::parse(&text)
+            .expect_err("duplicate")
+            .to_string();
+        assert!(error.starts_with("store.topics[1].name"), "{error}");
+    }
+
+    #[test]
+    fn limits_are_bounded() {
+        let text = format!("{SAMPLE}\n[limits]\nbatch_bytes_max = 0\n");
+        let error = ServerConfig::parse(&text).expect_err("zero").to_string();
+        assert!(error.starts_with("limits.batch_bytes_max"), "{error}");
+    }
+}

@@ -1,0 +1,669 @@
+//! [`Node`]: every replication group of one node, driven in rounds over one write-ahead log.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use phxq_core::{Command, Message, StoreLayout, StoredMessage};
+use phxq_storage::{Lsn, Wal, WriteBatch};
+use phxq_types::{ErrorCode, GroupId, KEY_BYTES_MAX, NodeId, Offset, QueueId, Rng, group_of_queue};
+use raft::eraftpb;
+
+use crate::replica::Replica;
+
+/// A client request's number, chosen by the caller; answers carry it back.
+pub type RequestId = u64;
+
+/// Time, in ticks. The shell turns wall time into ticks; the simulator owns them.
+#[derive(Clone, Debug)]
+pub struct Timing {
+    /// Milliseconds per tick (for converting waits and leases in answers).
+    pub tick_ms: u64,
+    /// A follower that hears nothing from its master for this many ticks campaigns; a master
+    /// that hears from no majority for this long steps down (check-quorum).
+    pub election_ticks: usize,
+    /// A master sends heartbeats every this many ticks.
+    pub heartbeat_ticks: usize,
+    /// A master serves only while a majority answered it within this many ticks. Must stay
+    /// below `election_ticks` by more than the network delay: followers refuse to elect
+    /// another master for `election_ticks` after hearing from this one.
+    pub lease_ticks: u64,
+    /// Followers skip one tick in this many, at random: spreads election timeouts without
+    /// ever shortening them below `election_ticks`, so a master's lease stays valid.
+    pub skip_tick_one_in: u64,
+    /// How often masters check placement and hand groups to their preferred node.
+    pub rebalance_ticks: u64,
+    /// How often groups compact their log behind consumers.
+    pub compact_ticks: u64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            tick_ms: 50,
+            election_ticks: 8,
+            heartbeat_ticks: 2,
+            lease_ticks: 6,
+            skip_tick_one_in: 3,
+            rebalance_ticks: 20,
+            compact_ticks: 40,
+        }
+    }
+}
+
+/// Everything a node needs to know at start.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// This node.
+    pub id: NodeId,
+    /// Every node of the store, this one included.
+    pub members: Vec<NodeId>,
+    /// Groups and topics; the same on every node of the store.
+    pub layout: Arc<StoreLayout>,
+    /// Ticks.
+    pub timing: Timing,
+    /// Most commands packed into one entry.
+    pub batch_commands_max: usize,
+    /// Most bytes of messages packed into one entry.
+    pub batch_bytes_max: usize,
+    /// Client requests accepted and not yet answered, over all groups; beyond, `BUSY`.
+    pub requests_pending_max: usize,
+    /// A group compacts only when at least this many entries are deletable.
+    pub compact_entries_min: u64,
+    /// Seeds every random choice of the node.
+    pub seed: u64,
+    /// Plants the durability bug the simulator must catch: follower acks are released and
+    /// groups are told their entries are persisted before the fsync.
+    #[cfg(feature = "canary")]
+    pub canary_ack_before_sync: bool,
+}
+
+impl NodeConfig {
+    /// A config with the usual limits.
+    pub fn new(id: NodeId, members: Vec<NodeId>, layout: Arc<StoreLayout>, seed: u64) -> Self {
+        NodeConfig {
+            id,
+            members,
+            layout,
+            timing: Timing::default(),
+            batch_commands_max: 4096,
+            batch_bytes_max: 4 << 20,
+            requests_pending_max: 100_000,
+            compact_entries_min: 1024,
+            seed,
+            #[cfg(feature = "canary")]
+            canary_ack_before_sync: false,
+        }
+    }
+}
+
+/// What a client asks a node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// Append messages to one queue; answered once committed and applied.
+    Produce {
+        /// Topic.
+        topic: String,
+        /// Queue.
+        queue: QueueId,
+        /// Messages, in order.
+        messages: Vec<Message>,
+    },
+    /// Read a queue from a consumer group's cursor (or from `from`).
+    Consume {
+        /// Topic.
+        topic: String,
+        /// Queue.
+        queue: QueueId,
+        /// Consumer group.
+        consumer_group: String,
+        /// Where to start; `None`: the group's cursor.
+        from: Option<Offset>,
+        /// Most messages returned.
+        count_max: u64,
+        /// Most bytes of keys and values returned (at least one message is).
+        bytes_max: u64,
+        /// Ticks to wait for a message if there is none yet (long poll).
+        wait_ticks: u64,
+    },
+    /// Move a consumer group's cursor; answered once committed.
+    Commit {
+        /// Topic.
+        topic: String,
+        /// Queue.
+        queue: QueueId,
+        /// Consumer group.
+        consumer_group: String,
+        /// The next offset the group reads.
+        offset: Offset,
+    },
+    /// This node's view of its groups.
+    Status,
+}
+
+/// A node's answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Response {
+    /// The messages were committed at `first_offset..first_offset + count`.
+    Produced {
+        /// First offset assigned.
+        first_offset: Offset,
+        /// Messages.
+        count: u64,
+    },
+    /// Messages read.
+    Consumed {
+        /// The messages, in offset order.
+        messages: Vec<StoredMessage>,
+        /// The offset after the last message returned (where the next read starts).
+        next_offset: Offset,
+        /// The queue's next offset to be assigned.
+        end_offset: Offset,
+    },
+    /// The cursor was committed.
+    Committed,
+    /// The node's view.
+    Status(NodeStatus),
+    /// Refused or failed.
+    Error {
+        /// Why.
+        code: ErrorCode,
+        /// For people.
+        message: String,
+        /// With `NOT_MASTER`: the master.
+        master: Option<NodeId>,
+    },
+}
+
+impl Response {
+    pub(crate) fn error(code: ErrorCode, message: impl Into<String>) -> Response {
+        Response::Error {
+            code,
+            message: message.into(),
+            master: None,
+        }
+    }
+}
+
+/// One group as this node sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupStatus {
+    /// The group.
+    pub group: GroupId,
+    /// Its master as far as this node knows.
+    pub master: Option<NodeId>,
+    /// Raft term.
+    pub term: u64,
+    /// If this node is the master with a valid lease: milliseconds left on it.
+    pub lease_remaining_ms: Option<u64>,
+    /// Highest index known committed.
+    pub commit_index: u64,
+    /// Highest index applied.
+    pub applied_index: u64,
+    /// Last index in the log.
+    pub last_index: u64,
+}
+
+/// A node's view of its groups.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeStatus {
+    /// The answering node.
+    pub node: NodeId,
+    /// Every group it hosts.
+    pub groups: Vec<GroupStatus>,
+}
+
+/// What a round hands the shell.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Raft messages to send, per destination node, in order.
+    pub messages: BTreeMap<NodeId, Vec<(GroupId, eraftpb::Message)>>,
+    /// Answers for clients.
+    pub responses: Vec<(RequestId, Response)>,
+    /// The log position to make durable, then report with [`Node::synced`].
+    pub sync: Option<Lsn>,
+}
+
+impl Output {
+    /// True if the round produced nothing.
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty() && self.responses.is_empty() && self.sync.is_none()
+    }
+}
+
+/// A failure that voids the node's durability promise: the node must stop.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The write-ahead log failed.
+    #[error("write-ahead log: {0}")]
+    Log(#[from] phxq_storage::Error),
+    /// Raft refused to start a group or hit an internal error.
+    #[error("raft, {group}: {source}")]
+    Raft {
+        /// The group.
+        group: GroupId,
+        /// raft-rs's error.
+        source: raft::Error,
+    },
+    /// A committed entry does not decode: a bug or undetected damage.
+    #[error("{group}: committed entry {index} does not decode: {reason}")]
+    BadEntry {
+        /// The group.
+        group: GroupId,
+        /// The entry.
+        index: u64,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A round written to the log and not yet known durable.
+struct PendingRound {
+    /// Durable once the log is synced to here.
+    lsn: Lsn,
+    /// The readies of the round, per group, to report persisted.
+    readies: Vec<(usize, u64)>,
+    /// Messages that claim the round is durable.
+    held: Vec<(GroupId, eraftpb::Message)>,
+}
+
+/// Every replication group of one node. See the crate documentation.
+pub struct Node {
+    config: NodeConfig,
+    wal: Arc<Wal>,
+    replicas: Vec<Replica>,
+    rng: Rng,
+    now_tick: u64,
+    now_ms: u64,
+    /// Highest Lsn this node has written.
+    written_lsn: Lsn,
+    /// Highest Lsn reported durable.
+    synced_lsn: Lsn,
+    rounds: VecDeque<PendingRound>,
+    out: Output,
+    compact_due: bool,
+}
+
+impl Node {
+    /// Starts the node's groups from its log: every group this node hosts resumes from its
+    /// last compaction point (state machine snapshot) and re-applies its committed entries.
+    /// A group never seen before is created with every member as a voter.
+    pub fn open(config: NodeConfig, wal: Arc<Wal>) -> Result<Node, NodeError> {
+        assert!(
+            config.members.contains(&config.id),
+            "{} is not a member of its store",
+            config.id
+        );
+        assert!(config.timing.lease_ticks < config.timing.election_ticks as u64);
+        let mut rng = Rng::new(config.seed);
+        let mut bootstrap = WriteBatch::new();
+        for g in 0..config.layout.groups {
+            let group = GroupId(u64::from(g));
+            if wal.group(group)?.conf_state.voters.is_empty() {
+                bootstrap.conf_state(
+                    group,
+                    phxq_storage::ConfState {
+                        voters: config.members.iter().map(|n| n.0).collect(),
+                        ..Default::default()
+                    },
+                );
+            }
+        }
+        if !bootstrap.is_empty() {
+            let lsn = wal.write(&bootstrap)?;
+            wal.sync_to(lsn)?;
+        }
+        let replicas = (0..config.layout.groups)
+            .map(|g| Replica::open(&config, GroupId(u64::from(g)), wal.clone(), rng.fork()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Node {
+            config,
+            wal,
+            replicas,
+            rng,
+            now_tick: 0,
+            now_ms: 0,
+            written_lsn: 0,
+            synced_lsn: 0,
+            rounds: VecDeque::new(),
+            out: Output::default(),
+            compact_due: false,
+        })
+    }
+
+    /// This node.
+    pub fn id(&self) -> NodeId {
+        self.config.id
+    }
+
+    /// The node's log.
+    pub fn wal(&self) -> &Arc<Wal> {
+        &self.wal
+    }
+
+    /// Ticks since open.
+    pub fn now_tick(&self) -> u64 {
+        self.now_tick
+    }
+
+    /// One tick of time; `now_ms` is the wall clock (ms since the Unix epoch), stamped on
+    /// batches this node proposes as master.
+    pub fn tick(&mut self, now_ms: u64) {
+        self.now_tick += 1;
+        self.now_ms = now_ms;
+        let timing = &self.config.timing;
+        for replica in &mut self.replicas {
+            replica.set_now(self.now_tick);
+            let skip = !replica.is_leader() && self.rng.chance(1, timing.skip_tick_one_in);
+            if !skip {
+                replica.tick();
+            }
+            replica.expire_waiters(self.now_tick, &mut self.out.responses);
+        }
+        if self.now_tick.is_multiple_of(timing.rebalance_ticks) {
+            for replica in &mut self.replicas {
+                replica.rebalance(&self.config, self.now_tick);
+            }
+        }
+        if self.now_tick.is_multiple_of(timing.compact_ticks) {
+            self.compact_due = true;
+        }
+    }
+
+    /// Raft messages from peer `from`. Messages for unknown groups or not addressed to this
+    /// node are dropped (a peer of another store, or a bug there).
+    pub fn step(&mut self, from: NodeId, messages: Vec<(GroupId, eraftpb::Message)>) {
+        for (group, message) in messages {
+            if message.to != self.config.id.0 || message.from != from.0 {
+                continue;
+            }
+            if let Some(replica) = usize::try_from(group.0)
+                .ok()
+                .and_then(|g| self.replicas.get_mut(g))
+            {
+                replica.step(message, self.now_tick);
+            }
+        }
+    }
+
+    /// A client request; its answer comes out of a later round (or this one's `tick`s for a
+    /// long poll that times out).
+    pub fn request(&mut self, id: RequestId, request: Request) {
+        if let Err(response) = self.admit(id, request) {
+            self.out.responses.push((id, response));
+        }
+    }
+
+    fn admit(&mut self, id: RequestId, request: Request) -> Result<(), Response> {
+        let layout = self.config.layout.clone();
+        let (topic, queue) = match &request {
+            Request::Status => {
+                self.out
+                    .responses
+                    .push((id, Response::Status(self.status())));
+                return Ok(());
+            }
+            Request::Produce { topic, queue, .. }
+            | Request::Consume { topic, queue, .. }
+            | Request::Commit { topic, queue, .. } => (topic.clone(), *queue),
+        };
+        check_request(&layout, &request)?;
+        let pending = self.count_pending();
+        if pending >= self.config.requests_pending_max {
+            return Err(Response::error(
+                ErrorCode::Busy,
+                format!("{pending} requests are waiting; retry later"),
+            ));
+        }
+        let group = group_of_queue(queue, layout.groups);
+        let replica = &mut self.replicas[group.0 as usize];
+        replica.check_master(self.now_tick)?;
+        match request {
+            Request::Produce { messages, .. } => replica.admit_command(
+                id,
+                Command::Enqueue {
+                    topic,
+                    queue,
+                    messages,
+                },
+            ),
+            Request::Commit {
+                consumer_group,
+                offset,
+                ..
+            } => replica.admit_command(
+                id,
+                Command::CommitCursor {
+                    consumer_group,
+                    topic,
+                    queue,
+                    offset,
+                },
+            ),
+            Request::Consume {
+                consumer_group,
+                from,
+                count_max,
+                bytes_max,
+                wait_ticks,
+                ..
+            } => {
+                let deadline = self.now_tick + wait_ticks;
+                replica.admit_consume(
+                    id,
+                    crate::replica::Consume {
+                        topic,
+                        queue,
+                        consumer_group,
+                        from,
+                        count_max,
+                        bytes_max,
+                        deadline,
+                    },
+                );
+                Ok(())
+            }
+            Request::Status => unreachable!("answered above"),
+        }
+    }
+
+    /// The log is durable up to `lsn` (a sync the shell ran for [`Output::sync`]).
+    pub fn synced(&mut self, lsn: Lsn) {
+        self.synced_lsn = self.synced_lsn.max(lsn);
+        self.release_durable_rounds();
+    }
+
+    fn release_durable_rounds(&mut self) {
+        #[allow(unused_mut)]
+        let mut durable = self.synced_lsn;
+        #[cfg(feature = "canary")]
+        if self.config.canary_ack_before_sync {
+            durable = self.written_lsn;
+        }
+        while let Some(round) = self.rounds.front() {
+            if round.lsn > durable {
+                break;
+            }
+            let round = self.rounds.pop_front().expect("front exists");
+            for (g, number) in round.readies {
+                self.replicas[g].persisted(number);
+            }
+            for (group, message) in round.held {
+                push_message(&mut self.out, group, message);
+            }
+        }
+    }
+
+    /// Runs one round: proposes what clients sent to the groups this node masters, collects
+    /// every group's `Ready`, writes all of them to the log with one write, applies what is
+    /// committed and durable, and returns what to send. Call it after every input.
+    pub fn round(&mut self) -> Result<Output, NodeError> {
+        for replica in &mut self.replicas {
+            replica.propose_pending(&self.config, self.now_ms, &mut self.out.responses);
+        }
+        let mut batch = WriteBatch::new();
+        if std::mem::take(&mut self.compact_due) {
+            for replica in &mut self.replicas {
+                replica.compact(&self.config, self.now_ms, &mut batch)?;
+            }
+        }
+        let mut readies = Vec::new();
+        let mut held = Vec::new();
+        for (g, replica) in self.replicas.iter_mut().enumerate() {
+            if let Some(ready) = replica.collect_ready(&mut batch, &mut self.out, &mut held)? {
+                readies.push((g, ready));
+            }
+        }
+        if !batch.is_empty() {
+            self.written_lsn = self.wal.write(&batch)?;
+        }
+        let mut numbers = Vec::with_capacity(readies.len());
+        for (g, ready) in readies {
+            numbers.push((g, self.replicas[g].advance(ready)));
+        }
+        if !numbers.is_empty() || !held.is_empty() {
+            self.rounds.push_back(PendingRound {
+                lsn: self.written_lsn,
+                readies: numbers,
+                held,
+            });
+        }
+        self.release_durable_rounds();
+        if self.written_lsn > self.synced_lsn {
+            self.out.sync = Some(self.written_lsn);
+        }
+        for replica in &mut self.replicas {
+            replica.serve_waiters(&self.wal, self.now_tick, &mut self.out.responses);
+        }
+        Ok(std::mem::take(&mut self.out))
+    }
+
+    /// True if a round would do something now (a group has a `Ready` or proposals wait).
+    pub fn has_work(&self) -> bool {
+        self.compact_due || !self.out.is_empty() || self.replicas.iter().any(Replica::has_work)
+    }
+
+    /// This node's view of every group.
+    pub fn status(&self) -> NodeStatus {
+        NodeStatus {
+            node: self.config.id,
+            groups: self
+                .replicas
+                .iter()
+                .map(|r| r.status(self.now_tick, self.config.timing.tick_ms))
+                .collect(),
+        }
+    }
+
+    /// Groups this node masters with a valid lease.
+    pub fn mastered_groups(&self) -> Vec<GroupId> {
+        self.replicas
+            .iter()
+            .filter(|r| r.lease_remaining(self.now_tick).is_some())
+            .map(Replica::group)
+            .collect()
+    }
+
+    /// The messages of `queue` of `topic` this node holds, read from its own log without
+    /// regard to mastership (for checkers and operators): every retained message, in order.
+    pub fn read_all(&self, topic: &str, queue: QueueId) -> Vec<StoredMessage> {
+        let group = group_of_queue(queue, self.config.layout.groups);
+        self.replicas[group.0 as usize].read_all(&self.wal, topic, queue)
+    }
+
+    fn count_pending(&self) -> usize {
+        self.replicas.iter().map(Replica::requests_pending).sum()
+    }
+}
+
+pub(crate) fn push_message(out: &mut Output, group: GroupId, message: eraftpb::Message) {
+    out.messages
+        .entry(NodeId(message.to))
+        .or_default()
+        .push((group, message));
+}
+
+/// The checks every node can make from the layout alone, before asking who is master.
+fn check_request(layout: &StoreLayout, request: &Request) -> Result<(), Response> {
+    let (topic, queue, consumer_group) = match request {
+        Request::Produce { topic, queue, .. } => (topic, *queue, None),
+        Request::Consume {
+            topic,
+            queue,
+            consumer_group,
+            ..
+        }
+        | Request::Commit {
+            topic,
+            queue,
+            consumer_group,
+            ..
+        } => (topic, *queue, Some(consumer_group)),
+        Request::Status => return Ok(()),
+    };
+    let Some(config) = layout.topic(topic) else {
+        return Err(Response::error(
+            ErrorCode::UnknownTopic,
+            format!("no topic {topic:?} in this store"),
+        ));
+    };
+    if queue >= config.queues {
+        return Err(Response::error(
+            ErrorCode::UnknownQueue,
+            format!(
+                "topic {topic:?} has {} queues; there is no queue {queue}",
+                config.queues
+            ),
+        ));
+    }
+    if let Some(group) = consumer_group
+        && !config.consumer_groups.contains(group)
+    {
+        return Err(Response::error(
+            ErrorCode::UnknownConsumerGroup,
+            format!("consumer group {group:?} does not read topic {topic:?}"),
+        ));
+    }
+    match request {
+        Request::Produce { messages, .. } => {
+            if messages.is_empty() {
+                return Err(Response::error(ErrorCode::EmptyBatch, "no messages"));
+            }
+            for (i, m) in messages.iter().enumerate() {
+                if m.value.len() > layout.message_bytes_max || m.key.len() > KEY_BYTES_MAX {
+                    return Err(Response::error(
+                        ErrorCode::MessageTooLarge,
+                        format!(
+                            "message {i}: value {} bytes (limit {}), key {} bytes (limit {KEY_BYTES_MAX})",
+                            m.value.len(),
+                            layout.message_bytes_max,
+                            m.key.len()
+                        ),
+                    ));
+                }
+            }
+        }
+        Request::Consume {
+            count_max,
+            bytes_max,
+            from,
+            ..
+        } => {
+            if *count_max == 0 || *bytes_max == 0 || *from == Some(0) {
+                return Err(Response::error(
+                    ErrorCode::InvalidArgument,
+                    "count and bytes limits must be positive and offsets start at 1",
+                ));
+            }
+        }
+        Request::Commit { offset, .. } => {
+            if *offset == 0 {
+                return Err(Response::error(
+                    ErrorCode::InvalidArgument,
+                    "offsets start at 1",
+                ));
+            }
+        }
+        Request::Status => {}
+    }
+    Ok(())
+}

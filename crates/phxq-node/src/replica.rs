@@ -1,0 +1,733 @@
+//! One replication group on one node: its raft-rs `RawNode`, its queue state machine, the
+//! client requests waiting on it, and its master lease.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use phxq_core::{Applied, Batch, Command, GroupMachine, StoredMessage, encode_batch};
+use phxq_storage::raft_storage::{conf_state_from_raft, entry_from_raft, hard_state_from_raft};
+use phxq_storage::{GroupStorage, Wal, WriteBatch};
+use phxq_types::{ErrorCode, GroupId, NodeId, Offset, QueueId, Rng};
+use raft::eraftpb::{self, MessageType};
+use raft::{RawNode, Ready, StateRole};
+
+use crate::node::{NodeConfig, NodeError, Output, RequestId, Response, push_message};
+use crate::{GroupStatus, node};
+
+/// A consume request parked until messages arrive or its deadline passes.
+#[derive(Clone, Debug)]
+pub(crate) struct Consume {
+    pub topic: String,
+    pub queue: QueueId,
+    pub consumer_group: String,
+    pub from: Option<Offset>,
+    pub count_max: u64,
+    pub bytes_max: u64,
+    pub deadline: u64,
+}
+
+/// Commands proposed in one entry, and whose they are, in command order.
+struct InFlight {
+    term: u64,
+    requests: Vec<RequestId>,
+}
+
+pub(crate) struct Replica {
+    group: GroupId,
+    me: NodeId,
+    members: Vec<NodeId>,
+    raw: RawNode<GroupStorage>,
+    machine: GroupMachine,
+    /// Admitted commands not yet proposed, with their request and size.
+    proposals: VecDeque<(RequestId, Command, usize)>,
+    /// Proposed entries by raft index.
+    in_flight: BTreeMap<u64, InFlight>,
+    waiters: Vec<(RequestId, Consume)>,
+    /// Per peer, the tick of the last answer received in the current term (lease).
+    acks: BTreeMap<u64, u64>,
+    /// The term of the last entry applied: a master serves only once it applied an entry of
+    /// its own term (its state is then complete).
+    applied_term: u64,
+    leader_since: u64,
+    /// The term and vote last written, to know when a `Ready` changes them.
+    written_term_vote: (u64, u64),
+    /// When a snapshot was last sent to each peer (to retry a lost one).
+    snapshot_sent: BTreeMap<u64, u64>,
+    timing: node::Timing,
+    layout: Arc<phxq_core::StoreLayout>,
+    now_tick: u64,
+    /// The last committed entry applied from the ready being handled.
+    applied_from_ready: Option<u64>,
+    /// A snapshot installed by a ready (its number) at an index, applied once durable.
+    snapshot_pending: Option<(u64, u64)>,
+}
+
+impl Replica {
+    pub(crate) fn open(
+        config: &NodeConfig,
+        group: GroupId,
+        wal: Arc<Wal>,
+        _rng: Rng,
+    ) -> Result<Replica, NodeError> {
+        let info = wal.group(group)?;
+        let machine = if info.snapshot.is_empty() {
+            GroupMachine::new(group, config.layout.clone())
+        } else {
+            GroupMachine::restore(group, config.layout.clone(), &info.snapshot).map_err(|e| {
+                NodeError::BadEntry {
+                    group,
+                    index: info.first_index - 1,
+                    reason: format!("snapshot: {e}"),
+                }
+            })?
+        };
+        let timing = &config.timing;
+        let raft_config = raft::Config {
+            id: config.id.0,
+            election_tick: timing.election_ticks,
+            heartbeat_tick: timing.heartbeat_ticks,
+            min_election_tick: timing.election_ticks,
+            max_election_tick: timing.election_ticks + 1,
+            applied: info.first_index - 1,
+            check_quorum: true,
+            pre_vote: true,
+            max_size_per_msg: 4 << 20,
+            max_inflight_msgs: 256,
+            max_uncommitted_size: 256 << 20,
+            // Off: raft-rs 0.7's append batching merged a later append into an earlier message
+            // with the wrong previous index (the simulator caught a follower acknowledging
+            // entries it did not have).
+            batch_append: false,
+            ..Default::default()
+        };
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let raw = RawNode::new(&raft_config, GroupStorage::new(wal, group), &logger)
+            .map_err(|source| NodeError::Raft { group, source })?;
+        let hs = &info.hard_state;
+        Ok(Replica {
+            group,
+            me: config.id,
+            members: config.members.clone(),
+            raw,
+            machine,
+            proposals: VecDeque::new(),
+            in_flight: BTreeMap::new(),
+            waiters: Vec::new(),
+            acks: BTreeMap::new(),
+            applied_term: 0,
+            leader_since: 0,
+            written_term_vote: (hs.term, hs.vote),
+            snapshot_sent: BTreeMap::new(),
+            timing: config.timing.clone(),
+            layout: config.layout.clone(),
+            now_tick: 0,
+            applied_from_ready: None,
+            snapshot_pending: None,
+        })
+    }
+
+    pub(crate) fn group(&self) -> GroupId {
+        self.group
+    }
+
+    pub(crate) fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    pub(crate) fn set_now(&mut self, now_tick: u64) {
+        self.now_tick = now_tick;
+    }
+
+    pub(crate) fn tick(&mut self) {
+        self.raw.tick();
+    }
+
+    pub(crate) fn step(&mut self, message: eraftpb::Message, now_tick: u64) {
+        let from = message.from;
+        let term = message.term;
+        let answer = matches!(
+            message.get_msg_type(),
+            MessageType::MsgAppendResponse | MessageType::MsgHeartbeatResponse
+        );
+        // Errors here are a peer's message raft does not take (a stale or local-only type):
+        // dropping it is what raft expects.
+        let _ = self.raw.step(message);
+        if answer && term == self.raw.raft.term && self.is_leader() {
+            self.acks.insert(from, now_tick);
+        }
+    }
+
+    pub(crate) fn requests_pending(&self) -> usize {
+        self.proposals.len()
+            + self
+                .in_flight
+                .values()
+                .map(|f| f.requests.len())
+                .sum::<usize>()
+            + self.waiters.len()
+    }
+
+    pub(crate) fn has_work(&self) -> bool {
+        self.raw.has_ready() || (!self.proposals.is_empty() && self.is_leader())
+    }
+
+    /// Ticks left on this master's lease, if it is master and holds one: a majority (itself
+    /// included) answered within `lease_ticks`.
+    fn lease_left(&self, now_tick: u64) -> Option<u64> {
+        if !self.is_leader() {
+            return None;
+        }
+        // Peers never heard from in this term count as None, which sorts last.
+        let mut heard: Vec<Option<u64>> = self
+            .members
+            .iter()
+            .map(|m| {
+                if *m == self.me {
+                    Some(now_tick)
+                } else {
+                    self.acks.get(&m.0).copied()
+                }
+            })
+            .collect();
+        heard.sort_unstable_by(|a, b| b.cmp(a));
+        let quorum_heard = heard[self.members.len() / 2]?;
+        (quorum_heard + self.timing.lease_ticks)
+            .checked_sub(now_tick)
+            .filter(|&left| left > 0)
+    }
+
+    pub(crate) fn lease_remaining(&self, now_tick: u64) -> Option<u64> {
+        self.lease_left(now_tick)
+            .filter(|_| self.applied_term == self.raw.raft.term)
+    }
+
+    fn master_hint(&self) -> Response {
+        let leader = self.raw.raft.leader_id;
+        if leader != 0 && leader != self.me.0 {
+            Response::Error {
+                code: ErrorCode::NotMaster,
+                message: format!("{} is not the master of {}", self.me, self.group),
+                master: Some(NodeId(leader)),
+            }
+        } else {
+            Response::error(
+                ErrorCode::NoMaster,
+                format!("{} has no master with a valid lease right now", self.group),
+            )
+        }
+    }
+
+    /// Ok if this node may serve the group: master, lease valid, its term's state applied.
+    pub(crate) fn check_master(&self, now_tick: u64) -> Result<(), Response> {
+        if self.raw.raft.lead_transferee.is_none() && self.lease_remaining(now_tick).is_some() {
+            Ok(())
+        } else {
+            Err(self.master_hint())
+        }
+    }
+
+    pub(crate) fn admit_command(
+        &mut self,
+        id: RequestId,
+        command: Command,
+    ) -> Result<(), Response> {
+        self.machine
+            .check(&command)
+            .map_err(|code| Response::error(code, describe_refusal(code, &command)))?;
+        let bytes = command_bytes(&command);
+        self.proposals.push_back((id, command, bytes));
+        Ok(())
+    }
+
+    pub(crate) fn admit_consume(&mut self, id: RequestId, consume: Consume) {
+        self.waiters.push((id, consume));
+    }
+
+    /// Packs admitted commands into entries (bounded by count and bytes) and proposes them.
+    pub(crate) fn propose_pending(
+        &mut self,
+        config: &NodeConfig,
+        now_ms: u64,
+        responses: &mut Vec<(RequestId, Response)>,
+    ) {
+        if self.proposals.is_empty() {
+            return;
+        }
+        if !self.is_leader() {
+            let hint = self.master_hint();
+            responses.extend(self.proposals.drain(..).map(|(id, ..)| (id, hint.clone())));
+            return;
+        }
+        while !self.proposals.is_empty() {
+            let mut batch = Batch {
+                time_ms: now_ms,
+                commands: Vec::new(),
+            };
+            let mut requests = Vec::new();
+            let mut bytes = 0;
+            while let Some((_, _, size)) = self.proposals.front() {
+                if !batch.commands.is_empty()
+                    && (batch.commands.len() >= config.batch_commands_max
+                        || bytes + size > config.batch_bytes_max)
+                {
+                    break;
+                }
+                let (id, command, size) = self.proposals.pop_front().expect("front exists");
+                bytes += size;
+                batch.commands.push(command);
+                requests.push(id);
+            }
+            let term = self.raw.raft.term;
+            match self.raw.propose(Vec::new(), encode_batch(&batch)) {
+                Ok(()) => {
+                    let index = self.raw.raft.raft_log.last_index();
+                    self.in_flight.insert(index, InFlight { term, requests });
+                }
+                Err(error) => {
+                    let response = Response::error(
+                        ErrorCode::NoMaster,
+                        format!("{} dropped the proposal: {error}", self.group),
+                    );
+                    responses.extend(requests.into_iter().map(|id| (id, response.clone())));
+                }
+            }
+        }
+    }
+
+    /// Takes the group's `Ready`, if any: its writes go into `batch`, messages that may go
+    /// now into `out`, messages that claim durability into `held`, and committed entries
+    /// (already durable here) are applied. Returns the ready to [`Replica::advance`] once the
+    /// batch is written.
+    pub(crate) fn collect_ready(
+        &mut self,
+        batch: &mut WriteBatch,
+        out: &mut Output,
+        held: &mut Vec<(GroupId, eraftpb::Message)>,
+    ) -> Result<Option<Ready>, NodeError> {
+        if !self.raw.has_ready() {
+            return Ok(None);
+        }
+        let mut ready = self.raw.ready();
+        let group = self.group;
+        if let Some(soft) = ready.ss() {
+            let leader = soft.raft_state == StateRole::Leader;
+            self.on_role(leader, &mut out.responses);
+        }
+        for message in ready.take_messages() {
+            self.note_snapshot_sent(&message);
+            push_message(out, group, message);
+        }
+        if !ready.snapshot().is_empty() {
+            self.install_snapshot(ready.snapshot(), batch)?;
+            self.snapshot_pending = Some((ready.number(), ready.snapshot().get_metadata().index));
+        }
+        if !ready.entries().is_empty() {
+            batch.append(group, ready.entries().iter().map(entry_from_raft));
+        }
+        let mut term_vote_changed = false;
+        if let Some(hs) = ready.hs() {
+            term_vote_changed = (hs.term, hs.vote) != self.written_term_vote;
+            self.written_term_vote = (hs.term, hs.vote);
+            batch.hard_state(group, hard_state_from_raft(hs));
+        }
+        let committed = ready.take_committed_entries();
+        if let Some(last) = committed.last() {
+            self.applied_from_ready = Some(last.index);
+        }
+        self.apply(committed, &mut out.responses)?;
+        for message in ready.take_persisted_messages() {
+            // A heartbeat answer claims nothing about this node's log; unless the ready
+            // changes the term or vote it may go before the sync, which keeps masters' leases
+            // alive while a slow fsync is in flight.
+            if message.get_msg_type() == MessageType::MsgHeartbeatResponse && !term_vote_changed {
+                push_message(out, group, message);
+            } else {
+                held.push((group, message));
+            }
+        }
+        Ok(Some(ready))
+    }
+
+    /// After the round's write: the ready's data is readable through `Storage`.
+    pub(crate) fn advance(&mut self, ready: Ready) -> u64 {
+        let number = ready.number();
+        self.raw.advance_append_async(ready);
+        if let Some(applied) = self.applied_from_ready.take() {
+            self.raw.advance_apply_to(applied);
+        }
+        number
+    }
+
+    /// The ready numbered `number` (and every earlier one) is durable.
+    pub(crate) fn persisted(&mut self, number: u64) {
+        self.raw.on_persist_ready(number);
+        // A snapshot counts as applied only once it is durable: raft-rs checks that nothing
+        // is applied beyond what is persisted.
+        if let Some((ready, index)) = self.snapshot_pending
+            && ready <= number
+        {
+            self.snapshot_pending = None;
+            self.raw.advance_apply_to(index);
+        }
+    }
+
+    fn on_role(&mut self, leader: bool, responses: &mut Vec<(RequestId, Response)>) {
+        if leader {
+            self.acks.clear();
+            self.leader_since = self.now_tick;
+            return;
+        }
+        // Lost mastership: proposed entries may still commit under the next master, so
+        // their fate is unknown; waiting reads go elsewhere.
+        let hint = self.master_hint();
+        for (_, flight) in std::mem::take(&mut self.in_flight) {
+            responses.extend(flight.requests.into_iter().map(|id| {
+                (
+                    id,
+                    Response::error(
+                        ErrorCode::Indeterminate,
+                        "the master changed before the request committed; it may or may not \
+                         have been applied",
+                    ),
+                )
+            }));
+        }
+        responses.extend(self.waiters.drain(..).map(|(id, _)| (id, hint.clone())));
+    }
+
+    fn note_snapshot_sent(&mut self, message: &eraftpb::Message) {
+        if message.get_msg_type() == MessageType::MsgSnapshot {
+            self.snapshot_sent.insert(message.to, 0);
+        }
+    }
+
+    fn install_snapshot(
+        &mut self,
+        snapshot: &eraftpb::Snapshot,
+        batch: &mut WriteBatch,
+    ) -> Result<(), NodeError> {
+        let metadata = snapshot.get_metadata();
+        let machine = GroupMachine::restore(self.group, self.layout.clone(), &snapshot.data)
+            .map_err(|e| NodeError::BadEntry {
+                group: self.group,
+                index: metadata.index,
+                reason: format!("snapshot: {e}"),
+            })?;
+        self.machine = machine;
+        self.applied_term = metadata.term;
+        batch.install_snapshot(
+            self.group,
+            metadata.index,
+            metadata.term,
+            conf_state_from_raft(metadata.get_conf_state()),
+            snapshot.data.to_vec(),
+        );
+        Ok(())
+    }
+
+    fn apply(
+        &mut self,
+        entries: Vec<eraftpb::Entry>,
+        responses: &mut Vec<(RequestId, Response)>,
+    ) -> Result<(), NodeError> {
+        for entry in entries {
+            if entry.index <= self.machine.applied_index() {
+                continue;
+            }
+            let data: &[u8] = if entry.get_entry_type() == eraftpb::EntryType::EntryNormal {
+                &entry.data
+            } else {
+                &[]
+            };
+            let results =
+                self.machine
+                    .apply(entry.index, data)
+                    .map_err(|e| NodeError::BadEntry {
+                        group: self.group,
+                        index: entry.index,
+                        reason: e.to_string(),
+                    })?;
+            self.applied_term = entry.term;
+            let Some(flight) = self.in_flight.remove(&entry.index) else {
+                continue;
+            };
+            if flight.term != entry.term {
+                let response = Response::error(
+                    ErrorCode::NotMaster,
+                    "the entry was replaced by a new master's; it was not applied",
+                );
+                responses.extend(flight.requests.into_iter().map(|id| (id, response.clone())));
+                continue;
+            }
+            assert_eq!(
+                results.len(),
+                flight.requests.len(),
+                "one result per command"
+            );
+            responses.extend(
+                flight
+                    .requests
+                    .into_iter()
+                    .zip(results)
+                    .map(|(id, applied)| {
+                        let response = match applied {
+                            Applied::Enqueued {
+                                first_offset,
+                                count,
+                            } => Response::Produced {
+                                first_offset,
+                                count,
+                            },
+                            Applied::CursorCommitted { .. } => Response::Committed,
+                            Applied::Rejected(code) => {
+                                Response::error(code, "refused when applied".to_string())
+                            }
+                        };
+                        (id, response)
+                    }),
+            );
+        }
+        Ok(())
+    }
+
+    /// Answers parked consumes that can be answered: messages arrived, or (on the master) the
+    /// wait is zero. Non-masters have no waiters (they are failed over in `on_role`).
+    pub(crate) fn serve_waiters(
+        &mut self,
+        wal: &Wal,
+        now_tick: u64,
+        responses: &mut Vec<(RequestId, Response)>,
+    ) {
+        if self.waiters.is_empty() {
+            return;
+        }
+        if self.check_master(now_tick).is_err() {
+            let hint = self.master_hint();
+            responses.extend(self.waiters.drain(..).map(|(id, _)| (id, hint.clone())));
+            return;
+        }
+        let waiters = std::mem::take(&mut self.waiters);
+        for (id, consume) in waiters {
+            match self.read(wal, &consume) {
+                Ok(response) => {
+                    let empty = matches!(&response, Response::Consumed { messages, .. } if messages.is_empty());
+                    if empty && consume.deadline > now_tick {
+                        self.waiters.push((id, consume));
+                    } else {
+                        responses.push((id, response));
+                    }
+                }
+                Err(response) => responses.push((id, response)),
+            }
+        }
+    }
+
+    pub(crate) fn expire_waiters(
+        &mut self,
+        now_tick: u64,
+        responses: &mut Vec<(RequestId, Response)>,
+    ) {
+        let machine = &self.machine;
+        self.waiters.retain(|(id, consume)| {
+            if consume.deadline > now_tick {
+                return true;
+            }
+            let end = machine
+                .end_offset(&consume.topic, consume.queue)
+                .unwrap_or(1);
+            let next = consume.from.unwrap_or_else(|| {
+                machine
+                    .cursor(&consume.consumer_group, &consume.topic, consume.queue)
+                    .unwrap_or(1)
+            });
+            responses.push((
+                *id,
+                Response::Consumed {
+                    messages: Vec::new(),
+                    next_offset: next,
+                    end_offset: end,
+                },
+            ));
+            false
+        });
+    }
+
+    fn read(&self, wal: &Wal, consume: &Consume) -> Result<Response, Response> {
+        let from = match consume.from {
+            Some(from) => from,
+            None => self
+                .machine
+                .cursor(&consume.consumer_group, &consume.topic, consume.queue)
+                .ok_or_else(|| {
+                    Response::error(ErrorCode::UnknownConsumerGroup, "no such cursor")
+                })?,
+        };
+        let plan = self
+            .machine
+            .read_plan(&consume.topic, consume.queue, from, consume.count_max)
+            .ok_or_else(|| Response::error(ErrorCode::UnknownQueue, "queue not hosted here"))?;
+        let mut messages = Vec::new();
+        let mut bytes_left = consume.bytes_max;
+        for entry in &plan.entries {
+            let count_left = consume.count_max - messages.len() as u64;
+            if count_left == 0 || bytes_left == 0 {
+                break;
+            }
+            let stored = wal
+                .entries(self.group, entry.index, entry.index + 1, None)
+                .map_err(|e| Response::error(ErrorCode::Unavailable, e.to_string()))?;
+            let Some(stored) = stored.into_iter().next() else {
+                break;
+            };
+            let got = GroupMachine::extract(
+                entry,
+                &stored.data,
+                &consume.topic,
+                consume.queue,
+                plan.start,
+                count_left,
+                bytes_left,
+            )
+            .map_err(|e| Response::error(ErrorCode::Unavailable, e.to_string()))?;
+            for m in got {
+                bytes_left = bytes_left.saturating_sub((m.key.len() + m.value.len()) as u64);
+                messages.push(m);
+            }
+        }
+        let next_offset = messages.last().map_or(plan.start, |m| m.offset + 1);
+        Ok(Response::Consumed {
+            messages,
+            next_offset,
+            end_offset: plan.end,
+        })
+    }
+
+    /// Every retained message of a queue in this replica's log, in order.
+    pub(crate) fn read_all(&self, wal: &Wal, topic: &str, queue: QueueId) -> Vec<StoredMessage> {
+        let consume = Consume {
+            topic: topic.to_string(),
+            queue,
+            consumer_group: String::new(),
+            from: Some(1),
+            count_max: u64::MAX,
+            bytes_max: u64::MAX,
+            deadline: 0,
+        };
+        match self.read(wal, &consume) {
+            Ok(Response::Consumed { messages, .. }) => messages,
+            _ => Vec::new(),
+        }
+    }
+
+    /// Hands mastership to the group's preferred node (members[g mod n]) once it is caught
+    /// up, so masters spread evenly and a returning node gets its share back.
+    pub(crate) fn rebalance(&mut self, config: &NodeConfig, now_tick: u64) {
+        self.retry_lost_snapshots(now_tick);
+        if !self.is_leader() || self.raw.raft.lead_transferee.is_some() {
+            return;
+        }
+        let preferred = self.members[(self.group.0 % self.members.len() as u64) as usize];
+        if preferred == self.me || now_tick < self.leader_since + config.timing.rebalance_ticks {
+            return;
+        }
+        let last = self.raw.raft.raft_log.last_index();
+        let caught_up = self
+            .raw
+            .raft
+            .prs()
+            .get(preferred.0)
+            .is_some_and(|p| p.matched + 64 >= last);
+        let alive = self
+            .acks
+            .get(&preferred.0)
+            .is_some_and(|&t| t + self.timing.lease_ticks >= now_tick);
+        if caught_up && alive {
+            self.raw.transfer_leader(preferred.0);
+        }
+    }
+
+    fn retry_lost_snapshots(&mut self, now_tick: u64) {
+        let timeout = 4 * self.timing.election_ticks as u64;
+        let mut failed = Vec::new();
+        for (peer, sent) in &mut self.snapshot_sent {
+            if *sent == 0 {
+                *sent = now_tick;
+            }
+            let still = self
+                .raw
+                .raft
+                .prs()
+                .get(*peer)
+                .is_some_and(|p| p.state == raft::ProgressState::Snapshot);
+            if !still {
+                failed.push((*peer, false));
+            } else if now_tick > *sent + timeout {
+                failed.push((*peer, true));
+            }
+        }
+        for (peer, lost) in failed {
+            self.snapshot_sent.remove(&peer);
+            if lost {
+                self.raw
+                    .report_snapshot(peer, raft::SnapshotStatus::Failure);
+            }
+        }
+    }
+
+    /// Compacts the log behind every consumer group (and outside the replay window), when
+    /// enough is deletable; the state machine at the compaction point goes with it so that a
+    /// restart or a lagging follower can start from there.
+    pub(crate) fn compact(
+        &mut self,
+        config: &NodeConfig,
+        now_ms: u64,
+        batch: &mut WriteBatch,
+    ) -> Result<(), NodeError> {
+        let first = self.raw.raft.raft_log.first_index();
+        let deletable = self
+            .machine
+            .deletable_index(now_ms)
+            .min(self.raw.raft.raft_log.persisted);
+        if deletable < first.saturating_sub(1) + config.compact_entries_min {
+            return Ok(());
+        }
+        batch.compact(self.group, deletable, self.machine.snapshot(deletable));
+        self.machine.forget_through(deletable);
+        Ok(())
+    }
+
+    pub(crate) fn status(&self, now_tick: u64, tick_ms: u64) -> GroupStatus {
+        let raft = &self.raw.raft;
+        GroupStatus {
+            group: self.group,
+            master: (raft.leader_id != 0).then_some(NodeId(raft.leader_id)),
+            term: raft.term,
+            lease_remaining_ms: self.lease_remaining(now_tick).map(|t| t * tick_ms),
+            commit_index: raft.raft_log.committed,
+            applied_index: self.machine.applied_index(),
+            last_index: raft.raft_log.last_index(),
+        }
+    }
+}
+
+fn command_bytes(command: &Command) -> usize {
+    match command {
+        Command::Enqueue { messages, .. } => messages
+            .iter()
+            .map(|m| m.key.len() + m.value.len() + 16)
+            .sum(),
+        Command::CommitCursor { .. } => 64,
+    }
+}
+
+fn describe_refusal(code: ErrorCode, command: &Command) -> String {
+    match command {
+        Command::Enqueue { topic, queue, .. } => format!("enqueue to {topic}/{queue}: {code}"),
+        Command::CommitCursor {
+            consumer_group,
+            topic,
+            queue,
+            offset,
+        } => format!("commit {consumer_group} on {topic}/{queue} at {offset}: {code}"),
+    }
+}

@@ -1,0 +1,1244 @@
+//! The server: one [`Node`] run for real, with threads, wall time, TCP and gRPC.
+//!
+//! ```text
+//!  gRPC handlers ──Client──┐                        ┌──▶ Transport::send (one frame per peer)
+//!  Transport ─────Peer─────┼─▶ event-loop thread ───┼──▶ reply oneshots (client answers)
+//!  sync thread ───Wake─────┘   (owns the Node)      └──▶ sync thread: wal.sync_to(newest Lsn)
+//! ```
+//!
+//! * **The event-loop thread owns the [`Node`].** Inputs arrive on one bounded channel: peer
+//!   frames from the transport, client requests with a reply sender, and wake-ups. It drains
+//!   what is queued (at most [`INPUTS_PER_WAKE_MAX`]), turns elapsed wall time ([`Instant`])
+//!   into ticks, and runs [`Node::round`] until the node has no work, sending each round's
+//!   messages (one [`PeerFrame`] per destination), answering clients, and handing the round's
+//!   `sync` to the sync thread.
+//! * **The event loop never waits for an fsync.** The sync thread syncs the log to the newest
+//!   Lsn asked for (requests coalesce: while one sync runs, later requests are taken by the
+//!   next), records the durable Lsn and wakes the loop, which reports it with
+//!   [`Node::synced`]. The record is shared state, not a message, so a full channel can delay
+//!   a completion but never lose it.
+//! * **Fail-stop.** A [`NodeError`] from a round or a failed sync voids durability: the event
+//!   loop stops at once, answers nothing more (pending clients see `UNAVAILABLE`, never a
+//!   success), and [`RunningServer::run_until`] returns the error so the process exits
+//!   non-zero.
+//! * **Backpressure, not buffering.** A full input channel answers a client `BUSY` and drops a
+//!   peer frame (raft retransmits); the node itself refuses requests beyond its pending limit.
+//! * **Graceful stop**: stop accepting client calls, finish the current round, sync what was
+//!   written, answer what is left (`INDETERMINATE` for writes in flight, which may still
+//!   commit through the other nodes; `UNAVAILABLE` for reads), stop the transport.
+//!
+//! The data directory holds the write-ahead log in `wal/` and an `IDENTITY` file naming the
+//! store and node it belongs to, so a node started with another node's directory (or another
+//! store's) refuses to start instead of corrupting raft state.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use phxq_core::{Message, StoreLayout};
+use phxq_proto::PeerFrame;
+use phxq_proto::api::{self, phxq_server};
+use phxq_storage::{Lsn, Wal, WalOptions};
+use phxq_types::{ErrorCode, NodeId, validate_name};
+use tokio::sync::oneshot;
+
+use crate::config::ServerConfig;
+use crate::transport::{Transport, TransportConfig};
+use crate::{GroupStatus, Node, NodeError, NodeStatus, Output, Request, RequestId, Response};
+
+/// Inputs queued for the event loop at most; beyond, clients get `BUSY` and peer frames are
+/// dropped.
+pub const INPUTS_QUEUED_MAX: usize = 16_384;
+/// Inputs the event loop takes per wake-up before running a round (bounds a round's latency).
+pub const INPUTS_PER_WAKE_MAX: usize = 4_096;
+/// Rounds run per wake-up at most, so ticks are never starved by a busy node.
+pub const ROUNDS_PER_WAKE_MAX: usize = 64;
+/// Ticks replayed at most after the event loop was held up (a stopped process); beyond, the
+/// extra ticks are skipped: every timeout they could fire has fired.
+pub const TICKS_CATCH_UP_MAX: u64 = 1_000;
+/// Frames queued per peer in the transport.
+pub const PEER_QUEUE_FRAMES_MAX: usize = 1_024;
+
+/// Messages in one Produce call at most.
+pub const PRODUCE_MESSAGES_MAX: usize = 10_000;
+/// Bytes of keys and values in one Produce call at most (32 MiB): one call is one log entry.
+pub const PRODUCE_BYTES_MAX: usize = 32 << 20;
+/// `max_messages` of a Consume call at most.
+pub const CONSUME_MESSAGES_MAX: u32 = 10_000;
+/// `max_bytes` of a Consume call at most (64 MiB).
+pub const CONSUME_BYTES_MAX: u32 = 64 << 20;
+/// `wait_ms` of a Consume call at most (1 minute).
+pub const CONSUME_WAIT_MS_MAX: u32 = 60_000;
+/// How long a call may wait for the node beyond its own long-poll wait, in milliseconds;
+/// then it fails with `TIMEOUT` (a Produce may still commit: at-least-once).
+pub const CALL_TIMEOUT_MS: u64 = 30_000;
+/// Slack over the payload limits for protobuf framing of a call, in bytes.
+const GRPC_OVERHEAD_BYTES: usize = 1 << 20;
+/// Concurrent calls per client connection at most.
+pub const CALLS_PER_CONNECTION_MAX: u32 = 1_024;
+/// How long a graceful stop waits for client connections to drain, in milliseconds.
+pub const DRAIN_TIMEOUT_MS: u64 = 5_000;
+
+/// The file in the data directory naming the store and node it belongs to.
+const IDENTITY_FILE: &str = "IDENTITY";
+/// The write-ahead log's directory inside the data directory.
+const WAL_DIR: &str = "wal";
+
+/// Why a server could not start, or stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The data directory is unusable or belongs to another node.
+    #[error("data directory {path}: {reason}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The write-ahead log did not open.
+    #[error("write-ahead log: {0}")]
+    Wal(#[from] phxq_storage::Error),
+    /// Binding a listening socket failed.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// Client or peer.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Durability is void: the node stopped (see the module documentation).
+    #[error("node stopped to protect durability: {0}")]
+    Node(#[from] NodeError),
+    /// An fsync of the write-ahead log failed; the node stopped.
+    #[error("node stopped: syncing the write-ahead log failed: {0}")]
+    Sync(String),
+    /// The client gRPC server failed.
+    #[error("client gRPC server: {0}")]
+    Grpc(String),
+    /// A thread could not be started, or ended by a panic.
+    #[error("{0}")]
+    Thread(String),
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handles
+
+/// What the event loop receives.
+enum Input {
+    /// Raft messages from a peer (already checked by the transport).
+    Peer(PeerFrame),
+    /// A client request and where its answer goes.
+    Client(Request, oneshot::Sender<Response>),
+    /// Nothing to do but look at the shared state (sync progress, stop flag).
+    Wake,
+}
+
+/// A cheap, cloneable way to ask a running node something (used by the gRPC service and by
+/// in-process callers such as `phxq dev`).
+#[derive(Clone)]
+pub struct NodeHandle {
+    inputs: SyncSender<Input>,
+}
+
+impl NodeHandle {
+    /// Sends `request` to the node and waits for its answer. A full input queue answers
+    /// `BUSY`, a stopped node `UNAVAILABLE`.
+    pub async fn call(&self, request: Request) -> Response {
+        let (reply, answer) = oneshot::channel();
+        match self.inputs.try_send(Input::Client(request, reply)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                return Response::error(ErrorCode::Busy, "the node's input queue is full");
+            }
+            Err(TrySendError::Disconnected(_)) => return stopped_response(),
+        }
+        answer.await.unwrap_or_else(|_| stopped_response())
+    }
+
+    /// This node's view of its groups.
+    pub async fn status(&self) -> Option<NodeStatus> {
+        match self.call(Request::Status).await {
+            Response::Status(status) => Some(status),
+            _ => None,
+        }
+    }
+
+    fn wake(&self) {
+        // A full queue wakes the loop anyway.
+        let _ = self.inputs.try_send(Input::Wake);
+    }
+}
+
+fn stopped_response() -> Response {
+    Response::error(ErrorCode::Unavailable, "the node is stopping or stopped")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Starting and stopping
+
+/// A node serving clients and peers. Stop it with [`RunningServer::run_until`].
+pub struct RunningServer {
+    config: Arc<ServerConfig>,
+    handle: NodeHandle,
+    client_addr: SocketAddr,
+    transport: Transport,
+    stopping: Arc<AtomicBool>,
+    grpc_stop: oneshot::Sender<()>,
+    grpc: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    exited: oneshot::Receiver<Result<(), ServerError>>,
+}
+
+impl RunningServer {
+    /// Opens the data directory and the log, starts the node's groups, the peer transport and
+    /// the client gRPC service. Must be called inside a tokio runtime (multi-threaded).
+    pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
+        let config = Arc::new(config);
+        check_identity(&config)?;
+        let wal_dir = config.data_dir.join(WAL_DIR);
+        let opening = wal_dir.clone();
+        let (wal, recovery) =
+            tokio::task::spawn_blocking(move || Wal::open(&opening, WalOptions::default()))
+                .await
+                .map_err(|error| ServerError::Thread(format!("opening the log: {error}")))??;
+        tracing::info!(
+            node = %config.node,
+            dir = %wal_dir.display(),
+            segments = recovery.segments,
+            records = recovery.records,
+            torn_tail = recovery.torn_tail.is_some(),
+            "write-ahead log opened"
+        );
+        let wal = Arc::new(wal);
+        let client_listener = bind("client", config.client_listen).await?;
+        let peer_listener = bind("peer", config.peer_listen).await?;
+        let client_addr = local_addr("client", &client_listener, config.client_listen)?;
+
+        let (inputs, receiver) = std::sync::mpsc::sync_channel(INPUTS_QUEUED_MAX);
+        let handle = NodeHandle { inputs };
+        let transport = start_transport(&config, peer_listener, &handle)?;
+        let stopping = Arc::new(AtomicBool::new(false));
+        let exited = spawn_event_loop(
+            &config,
+            wal,
+            receiver,
+            handle.clone(),
+            transport.clone(),
+            stopping.clone(),
+        )
+        .await?;
+        let (grpc_stop, grpc_stopped) = oneshot::channel::<()>();
+        let service = Service {
+            config: config.clone(),
+            handle: handle.clone(),
+            transport: transport.clone(),
+        };
+        let grpc = tokio::spawn(serve_grpc(service, client_listener, grpc_stopped));
+        tracing::info!(
+            node = %config.node,
+            store = config.store_id,
+            client = %client_addr,
+            peer = %transport.local_addr(),
+            "node serving"
+        );
+        Ok(RunningServer {
+            config,
+            handle,
+            client_addr,
+            transport,
+            stopping,
+            grpc_stop,
+            grpc,
+            exited,
+        })
+    }
+
+    /// A handle for in-process requests.
+    pub fn handle(&self) -> NodeHandle {
+        self.handle.clone()
+    }
+
+    /// The address the client gRPC service listens on.
+    pub fn client_addr(&self) -> SocketAddr {
+        self.client_addr
+    }
+
+    /// The address the peer transport listens on.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.transport.local_addr()
+    }
+
+    /// The node's configuration.
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
+    /// Serves until `shutdown` resolves, then stops gracefully and returns `Ok`; or until the
+    /// node stops on its own (a failure that voids durability), and returns that error.
+    pub async fn run_until(
+        mut self,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), ServerError> {
+        let early = tokio::select! {
+            () = shutdown => None,
+            exited = &mut self.exited => Some(exited),
+        };
+        let node = self.config.node;
+        if early.is_none() {
+            tracing::info!(%node, "stopping: no new calls; finishing the current round");
+        }
+        self.stopping.store(true, Ordering::SeqCst);
+        self.handle.wake();
+        let _ = self.grpc_stop.send(());
+        let outcome = match early {
+            Some(exited) => exited,
+            None => (&mut self.exited).await,
+        }
+        .unwrap_or_else(|_| Err(ServerError::Thread("the event loop vanished".to_string())));
+        let drained =
+            tokio::time::timeout(Duration::from_millis(DRAIN_TIMEOUT_MS), &mut self.grpc).await;
+        match drained {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => {
+                tracing::warn!(%node, %error, "client gRPC server ended with an error")
+            }
+            Ok(Err(error)) => tracing::warn!(%node, %error, "client gRPC server task failed"),
+            Err(_) => {
+                tracing::warn!(%node, "client connections did not drain in time; closing them");
+                self.grpc.abort();
+            }
+        }
+        self.transport.shutdown().await;
+        match &outcome {
+            Ok(()) => tracing::info!(%node, "stopped"),
+            Err(error) => tracing::error!(%node, %error, "node failed"),
+        }
+        outcome
+    }
+}
+
+async fn bind(
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<tokio::net::TcpListener, ServerError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { what, addr, source })
+}
+
+fn local_addr(
+    what: &'static str,
+    listener: &tokio::net::TcpListener,
+    addr: SocketAddr,
+) -> Result<SocketAddr, ServerError> {
+    listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind { what, addr, source })
+}
+
+fn start_transport(
+    config: &ServerConfig,
+    listener: tokio::net::TcpListener,
+    handle: &NodeHandle,
+) -> Result<Transport, ServerError> {
+    let peer_addr = config.peer_listen;
+    let inputs = handle.inputs.clone();
+    let dropped = Arc::new(AtomicU64::new(0));
+    let deliver = Arc::new(move |frame: PeerFrame| {
+        if inputs.try_send(Input::Peer(frame)).is_err() {
+            // Raft retransmits; count and say so once in a while.
+            let count = dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if count.is_power_of_two() {
+                tracing::warn!(count, "event loop input queue full: peer frames dropped");
+            }
+        }
+    });
+    let transport_config = TransportConfig {
+        store_id: config.store_id,
+        me: config.node,
+        listen: peer_addr,
+        peers: config.members.iter().map(|m| (m.id, m.peer_addr)).collect(),
+        queue_frames_max: PEER_QUEUE_FRAMES_MAX,
+    };
+    Transport::start_on(listener, transport_config, deliver).map_err(|source| ServerError::Bind {
+        what: "peer",
+        addr: peer_addr,
+        source,
+    })
+}
+
+/// Checks (or, on first start, writes) the data directory's identity file.
+fn check_identity(config: &ServerConfig) -> Result<(), ServerError> {
+    let dir = &config.data_dir;
+    let fail = |reason: String| ServerError::DataDir {
+        path: dir.clone(),
+        reason,
+    };
+    let expected = format!(
+        "store_id = {}\nnode_id = {}\n",
+        config.store_id, config.node.0
+    );
+    let path = dir.join(IDENTITY_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(found) if found == expected => Ok(()),
+        Ok(found) => Err(fail(format!(
+            "belongs to another node: {} says {:?}, this config is {:?}",
+            path.display(),
+            found.trim(),
+            expected.trim()
+        ))),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            write_identity(dir, &path, &expected).map_err(|error| fail(error.to_string()))
+        }
+        Err(error) => Err(fail(format!("cannot read {}: {error}", path.display()))),
+    }
+}
+
+/// Writes the identity file durably: temporary file, fsync, rename, fsync of the directory.
+fn write_identity(dir: &Path, path: &Path, text: &str) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    if dir.join(WAL_DIR).exists() {
+        return Err(std::io::Error::other(format!(
+            "{} exists without {IDENTITY_FILE}; refusing to guess whose log it is",
+            dir.join(WAL_DIR).display()
+        )));
+    }
+    let temporary = dir.join(format!("{IDENTITY_FILE}.tmp"));
+    let mut file = std::fs::File::create(&temporary)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Starts the sync thread and the event-loop thread; returns once the node's groups are open
+/// (or failed to open), with a receiver that fires when the event loop ends.
+async fn spawn_event_loop(
+    config: &Arc<ServerConfig>,
+    wal: Arc<Wal>,
+    receiver: Receiver<Input>,
+    handle: NodeHandle,
+    transport: Transport,
+    stopping: Arc<AtomicBool>,
+) -> Result<oneshot::Receiver<Result<(), ServerError>>, ServerError> {
+    let sync = Arc::new(SyncShared::default());
+    let sync_thread = spawn_sync_thread(config.node, wal.clone(), sync.clone(), handle.clone())?;
+    let (opened_tx, opened) = oneshot::channel();
+    let (exited_tx, exited) = oneshot::channel();
+    let config = config.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("phxq-{}-loop", config.node))
+        .spawn(move || {
+            let node = match Node::open(config.node_config(seed(&config)), wal.clone()) {
+                Ok(node) => node,
+                Err(error) => {
+                    sync.stop();
+                    let _ = opened_tx.send(Err(ServerError::Node(error)));
+                    return;
+                }
+            };
+            let _ = opened_tx.send(Ok(()));
+            let mut event_loop = EventLoop::new(
+                config,
+                node,
+                wal,
+                receiver,
+                transport,
+                sync.clone(),
+                stopping,
+            );
+            let outcome = event_loop.run();
+            sync.stop();
+            let outcome = match sync_thread.join() {
+                Ok(()) => outcome,
+                Err(_) => Err(ServerError::Thread("the sync thread panicked".to_string())),
+            };
+            let _ = exited_tx.send(outcome);
+        });
+    spawned
+        .map_err(|error| ServerError::Thread(format!("cannot start the event loop: {error}")))?;
+    opened.await.unwrap_or_else(|_| {
+        Err(ServerError::Thread(
+            "the event loop panicked while opening".to_string(),
+        ))
+    })?;
+    Ok(exited)
+}
+
+/// Seeds the node's random choices: differs across nodes and restarts (elections only need
+/// spread, not replay; the simulator seeds its nodes itself).
+fn seed(config: &ServerConfig) -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos() as u64);
+    nanos ^ config.node.0.rotate_left(48) ^ u64::from(std::process::id()).rotate_left(16)
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The sync thread
+
+/// Sync requests and progress, shared by the event loop and the sync thread.
+#[derive(Default)]
+struct SyncShared {
+    state: Mutex<SyncState>,
+    requested: Condvar,
+}
+
+#[derive(Default)]
+struct SyncState {
+    /// The newest Lsn the event loop asked to make durable.
+    requested: Lsn,
+    /// Durable up to here.
+    done: Lsn,
+    /// A sync failed: durability is void.
+    failed: Option<String>,
+    /// The sync thread should exit once nothing is requested.
+    stop: bool,
+}
+
+impl SyncShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SyncState> {
+        // A panic while holding this lock is a bug elsewhere; the state itself stays sound.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn request(&self, lsn: Lsn) {
+        let mut state = self.lock();
+        if lsn > state.requested {
+            state.requested = lsn;
+            self.requested.notify_one();
+        }
+    }
+
+    fn stop(&self) {
+        self.lock().stop = true;
+        self.requested.notify_one();
+    }
+
+    /// Durable Lsn so far, or the failure.
+    fn progress(&self) -> Result<Lsn, ServerError> {
+        let state = self.lock();
+        match &state.failed {
+            Some(reason) => Err(ServerError::Sync(reason.clone())),
+            None => Ok(state.done),
+        }
+    }
+}
+
+fn spawn_sync_thread(
+    node: NodeId,
+    wal: Arc<Wal>,
+    shared: Arc<SyncShared>,
+    waker: NodeHandle,
+) -> Result<std::thread::JoinHandle<()>, ServerError> {
+    std::thread::Builder::new()
+        .name(format!("phxq-{node}-sync"))
+        .spawn(move || sync_thread(&wal, &shared, &waker))
+        .map_err(|error| ServerError::Thread(format!("cannot start the sync thread: {error}")))
+}
+
+/// Syncs to the newest requested Lsn until told to stop; the first failure is final.
+fn sync_thread(wal: &Wal, shared: &SyncShared, waker: &NodeHandle) {
+    loop {
+        let target = {
+            let mut state = shared.lock();
+            while state.requested <= state.done && !state.stop {
+                state = shared
+                    .requested
+                    .wait(state)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+            }
+            if state.requested <= state.done {
+                return; // stop, and nothing left to sync
+            }
+            state.requested
+        };
+        let outcome = wal.sync_to(target);
+        {
+            let mut state = shared.lock();
+            match outcome {
+                Ok(durable) => state.done = state.done.max(durable).max(target),
+                Err(error) => {
+                    tracing::error!(%error, "fsync of the write-ahead log failed; stopping the node");
+                    state.failed = Some(error.to_string());
+                }
+            }
+        }
+        waker.wake();
+        if shared.lock().failed.is_some() {
+            return;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The event loop
+
+/// A client waiting for its answer.
+struct Pending {
+    reply: oneshot::Sender<Response>,
+    /// A write (produce or cursor commit): if the node stops first, the outcome is unknown.
+    write: bool,
+}
+
+/// The thread that owns the [`Node`]. See the module documentation.
+struct EventLoop {
+    config: Arc<ServerConfig>,
+    node: Node,
+    wal: Arc<Wal>,
+    inputs: Receiver<Input>,
+    transport: Transport,
+    sync: Arc<SyncShared>,
+    stopping: Arc<AtomicBool>,
+    pending: HashMap<RequestId, Pending>,
+    next_request: RequestId,
+    /// The newest Lsn handed to the sync thread.
+    sync_requested: Lsn,
+    /// The newest durable Lsn reported to the node.
+    synced: Lsn,
+    tick: Duration,
+    next_tick: Instant,
+}
+
+impl EventLoop {
+    fn new(
+        config: Arc<ServerConfig>,
+        node: Node,
+        wal: Arc<Wal>,
+        inputs: Receiver<Input>,
+        transport: Transport,
+        sync: Arc<SyncShared>,
+        stopping: Arc<AtomicBool>,
+    ) -> EventLoop {
+        let tick = Duration::from_millis(config.timing.tick_ms);
+        EventLoop {
+            config,
+            node,
+            wal,
+            inputs,
+            transport,
+            sync,
+            stopping,
+            pending: HashMap::new(),
+            next_request: 1,
+            sync_requested: 0,
+            synced: 0,
+            tick,
+            next_tick: Instant::now() + tick,
+        }
+    }
+
+    /// Serves until told to stop (then stops gracefully) or a failure voids durability.
+    fn run(&mut self) -> Result<(), ServerError> {
+        let outcome = self.serve();
+        match outcome {
+            Ok(()) => self.stop_gracefully(),
+            Err(error) => {
+                // Answer nothing more: dropping the reply senders tells every waiting client
+                // `UNAVAILABLE`, which promises nothing.
+                self.pending.clear();
+                Err(error)
+            }
+        }
+    }
+
+    fn serve(&mut self) -> Result<(), ServerError> {
+        while !self.stopping.load(Ordering::SeqCst) {
+            // Work left over from a capped wake-up runs at once; otherwise sleep until the
+            // next tick unless an input comes first.
+            let timeout = if self.node.has_work() {
+                Duration::ZERO
+            } else {
+                self.next_tick.saturating_duration_since(Instant::now())
+            };
+            match self.inputs.recv_timeout(timeout) {
+                Ok(input) => self.handle(input),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            }
+            for _ in 1..INPUTS_PER_WAKE_MAX {
+                match self.inputs.try_recv() {
+                    Ok(input) => self.handle(input),
+                    Err(_) => break,
+                }
+            }
+            self.take_sync_progress()?;
+            self.tick_due();
+            self.run_rounds()?;
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, input: Input) {
+        match input {
+            Input::Peer(frame) => self.node.step(frame.from, frame.messages),
+            Input::Client(request, reply) => {
+                if self.stopping.load(Ordering::SeqCst) {
+                    let _ = reply.send(stopped_response());
+                    return;
+                }
+                let id = self.next_request;
+                self.next_request += 1;
+                let write = matches!(request, Request::Produce { .. } | Request::Commit { .. });
+                self.pending.insert(id, Pending { reply, write });
+                self.node.request(id, request);
+            }
+            Input::Wake => {}
+        }
+    }
+
+    /// Reports newly durable log positions to the node; a failed sync is fatal.
+    fn take_sync_progress(&mut self) -> Result<(), ServerError> {
+        let done = self.sync.progress()?;
+        if done > self.synced {
+            self.synced = done;
+            self.node.synced(done);
+        }
+        Ok(())
+    }
+
+    /// Turns elapsed wall time into ticks.
+    fn tick_due(&mut self) {
+        let now = Instant::now();
+        let mut ticks = 0;
+        while self.next_tick <= now {
+            if ticks == TICKS_CATCH_UP_MAX {
+                tracing::warn!(node = %self.config.node, "event loop held up; skipping ticks");
+                self.next_tick = now + self.tick;
+                break;
+            }
+            self.node.tick(wall_ms());
+            self.next_tick += self.tick;
+            ticks += 1;
+        }
+    }
+
+    /// Runs rounds while the node has work (bounded), dispatching each round's output.
+    fn run_rounds(&mut self) -> Result<(), ServerError> {
+        for _ in 0..ROUNDS_PER_WAKE_MAX {
+            let output = self.node.round()?;
+            self.dispatch(output);
+            if !self.node.has_work() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn dispatch(&mut self, output: Output) {
+        let me = self.config.node;
+        for (to, messages) in output.messages {
+            debug_assert_ne!(to, me, "raft sends nothing to itself");
+            let frame = PeerFrame {
+                store_id: self.config.store_id,
+                from: me,
+                to,
+                messages,
+            };
+            self.transport.send(to, frame);
+        }
+        for (id, response) in output.responses {
+            if let Some(pending) = self.pending.remove(&id) {
+                // The client may have gone; its answer is then dropped.
+                let _ = pending.reply.send(response);
+            }
+        }
+        if let Some(lsn) = output.sync
+            && lsn > self.sync_requested
+        {
+            self.sync_requested = lsn;
+            self.sync.request(lsn);
+        }
+    }
+
+    /// Refuses what is still queued, finishes the round, syncs what was written, and answers
+    /// the clients left.
+    fn stop_gracefully(&mut self) -> Result<(), ServerError> {
+        while let Ok(input) = self.inputs.try_recv() {
+            self.handle(input); // clients are refused while stopping; peer frames are harmless
+        }
+        self.take_sync_progress()?;
+        self.run_rounds()?;
+        if self.sync_requested > self.synced {
+            let durable = self
+                .wal
+                .sync_to(self.sync_requested)
+                .map_err(|error| ServerError::Sync(error.to_string()))?;
+            self.synced = durable.max(self.sync_requested);
+            self.node.synced(self.synced);
+            self.run_rounds()?;
+        }
+        for (_, pending) in self.pending.drain() {
+            let response = if pending.write {
+                Response::error(
+                    ErrorCode::Indeterminate,
+                    "the node stopped before the request committed; it may still commit",
+                )
+            } else {
+                stopped_response()
+            };
+            let _ = pending.reply.send(response);
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The client gRPC service
+
+/// Serves the client API on `listener` until `stop` fires (or its sender is dropped).
+async fn serve_grpc(
+    service: Service,
+    listener: tokio::net::TcpListener,
+    stop: oneshot::Receiver<()>,
+) -> Result<(), tonic::transport::Error> {
+    let message_bytes_max = service.config.layout.message_bytes_max;
+    let server = phxq_server::PhxqServer::new(service)
+        .max_decoding_message_size(PRODUCE_BYTES_MAX + GRPC_OVERHEAD_BYTES)
+        .max_encoding_message_size(
+            CONSUME_BYTES_MAX as usize + message_bytes_max + GRPC_OVERHEAD_BYTES,
+        );
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(CALLS_PER_CONNECTION_MAX)
+        .add_service(server)
+        .serve_with_incoming_shutdown(incoming, async {
+            let _ = stop.await;
+        })
+        .await
+}
+
+/// The gRPC service: checks arguments, turns calls into [`Request`]s and answers back.
+struct Service {
+    config: Arc<ServerConfig>,
+    handle: NodeHandle,
+    transport: Transport,
+}
+
+type GrpcResult<T> = Result<tonic::Response<T>, tonic::Status>;
+
+impl Service {
+    /// Asks the node, bounded by `wait_ms` plus [`CALL_TIMEOUT_MS`].
+    async fn call(&self, request: Request, wait_ms: u64) -> Response {
+        let limit = Duration::from_millis(wait_ms + CALL_TIMEOUT_MS);
+        tokio::time::timeout(limit, self.handle.call(request))
+            .await
+            .unwrap_or_else(|_| {
+                Response::error(
+                    ErrorCode::Timeout,
+                    format!(
+                        "no answer within {} ms; a write may still commit",
+                        limit.as_millis()
+                    ),
+                )
+            })
+    }
+
+    /// The wire form of a refusal; `NOT_MASTER` carries the master's client address.
+    fn wire_error(&self, code: ErrorCode, message: String, master: Option<NodeId>) -> api::Error {
+        let master_addr = master
+            .and_then(|id| self.config.member(id))
+            .map(|member| member.client_addr.to_string())
+            .unwrap_or_default();
+        api::error(code, message, master_addr)
+    }
+
+    /// The error of an answer that is not the expected kind.
+    fn failure(&self, response: Response) -> api::Error {
+        match response {
+            Response::Error {
+                code,
+                message,
+                master,
+            } => self.wire_error(code, message, master),
+            other => {
+                tracing::error!(
+                    ?other,
+                    "the node answered a call with the wrong kind of answer"
+                );
+                api::error(
+                    ErrorCode::Unavailable,
+                    "internal error: unexpected answer",
+                    "",
+                )
+            }
+        }
+    }
+
+    fn wait_ticks(&self, wait_ms: u32) -> u64 {
+        u64::from(wait_ms).div_ceil(self.config.timing.tick_ms)
+    }
+}
+
+fn refuse(code: ErrorCode, message: impl Into<String>) -> api::Error {
+    api::error(code, message, "")
+}
+
+/// `INVALID_NAME` unless `name` follows the naming rules.
+fn check_name(what: &str, name: &str) -> Result<(), api::Error> {
+    validate_name(name).map_err(|error| refuse(ErrorCode::InvalidName, format!("{what}: {error}")))
+}
+
+fn check_produce(request: &api::ProduceRequest) -> Result<(), api::Error> {
+    check_name("topic", &request.topic)?;
+    if request.messages.len() > PRODUCE_MESSAGES_MAX {
+        return Err(refuse(
+            ErrorCode::InvalidArgument,
+            format!(
+                "{} messages in one call; at most {PRODUCE_MESSAGES_MAX}",
+                request.messages.len()
+            ),
+        ));
+    }
+    let bytes: usize = request
+        .messages
+        .iter()
+        .map(|m| m.key.len() + m.value.len())
+        .sum();
+    if bytes > PRODUCE_BYTES_MAX {
+        return Err(refuse(
+            ErrorCode::InvalidArgument,
+            format!("{bytes} bytes of messages in one call; at most {PRODUCE_BYTES_MAX}"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_consume(request: &api::ConsumeRequest) -> Result<(), api::Error> {
+    check_name("topic", &request.topic)?;
+    check_name("consumer group", &request.consumer_group)?;
+    let limits = [
+        (
+            "max_messages",
+            request.max_messages,
+            1,
+            CONSUME_MESSAGES_MAX,
+        ),
+        ("max_bytes", request.max_bytes, 1, CONSUME_BYTES_MAX),
+        ("wait_ms", request.wait_ms, 0, CONSUME_WAIT_MS_MAX),
+    ];
+    for (name, value, min, max) in limits {
+        if !(min..=max).contains(&value) {
+            return Err(refuse(
+                ErrorCode::InvalidArgument,
+                format!("{name} is {value}; it must be {min} to {max}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_commit(request: &api::CommitRequest) -> Result<(), api::Error> {
+    check_name("topic", &request.topic)?;
+    check_name("consumer group", &request.consumer_group)
+}
+
+#[tonic::async_trait]
+impl phxq_server::Phxq for Service {
+    async fn produce(
+        &self,
+        request: tonic::Request<api::ProduceRequest>,
+    ) -> GrpcResult<api::ProduceResponse> {
+        let request = request.into_inner();
+        let answer = match check_produce(&request) {
+            Err(error) => api::ProduceResponse {
+                error: Some(error),
+                ..Default::default()
+            },
+            Ok(()) => {
+                let messages = request
+                    .messages
+                    .into_iter()
+                    .map(|m| Message {
+                        key: m.key,
+                        value: m.value,
+                    })
+                    .collect();
+                let request = Request::Produce {
+                    topic: request.topic,
+                    queue: request.queue,
+                    messages,
+                };
+                match self.call(request, 0).await {
+                    Response::Produced {
+                        first_offset,
+                        count,
+                    } => api::ProduceResponse {
+                        error: None,
+                        first_offset,
+                        count: u32::try_from(count).expect("at most PRODUCE_MESSAGES_MAX"),
+                    },
+                    other => api::ProduceResponse {
+                        error: Some(self.failure(other)),
+                        ..Default::default()
+                    },
+                }
+            }
+        };
+        Ok(tonic::Response::new(answer))
+    }
+
+    async fn consume(
+        &self,
+        request: tonic::Request<api::ConsumeRequest>,
+    ) -> GrpcResult<api::ConsumeResponse> {
+        let request = request.into_inner();
+        if let Err(error) = check_consume(&request) {
+            return Ok(tonic::Response::new(api::ConsumeResponse {
+                error: Some(error),
+                ..Default::default()
+            }));
+        }
+        let wait_ms = request.wait_ms;
+        let call = Request::Consume {
+            topic: request.topic,
+            queue: request.queue,
+            consumer_group: request.consumer_group,
+            from: request.from_offset,
+            count_max: u64::from(request.max_messages),
+            bytes_max: u64::from(request.max_bytes),
+            wait_ticks: self.wait_ticks(wait_ms),
+        };
+        let answer = match self.call(call, u64::from(wait_ms)).await {
+            Response::Consumed {
+                messages,
+                next_offset,
+                end_offset,
+            } => api::ConsumeResponse {
+                error: None,
+                messages: messages
+                    .into_iter()
+                    .map(|m| api::StoredMessage {
+                        offset: m.offset,
+                        time_ms: m.time_ms,
+                        key: m.key,
+                        value: m.value,
+                    })
+                    .collect(),
+                next_offset,
+                end_offset,
+            },
+            other => api::ConsumeResponse {
+                error: Some(self.failure(other)),
+                ..Default::default()
+            },
+        };
+        Ok(tonic::Response::new(answer))
+    }
+
+    async fn commit(
+        &self,
+        request: tonic::Request<api::CommitRequest>,
+    ) -> GrpcResult<api::CommitResponse> {
+        let request = request.into_inner();
+        let error = match check_commit(&request) {
+            Err(error) => Some(error),
+            Ok(()) => {
+                let call = Request::Commit {
+                    topic: request.topic,
+                    queue: request.queue,
+                    consumer_group: request.consumer_group,
+                    offset: request.offset,
+                };
+                match self.call(call, 0).await {
+                    Response::Committed => None,
+                    other => Some(self.failure(other)),
+                }
+            }
+        };
+        Ok(tonic::Response::new(api::CommitResponse { error }))
+    }
+
+    async fn cluster_status(
+        &self,
+        _request: tonic::Request<api::ClusterStatusRequest>,
+    ) -> GrpcResult<api::ClusterStatusResponse> {
+        let answer = match self.call(Request::Status, 0).await {
+            Response::Status(status) => self.cluster_status_of(&status),
+            other => api::ClusterStatusResponse {
+                error: Some(self.failure(other)),
+                ..Default::default()
+            },
+        };
+        Ok(tonic::Response::new(answer))
+    }
+}
+
+impl Service {
+    fn cluster_status_of(&self, status: &NodeStatus) -> api::ClusterStatusResponse {
+        let config = &self.config;
+        api::ClusterStatusResponse {
+            error: None,
+            store_id: config.store_id,
+            node_id: config.node.0,
+            nodes: config
+                .members
+                .iter()
+                .map(|member| api::NodeStatus {
+                    id: member.id.0,
+                    client_addr: member.client_addr.to_string(),
+                    peer_addr: member.peer_addr.to_string(),
+                    reachable: member.id == config.node || self.transport.peer_reachable(member.id),
+                })
+                .collect(),
+            groups: status.groups.iter().map(group_status).collect(),
+            topics: topics_status(&config.layout),
+            groups_count: config.layout.groups,
+        }
+    }
+}
+
+fn group_status(group: &GroupStatus) -> api::GroupStatus {
+    api::GroupStatus {
+        group: group.group.0,
+        master: group.master.map_or(0, |m| m.0),
+        term: group.term,
+        lease_remaining_ms: group.lease_remaining_ms.unwrap_or(0),
+        commit_index: group.commit_index,
+        applied_index: group.applied_index,
+        last_index: group.last_index,
+    }
+}
+
+fn topics_status(layout: &StoreLayout) -> Vec<api::TopicStatus> {
+    let mut topics: Vec<api::TopicStatus> = layout
+        .topics
+        .iter()
+        .map(|topic| api::TopicStatus {
+            name: topic.name.clone(),
+            queues: topic.queues,
+            consumer_groups: topic.consumer_groups.clone(),
+        })
+        .collect();
+    topics.sort_by(|a, b| a.name.cmp(&b.name));
+    topics
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn consume(max_messages: u32, max_bytes: u32, wait_ms: u32) -> api::ConsumeRequest {
+        api::ConsumeRequest {
+            topic: "test".to_string(),
+            queue: 0,
+            consumer_group: "g1".to_string(),
+            from_offset: None,
+            max_messages,
+            max_bytes,
+            wait_ms,
+        }
+    }
+
+    fn code(outcome: Result<(), api::Error>) -> Option<u32> {
+        outcome.err().map(|error| error.code)
+    }
+
+    #[test]
+    fn consume_limits_are_inclusive_and_refused_beyond() {
+        let invalid = Some(ErrorCode::InvalidArgument.number());
+        assert_eq!(code(check_consume(&consume(1, 1, 0))), None);
+        assert_eq!(
+            code(check_consume(&consume(
+                CONSUME_MESSAGES_MAX,
+                CONSUME_BYTES_MAX,
+                CONSUME_WAIT_MS_MAX
+            ))),
+            None
+        );
+        assert_eq!(code(check_consume(&consume(0, 1, 0))), invalid);
+        assert_eq!(
+            code(check_consume(&consume(CONSUME_MESSAGES_MAX + 1, 1, 0))),
+            invalid
+        );
+        assert_eq!(
+            code(check_consume(&consume(1, CONSUME_BYTES_MAX + 1, 0))),
+            invalid
+        );
+        assert_eq!(
+            code(check_consume(&consume(1, 1, CONSUME_WAIT_MS_MAX + 1))),
+            invalid
+        );
+    }
+
+    #[test]
+    fn bad_names_are_invalid_name_before_anything_else() {
+        let invalid_name = Some(ErrorCode::InvalidName.number());
+        let mut request = consume(0, 0, 0);
+        request.consumer_group = "a b".to_string();
+        assert_eq!(code(check_consume(&request)), invalid_name);
+        let produce = api::ProduceRequest {
+            topic: String::new(),
+            queue: 0,
+            messages: Vec::new(),
+        };
+        assert_eq!(code(check_produce(&produce)), invalid_name);
+        let commit = api::CommitRequest {
+            topic: "t".to_string(),
+            queue: 0,
+            consumer_group: "x/y".to_string(),
+            offset: 1,
+        };
+        assert_eq!(code(check_commit(&commit)), invalid_name);
+    }
+
+    #[test]
+    fn produce_calls_are_bounded_by_count_and_bytes() {
+        let message = |bytes: usize| api::Message {
+            key: Vec::new(),
+            value: vec![0; bytes],
+        };
+        let request = |messages| api::ProduceRequest {
+            topic: "test".to_string(),
+            queue: 0,
+            messages,
+        };
+        let invalid = Some(ErrorCode::InvalidArgument.number());
+        assert_eq!(
+            code(check_produce(&request(vec![
+                message(1);
+                PRODUCE_MESSAGES_MAX
+            ]))),
+            None
+        );
+        assert_eq!(
+            code(check_produce(&request(vec![
+                message(1);
+                PRODUCE_MESSAGES_MAX + 1
+            ]))),
+            invalid
+        );
+        assert_eq!(
+            code(check_produce(&request(vec![message(
+                PRODUCE_BYTES_MAX + 1
+            )]))),
+            invalid
+        );
+    }
+
+    #[test]
+    fn the_sync_state_coalesces_requests_and_reports_failure() {
+        let shared = SyncShared::default();
+        shared.request(5);
+        shared.request(3);
+        assert_eq!(shared.lock().requested, 5);
+        assert_eq!(shared.progress().ok(), Some(0));
+        shared.lock().failed = Some("disk on fire".to_string());
+        assert!(matches!(shared.progress(), Err(ServerError::Sync(_))));
+    }
+}

@@ -1,0 +1,79 @@
+//! The simulated disk: a real write-ahead log in a real directory (on tmpfs when there is one),
+//! with crashes that lose what was never synced.
+//!
+//! After every sync the simulator completes, it records each segment file's length: the
+//! durable image. A crash then cuts every file back to its image (a segment created since keeps
+//! only its header, which the log syncs on creation), or, for a torn write, keeps a random
+//! prefix of the unsynced bytes of the newest file. Writes reach the disk in order, so a prefix of the unsynced writes is what a real crash
+//! can leave behind.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use phxq_types::Rng;
+
+/// A segment's header, synced (with its directory) when the log creates the segment.
+const SEGMENT_HEADER_BYTES: u64 = 32;
+
+/// File lengths known durable.
+#[derive(Clone, Debug, Default)]
+pub struct DurableImage {
+    lengths: BTreeMap<PathBuf, u64>,
+}
+
+/// How a crash treats unsynced bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrashKind {
+    /// Every unsynced byte is lost.
+    LoseUnsynced,
+    /// A random prefix of the unsynced bytes of the newest file survives (a torn write).
+    Tear,
+}
+
+fn segments(dir: &Path) -> Vec<(PathBuf, u64)> {
+    let mut files: Vec<(PathBuf, u64)> = fs::read_dir(dir)
+        .expect("sim data dir is readable")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+        .map(|p| {
+            let len = fs::metadata(&p).expect("segment metadata").len();
+            (p, len)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+impl DurableImage {
+    /// The directory as it is now (right after a sync).
+    pub fn capture(dir: &Path) -> DurableImage {
+        DurableImage {
+            lengths: segments(dir).into_iter().collect(),
+        }
+    }
+
+    /// Cuts `dir` back to this image, as a crash would.
+    pub fn crash(&self, dir: &Path, kind: CrashKind, rng: &mut Rng) {
+        let files = segments(dir);
+        let newest = files.last().map(|(p, _)| p.clone());
+        for (path, len) in files {
+            let durable = self.lengths.get(&path).copied();
+            let keep = match (kind, durable) {
+                (CrashKind::Tear, durable) if Some(&path) == newest.as_ref() => {
+                    let from = durable.unwrap_or(SEGMENT_HEADER_BYTES).min(len);
+                    from + rng.below(len - from + 1)
+                }
+                (_, Some(durable)) => durable,
+                (_, None) => SEGMENT_HEADER_BYTES,
+            };
+            if keep < len {
+                let file = fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .expect("open segment");
+                file.set_len(keep).expect("truncate segment");
+            }
+        }
+    }
+}

@@ -1,0 +1,1222 @@
+//! A first client path over gRPC: `phxq produce`, `phxq consume`, `phxq cluster status`.
+//!
+//! Every command starts by asking `--server` for the store's layout (`ClusterStatus`: nodes,
+//! topics and their queue counts, the number of groups). Calls about a queue go to the master
+//! of the queue's group (queue mod groups): the first answer `NOT_MASTER` names it, and the
+//! master is remembered per group. Retryable refusals (`NO_MASTER` during an election,
+//! `BUSY`, `UNAVAILABLE`, `TIMEOUT`, `INDETERMINATE`) and lost connections are retried with
+//! exponential backoff, on another node after a lost connection, until `--timeout-ms` has
+//! passed since the call's first attempt. Retrying a produce after `INDETERMINATE`,
+//! `TIMEOUT` or a lost connection may store its messages twice: delivery is at least once, and
+//! the summary counts such batches. Anything else is a typed error (`CODE(number): why`) and a
+//! non-zero exit.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, Write};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use phxq_proto::api::phxq_client::PhxqClient;
+use phxq_proto::api::{self, Failure};
+use phxq_types::{ErrorCode, validate_name};
+use serde_json::json;
+use tokio::task::JoinSet;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::table::{Align, render};
+use crate::{CommandResult, print_line};
+
+/// Lines sent in one Produce call at most.
+const PRODUCE_BATCH_LINES_MAX: usize = 1_000;
+/// Bytes of lines read into one batch at most (a longer single line is sent alone).
+const PRODUCE_BATCH_BYTES_MAX: usize = 1 << 20;
+/// Longest line read from standard input, in bytes (the largest message a store accepts).
+const LINE_BYTES_MAX: usize = phxq_node::config::MESSAGE_BYTES_MAX_LIMIT;
+/// Lines read ahead of the produce calls.
+const LINES_QUEUED_MAX: usize = 4 * PRODUCE_BATCH_LINES_MAX;
+/// Messages asked for per Consume call.
+const CONSUME_BATCH_MESSAGES: u32 = 1_000;
+/// Bytes asked for per Consume call.
+const CONSUME_BATCH_BYTES: u32 = 4 << 20;
+/// How long one call may take beyond its long-poll wait, in milliseconds.
+const CALL_TIMEOUT_MS: u64 = 5_000;
+/// How long connecting to a node may take, in milliseconds.
+const CONNECT_TIMEOUT_MS: u64 = 2_000;
+/// First retry delay, in milliseconds; delays double up to [`BACKOFF_MAX_MS`].
+const BACKOFF_MIN_MS: u64 = 25;
+/// Longest retry delay, in milliseconds.
+const BACKOFF_MAX_MS: u64 = 1_000;
+/// Redirects followed in a row without a pause (masters can move while we chase them).
+const REDIRECTS_IN_A_ROW_MAX: u32 = 3;
+/// Largest gRPC message accepted or sent (a full consume batch plus framing).
+const GRPC_MESSAGE_BYTES_MAX: usize = 80 << 20;
+
+/// Where to reach the store and how long to keep trying.
+#[derive(Debug, clap::Args)]
+pub struct Connection {
+    /// Any node of the store (HOST:PORT of its client API); calls are redirected to masters.
+    #[arg(long, env = "PHXQ_SERVER", default_value = "127.0.0.1:7100")]
+    server: String,
+    /// Give up on a call (with its retries) after this many milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    timeout_ms: u64,
+}
+
+/// Arguments of `phxq produce`.
+#[derive(Debug, clap::Args)]
+pub struct ProduceArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// The topic.
+    #[arg(long)]
+    topic: String,
+    /// The key of every message: messages with one key go to one queue, in order (queue =
+    /// FNV-1a 64 of the key mod the topic's queue count). Without a key, lines are spread
+    /// round-robin over the queues.
+    #[arg(long)]
+    key: Option<String>,
+    /// Send every message to this queue instead.
+    #[arg(long)]
+    queue: Option<u32>,
+}
+
+/// Arguments of `phxq consume`.
+#[derive(Debug, clap::Args)]
+pub struct ConsumeArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// The topic.
+    #[arg(long)]
+    topic: String,
+    /// The consumer group: reading starts at its cursor, and the cursor is committed after
+    /// the messages are printed.
+    #[arg(long)]
+    group: String,
+    /// Read only this queue (default: every queue of the topic).
+    #[arg(long)]
+    queue: Option<u32>,
+    /// Stop after this many messages (default: when every queue is read to its end).
+    #[arg(long, value_name = "N")]
+    max: Option<u64>,
+    /// When every queue is at its end, wait this long for more before exiting (at most 60000).
+    #[arg(long, value_name = "W", default_value_t = 0)]
+    wait_ms: u32,
+    /// One JSON object per message (queue, offset, time_ms, key, value) instead of the raw
+    /// values. A key or value that is not UTF-8 comes as `key_hex` / `value_hex`.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `phxq cluster status`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// One JSON document instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+
+/// Why a client command failed.
+#[derive(Debug, thiserror::Error)]
+enum ClientError {
+    /// A node refused the request (or we refused it locally, with the code a node would use).
+    #[error("{0}")]
+    Refused(Failure),
+    /// No node answered in time.
+    #[error("no answer from {addr} within the timeout: {detail}")]
+    Unreachable {
+        /// The node last tried.
+        addr: String,
+        /// The last transport error or refusal.
+        detail: String,
+    },
+    /// A bad command line.
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// A refusal with `code`, made locally.
+fn refused(code: ErrorCode, message: impl Into<String>) -> ClientError {
+    ClientError::Refused(Failure {
+        code: Some(code),
+        number: code.number(),
+        message: message.into(),
+        master_addr: None,
+    })
+}
+
+fn check_name(what: &str, name: &str) -> Result<(), ClientError> {
+    validate_name(name).map_err(|error| refused(ErrorCode::InvalidName, format!("{what}: {error}")))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routing and retries
+
+/// Channels to the store's nodes and the master of each group, as learnt.
+#[derive(Clone)]
+struct Router {
+    inner: Arc<RouterInner>,
+}
+
+struct RouterInner {
+    /// Client addresses of every node (the seed first, until the store's list is known).
+    nodes: Vec<String>,
+    groups: u32,
+    timeout: Duration,
+    channels: Mutex<HashMap<String, PhxqClient<Channel>>>,
+    masters: Mutex<HashMap<u64, String>>,
+    /// Rotates over `nodes` when no master is known.
+    next_node: AtomicU64,
+    /// Calls retried after an outcome that leaves a write's fate unknown.
+    uncertain_retries: AtomicU64,
+}
+
+/// What one attempt of a call returned: a value, or the response's error.
+type Attempt<T> = Result<(T, Option<api::Error>), tonic::Status>;
+
+impl Router {
+    /// Asks `server` for the store's status (retrying until the timeout) and routes by it.
+    async fn discover(
+        connection: &Connection,
+    ) -> Result<(Router, api::ClusterStatusResponse), ClientError> {
+        let server = parse_server(&connection.server)?;
+        let seed = Router::new(vec![server], 1, connection.timeout_ms);
+        let status = seed
+            .call(None, |mut client| async move {
+                let status = client
+                    .cluster_status(api::ClusterStatusRequest {})
+                    .await?
+                    .into_inner();
+                let error = status.error.clone();
+                Ok((status, error))
+            })
+            .await?;
+        let mut nodes: Vec<String> = status.nodes.iter().map(|n| n.client_addr.clone()).collect();
+        // Start where the user pointed us.
+        if let Some(position) = nodes.iter().position(|n| *n == seed.inner.nodes[0]) {
+            nodes.rotate_left(position);
+        }
+        if nodes.is_empty() || status.groups_count == 0 {
+            return Err(ClientError::Usage(format!(
+                "{} answered with an empty store description",
+                seed.inner.nodes[0]
+            )));
+        }
+        let router = Router::new(nodes, status.groups_count, connection.timeout_ms);
+        router.learn_masters(&status);
+        Ok((router, status))
+    }
+
+    fn new(nodes: Vec<String>, groups: u32, timeout_ms: u64) -> Router {
+        Router {
+            inner: Arc::new(RouterInner {
+                nodes,
+                groups,
+                timeout: Duration::from_millis(timeout_ms),
+                channels: Mutex::new(HashMap::new()),
+                masters: Mutex::new(HashMap::new()),
+                next_node: AtomicU64::new(0),
+                uncertain_retries: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Remembers the masters a status names (the answering node's view).
+    fn learn_masters(&self, status: &api::ClusterStatusResponse) {
+        let mut masters = self.inner.masters.lock().expect("masters lock");
+        for group in &status.groups {
+            if let Some(node) = status
+                .nodes
+                .iter()
+                .find(|n| n.id == group.master && group.master != 0)
+            {
+                masters.insert(group.group, node.client_addr.clone());
+            }
+        }
+    }
+
+    fn group_of(&self, queue: u32) -> u64 {
+        u64::from(queue % self.inner.groups)
+    }
+
+    /// The node to try for `group`: its master if known, else the next node in turn.
+    fn target(&self, group: Option<u64>) -> String {
+        if let Some(group) = group
+            && let Some(master) = self.inner.masters.lock().expect("masters lock").get(&group)
+        {
+            return master.clone();
+        }
+        let nodes = &self.inner.nodes;
+        let turn = self.inner.next_node.fetch_add(1, Ordering::Relaxed);
+        nodes[(turn % nodes.len() as u64) as usize].clone()
+    }
+
+    fn forget_master(&self, group: Option<u64>) {
+        if let Some(group) = group {
+            self.inner
+                .masters
+                .lock()
+                .expect("masters lock")
+                .remove(&group);
+        }
+    }
+
+    fn client(&self, addr: &str) -> Result<PhxqClient<Channel>, ClientError> {
+        let mut channels = self.inner.channels.lock().expect("channels lock");
+        if let Some(client) = channels.get(addr) {
+            return Ok(client.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|error| ClientError::Usage(format!("bad node address {addr:?}: {error}")))?
+            .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
+            .tcp_nodelay(true);
+        let client = PhxqClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+        channels.insert(addr.to_string(), client.clone());
+        Ok(client)
+    }
+
+    /// Calls `attempt` on the master of `group` (any node for `None`), following redirects and
+    /// retrying as the module documentation says. `wait_ms` is the call's own long-poll wait.
+    async fn call_waiting<T, F, Fut>(
+        &self,
+        group: Option<u64>,
+        wait_ms: u64,
+        mut attempt: F,
+    ) -> Result<T, ClientError>
+    where
+        F: FnMut(PhxqClient<Channel>) -> Fut,
+        Fut: Future<Output = Attempt<T>>,
+    {
+        let deadline = Instant::now() + self.inner.timeout;
+        let per_call = Duration::from_millis(wait_ms + CALL_TIMEOUT_MS);
+        let mut backoff_ms = BACKOFF_MIN_MS;
+        let mut redirects = 0;
+        loop {
+            let addr = self.target(group);
+            let client = self.client(&addr)?;
+            let outcome = tokio::time::timeout(per_call, attempt(client)).await;
+            let detail = match outcome {
+                Ok(Ok((value, error))) => match api::check(error.as_ref()) {
+                    Ok(()) => return Ok(value),
+                    Err(failure) => {
+                        if failure.code == Some(ErrorCode::NotMaster)
+                            && let Some(master) = &failure.master_addr
+                            && redirects < REDIRECTS_IN_A_ROW_MAX
+                        {
+                            redirects += 1;
+                            if let Some(group) = group {
+                                self.inner
+                                    .masters
+                                    .lock()
+                                    .expect("masters lock")
+                                    .insert(group, master.clone());
+                            }
+                            continue;
+                        }
+                        if !failure.is_retryable() {
+                            return Err(ClientError::Refused(failure));
+                        }
+                        self.note_uncertain(failure.code);
+                        if failure.code != Some(ErrorCode::NotMaster)
+                            || failure.master_addr.is_none()
+                        {
+                            self.forget_master(group);
+                        }
+                        failure.to_string()
+                    }
+                },
+                Ok(Err(status)) => {
+                    self.forget_master(group);
+                    self.note_uncertain(Some(ErrorCode::Unavailable));
+                    format!("{}: {}", status.code(), status.message())
+                }
+                Err(_) => {
+                    self.forget_master(group);
+                    self.note_uncertain(Some(ErrorCode::Timeout));
+                    format!("no answer within {} ms", per_call.as_millis())
+                }
+            };
+            redirects = 0;
+            if Instant::now() + Duration::from_millis(backoff_ms) >= deadline {
+                return Err(ClientError::Unreachable { addr, detail });
+            }
+            tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+            backoff_ms = (backoff_ms * 2).min(BACKOFF_MAX_MS);
+        }
+    }
+
+    async fn call<T, F, Fut>(&self, group: Option<u64>, attempt: F) -> Result<T, ClientError>
+    where
+        F: FnMut(PhxqClient<Channel>) -> Fut,
+        Fut: Future<Output = Attempt<T>>,
+    {
+        self.call_waiting(group, 0, attempt).await
+    }
+
+    /// Counts outcomes after which a retried write may be stored twice.
+    fn note_uncertain(&self, code: Option<ErrorCode>) {
+        if matches!(
+            code,
+            Some(ErrorCode::Indeterminate | ErrorCode::Timeout | ErrorCode::Unavailable)
+        ) {
+            self.inner.uncertain_retries.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Checks `--server`: HOST:PORT.
+fn parse_server(server: &str) -> Result<String, ClientError> {
+    let bad = || {
+        ClientError::Usage(format!(
+            "invalid --server {server:?}: expected HOST:PORT, like 127.0.0.1:7100"
+        ))
+    };
+    let (host, port) = server.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty() || port.parse::<u16>().map_or(true, |port| port == 0) {
+        return Err(bad());
+    }
+    Endpoint::from_shared(format!("http://{server}")).map_err(|_| bad())?;
+    Ok(server.to_string())
+}
+
+/// The topic named `name` in a store's status, or `UNKNOWN_TOPIC`.
+fn find_topic<'a>(
+    status: &'a api::ClusterStatusResponse,
+    name: &str,
+) -> Result<&'a api::TopicStatus, ClientError> {
+    check_name("topic", name)?;
+    status
+        .topics
+        .iter()
+        .find(|t| t.name == name)
+        .ok_or_else(|| {
+            let known: Vec<&str> = status.topics.iter().map(|t| t.name.as_str()).collect();
+            refused(
+                ErrorCode::UnknownTopic,
+                format!(
+                    "no topic {name:?} in store {} (topics: {})",
+                    status.store_id,
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            )
+        })
+}
+
+fn check_queue(topic: &api::TopicStatus, queue: Option<u32>) -> Result<(), ClientError> {
+    match queue {
+        Some(queue) if queue >= topic.queues => Err(refused(
+            ErrorCode::UnknownQueue,
+            format!(
+                "topic {:?} has {} queues (0 to {}); there is no queue {queue}",
+                topic.name,
+                topic.queues,
+                topic.queues - 1
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// produce
+
+/// FNV-1a, 64 bits: the stable hash that maps a key to a queue (`hash mod queues`).
+pub fn fnv1a_64(bytes: &[u8]) -> u64 {
+    const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    bytes.iter().fold(OFFSET_BASIS, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(PRIME)
+    })
+}
+
+/// Picks the queue of each line.
+struct QueueChooser {
+    queues: u32,
+    fixed: Option<u32>,
+    next: u32,
+}
+
+impl QueueChooser {
+    fn new(queues: u32, queue: Option<u32>, key: Option<&[u8]>) -> QueueChooser {
+        let fixed = queue.or_else(|| key.map(|key| (fnv1a_64(key) % u64::from(queues)) as u32));
+        // Round-robin starts at a different queue in each process, so that many short-lived
+        // producers do not all load queue 0.
+        let next = std::process::id() % queues;
+        QueueChooser {
+            queues,
+            fixed,
+            next,
+        }
+    }
+
+    fn choose(&mut self) -> u32 {
+        self.fixed.unwrap_or_else(|| {
+            let queue = self.next;
+            self.next = (self.next + 1) % self.queues;
+            queue
+        })
+    }
+}
+
+/// What reading standard input produced.
+enum Line {
+    /// One line, without its end of line.
+    Text(Vec<u8>),
+    /// Reading failed (or a line was too long); nothing after it is read.
+    Failed(String),
+}
+
+/// Reads standard input on a thread, line by line, into a bounded channel.
+fn read_lines() -> tokio::sync::mpsc::Receiver<Line> {
+    let (lines, receiver) = tokio::sync::mpsc::channel(LINES_QUEUED_MAX);
+    std::thread::spawn(move || {
+        let stdin = std::io::stdin();
+        let mut input = stdin.lock();
+        let mut number = 0u64;
+        loop {
+            number += 1;
+            let line = match read_line(&mut input) {
+                Ok(Some(line)) => Line::Text(line),
+                Ok(None) => return,
+                Err(error) => Line::Failed(format!("standard input, line {number}: {error}")),
+            };
+            let failed = matches!(line, Line::Failed(_));
+            if lines.blocking_send(line).is_err() || failed {
+                return;
+            }
+        }
+    });
+    receiver
+}
+
+/// One line without its `\n` (or `\r\n`), `None` at the end of input.
+fn read_line(input: &mut impl BufRead) -> std::io::Result<Option<Vec<u8>>> {
+    let mut line = Vec::new();
+    let limit = LINE_BYTES_MAX as u64 + 2;
+    let read = std::io::Read::take(&mut *input, limit).read_until(b'\n', &mut line)?;
+    if read == 0 {
+        return Ok(None);
+    }
+    if line.last() == Some(&b'\n') {
+        line.pop();
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+    }
+    if line.len() > LINE_BYTES_MAX {
+        return Err(std::io::Error::other(format!(
+            "longer than {LINE_BYTES_MAX} bytes, the largest message a store accepts"
+        )));
+    }
+    Ok(Some(line))
+}
+
+/// How a produce run went.
+#[derive(Default)]
+struct ProduceTally {
+    acknowledged: u64,
+    queues: BTreeMap<u32, u64>,
+}
+
+pub fn produce(args: &ProduceArgs) -> CommandResult {
+    let runtime = client_runtime()?;
+    let started = Instant::now();
+    let mut tally = ProduceTally::default();
+    let outcome = runtime.block_on(produce_all(args, &mut tally));
+    let queues: Vec<String> = tally
+        .queues
+        .iter()
+        .map(|(q, n)| format!("q{q}: {n}"))
+        .collect();
+    let summary = format!(
+        "{} message(s) acknowledged in {:.2} s ({})",
+        tally.acknowledged,
+        started.elapsed().as_secs_f64(),
+        if queues.is_empty() {
+            "none".to_string()
+        } else {
+            queues.join(", ")
+        }
+    );
+    match outcome {
+        Ok(uncertain) => {
+            eprintln!("phxq produce: {summary}");
+            if uncertain > 0 {
+                eprintln!(
+                    "phxq produce: {uncertain} call(s) were retried after an uncertain outcome; \
+                     some messages may be stored twice (at-least-once)"
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(error) => {
+            eprintln!("phxq produce: {summary}; then failed, and the lines after were not sent");
+            Err(error.into())
+        }
+    }
+}
+
+/// Sends every line; returns the number of uncertain retries.
+async fn produce_all(args: &ProduceArgs, tally: &mut ProduceTally) -> Result<u64, ClientError> {
+    check_name("topic", &args.topic)?;
+    let (router, status) = Router::discover(&args.connection).await?;
+    let topic = find_topic(&status, &args.topic)?;
+    check_queue(topic, args.queue)?;
+    let key = args.key.clone().unwrap_or_default().into_bytes();
+    let mut chooser = QueueChooser::new(
+        topic.queues,
+        args.queue,
+        args.key.as_ref().map(|k| k.as_bytes()),
+    );
+    let mut lines = read_lines();
+    let mut any = false;
+    while let Some(first) = lines.recv().await {
+        any = true;
+        let batch = gather_batch(first, &mut lines, &mut chooser, &key)?;
+        send_batch(&router, &args.topic, batch, tally).await?;
+    }
+    if !any {
+        return Err(refused(
+            ErrorCode::EmptyBatch,
+            "standard input had no lines; nothing was produced",
+        ));
+    }
+    Ok(router.inner.uncertain_retries.load(Ordering::Relaxed))
+}
+
+/// `first` and the lines already waiting, up to the batch limits, as messages per queue.
+fn gather_batch(
+    first: Line,
+    lines: &mut tokio::sync::mpsc::Receiver<Line>,
+    chooser: &mut QueueChooser,
+    key: &[u8],
+) -> Result<BTreeMap<u32, Vec<api::Message>>, ClientError> {
+    let mut batch: BTreeMap<u32, Vec<api::Message>> = BTreeMap::new();
+    let (mut count, mut bytes) = (0, 0);
+    let mut next = Some(first);
+    while let Some(line) = next.take() {
+        let value = match line {
+            Line::Text(value) => value,
+            Line::Failed(reason) => return Err(ClientError::Usage(reason)),
+        };
+        count += 1;
+        bytes += value.len();
+        batch
+            .entry(chooser.choose())
+            .or_default()
+            .push(api::Message {
+                key: key.to_vec(),
+                value,
+            });
+        if count < PRODUCE_BATCH_LINES_MAX && bytes < PRODUCE_BATCH_BYTES_MAX {
+            next = lines.try_recv().ok();
+        }
+    }
+    Ok(batch)
+}
+
+/// Sends one batch, one call per queue, concurrently; fails if any call fails.
+async fn send_batch(
+    router: &Router,
+    topic: &str,
+    batch: BTreeMap<u32, Vec<api::Message>>,
+    tally: &mut ProduceTally,
+) -> Result<(), ClientError> {
+    let mut calls = JoinSet::new();
+    for (queue, messages) in batch {
+        let router = router.clone();
+        let topic = topic.to_string();
+        calls.spawn(async move {
+            let count = messages.len() as u64;
+            let request = api::ProduceRequest {
+                topic,
+                queue,
+                messages,
+            };
+            let outcome = router
+                .call(Some(router.group_of(queue)), |mut client| {
+                    let request = request.clone();
+                    async move {
+                        let response = client.produce(request).await?.into_inner();
+                        let error = response.error.clone();
+                        Ok((response, error))
+                    }
+                })
+                .await;
+            (queue, count, outcome)
+        });
+    }
+    let mut failure = None;
+    while let Some(joined) = calls.join_next().await {
+        let (queue, count, outcome) =
+            joined.map_err(|error| ClientError::Usage(error.to_string()))?;
+        match outcome {
+            Ok(_) => {
+                tally.acknowledged += count;
+                *tally.queues.entry(queue).or_default() += count;
+            }
+            Err(error) => failure = failure.or(Some(error)),
+        }
+    }
+    failure.map_or(Ok(()), Err)
+}
+
+// ---------------------------------------------------------------------------------------------
+// consume
+
+pub fn consume(args: &ConsumeArgs) -> CommandResult {
+    if args.wait_ms > phxq_node::server::CONSUME_WAIT_MS_MAX {
+        return Err(refused(
+            ErrorCode::InvalidArgument,
+            format!(
+                "--wait-ms {} is over {}",
+                args.wait_ms,
+                phxq_node::server::CONSUME_WAIT_MS_MAX
+            ),
+        )
+        .into());
+    }
+    if args.max == Some(0) {
+        return Err(refused(ErrorCode::InvalidArgument, "--max must be at least 1").into());
+    }
+    let runtime = client_runtime()?;
+    let printed = runtime.block_on(consume_all(args))?;
+    eprintln!("phxq consume: {printed} message(s)");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What one queue's read returned.
+struct QueueRead {
+    queue: u32,
+    messages: Vec<api::StoredMessage>,
+}
+
+async fn consume_all(args: &ConsumeArgs) -> Result<u64, ClientError> {
+    check_name("topic", &args.topic)?;
+    check_name("consumer group", &args.group)?;
+    let (router, status) = Router::discover(&args.connection).await?;
+    let topic = find_topic(&status, &args.topic)?;
+    check_queue(topic, args.queue)?;
+    if !topic.consumer_groups.contains(&args.group) {
+        return Err(refused(
+            ErrorCode::UnknownConsumerGroup,
+            format!(
+                "consumer group {:?} does not read topic {:?} (its groups: {})",
+                args.group,
+                args.topic,
+                topic.consumer_groups.join(", ")
+            ),
+        ));
+    }
+    let queues: Vec<u32> = match args.queue {
+        Some(queue) => vec![queue],
+        None => (0..topic.queues).collect(),
+    };
+    let mut printed = 0u64;
+    let mut wait_ms = 0;
+    loop {
+        let remaining = args.max.map_or(u64::MAX, |max| max - printed);
+        let reads = read_queues(&router, args, &queues, remaining, wait_ms).await?;
+        if reads.iter().all(|read| read.messages.is_empty()) {
+            if wait_ms > 0 || args.wait_ms == 0 {
+                return Ok(printed);
+            }
+            wait_ms = args.wait_ms; // at the end of every queue: one long poll, then stop
+            continue;
+        }
+        wait_ms = 0;
+        printed += print_and_commit(&router, args, reads, remaining).await?;
+        if args.max.is_some_and(|max| printed >= max) {
+            return Ok(printed);
+        }
+    }
+}
+
+/// Reads every queue at once from the group's cursor.
+async fn read_queues(
+    router: &Router,
+    args: &ConsumeArgs,
+    queues: &[u32],
+    remaining: u64,
+    wait_ms: u32,
+) -> Result<Vec<QueueRead>, ClientError> {
+    let mut calls = JoinSet::new();
+    for &queue in queues {
+        let router = router.clone();
+        let request = api::ConsumeRequest {
+            topic: args.topic.clone(),
+            queue,
+            consumer_group: args.group.clone(),
+            from_offset: None,
+            max_messages: remaining.min(u64::from(CONSUME_BATCH_MESSAGES)) as u32,
+            max_bytes: CONSUME_BATCH_BYTES,
+            wait_ms,
+        };
+        calls.spawn(async move {
+            let outcome = router
+                .call_waiting(
+                    Some(router.group_of(queue)),
+                    u64::from(wait_ms),
+                    |mut client| {
+                        let request = request.clone();
+                        async move {
+                            let response = client.consume(request).await?.into_inner();
+                            let error = response.error.clone();
+                            Ok((response.messages, error))
+                        }
+                    },
+                )
+                .await;
+            outcome.map(|messages| QueueRead { queue, messages })
+        });
+    }
+    let mut reads = Vec::with_capacity(queues.len());
+    while let Some(joined) = calls.join_next().await {
+        reads.push(joined.map_err(|error| ClientError::Usage(error.to_string()))??);
+    }
+    reads.sort_by_key(|read| read.queue);
+    Ok(reads)
+}
+
+/// Prints the messages read (queue by queue, at most `remaining`), then commits each queue's
+/// cursor past what was printed. Returns how many were printed.
+async fn print_and_commit(
+    router: &Router,
+    args: &ConsumeArgs,
+    reads: Vec<QueueRead>,
+    remaining: u64,
+) -> Result<u64, ClientError> {
+    let mut printed = 0u64;
+    let mut commits = Vec::new();
+    {
+        let mut out = std::io::stdout().lock();
+        for read in reads {
+            let mut last = None;
+            for message in read.messages {
+                if printed == remaining {
+                    break;
+                }
+                write_message(&mut out, args.json, read.queue, &message).map_err(|error| {
+                    ClientError::Usage(format!("writing standard output: {error}"))
+                })?;
+                last = Some(message.offset);
+                printed += 1;
+            }
+            if let Some(offset) = last {
+                commits.push((read.queue, offset + 1));
+            }
+        }
+        out.flush()
+            .map_err(|error| ClientError::Usage(format!("writing standard output: {error}")))?;
+    }
+    commit_all(router, args, commits).await?;
+    Ok(printed)
+}
+
+async fn commit_all(
+    router: &Router,
+    args: &ConsumeArgs,
+    commits: Vec<(u32, u64)>,
+) -> Result<(), ClientError> {
+    let mut calls = JoinSet::new();
+    for (queue, offset) in commits {
+        let router = router.clone();
+        let request = api::CommitRequest {
+            topic: args.topic.clone(),
+            queue,
+            consumer_group: args.group.clone(),
+            offset,
+        };
+        calls.spawn(async move {
+            router
+                .call(Some(router.group_of(queue)), |mut client| {
+                    let request = request.clone();
+                    async move {
+                        let response = client.commit(request).await?.into_inner();
+                        Ok(((), response.error))
+                    }
+                })
+                .await
+        });
+    }
+    while let Some(joined) = calls.join_next().await {
+        joined.map_err(|error| ClientError::Usage(error.to_string()))??;
+    }
+    Ok(())
+}
+
+fn write_message(
+    out: &mut impl Write,
+    json: bool,
+    queue: u32,
+    message: &api::StoredMessage,
+) -> std::io::Result<()> {
+    if !json {
+        out.write_all(&message.value)?;
+        return out.write_all(b"\n");
+    }
+    let mut object = serde_json::Map::new();
+    object.insert("queue".into(), json!(queue));
+    object.insert("offset".into(), json!(message.offset));
+    object.insert("time_ms".into(), json!(message.time_ms));
+    insert_bytes(&mut object, "key", &message.key);
+    insert_bytes(&mut object, "value", &message.value);
+    writeln!(out, "{}", serde_json::Value::Object(object))
+}
+
+/// `name` as a string if `bytes` are UTF-8, else `name_hex` as lowercase hex.
+fn insert_bytes(object: &mut serde_json::Map<String, serde_json::Value>, name: &str, bytes: &[u8]) {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => object.insert(name.to_string(), json!(text)),
+        Err(_) => {
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            object.insert(format!("{name}_hex"), json!(hex))
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// cluster status
+
+/// One node's answer to `ClusterStatus`, or why it gave none.
+struct View {
+    node: api::NodeStatus,
+    answer: Result<api::ClusterStatusResponse, String>,
+}
+
+pub fn status(args: &StatusArgs) -> CommandResult {
+    let runtime = client_runtime()?;
+    let (status, views) = runtime.block_on(gather_views(&args.connection))?;
+    if args.json {
+        print_line(serde_json::to_string_pretty(&status_json(&status, &views))?)?;
+    } else {
+        print_line(render_status(&status, &views).trim_end())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The seed's status, then every node's own view, asked concurrently (no retries: a node that
+/// does not answer within the call timeout is reported as such).
+async fn gather_views(
+    connection: &Connection,
+) -> Result<(api::ClusterStatusResponse, Vec<View>), ClientError> {
+    let (router, status) = Router::discover(connection).await?;
+    let mut calls = JoinSet::new();
+    for (index, node) in status.nodes.iter().cloned().enumerate() {
+        let client = router.client(&node.client_addr)?;
+        calls.spawn(async move {
+            let mut client = client;
+            let call = client.cluster_status(api::ClusterStatusRequest {});
+            let answer =
+                match tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), call).await {
+                    Ok(Ok(response)) => {
+                        let response = response.into_inner();
+                        match api::check(response.error.as_ref()) {
+                            Ok(()) => Ok(response),
+                            Err(failure) => Err(failure.to_string()),
+                        }
+                    }
+                    Ok(Err(status)) => Err(format!("{}: {}", status.code(), status.message())),
+                    Err(_) => Err("no answer in time".to_string()),
+                };
+            (index, View { node, answer })
+        });
+    }
+    let mut views = Vec::new();
+    while let Some(joined) = calls.join_next().await {
+        views.push(joined.map_err(|error| ClientError::Usage(error.to_string()))?);
+    }
+    views.sort_by_key(|(index, _)| *index);
+    Ok((status, views.into_iter().map(|(_, view)| view).collect()))
+}
+
+/// A group as the store sees it: the node that masters it with a lease (by its own answer).
+struct GroupRow {
+    group: u64,
+    master: Option<u64>,
+    lease_remaining_ms: u64,
+    term: u64,
+    commit_index: u64,
+    /// Each answering node's idea of the master (0: none).
+    views: Vec<(u64, u64)>,
+}
+
+fn group_rows(status: &api::ClusterStatusResponse, views: &[View]) -> Vec<GroupRow> {
+    (0..u64::from(status.groups_count))
+        .map(|group| {
+            let mut row = GroupRow {
+                group,
+                master: None,
+                lease_remaining_ms: 0,
+                term: 0,
+                commit_index: 0,
+                views: Vec::new(),
+            };
+            for view in views {
+                let Ok(answer) = &view.answer else { continue };
+                let Some(seen) = answer.groups.iter().find(|g| g.group == group) else {
+                    continue;
+                };
+                row.views.push((view.node.id, seen.master));
+                row.term = row.term.max(seen.term);
+                row.commit_index = row.commit_index.max(seen.commit_index);
+                if seen.master == view.node.id && seen.lease_remaining_ms > 0 {
+                    row.master = Some(view.node.id);
+                    row.lease_remaining_ms = seen.lease_remaining_ms;
+                }
+            }
+            row
+        })
+        .collect()
+}
+
+fn render_status(status: &api::ClusterStatusResponse, views: &[View]) -> String {
+    let rows = group_rows(status, views);
+    let topics: Vec<String> = status
+        .topics
+        .iter()
+        .map(|t| {
+            format!(
+                "{} ({} queues; groups: {})",
+                t.name,
+                t.queues,
+                t.consumer_groups.join(", ")
+            )
+        })
+        .collect();
+    let mut out = format!(
+        "store {}: {} nodes, {} replication groups; topics: {}\n\n",
+        status.store_id,
+        status.nodes.len(),
+        status.groups_count,
+        if topics.is_empty() {
+            "none".to_string()
+        } else {
+            topics.join(", ")
+        }
+    );
+    let node_rows: Vec<Vec<String>> = views
+        .iter()
+        .map(|view| {
+            let masters = rows
+                .iter()
+                .filter(|r| r.master == Some(view.node.id))
+                .count();
+            vec![
+                format!("n{}", view.node.id),
+                view.node.client_addr.clone(),
+                view.node.peer_addr.clone(),
+                match &view.answer {
+                    Ok(_) => "up".to_string(),
+                    Err(error) => format!("down ({error})"),
+                },
+                masters.to_string(),
+            ]
+        })
+        .collect();
+    let node_columns = [
+        ("node", Align::Left),
+        ("client", Align::Left),
+        ("peer", Align::Left),
+        ("state", Align::Left),
+        ("masters", Align::Right),
+    ];
+    out.push_str(&render(&node_columns, &node_rows));
+    out.push('\n');
+    let group_rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| {
+            let agreed = row
+                .views
+                .iter()
+                .all(|(_, master)| Some(*master) == row.master);
+            let views: Vec<String> = row
+                .views
+                .iter()
+                .map(|(node, master)| {
+                    format!(
+                        "n{node}→{}",
+                        if *master == 0 {
+                            "?".to_string()
+                        } else {
+                            format!("n{master}")
+                        }
+                    )
+                })
+                .collect();
+            vec![
+                row.group.to_string(),
+                row.master.map_or("none".to_string(), |m| format!("n{m}")),
+                row.lease_remaining_ms.to_string(),
+                row.term.to_string(),
+                row.commit_index.to_string(),
+                if agreed {
+                    "all agree".to_string()
+                } else {
+                    views.join(" ")
+                },
+            ]
+        })
+        .collect();
+    let group_columns = [
+        ("group", Align::Right),
+        ("master", Align::Left),
+        ("lease_ms", Align::Right),
+        ("term", Align::Right),
+        ("commit", Align::Right),
+        ("views", Align::Left),
+    ];
+    out.push_str(&render(&group_columns, &group_rows));
+    let missing = rows.iter().filter(|r| r.master.is_none()).count();
+    if missing > 0 {
+        out.push_str(&format!(
+            "\n{missing} group(s) have no master with a lease right now\n"
+        ));
+    }
+    out
+}
+
+fn status_json(status: &api::ClusterStatusResponse, views: &[View]) -> serde_json::Value {
+    let rows = group_rows(status, views);
+    let nodes: Vec<serde_json::Value> = views
+        .iter()
+        .map(|view| {
+            json!({
+                "id": view.node.id,
+                "client_addr": view.node.client_addr,
+                "peer_addr": view.node.peer_addr,
+                "up": view.answer.is_ok(),
+                "error": view.answer.as_ref().err(),
+                "masters": rows.iter().filter(|r| r.master == Some(view.node.id)).count(),
+            })
+        })
+        .collect();
+    let groups: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|row| {
+            let views: serde_json::Map<String, serde_json::Value> = row
+                .views
+                .iter()
+                .map(|(node, master)| {
+                    (
+                        node.to_string(),
+                        if *master == 0 {
+                            json!(null)
+                        } else {
+                            json!(master)
+                        },
+                    )
+                })
+                .collect();
+            json!({
+                "group": row.group,
+                "master": row.master,
+                "lease_remaining_ms": row.lease_remaining_ms,
+                "term": row.term,
+                "commit_index": row.commit_index,
+                "views": views,
+            })
+        })
+        .collect();
+    let topics: Vec<serde_json::Value> = status
+        .topics
+        .iter()
+        .map(|t| json!({"name": t.name, "queues": t.queues, "consumer_groups": t.consumer_groups}))
+        .collect();
+    json!({
+        "store_id": status.store_id,
+        "groups_count": status.groups_count,
+        "nodes": nodes,
+        "groups": groups,
+        "topics": topics,
+    })
+}
+
+/// The client commands' runtime: small, as they do little at once.
+fn client_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv1a_matches_the_published_test_vectors() {
+        assert_eq!(fnv1a_64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a_64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a_64(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn queues_are_fixed_by_key_or_flag_and_round_robin_otherwise() {
+        let mut keyed = QueueChooser::new(8, None, Some(b"user-42"));
+        let queue = (fnv1a_64(b"user-42") % 8) as u32;
+        assert_eq!([keyed.choose(), keyed.choose()], [queue, queue]);
+        let mut fixed = QueueChooser::new(8, Some(5), Some(b"user-42"));
+        assert_eq!(fixed.choose(), 5);
+        let mut spread = QueueChooser::new(3, None, None);
+        let mut seen: Vec<u32> = (0..3).map(|_| spread.choose()).collect();
+        seen.sort();
+        assert_eq!(seen, [0, 1, 2]);
+    }
+
+    #[test]
+    fn lines_lose_their_end_of_line_only() {
+        let mut input = std::io::Cursor::new(b"a\r\n\nb c\nlast".to_vec());
+        let mut lines = Vec::new();
+        while let Some(line) = read_line(&mut input).unwrap() {
+            lines.push(String::from_utf8(line).unwrap());
+        }
+        assert_eq!(lines, ["a", "", "b c", "last"]);
+    }
+
+    #[test]
+    fn server_addresses_must_be_host_and_port() {
+        assert!(parse_server("127.0.0.1:7100").is_ok());
+        assert!(parse_server("node-1.example:7100").is_ok());
+        for bad in [
+            "",
+            "7100",
+            "host:",
+            ":7100",
+            "host:0",
+            "host:99999",
+            "a b:1",
+        ] {
+            assert!(parse_server(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn binary_keys_and_values_come_as_hex() {
+        let message = api::StoredMessage {
+            offset: 3,
+            time_ms: 9,
+            key: vec![0xff],
+            value: b"hi".to_vec(),
+        };
+        let mut out = Vec::new();
+        write_message(&mut out, true, 2, &message).unwrap();
+        let line: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            line,
+            json!({"queue": 2, "offset": 3, "time_ms": 9, "key_hex": "ff", "value": "hi"})
+        );
+    }
+}

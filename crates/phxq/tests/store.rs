@@ -1,0 +1,603 @@
+//! A replicated store as an operator and a client meet it: three `phxq node` processes started
+//! from generated configs on 127.0.0.1 (ports chosen by the kernel), used through the CLI
+//! (`produce`, `consume`, `cluster status`), stopped with SIGTERM and restarted; and
+//! `phxq dev`. Every wait is bounded.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// How long a store may take to elect a master for every group.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a node may take to stop after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Replication groups of the test store (fewer than the default, to keep CI light).
+const GROUPS: u32 = 6;
+/// Queues of topic `test`.
+const QUEUES: u32 = 4;
+
+fn phxq() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_phxq"))
+}
+
+/// Runs `phxq ARGS` with `input` on standard input.
+fn run(args: &[&str], input: &[u8]) -> Output {
+    let mut child = phxq()
+        .args(args)
+        .env_remove("PHXQ_SERVER")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run phxq");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || {
+        // The command may exit before reading everything (bad input): that is fine.
+        let _ = stdin.write_all(&input);
+    });
+    let output = child.wait_with_output().expect("wait for phxq");
+    writer.join().expect("stdin writer");
+    output
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Ports nobody listens on right now (the kernel's choice; released before use).
+fn free_ports(count: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..count)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local addr").port())
+        .collect()
+}
+
+/// Sends SIGTERM to `child`.
+fn terminate(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+}
+
+/// Waits for `child` to exit, at most `limit`.
+fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+/// A 3-node store of `phxq node` processes; killed when dropped.
+struct Store {
+    dir: tempfile::TempDir,
+    client_ports: Vec<u16>,
+    nodes: Vec<Option<Child>>,
+}
+
+impl Store {
+    fn start() -> Store {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ports = free_ports(6);
+        let (client_ports, peer_ports) = ports.split_at(3);
+        let mut store = Store {
+            dir,
+            client_ports: client_ports.to_vec(),
+            nodes: Vec::new(),
+        };
+        for id in 1..=3 {
+            let config = store.config_text(id, peer_ports);
+            std::fs::write(store.config_path(id), config).expect("write config");
+            let child = store.spawn(id);
+            store.nodes.push(Some(child));
+        }
+        store.wait_ready();
+        store
+    }
+
+    fn config_text(&self, id: usize, peer_ports: &[u16]) -> String {
+        let mut text = format!(
+            "[node]\nid = {id}\ndata_dir = {:?}\n\n[store]\nid = 1\ngroups = {GROUPS}\n\n",
+            self.dir
+                .path()
+                .join(format!("node-{id}"))
+                .display()
+                .to_string()
+        );
+        for (n, (client, peer)) in self.client_ports.iter().zip(peer_ports).enumerate() {
+            text += &format!(
+                "[[store.nodes]]\nid = {}\nclient_addr = \"127.0.0.1:{client}\"\npeer_addr = \"127.0.0.1:{peer}\"\n\n",
+                n + 1
+            );
+        }
+        text += &format!(
+            "[[store.topics]]\nname = \"test\"\nqueues = {QUEUES}\nconsumer_groups = [\"g1\", \"audit\"]\n"
+        );
+        text
+    }
+
+    fn config_path(&self, id: usize) -> PathBuf {
+        self.dir.path().join(format!("node{id}.toml"))
+    }
+
+    fn spawn(&self, id: usize) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("node{id}.log")))
+            .expect("log file");
+        phxq()
+            .args(["node", "--config", self.config_path(id).to_str().unwrap()])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn phxq node")
+    }
+
+    fn server(&self, id: usize) -> String {
+        format!("127.0.0.1:{}", self.client_ports[id - 1])
+    }
+
+    fn log(&self, id: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("node{id}.log"))).unwrap_or_default()
+    }
+
+    /// `phxq cluster status --json` asked of node `id`.
+    fn status(&self, id: usize) -> Option<Value> {
+        let server = self.server(id);
+        let output = run(
+            &[
+                "cluster",
+                "status",
+                "--json",
+                "--server",
+                &server,
+                "--timeout-ms",
+                "1000",
+            ],
+            b"",
+        );
+        output
+            .status
+            .success()
+            .then(|| serde_json::from_slice(&output.stdout).expect("status JSON"))
+    }
+
+    /// Waits until node 1 sees every node up and a master with a lease for every group.
+    fn wait_ready(&self) -> Value {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.status(1)
+                && status["nodes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|n| n["up"] == true)
+                && status["groups"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|g| g["master"].is_u64())
+            {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no master for every group within {READY_TIMEOUT:?}; node 1 log:\n{}",
+                self.log(1)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn produce(&self, extra: &[&str], input: &[u8]) -> Output {
+        let server = self.server(2);
+        let mut args = vec!["produce", "--server", &server, "--topic", "test"];
+        args.extend_from_slice(extra);
+        run(&args, input)
+    }
+
+    /// Consumes everything for `group` (node 3 asked first), one JSON object per message.
+    fn consume_all(&self, group: &str) -> Vec<Value> {
+        let server = self.server(3);
+        let output = run(
+            &[
+                "consume", "--server", &server, "--topic", "test", "--group", group, "--json",
+            ],
+            b"",
+        );
+        assert!(output.status.success(), "consume: {}", text(&output.stderr));
+        text(&output.stdout)
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("a JSON line"))
+            .collect()
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        for child in self.nodes.iter_mut().flatten() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Values of consumed messages by queue, checking offsets are dense from 1 on each queue.
+fn values_by_queue(messages: &[Value]) -> BTreeMap<u64, Vec<String>> {
+    let mut queues: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    for message in messages {
+        let queue = message["queue"].as_u64().expect("queue");
+        let values = queues.entry(queue).or_default();
+        assert_eq!(
+            message["offset"].as_u64(),
+            Some(values.len() as u64 + 1),
+            "offsets are dense from 1: {message}"
+        );
+        assert!(
+            message["time_ms"].as_u64().is_some_and(|t| t > 0),
+            "{message}"
+        );
+        values.push(message["value"].as_str().expect("value").to_string());
+    }
+    queues
+}
+
+#[test]
+fn lines_produced_through_one_node_are_consumed_in_order_per_queue_through_another() {
+    let store = Store::start();
+    let lines: String = (1..=200).map(|i| format!("m{i:03}\n")).collect();
+    let produced = store.produce(&[], lines.as_bytes());
+    assert!(produced.status.success(), "{}", text(&produced.stderr));
+    assert!(
+        text(&produced.stderr).contains("200 message(s) acknowledged"),
+        "{}",
+        text(&produced.stderr)
+    );
+    let keyed: String = (1..=30).map(|i| format!("k{i:03}\n")).collect();
+    let produced = store.produce(&["--key", "user-42"], keyed.as_bytes());
+    assert!(produced.status.success(), "{}", text(&produced.stderr));
+
+    let messages = store.consume_all("g1");
+    assert_eq!(messages.len(), 230, "every acknowledged line, once");
+    let queues = values_by_queue(&messages);
+    assert_eq!(
+        queues.len(),
+        QUEUES as usize,
+        "round-robin reaches every queue"
+    );
+    let mut unkeyed = Vec::new();
+    for values in queues.values() {
+        let plain: Vec<&String> = values.iter().filter(|v| v.starts_with('m')).collect();
+        assert!(
+            plain.windows(2).all(|w| w[0] < w[1]),
+            "order per queue: {plain:?}"
+        );
+        unkeyed.extend(plain.into_iter().cloned());
+    }
+    unkeyed.sort();
+    let expected: Vec<String> = (1..=200).map(|i| format!("m{i:03}")).collect();
+    assert_eq!(unkeyed, expected);
+    let keyed_queues: Vec<u64> = queues
+        .iter()
+        .filter(|(_, values)| values.iter().any(|v| v.starts_with('k')))
+        .map(|(queue, _)| *queue)
+        .collect();
+    assert_eq!(keyed_queues.len(), 1, "one key, one queue");
+    let keyed_values: Vec<&String> = queues[&keyed_queues[0]]
+        .iter()
+        .filter(|v| v.starts_with('k'))
+        .collect();
+    let expected: Vec<String> = (1..=30).map(|i| format!("k{i:03}")).collect();
+    assert_eq!(
+        keyed_values,
+        expected.iter().collect::<Vec<_>>(),
+        "a key's messages keep their order"
+    );
+    assert!(messages.iter().filter(|m| m["key"] == "user-42").count() == 30);
+
+    assert!(
+        store.consume_all("g1").is_empty(),
+        "the cursor was committed"
+    );
+    assert_eq!(
+        store.consume_all("audit").len(),
+        230,
+        "every consumer group gets every message"
+    );
+}
+
+#[test]
+fn cluster_status_shows_every_node_and_a_master_with_a_lease_for_every_group() {
+    let store = Store::start();
+    let status = store.wait_ready();
+    assert_eq!(status["store_id"], 1);
+    assert_eq!(status["groups_count"], GROUPS);
+    let nodes = status["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3);
+    let groups = status["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), GROUPS as usize);
+    for group in groups {
+        assert!(group["master"].is_u64(), "{group}");
+        assert!(group["lease_remaining_ms"].as_u64().unwrap() > 0, "{group}");
+    }
+    let mastered: u64 = nodes.iter().map(|n| n["masters"].as_u64().unwrap()).sum();
+    assert_eq!(mastered, u64::from(GROUPS));
+    assert_eq!(status["topics"][0]["name"], "test");
+    assert_eq!(status["topics"][0]["queues"], QUEUES);
+
+    let table = run(&["cluster", "status", "--server", &store.server(2)], b"");
+    assert!(table.status.success());
+    let table = text(&table.stdout);
+    assert!(
+        table.contains("store 1: 3 nodes, 6 replication groups"),
+        "{table}"
+    );
+    assert!(table.contains("lease_ms"), "{table}");
+}
+
+/// A bad request: the expected typed error on standard error, exit 1, and nothing stored.
+fn refused(output: &Output, expected: &str) {
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{expected}: {stderr}");
+    assert!(
+        stderr.contains(expected),
+        "expected {expected:?} in: {stderr}"
+    );
+}
+
+#[test]
+fn bad_input_gets_a_typed_error_a_non_zero_exit_and_changes_nothing() {
+    let store = Store::start();
+    let server = store.server(1);
+    let produce = |args: &[&str], input: &[u8]| {
+        let mut all = vec!["produce", "--server", &server];
+        all.extend_from_slice(args);
+        run(&all, input)
+    };
+    refused(&produce(&["--topic", "nope"], b"x\n"), "UNKNOWN_TOPIC(3)");
+    refused(
+        &produce(&["--topic", "no spaces"], b"x\n"),
+        "INVALID_NAME(8)",
+    );
+    refused(
+        &produce(&["--topic", "test", "--queue", "4"], b"x\n"),
+        "UNKNOWN_QUEUE(5)",
+    );
+    refused(&produce(&["--topic", "test"], b""), "EMPTY_BATCH(7)");
+    let oversize = vec![b'x'; (1 << 20) + 1];
+    refused(
+        &produce(&["--topic", "test"], &oversize),
+        "MESSAGE_TOO_LARGE(6)",
+    );
+    let long_key = "k".repeat(1025);
+    refused(
+        &produce(&["--topic", "test", "--key", &long_key], b"x\n"),
+        "MESSAGE_TOO_LARGE(6)",
+    );
+
+    let consume = |args: &[&str]| {
+        let mut all = vec!["consume", "--server", &server, "--topic", "test"];
+        all.extend_from_slice(args);
+        run(&all, b"")
+    };
+    refused(
+        &consume(&["--group", "nobody"]),
+        "UNKNOWN_CONSUMER_GROUP(4)",
+    );
+    refused(&consume(&["--group", "bad/name"]), "INVALID_NAME(8)");
+    refused(
+        &consume(&["--group", "g1", "--wait-ms", "60001"]),
+        "INVALID_ARGUMENT(10)",
+    );
+
+    refused(
+        &run(&["cluster", "status", "--server", "nonsense"], b""),
+        "invalid --server",
+    );
+    let nobody = format!("127.0.0.1:{}", free_ports(1)[0]);
+    refused(
+        &run(
+            &[
+                "cluster",
+                "status",
+                "--server",
+                &nobody,
+                "--timeout-ms",
+                "300",
+            ],
+            b"",
+        ),
+        "no answer from",
+    );
+
+    assert!(store.consume_all("g1").is_empty(), "nothing was stored");
+    let status = store.status(1).expect("status");
+    for group in status["groups"].as_array().unwrap() {
+        assert!(group["master"].is_u64(), "the store still serves: {group}");
+    }
+}
+
+#[test]
+fn a_node_stopped_with_sigterm_exits_0_and_restarts_from_its_log() {
+    let mut store = Store::start();
+    let produced = store.produce(&[], b"before-1\nbefore-2\n");
+    assert!(produced.status.success(), "{}", text(&produced.stderr));
+
+    let mut node1 = store.nodes[0].take().expect("node 1");
+    terminate(&node1);
+    let status = wait_exit(&mut node1, STOP_TIMEOUT).expect("node 1 stops after SIGTERM");
+    assert!(
+        status.success(),
+        "graceful stop exits 0: {status:?}\n{}",
+        store.log(1)
+    );
+    assert!(store.log(1).contains("stopped"), "{}", store.log(1));
+
+    // Two of three nodes still serve: the groups node 1 mastered move to the others.
+    let produced = store.produce(&[], b"during\n");
+    assert!(produced.status.success(), "{}", text(&produced.stderr));
+
+    store.nodes[0] = Some(store.spawn(1));
+    store.wait_ready();
+    let values: Vec<String> = store
+        .consume_all("g1")
+        .iter()
+        .map(|m| m["value"].as_str().unwrap().to_string())
+        .collect();
+    let mut sorted = values.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["before-1", "before-2", "during"]);
+}
+
+#[test]
+fn a_config_with_a_bad_key_is_refused_with_the_key_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.toml");
+    let sample =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../etc/node1.toml"))
+            .unwrap();
+    std::fs::write(
+        &path,
+        sample.replace("queues = 8", "queues = 8\nqueue_count = 8"),
+    )
+    .unwrap();
+    refused(
+        &run(&["node", "--config", path.to_str().unwrap()], b""),
+        "queue_count",
+    );
+    std::fs::write(&path, sample.replace("lease_ticks = 6", "lease_ticks = 9")).unwrap();
+    refused(
+        &run(&["node", "--config", path.to_str().unwrap()], b""),
+        "timing.lease_ticks",
+    );
+}
+
+#[test]
+fn dev_runs_a_three_node_store_in_one_command_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = free_ports(6);
+    let (client, peer) = (ports[0], ports[3]);
+    // Three consecutive ports are needed for each; find a run that is free.
+    let (client, peer) = consecutive_free(client, peer);
+    let mut dev = phxq()
+        .args([
+            "dev",
+            "--dir",
+            dir.path().to_str().unwrap(),
+            "--clean",
+            "--client-port",
+            &client.to_string(),
+            "--peer-port",
+            &peer.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn phxq dev");
+    let stdout = dev.stdout.take().unwrap();
+    let (lines, read) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            if lines.send(line.unwrap_or_default()).is_err() {
+                return;
+            }
+        }
+    });
+    let mut printed = Vec::new();
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while !printed
+        .iter()
+        .any(|l: &String| l.contains("phxq dev: ready"))
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match read.recv_timeout(left) {
+            Ok(line) => printed.push(line),
+            Err(_) => {
+                let _ = dev.kill();
+                panic!("phxq dev not ready in time: {printed:#?}");
+            }
+        }
+    }
+    let printed = printed.join("\n");
+    for expected in [
+        "3-node store",
+        "node-1",
+        "node-3",
+        "topic \"test\": 8 queues",
+        "g1",
+        "phxq produce",
+    ] {
+        assert!(printed.contains(expected), "{expected:?} in:\n{printed}");
+    }
+
+    let server = format!("127.0.0.1:{}", client + 2);
+    let produced = run(
+        &[
+            "produce", "--server", &server, "--topic", "test", "--key", "a",
+        ],
+        b"one\ntwo\n",
+    );
+    assert!(produced.status.success(), "{}", text(&produced.stderr));
+    let consumed = run(
+        &[
+            "consume", "--server", &server, "--topic", "test", "--group", "g1", "--json",
+        ],
+        b"",
+    );
+    assert!(consumed.status.success(), "{}", text(&consumed.stderr));
+    assert_eq!(text(&consumed.stdout).lines().count(), 2);
+
+    terminate(&dev);
+    let status = wait_exit(&mut dev, STOP_TIMEOUT);
+    let _ = dev.kill();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "dev exits 0 on SIGTERM: {status:?}"
+    );
+    let rest: Vec<String> = read.try_iter().collect();
+    assert!(
+        rest.iter().any(|l| l.contains("stopped cleanly")),
+        "{rest:?}"
+    );
+    for id in 1..=3 {
+        assert!(
+            dir.path().join(format!("node-{id}/wal")).is_dir(),
+            "node {id} has its own data directory"
+        );
+    }
+}
+
+/// Two bases, each with itself and the next two ports free (retrying a few kernel picks).
+fn consecutive_free(client: u16, peer: u16) -> (u16, u16) {
+    let free = |base: u16| {
+        base < u16::MAX - 3
+            && (base..base + 3).all(|port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+    };
+    if free(client) && free(peer) && client.abs_diff(peer) >= 3 {
+        return (client, peer);
+    }
+    for _ in 0..100 {
+        let ports = free_ports(2);
+        if free(ports[0]) && free(ports[1]) && ports[0].abs_diff(ports[1]) >= 3 {
+            return (ports[0], ports[1]);
+        }
+    }
+    panic!("no run of three free ports found");
+}
