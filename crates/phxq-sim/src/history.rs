@@ -20,6 +20,9 @@ pub struct Ack {
     pub value: Vec<u8>,
 }
 
+/// What one consumer group received from one queue, in delivery order: (offset, value).
+pub type Deliveries = Vec<(Offset, Vec<u8>)>;
+
 /// Everything the clients recorded.
 #[derive(Clone, Debug, Default)]
 pub struct History {
@@ -28,7 +31,7 @@ pub struct History {
     /// Acknowledged enqueues, in acknowledgement order.
     pub acks: Vec<Ack>,
     /// Per (consumer group, queue): every delivery, offset and value, in delivery order.
-    pub deliveries: BTreeMap<(String, QueueId), Vec<(Offset, Vec<u8>)>>,
+    pub deliveries: BTreeMap<(String, QueueId), Deliveries>,
     /// Requests that ended without an answer (timeouts) or with INDETERMINATE.
     pub indeterminate: u64,
 }

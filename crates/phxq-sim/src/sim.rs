@@ -58,8 +58,8 @@ impl SimConfig {
             groups,
             queues: groups * 2,
             producers: 4 + rng.below(5) as usize,
-            fault_ms: 12_000,
-            heal_ms: 12_000,
+            fault_ms: 8_000,
+            heal_ms: 8_000,
             canary: false,
         }
     }

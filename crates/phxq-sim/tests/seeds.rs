@@ -7,7 +7,7 @@ fn seeds_per_test() -> u64 {
     std::env::var("PHXQ_SIM_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(100)
+        .unwrap_or(150)
 }
 
 fn run_seeds(first: u64, nodes: usize) {

@@ -111,6 +111,9 @@ pub(crate) struct Inconsistent(pub String);
 pub(crate) struct LogIndex {
     pub groups: BTreeMap<GroupId, GroupLog>,
     pub segment_use: BTreeMap<SegmentId, SegmentUse>,
+    /// How many times a segment's last live entry was released (a segment may have become
+    /// deletable).
+    pub segments_emptied: u64,
 }
 
 impl LogIndex {
@@ -212,6 +215,9 @@ impl LogIndex {
                 .checked_sub(1)
                 .expect("live entry count never goes below zero");
             usage.released_at = usage.released_at.max(lsn);
+            if usage.live_entries == 0 {
+                self.segments_emptied += 1;
+            }
         }
     }
 

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions, TryLockError};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use phxq_types::GroupId;
@@ -434,10 +434,17 @@ pub struct Wal {
     dir: PathBuf,
     options: WalOptions,
     writer: Mutex<Writer>,
+    /// The last Lsn whose bytes are written (published after the write, under the writer lock).
+    written: AtomicU64,
+    /// The active segment's file and path (set under the writer lock, before `written` moves
+    /// into it; `None` only inside `open`): a sync reads `written`, then this, and never waits
+    /// for the writer lock.
+    active: Mutex<Option<(Arc<File>, PathBuf)>>,
     commit: GroupCommit,
-    /// Sealed segments in `writer.segments`, readable without the writer lock: a sync looks
-    /// for dead segments only when there are some.
-    segments_sealed: AtomicUsize,
+    /// Some sealed segment may hold no live entry (set when a segment is sealed or a write
+    /// releases entries; cleared by a scan that leaves nothing pending): a sync looks for dead
+    /// segments, which takes the writer lock, only then.
+    deletion_due: AtomicBool,
     poison: OnceLock<String>,
     /// Held for the life of the log: one process per directory.
     _lock: File,
@@ -557,8 +564,10 @@ impl Wal {
             dir,
             options,
             writer: Mutex::new(writer),
+            written: AtomicU64::new(0),
+            active: Mutex::new(None),
             commit: GroupCommit::default(),
-            segments_sealed: AtomicUsize::new(0),
+            deletion_due: AtomicBool::new(true),
             poison: OnceLock::new(),
             _lock: lock_file,
             #[cfg(feature = "failpoints")]
@@ -606,6 +615,7 @@ impl Wal {
             self.start_segment(&mut writer, next)?;
         }
         let base = writer.active_bytes;
+        let emptied_before = writer.index.segments_emptied;
         let active = writer.active_file();
         if let Err(e) = active.file.write_all_at(&buf, base) {
             return Err(self.poisoned_by(io_error("write segment", &active.path, e)));
@@ -620,6 +630,10 @@ impl Wal {
         }
         writer.active_bytes += buf.len() as u64;
         writer.last_lsn = lsn;
+        self.written.store(lsn, Ordering::Release);
+        if writer.index.segments_emptied != emptied_before {
+            self.deletion_due.store(true, Ordering::Relaxed);
+        }
         writer.stats.writes += 1;
         writer.stats.records += records.len() as u64;
         writer.stats.bytes += buf.len() as u64;
@@ -631,8 +645,7 @@ impl Wal {
 
     /// Makes every write made so far durable; returns the durable Lsn.
     pub fn sync(&self) -> Result<Lsn> {
-        let target = lock(&self.writer).last_lsn;
-        self.sync_to(target)
+        self.sync_to(self.written.load(Ordering::Acquire))
     }
 
     /// Waits until write `target` is durable, sharing `fdatasync` calls with every other
@@ -675,26 +688,23 @@ impl Wal {
         // A write that failed while this sync ran poisoned the log: nobody is told success.
         self.check_poison()?;
         let durable = self.commit.durable();
-        if self.segments_sealed.load(Ordering::Relaxed) > 0 {
+        if self.deletion_due.load(Ordering::Relaxed) {
             self.delete_dead_segments(durable)?;
         }
         Ok(durable)
     }
 
-    /// The fsync of a round: captures the last Lsn and the active file, then syncs outside the
-    /// writer lock. Everything up to that Lsn is in this file or in sealed (synced) segments.
+    /// The fsync of a round: captures the last written Lsn, then the active file, and syncs
+    /// it. Everything up to that Lsn is in this file or in sealed segments: a rotation syncs
+    /// the old segment before it makes the new one active, and makes it active before a write
+    /// to it is published.
     fn sync_active(&self) -> Result<Lsn> {
         let t0 = crate::probe::now();
-        let (lsn, file, path) = {
-            let writer = lock(&self.writer);
-            crate::probe::add(2, crate::probe::now() - t0);
-            let active = writer.active_file();
-            (
-                writer.last_lsn,
-                Arc::clone(&active.file),
-                active.path.clone(),
-            )
-        };
+        let lsn = self.written.load(Ordering::Acquire);
+        let (file, path) = lock(&self.active)
+            .clone()
+            .expect("an open log has an active segment");
+        crate::probe::add(2, crate::probe::now() - t0);
         #[cfg(feature = "failpoints")]
         {
             let mut closed = lock(&self.sync_gate.0);
@@ -754,8 +764,10 @@ impl Wal {
         writer.active_floor = writer.active_bytes;
         writer.last_lsn = lsn;
         writer.stats.rotations += 1;
-        self.segments_sealed
-            .store(writer.segments.len() - 1, Ordering::Relaxed);
+        let active = writer.active_file();
+        *lock(&self.active) = Some((Arc::clone(&active.file), active.path.clone()));
+        self.written.store(lsn, Ordering::Release);
+        self.deletion_due.store(true, Ordering::Relaxed);
         self.commit.advance(lsn);
         Ok(())
     }
@@ -766,28 +778,28 @@ impl Wal {
         let doomed: Vec<PathBuf> = {
             let mut writer = lock(&self.writer);
             let writer = &mut *writer;
-            let dead: Vec<SegmentId> = writer
-                .segments
-                .iter()
-                .filter(|(id, segment)| {
-                    let sealed = segment.sealed_at.is_some_and(|lsn| lsn <= durable);
-                    let usage = writer.index.segment_use.get(id);
-                    let released =
-                        usage.is_none_or(|u| u.live_entries == 0 && u.released_at <= durable);
-                    **id != writer.active && sealed && released
-                })
-                .map(|(&id, _)| id)
-                .collect();
-            let doomed = dead
-                .iter()
+            self.deletion_due.store(false, Ordering::Relaxed);
+            let mut dead = Vec::new();
+            for (&id, segment) in &writer.segments {
+                let usage = writer.index.segment_use.get(&id);
+                if id == writer.active || usage.is_some_and(|u| u.live_entries > 0) {
+                    continue;
+                }
+                let sealed = segment.sealed_at.is_some_and(|lsn| lsn <= durable);
+                let released = usage.is_none_or(|u| u.released_at <= durable);
+                if sealed && released {
+                    dead.push(id);
+                } else {
+                    // Dead, but what made it so is not durable yet: a later sync deletes it.
+                    self.deletion_due.store(true, Ordering::Relaxed);
+                }
+            }
+            dead.iter()
                 .map(|id| {
                     writer.index.segment_use.remove(id);
                     writer.segments.remove(id).expect("listed above").path
                 })
-                .collect();
-            self.segments_sealed
-                .store(writer.segments.len() - 1, Ordering::Relaxed);
-            doomed
+                .collect()
         };
         if doomed.is_empty() {
             return Ok(0);

@@ -928,7 +928,7 @@ async fn gather_views(
                             Err(failure) => Err(failure.to_string()),
                         }
                     }
-                    Ok(Err(status)) => Err(format!("{}: {}", status.code(), status.message())),
+                    Ok(Err(status)) => Err(status.message().to_string()),
                     Err(_) => Err("no answer in time".to_string()),
                 };
             (index, View { node, answer })

@@ -466,6 +466,51 @@ fn a_node_stopped_with_sigterm_exits_0_and_restarts_from_its_log() {
 }
 
 #[test]
+fn a_node_that_is_not_the_master_answers_not_master_with_the_masters_client_address() {
+    use phxq_proto::api::{self, phxq_client::PhxqClient};
+    use phxq_types::ErrorCode;
+
+    let store = Store::start();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    // Masters may move while placement settles: ask again until a non-master answers.
+    for _ in 0..20 {
+        let status = store.wait_ready();
+        let master = status["groups"][0]["master"].as_u64().unwrap() as usize;
+        let other = if master == 1 { 2 } else { 1 };
+        let response = runtime.block_on(async {
+            let mut client = PhxqClient::connect(format!("http://{}", store.server(other)))
+                .await
+                .expect("connect");
+            let request = api::ProduceRequest {
+                topic: "test".to_string(),
+                queue: 0, // group 0
+                messages: vec![api::Message {
+                    key: Vec::new(),
+                    value: b"redirected".to_vec(),
+                }],
+            };
+            client.produce(request).await.expect("produce").into_inner()
+        });
+        let Err(failure) = api::check(response.error.as_ref()) else {
+            continue; // node `other` became the master meanwhile
+        };
+        assert_eq!(failure.code, Some(ErrorCode::NotMaster), "{failure}");
+        let master_addr = failure.master_addr.expect("NOT_MASTER names the master");
+        assert_ne!(master_addr, store.server(other));
+        assert!(
+            (1..=3).any(|id| store.server(id) == master_addr),
+            "{master_addr}"
+        );
+        assert!(
+            store.consume_all("g1").is_empty(),
+            "a refused produce stores nothing"
+        );
+        return;
+    }
+    panic!("node answered as master every time");
+}
+
+#[test]
 fn a_config_with_a_bad_key_is_refused_with_the_key_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("node.toml");
