@@ -210,6 +210,29 @@ pub struct NodeStatus {
     pub node: NodeId,
     /// Every group it hosts.
     pub groups: Vec<GroupStatus>,
+    /// What the node has done since it started.
+    pub counters: NodeCounters,
+}
+
+/// Counters since the node started: how well group commit batches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeCounters {
+    /// Rounds run.
+    pub rounds: u64,
+    /// Log writes (at most one per round).
+    pub writes: u64,
+    /// Syncs reported by the shell.
+    pub syncs: u64,
+    /// Entries this node proposed as master (one per group per round at most).
+    pub proposals: u64,
+    /// Client commands packed into those entries.
+    pub commands: u64,
+    /// Messages enqueued through those entries.
+    pub messages: u64,
+    /// Snapshots installed from a master (this replica had fallen behind a compaction).
+    pub snapshots_installed: u64,
+    /// Log compactions.
+    pub compactions: u64,
 }
 
 /// What a round hands the shell.
@@ -281,6 +304,7 @@ pub struct Node {
     rounds: VecDeque<PendingRound>,
     out: Output,
     compact_due: bool,
+    counters: NodeCounters,
 }
 
 impl Node {
@@ -327,6 +351,7 @@ impl Node {
             rounds: VecDeque::new(),
             out: Output::default(),
             compact_due: false,
+            counters: NodeCounters::default(),
         })
     }
 
@@ -468,6 +493,7 @@ impl Node {
 
     /// The log is durable up to `lsn` (a sync the shell ran for [`Output::sync`]).
     pub fn synced(&mut self, lsn: Lsn) {
+        self.counters.syncs += 1;
         self.synced_lsn = self.synced_lsn.max(lsn);
         self.release_durable_rounds();
     }
@@ -497,24 +523,33 @@ impl Node {
     /// every group's `Ready`, writes all of them to the log with one write, applies what is
     /// committed and durable, and returns what to send. Call it after every input.
     pub fn round(&mut self) -> Result<Output, NodeError> {
+        self.counters.rounds += 1;
         for replica in &mut self.replicas {
-            replica.propose_pending(&self.config, self.now_ms, &mut self.out.responses);
+            replica.propose_pending(
+                &self.config,
+                self.now_ms,
+                &mut self.out.responses,
+                &mut self.counters,
+            );
         }
         let mut batch = WriteBatch::new();
         if std::mem::take(&mut self.compact_due) {
             for replica in &mut self.replicas {
-                replica.compact(&self.config, self.now_ms, &mut batch)?;
+                replica.compact(&self.config, self.now_ms, &mut batch, &mut self.counters);
             }
         }
         let mut readies = Vec::new();
         let mut held = Vec::new();
         for (g, replica) in self.replicas.iter_mut().enumerate() {
-            if let Some(ready) = replica.collect_ready(&mut batch, &mut self.out, &mut held)? {
+            if let Some(ready) =
+                replica.collect_ready(&mut batch, &mut self.out, &mut held, &mut self.counters)?
+            {
                 readies.push((g, ready));
             }
         }
         if !batch.is_empty() {
             self.written_lsn = self.wal.write(&batch)?;
+            self.counters.writes += 1;
         }
         let mut numbers = Vec::with_capacity(readies.len());
         for (g, ready) in readies {
@@ -551,6 +586,7 @@ impl Node {
                 .iter()
                 .map(|r| r.status(self.now_tick, self.config.timing.tick_ms))
                 .collect(),
+            counters: self.counters,
         }
     }
 

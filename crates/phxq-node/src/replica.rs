@@ -11,7 +11,7 @@ use phxq_types::{ErrorCode, GroupId, NodeId, Offset, QueueId, Rng};
 use raft::eraftpb::{self, MessageType};
 use raft::{RawNode, Ready, StateRole};
 
-use crate::node::{NodeConfig, NodeError, Output, RequestId, Response, push_message};
+use crate::node::{NodeConfig, NodeCounters, NodeError, Output, RequestId, Response, push_message};
 use crate::{GroupStatus, node};
 
 /// A consume request parked until messages arrive or its deadline passes.
@@ -249,6 +249,7 @@ impl Replica {
         config: &NodeConfig,
         now_ms: u64,
         responses: &mut Vec<(RequestId, Response)>,
+        counters: &mut NodeCounters,
     ) {
         if self.proposals.is_empty() {
             return;
@@ -278,8 +279,20 @@ impl Replica {
                 requests.push(id);
             }
             let term = self.raw.raft.term;
+            let commands = batch.commands.len() as u64;
+            let messages: u64 = batch
+                .commands
+                .iter()
+                .map(|c| match c {
+                    Command::Enqueue { messages, .. } => messages.len() as u64,
+                    Command::CommitCursor { .. } => 0,
+                })
+                .sum();
             match self.raw.propose(Vec::new(), encode_batch(&batch)) {
                 Ok(()) => {
+                    counters.proposals += 1;
+                    counters.commands += commands;
+                    counters.messages += messages;
                     let index = self.raw.raft.raft_log.last_index();
                     self.in_flight.insert(index, InFlight { term, requests });
                 }
@@ -303,6 +316,7 @@ impl Replica {
         batch: &mut WriteBatch,
         out: &mut Output,
         held: &mut Vec<(GroupId, eraftpb::Message)>,
+        counters: &mut NodeCounters,
     ) -> Result<Option<Ready>, NodeError> {
         if !self.raw.has_ready() {
             return Ok(None);
@@ -319,6 +333,7 @@ impl Replica {
         }
         if !ready.snapshot().is_empty() {
             self.install_snapshot(ready.snapshot(), batch)?;
+            counters.snapshots_installed += 1;
             self.snapshot_pending = Some((ready.number(), ready.snapshot().get_metadata().index));
         }
         if !ready.entries().is_empty() {
@@ -682,18 +697,19 @@ impl Replica {
         config: &NodeConfig,
         now_ms: u64,
         batch: &mut WriteBatch,
-    ) -> Result<(), NodeError> {
+        counters: &mut NodeCounters,
+    ) {
         let first = self.raw.raft.raft_log.first_index();
         let deletable = self
             .machine
             .deletable_index(now_ms)
             .min(self.raw.raft.raft_log.persisted);
         if deletable < first.saturating_sub(1) + config.compact_entries_min {
-            return Ok(());
+            return;
         }
         batch.compact(self.group, deletable, self.machine.snapshot(deletable));
         self.machine.forget_through(deletable);
-        Ok(())
+        counters.compactions += 1;
     }
 
     pub(crate) fn status(&self, now_tick: u64, tick_ms: u64) -> GroupStatus {

@@ -1135,7 +1135,21 @@ impl Service {
             groups: status.groups.iter().map(group_status).collect(),
             topics: topics_status(&config.layout),
             groups_count: config.layout.groups,
+            counters: Some(counters(&status.counters)),
         }
+    }
+}
+
+fn counters(c: &crate::NodeCounters) -> api::NodeCounters {
+    api::NodeCounters {
+        rounds: c.rounds,
+        writes: c.writes,
+        syncs: c.syncs,
+        proposals: c.proposals,
+        commands: c.commands,
+        messages: c.messages,
+        snapshots_installed: c.snapshots_installed,
+        compactions: c.compactions,
     }
 }
 

@@ -54,7 +54,7 @@ fn main() -> ExitCode {
         }
         match run(&config) {
             Ok(report) => println!(
-                "seed {seed}: ok ({} nodes, {} groups): {} acked, {} delivered, {} indeterminate, {} crashes, {} dropped, {} events",
+                "seed {seed}: ok ({} nodes, {} groups): {} acked, {} delivered, {} indeterminate, {} crashes, {} dropped, {} events, {} snapshots installed, {} compactions, {:.1} messages per proposal",
                 config.nodes,
                 config.groups,
                 report.acked,
@@ -62,7 +62,10 @@ fn main() -> ExitCode {
                 report.indeterminate,
                 report.crashes,
                 report.dropped,
-                report.events
+                report.events,
+                report.counters.snapshots_installed,
+                report.counters.compactions,
+                report.counters.messages as f64 / report.counters.proposals.max(1) as f64
             ),
             Err(failure) => {
                 println!(

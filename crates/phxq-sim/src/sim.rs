@@ -82,6 +82,19 @@ pub struct Report {
     pub crashes: u64,
     /// Messages dropped by the network.
     pub dropped: u64,
+    /// Every node's counters, summed over every life.
+    pub counters: phxq_node::NodeCounters,
+}
+
+fn add_counters(sum: &mut phxq_node::NodeCounters, c: &phxq_node::NodeCounters) {
+    sum.rounds += c.rounds;
+    sum.writes += c.writes;
+    sum.syncs += c.syncs;
+    sum.proposals += c.proposals;
+    sum.commands += c.commands;
+    sum.messages += c.messages;
+    sum.snapshots_installed += c.snapshots_installed;
+    sum.compactions += c.compactions;
 }
 
 /// A run whose checkers found violations (or whose node failed).
@@ -578,9 +591,10 @@ impl Sim {
 
     fn crash(&mut self, i: usize) {
         let sim_node = &mut self.nodes[i];
-        if sim_node.node.take().is_none() {
+        let Some(node) = sim_node.node.take() else {
             return;
-        }
+        };
+        add_counters(&mut self.report.counters, &node.status().counters);
         self.report.crashes += 1;
         sim_node.epoch += 1;
         let kind = if self.rng.chance(1, 2) {
@@ -781,12 +795,34 @@ impl Sim {
         self.schedule(pause, Event::ClientGo(c));
     }
 
+    /// With every node up at the end, masters are spread evenly (placement).
+    fn check_placement(&self) -> Vec<String> {
+        let n = self.nodes.len() as u32;
+        let groups = self.config.groups;
+        let mut masters = vec![0u32; self.nodes.len()];
+        for sim_node in &self.nodes {
+            let Some(node) = sim_node.node.as_ref() else {
+                return Vec::new(); // a node panicked: reported elsewhere
+            };
+            masters[(node.id().0 - 1) as usize] = node.mastered_groups().len() as u32;
+        }
+        let (low, high) = (groups / n, groups.div_ceil(n));
+        if masters.iter().all(|m| (low..=high).contains(m)) {
+            Vec::new()
+        } else {
+            vec![format!(
+                "placement: masters per node {masters:?}, expected {low} or {high} each"
+            )]
+        }
+    }
+
     fn check(&mut self) -> Vec<String> {
         let mut views: BTreeMap<QueueId, Vec<ReplicaView>> = BTreeMap::new();
         for (i, sim_node) in self.nodes.iter().enumerate() {
             let Some(node) = sim_node.node.as_ref() else {
                 continue;
             };
+            add_counters(&mut self.report.counters, &node.status().counters);
             for queue in 0..self.config.queues {
                 views.entry(queue).or_default().push(ReplicaView {
                     node: i + 1,
@@ -795,6 +831,8 @@ impl Sim {
             }
         }
         let groups: Vec<String> = self.layout.topics[0].consumer_groups.clone();
-        check(&self.history, self.config.queues, &groups, &views)
+        let mut violations = check(&self.history, self.config.queues, &groups, &views);
+        violations.extend(self.check_placement());
+        violations
     }
 }

@@ -1023,6 +1023,11 @@ fn render_status(status: &api::ClusterStatusResponse, views: &[View]) -> String 
                     Err(error) => format!("down ({error})"),
                 },
                 masters.to_string(),
+                counter(view, |c| c.syncs.to_string()),
+                counter(view, |c| c.proposals.to_string()),
+                counter(view, |c| {
+                    format!("{:.1}", c.messages as f64 / c.proposals.max(1) as f64)
+                }),
             ]
         })
         .collect();
@@ -1032,6 +1037,9 @@ fn render_status(status: &api::ClusterStatusResponse, views: &[View]) -> String 
         ("peer", Align::Left),
         ("state", Align::Left),
         ("masters", Align::Right),
+        ("syncs", Align::Right),
+        ("entries", Align::Right),
+        ("msgs/entry", Align::Right),
     ];
     out.push_str(&render(&node_columns, &node_rows));
     out.push('\n');
@@ -1086,6 +1094,15 @@ fn render_status(status: &api::ClusterStatusResponse, views: &[View]) -> String 
         ));
     }
     out
+}
+
+/// One of a node's counters, or "-" if it did not answer.
+fn counter(view: &View, show: impl Fn(&api::NodeCounters) -> String) -> String {
+    view.answer
+        .as_ref()
+        .ok()
+        .and_then(|status| status.counters.as_ref())
+        .map_or("-".to_string(), show)
 }
 
 fn status_json(status: &api::ClusterStatusResponse, views: &[View]) -> serde_json::Value {
