@@ -6,9 +6,12 @@
 //!
 //! * [`wal`]: the node write-ahead log against the raw disk, from one writer to hundreds
 //!   (`phxq bench wal`).
+//! * [`store`]: producers against a running store, in PhxQueue's report format, and the
+//!   failover timeline (`phxq bench produce`, `phxq bench failover`).
 
 use std::path::PathBuf;
 
+pub mod store;
 pub mod wal;
 
 /// What can stop a benchmark.

@@ -291,10 +291,15 @@ pub async fn cluster_status(addr: &str) -> Result<api::ClusterStatusResponse, St
 
 /// Every node's own view, asked concurrently; `None` for a node that did not answer.
 pub async fn cluster_views(addrs: &[String]) -> Vec<Option<api::ClusterStatusResponse>> {
-    let calls = addrs.iter().map(|addr| async move { cluster_status(addr).await.ok() });
-    let mut views = Vec::with_capacity(addrs.len());
-    for call in calls.collect::<Vec<_>>() {
-        views.push(call.await);
+    let mut calls = tokio::task::JoinSet::new();
+    for (index, addr) in addrs.iter().cloned().enumerate() {
+        calls.spawn(async move { (index, cluster_status(&addr).await.ok()) });
+    }
+    let mut views = vec![None; addrs.len()];
+    while let Some(joined) = calls.join_next().await {
+        if let Ok((index, view)) = joined {
+            views[index] = view;
+        }
     }
     views
 }

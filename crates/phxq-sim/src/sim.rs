@@ -105,7 +105,7 @@ pub struct Failure {
     /// What went wrong, first ones first.
     pub violations: Vec<String>,
     /// The counters of the run.
-    pub report: Report,
+    pub report: Box<Report>,
 }
 
 enum Event {
@@ -236,7 +236,7 @@ pub fn run(config: &SimConfig) -> Result<Report, Failure> {
         Err(Failure {
             seed: config.seed,
             violations,
-            report: sim.report.clone(),
+            report: Box::new(sim.report.clone()),
         })
     }
 }
