@@ -70,6 +70,10 @@ pub const BUCKET_BOUNDS_MS: [u64; 10] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 100
 pub const FSYNC_PROBE_BLOCK_BYTES: usize = 4096;
 /// Bytes the fsync probe writes at most, whatever its duration.
 pub const FSYNC_PROBE_FILE_BYTES_MAX: u64 = 256 << 20;
+/// Most server processes whose CPU time is measured.
+pub const PIDS_MAX: usize = 64;
+/// Clock ticks per second of the CPU times in `/proc` (`USER_HZ`, 100 on Linux).
+const PROC_TICKS_PER_SEC: f64 = 100.0;
 /// Latencies above this are recorded as this, in microseconds (the histograms' bound).
 const LATENCY_US_MAX: u64 = 600_000_000;
 /// Latency buckets: one per bound, plus `>=` the last.
@@ -128,6 +132,8 @@ pub struct Options {
     pub retries: bool,
     /// A call's deadline, retries included.
     pub call_timeout: Duration,
+    /// Processes of the store whose CPU time reports include (`server cores`).
+    pub server_pids: Vec<u32>,
 }
 
 impl Default for Options {
@@ -144,6 +150,7 @@ impl Default for Options {
             report_every: Duration::from_secs(10),
             retries: true,
             call_timeout: Duration::from_secs(10),
+            server_pids: Vec::new(),
         }
     }
 }
@@ -176,9 +183,7 @@ impl Options {
                 self.batch, self.message_bytes
             ));
         }
-        if self.duration.is_zero()
-            || (self.warmup + self.duration).as_secs() >= RUN_SECONDS_MAX
-        {
+        if self.duration.is_zero() || (self.warmup + self.duration).as_secs() >= RUN_SECONDS_MAX {
             return invalid(format!(
                 "duration {:?} must be above zero and, with the warmup, under {RUN_SECONDS_MAX} s",
                 self.duration
@@ -192,6 +197,9 @@ impl Options {
         }
         if self.call_timeout.is_zero() || self.call_timeout.as_secs() >= RUN_SECONDS_MAX {
             return invalid(format!("call timeout {:?}", self.call_timeout));
+        }
+        if self.server_pids.len() > PIDS_MAX {
+            return invalid(format!("more than {PIDS_MAX} server processes"));
         }
         if self.topic.is_empty() || self.server.is_empty() {
             return invalid("server and topic must be given".to_string());
@@ -223,16 +231,6 @@ impl Topology {
             .iter()
             .find(|(node, _)| *node == id)
             .map(|(_, addr)| addr.as_str())
-    }
-
-    /// The groups that carry the topic's queues (queue q lives in group q mod groups).
-    pub fn loaded_groups(&self) -> Vec<u64> {
-        let mut groups: Vec<u64> = (0..self.queues)
-            .map(|q| u64::from(q % self.groups))
-            .collect();
-        groups.sort_unstable();
-        groups.dedup();
-        groups
     }
 }
 
@@ -443,7 +441,7 @@ async fn call(
                 Err(failure) => {
                     let label = failure.code.map_or(LABEL_UNKNOWN_CODE, ErrorCode::name);
                     if failure.code == Some(ErrorCode::NotMaster)
-                        && let Some(master) = failure.master_addr
+                        && let Some(master) = failure.master_addr.clone()
                         && redirects < REDIRECTS_IN_A_ROW_MAX
                         && Instant::now() < deadline
                     {
@@ -543,7 +541,9 @@ struct Recorder {
     measure_until: Option<Instant>,
     interval: Stats,
     interval_from: Instant,
+    interval_counters: Counters,
     total: Stats,
+    total_counters: Counters,
     timeline: Vec<Second>,
     events: Vec<(Duration, String)>,
     watches: BTreeMap<u64, Watch>,
@@ -642,10 +642,21 @@ pub struct Report {
     pub p999_ms: f64,
     /// Slowest call, in milliseconds.
     pub max_ms: f64,
+    /// The machine meanwhile.
+    pub usage: Usage,
+    /// Acknowledged messages per disk flush (every replica's fsyncs count: a lower bound on
+    /// the store's group-commit batch per fsync, divided by the replicas).
+    pub messages_per_flush: Option<f64>,
 }
 
 impl Report {
-    fn of(what: &'static str, stats: &Stats, elapsed: Duration, message_bytes: usize) -> Report {
+    fn of(
+        what: &'static str,
+        stats: &Stats,
+        elapsed: Duration,
+        message_bytes: usize,
+        usage: Usage,
+    ) -> Report {
         let seconds = elapsed.as_secs_f64().max(1e-9);
         let quantile = |q: f64| {
             if stats.latency_us.is_empty() {
@@ -687,6 +698,12 @@ impl Report {
             } else {
                 stats.latency_us.max() as f64 / 1000.0
             },
+            messages_per_flush: if usage.disk_flushes_per_sec > 0.0 {
+                Some(stats.messages_acked as f64 / seconds / usage.disk_flushes_per_sec)
+            } else {
+                None
+            },
+            usage,
         }
     }
 
@@ -706,10 +723,7 @@ impl Report {
         );
         out += &format!("  {:<22} {:>10} {:>9}\n", "retcode", "count", "percent");
         for (code, count) in &self.return_codes {
-            out += &format!(
-                "  {code:<22} {count:>10} {:>8.2}%\n",
-                percent(*count)
-            );
+            out += &format!("  {code:<22} {count:>10} {:>8.2}%\n", percent(*count));
         }
         out += &format!("  {:<22} {:>10} {:>9}\n", "latency(ms)", "count", "percent");
         for bucket in &self.buckets {
@@ -723,6 +737,17 @@ impl Report {
         out += &format!(
             "  p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms\n",
             self.p50_ms, self.p99_ms, self.p999_ms, self.max_ms
+        );
+        out += &format!(
+            "  machine: {:.2} cores busy (client {:.2}, server {}), {:.0} disk flushes/s{}\n",
+            self.usage.busy_cores,
+            self.usage.client_cores,
+            self.usage
+                .server_cores
+                .map_or("not measured".to_string(), |cores| format!("{cores:.2}")),
+            self.usage.disk_flushes_per_sec,
+            self.messages_per_flush
+                .map_or(String::new(), |m| format!(" ({m:.1} acked msgs per flush)"))
         );
         if !self.retried_attempts.is_empty() {
             let retried: Vec<String> = self
@@ -826,7 +851,9 @@ impl Load {
                 measure_until: None,
                 interval: Stats::new(),
                 interval_from: now,
+                interval_counters: Counters::now(&options.server_pids),
                 total: Stats::new(),
+                total_counters: Counters::now(&options.server_pids),
                 timeline: Vec::new(),
                 events: Vec::new(),
                 watches: BTreeMap::new(),
@@ -864,24 +891,47 @@ impl Load {
         &self.topology
     }
 
+    /// The groups that carry load: those of the queues some producer writes.
+    pub fn loaded_groups(&self) -> Vec<u64> {
+        let written = (self.options.producers as u64).min(u64::from(self.topology.queues));
+        let mut groups: Vec<u64> = (0..written)
+            .map(|queue| queue % u64::from(self.topology.groups))
+            .collect();
+        groups.sort_unstable();
+        groups.dedup();
+        groups
+    }
+
     /// Ends the warmup: reports count calls started from now on.
     pub fn begin_measuring(&self) {
         let now = Instant::now();
         let mut recorder = self.shared.recorder.lock().expect("recorder lock");
+        let counters = Counters::now(&self.options.server_pids);
         recorder.measure_from = Some(now);
         recorder.interval = Stats::new();
         recorder.interval_from = now;
+        recorder.interval_counters = counters.clone();
         recorder.total = Stats::new();
+        recorder.total_counters = counters;
     }
 
     /// The report of the calls measured since the previous interval report, and a new
     /// interval.
     pub fn take_interval(&self) -> Report {
         let now = Instant::now();
+        let counters = Counters::now(&self.options.server_pids);
         let mut recorder = self.shared.recorder.lock().expect("recorder lock");
         let interval = std::mem::replace(&mut recorder.interval, Stats::new());
         let elapsed = now - std::mem::replace(&mut recorder.interval_from, now);
-        Report::of("interval", &interval, elapsed, self.options.message_bytes)
+        let usage = counters.usage_since(&recorder.interval_counters);
+        recorder.interval_counters = counters;
+        Report::of(
+            "interval",
+            &interval,
+            elapsed,
+            self.options.message_bytes,
+            usage,
+        )
     }
 
     /// Notes an event in the timeline at this second.
@@ -969,9 +1019,10 @@ impl Load {
     }
 
     /// Stops the producers (a call in flight finishes or is abandoned while waiting to retry)
-    /// and returns the report of everything measured.
-    pub async fn finish(mut self) -> Report {
+    /// and returns the report of everything measured and the timeline.
+    pub async fn finish(mut self) -> (Report, FailoverReport) {
         let until = Instant::now();
+        let counters = Counters::now(&self.options.server_pids);
         let from = {
             let mut recorder = self.shared.recorder.lock().expect("recorder lock");
             recorder.measure_until = Some(until);
@@ -986,13 +1037,18 @@ impl Load {
                 abort.abort();
             }
         }
-        let recorder = self.shared.recorder.lock().expect("recorder lock");
-        Report::of(
-            "total",
-            &recorder.total,
-            until - from,
-            self.options.message_bytes,
-        )
+        let report = {
+            let recorder = self.shared.recorder.lock().expect("recorder lock");
+            let usage = counters.usage_since(&recorder.total_counters);
+            Report::of(
+                "total",
+                &recorder.total,
+                until - from,
+                self.options.message_bytes,
+                usage,
+            )
+        };
+        (report, self.failover_report())
     }
 }
 
@@ -1016,6 +1072,7 @@ async fn producer(
 ) {
     let value = payload(options.message_bytes);
     let request = api::ProduceRequest {
+        store_id: 0,
         topic: options.topic.clone(),
         queue,
         messages: vec![
@@ -1038,15 +1095,7 @@ async fn producer(
             interval.tick().await;
         }
         let started = Instant::now();
-        let Some(answer) = call(
-            &routes,
-            &mut connections,
-            group,
-            &request,
-            &options,
-            &stop,
-        )
-        .await
+        let Some(answer) = call(&routes, &mut connections, group, &request, &options, &stop).await
         else {
             break;
         };
@@ -1070,7 +1119,7 @@ pub async fn run(options: &Options, mut on_interval: impl FnMut(&Report)) -> Res
         }
         on_interval(&load.take_interval());
     }
-    Ok(load.finish().await)
+    Ok(load.finish().await.0)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1116,6 +1165,112 @@ pub fn fsync_probe(dir: &Path, duration: Duration) -> Result<f64> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Where time goes
+
+/// What the machine did over a report's time, from `/proc` counters.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Usage {
+    /// CPU cores busy over the whole machine (user, system, interrupts, steal).
+    pub busy_cores: f64,
+    /// CPU cores used by this process (the producers).
+    pub client_cores: f64,
+    /// CPU cores used by the server processes given, if any.
+    pub server_cores: Option<f64>,
+    /// Flush requests completed by whole disks per second (`/proc/diskstats` field 19): every
+    /// `fdatasync` that reaches the device issues at least one.
+    pub disk_flushes_per_sec: f64,
+}
+
+/// A snapshot of the counters behind [`Usage`]; a counter that cannot be read counts zero.
+#[derive(Clone, Debug)]
+struct Counters {
+    at: Instant,
+    busy_ticks: f64,
+    own_ticks: f64,
+    server_ticks: Option<f64>,
+    disk_flushes: f64,
+    pids: Vec<u32>,
+}
+
+impl Counters {
+    fn now(pids: &[u32]) -> Counters {
+        Counters {
+            at: Instant::now(),
+            busy_ticks: machine_busy_ticks(),
+            own_ticks: process_ticks("self"),
+            server_ticks: (!pids.is_empty())
+                .then(|| pids.iter().map(|pid| process_ticks(&pid.to_string())).sum()),
+            disk_flushes: disk_flushes(),
+            pids: pids.to_vec(),
+        }
+    }
+
+    fn usage_since(&self, earlier: &Counters) -> Usage {
+        let seconds = (self.at - earlier.at).as_secs_f64().max(1e-9);
+        let cores = |ticks: f64| ticks / PROC_TICKS_PER_SEC / seconds;
+        Usage {
+            busy_cores: cores(self.busy_ticks - earlier.busy_ticks),
+            client_cores: cores(self.own_ticks - earlier.own_ticks),
+            server_cores: match (self.server_ticks, earlier.server_ticks) {
+                (Some(now), Some(then)) if self.pids == earlier.pids => Some(cores(now - then)),
+                _ => None,
+            },
+            disk_flushes_per_sec: (self.disk_flushes - earlier.disk_flushes) / seconds,
+        }
+    }
+}
+
+/// Busy clock ticks of every CPU since boot: the first line of `/proc/stat` minus idle and
+/// iowait.
+fn machine_busy_ticks() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|field| field.parse().unwrap_or(0.0))
+        .collect();
+    if ticks.len() < 8 {
+        return 0.0;
+    }
+    ticks.iter().sum::<f64>() - ticks[3] - ticks[4]
+}
+
+/// User plus system clock ticks of process `pid` (`self` for this one), from
+/// `/proc/PID/stat` fields 14 and 15 (after the parenthesised command name).
+fn process_ticks(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some((_, after_name)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // after_name starts at field 3 (state): utime is field 14, stime field 15.
+    let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<f64>().ok());
+    field(14).unwrap_or(0.0) + field(15).unwrap_or(0.0)
+}
+
+/// Flush requests completed by whole disks (`vdX`, `sdX`, `xvdX`, `nvmeXnY`), summed.
+fn disk_flushes() -> f64 {
+    let stats = std::fs::read_to_string("/proc/diskstats").unwrap_or_default();
+    stats
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let device = *fields.get(2)?;
+            let whole_disk = ((device.starts_with("vd")
+                || device.starts_with("sd")
+                || device.starts_with("xvd"))
+                && !device.ends_with(|c: char| c.is_ascii_digit()))
+                || (device.starts_with("nvme") && !device.contains('p'));
+            whole_disk.then(|| fields.get(18)?.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+// ---------------------------------------------------------------------------------------------
 // Helpers
 
 fn new_histogram(significant_figures: u8) -> Histogram<u64> {
@@ -1158,11 +1313,22 @@ mod tests {
     #[test]
     fn calls_land_in_phxqueues_buckets_and_codes_are_counted() {
         let mut stats = Stats::new();
-        for (ms, label) in [(0.5, LABEL_OK), (1.0, LABEL_OK), (999.0, "NO_MASTER"), (1000.0, LABEL_OK)] {
+        for (ms, label) in [
+            (0.5, LABEL_OK),
+            (1.0, LABEL_OK),
+            (999.0, "NO_MASTER"),
+            (1000.0, LABEL_OK),
+        ] {
             stats.add(&answer(label), Duration::from_secs_f64(ms / 1000.0), 2);
         }
         assert_eq!(stats.buckets, [1, 1, 0, 0, 0, 0, 0, 0, 0, 1, 1]);
-        let report = Report::of("total", &stats, Duration::from_secs(2), 1000);
+        let report = Report::of(
+            "total",
+            &stats,
+            Duration::from_secs(2),
+            1000,
+            Usage::default(),
+        );
         assert_eq!(report.total, 4);
         assert_eq!(report.messages_acked, 6);
         assert_eq!(report.return_codes["OK"], 3);
@@ -1172,7 +1338,10 @@ mod tests {
         assert!((report.msgs_per_sec - 3.0).abs() < 1e-9);
         assert_eq!(report.buckets[10].label, ">=1000");
         let text = report.render();
-        assert!(text.contains("total: total 4 time(ms) 2000 qps 2"), "{text}");
+        assert!(
+            text.contains("total: total 4 time(ms) 2000 qps 2"),
+            "{text}"
+        );
         assert!(text.contains("75.00%"), "{text}");
     }
 
@@ -1203,6 +1372,19 @@ mod tests {
         ] {
             assert!(bad.validate().is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn proc_counters_move() {
+        let before = Counters::now(&[std::process::id()]);
+        let spin = Instant::now();
+        while spin.elapsed() < Duration::from_millis(50) {
+            std::hint::black_box(machine_busy_ticks());
+        }
+        let usage = Counters::now(&[std::process::id()]).usage_since(&before);
+        assert!(usage.client_cores > 0.0, "{usage:?}");
+        assert!(usage.server_cores.is_some());
+        assert!(usage.busy_cores > 0.0, "{usage:?}");
     }
 
     #[test]

@@ -991,7 +991,10 @@ impl phxq_server::Phxq for Service {
         request: tonic::Request<api::ProduceRequest>,
     ) -> GrpcResult<api::ProduceResponse> {
         let request = request.into_inner();
-        let answer = match check_produce(&request) {
+        let answer = match self
+            .check_store(request.store_id)
+            .and_then(|()| check_produce(&request))
+        {
             Err(error) => api::ProduceResponse {
                 error: Some(error),
                 ..Default::default()
@@ -1034,7 +1037,10 @@ impl phxq_server::Phxq for Service {
         request: tonic::Request<api::ConsumeRequest>,
     ) -> GrpcResult<api::ConsumeResponse> {
         let request = request.into_inner();
-        if let Err(error) = check_consume(&request) {
+        if let Err(error) = self
+            .check_store(request.store_id)
+            .and_then(|()| check_consume(&request))
+        {
             return Ok(tonic::Response::new(api::ConsumeResponse {
                 error: Some(error),
                 ..Default::default()
@@ -1082,7 +1088,10 @@ impl phxq_server::Phxq for Service {
         request: tonic::Request<api::CommitRequest>,
     ) -> GrpcResult<api::CommitResponse> {
         let request = request.into_inner();
-        let error = match check_commit(&request) {
+        let error = match self
+            .check_store(request.store_id)
+            .and_then(|()| check_commit(&request))
+        {
             Err(error) => Some(error),
             Ok(()) => {
                 let call = Request::Commit {
@@ -1116,6 +1125,22 @@ impl phxq_server::Phxq for Service {
 }
 
 impl Service {
+    /// A request addressed to another store changes nothing here.
+    fn check_store(&self, store_id: u64) -> Result<(), api::Error> {
+        if store_id == 0 || store_id == self.config.store_id {
+            Ok(())
+        } else {
+            Err(api::error(
+                ErrorCode::WrongStore,
+                format!(
+                    "this node belongs to store {}, not store {store_id}",
+                    self.config.store_id
+                ),
+                String::new(),
+            ))
+        }
+    }
+
     fn cluster_status_of(&self, status: &NodeStatus) -> api::ClusterStatusResponse {
         let config = &self.config;
         api::ClusterStatusResponse {

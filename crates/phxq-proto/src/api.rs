@@ -236,6 +236,7 @@ mod tests {
                 .expect("connect");
             let produced = client
                 .produce(ProduceRequest {
+                    store_id: 0,
                     topic: "orders".to_string(),
                     queue: 3,
                     messages: vec![Message {

@@ -641,6 +641,7 @@ async fn send_batch(
         calls.spawn(async move {
             let count = messages.len() as u64;
             let request = api::ProduceRequest {
+                store_id: 0,
                 topic,
                 queue,
                 messages,
@@ -756,6 +757,7 @@ async fn read_queues(
     for &queue in queues {
         let router = router.clone();
         let request = api::ConsumeRequest {
+            store_id: 0,
             topic: args.topic.clone(),
             queue,
             consumer_group: args.group.clone(),
@@ -834,6 +836,7 @@ async fn commit_all(
     for (queue, offset) in commits {
         let router = router.clone();
         let request = api::CommitRequest {
+            store_id: 0,
             topic: args.topic.clone(),
             queue,
             consumer_group: args.group.clone(),

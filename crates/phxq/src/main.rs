@@ -4,6 +4,8 @@
 //! * `phxq dev` runs a complete 3-node store on loopback in one process.
 //! * `phxq produce`, `phxq consume`, `phxq cluster status`: a first client path over gRPC.
 //! * `phxq wal inspect` and `phxq bench wal`: operator tools for a node's write-ahead log.
+//! * `phxq bench produce` and `phxq bench failover`: producers against a store, in PhxQueue's
+//!   report format; a master killed with SIGKILL under load.
 //!
 //! Exit codes are part of the interface, for scripts: 0 success, 1 error (including a bad
 //! command line, a refused request, or a node that stopped on a failure), 2 the log is damaged
@@ -11,6 +13,7 @@
 //! unambiguous.
 
 mod bench;
+mod bench_store;
 mod client;
 mod dev;
 mod inspect;
@@ -84,6 +87,12 @@ enum BenchCommand {
     /// The write-ahead log against the raw disk (write + fdatasync) measured just before each
     /// case, from one writer thread to hundreds.
     Wal(bench::Args),
+    /// Producers against a running store, each waiting for its own acknowledgement:
+    /// PhxQueue's report (return codes, latency buckets) plus p50/p99/p99.9.
+    Produce(bench_store::ProduceArgs),
+    /// Starts its own 3-node store, kills the master of the most groups with SIGKILL under
+    /// load, restarts it, and reports every second and the time to recover each group.
+    Failover(bench_store::FailoverArgs),
 }
 
 fn main() -> ExitCode {
@@ -106,6 +115,12 @@ fn main() -> ExitCode {
         Command::Bench {
             command: BenchCommand::Wal(args),
         } => bench::run(args),
+        Command::Bench {
+            command: BenchCommand::Produce(args),
+        } => bench_store::produce(args),
+        Command::Bench {
+            command: BenchCommand::Failover(args),
+        } => bench_store::failover(args),
         Command::Node(args) => node_cmd::run(args),
         Command::Dev(args) => dev::run(args),
         Command::Produce(args) => client::produce(args),

@@ -450,7 +450,9 @@ async fn produce_one(
             }
             Err(_) => {
                 log.uncertain.insert(value.to_string());
-                *log.retries.entry("ATTEMPT_TIMEOUT".to_string()).or_default() += 1;
+                *log.retries
+                    .entry("ATTEMPT_TIMEOUT".to_string())
+                    .or_default() += 1;
                 routes.forget(group);
                 format!("{addr}: no answer within {ATTEMPT_TIMEOUT:?}")
             }
@@ -460,7 +462,9 @@ async fn produce_one(
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
-    Err(format!("not acknowledged within {CALL_DEADLINE:?}; last: {last}"))
+    Err(format!(
+        "not acknowledged within {CALL_DEADLINE:?}; last: {last}"
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -535,7 +539,10 @@ async fn read_queue(
 // Checking
 
 /// Checks the stored queues against what producers were told; returns every violation found.
-fn violations(queues: &BTreeMap<u32, Vec<api::StoredMessage>>, logs: &[ProducerLog]) -> Vec<String> {
+fn violations(
+    queues: &BTreeMap<u32, Vec<api::StoredMessage>>,
+    logs: &[ProducerLog],
+) -> Vec<String> {
     let mut found = Vec::new();
     let sent: HashSet<&String> = logs.iter().flat_map(|log| &log.sent).collect();
     let uncertain: HashSet<&String> = logs.iter().flat_map(|log| &log.uncertain).collect();
@@ -719,7 +726,12 @@ fn the_master_of_the_most_groups_killed_under_load_loses_no_acknowledged_enqueue
         found.is_empty(),
         "{} violation(s) after killing node {victim} (groups {victim_groups:?}):\n{}\n{}\n{}",
         found.len(),
-        found.iter().take(50).cloned().collect::<Vec<_>>().join("\n"),
+        found
+            .iter()
+            .take(50)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n"),
         summary(&logs, &queues),
         store.log_tails()
     );
@@ -834,7 +846,11 @@ fn the_checker_catches_a_lost_ack_a_reorder_a_phantom_and_a_silent_duplicate() {
         retries: BTreeMap::new(),
     };
     let queues = BTreeMap::from([(0, vec![stored(1, "a"), stored(2, "b"), stored(3, "a")])]);
-    let clean = [log(vec![ack(0, 1, "a"), ack(0, 2, "b")], &["a", "b"], &["a"])];
+    let clean = [log(
+        vec![ack(0, 1, "a"), ack(0, 2, "b")],
+        &["a", "b"],
+        &["a"],
+    )];
     assert_eq!(violations(&queues, &clean), Vec::<String>::new());
 
     let lost = [log(
@@ -845,7 +861,11 @@ fn the_checker_catches_a_lost_ack_a_reorder_a_phantom_and_a_silent_duplicate() {
     assert!(violations(&queues, &lost)[0].starts_with("LOST"));
     let moved = [log(vec![ack(0, 2, "a")], &["a", "b"], &["a"])];
     assert!(violations(&queues, &moved)[0].starts_with("LOST"));
-    let reordered = [log(vec![ack(0, 2, "b"), ack(0, 1, "a")], &["a", "b"], &["a"])];
+    let reordered = [log(
+        vec![ack(0, 2, "b"), ack(0, 1, "a")],
+        &["a", "b"],
+        &["a"],
+    )];
     assert!(violations(&queues, &reordered)[0].starts_with("ORDER"));
     let phantom = [log(vec![ack(0, 1, "a")], &["a"], &["a"])];
     assert!(violations(&queues, &phantom)[0].contains("phantom"));

@@ -482,6 +482,7 @@ fn a_node_that_is_not_the_master_answers_not_master_with_the_masters_client_addr
                 .await
                 .expect("connect");
             let request = api::ProduceRequest {
+                store_id: 0,
                 topic: "test".to_string(),
                 queue: 0, // group 0
                 messages: vec![api::Message {
@@ -508,6 +509,34 @@ fn a_node_that_is_not_the_master_answers_not_master_with_the_masters_client_addr
         return;
     }
     panic!("node answered as master every time");
+}
+
+#[test]
+fn a_request_for_another_store_gets_wrong_store_and_changes_nothing() {
+    use phxq_proto::api::{self, phxq_client::PhxqClient};
+    use phxq_types::ErrorCode;
+
+    let store = Store::start();
+    store.wait_ready();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let failure = runtime.block_on(async {
+        let mut client = PhxqClient::connect(format!("http://{}", store.server(1)))
+            .await
+            .expect("connect");
+        let request = api::ProduceRequest {
+            store_id: 999,
+            topic: "test".to_string(),
+            queue: 0,
+            messages: vec![api::Message {
+                key: Vec::new(),
+                value: b"misrouted".to_vec(),
+            }],
+        };
+        let response = client.produce(request).await.expect("produce").into_inner();
+        api::check(response.error.as_ref()).expect_err("another store's request is refused")
+    });
+    assert_eq!(failure.code, Some(ErrorCode::WrongStore), "{failure}");
+    assert!(store.consume_all("g1").is_empty(), "nothing was written");
 }
 
 #[test]
