@@ -57,8 +57,10 @@ pub const ATTEMPT_TIMEOUT_MS: u64 = 5_000;
 pub const CONNECT_TIMEOUT_MS: u64 = 1_000;
 /// First retry delay, in milliseconds; delays double up to [`BACKOFF_MAX_MS`].
 pub const BACKOFF_MIN_MS: u64 = 10;
-/// Longest retry delay, in milliseconds.
-pub const BACKOFF_MAX_MS: u64 = 500;
+/// Longest retry delay, in milliseconds. Kept short so that the failover figure measures the
+/// store rather than the client: a group's first success comes at most this long after its
+/// new master can serve (with 500 ms, the figures clustered at the backoff's steps).
+pub const BACKOFF_MAX_MS: u64 = 100;
 /// Redirects followed in a row before the next one waits like a retry.
 pub const REDIRECTS_IN_A_ROW_MAX: u32 = 3;
 /// How long discovery may keep asking `server` for the store's layout, in milliseconds.
@@ -302,6 +304,50 @@ pub async fn cluster_views(addrs: &[String]) -> Vec<Option<api::ClusterStatusRes
     views
 }
 
+/// Every answering node's counters right now, by node id.
+pub async fn node_counters(addrs: &[String]) -> BTreeMap<u64, api::NodeCounters> {
+    cluster_views(addrs)
+        .await
+        .into_iter()
+        .flatten()
+        .filter_map(|view| Some((view.node_id, view.counters?)))
+        .collect()
+}
+
+/// The store's figures between two readings of [`node_counters`], `seconds` apart; only
+/// nodes read both times count (a node restarted in between starts from zero, so it is left
+/// out when its counters went down).
+pub fn store_figures(
+    before: &BTreeMap<u64, api::NodeCounters>,
+    after: &BTreeMap<u64, api::NodeCounters>,
+    seconds: f64,
+) -> Option<StoreFigures> {
+    let (mut nodes, mut rounds, mut syncs, mut proposals, mut messages) = (0, 0, 0, 0, 0);
+    for (node, now) in after {
+        let Some(then) = before.get(node) else {
+            continue;
+        };
+        if now.rounds < then.rounds || now.syncs < then.syncs {
+            continue;
+        }
+        nodes += 1;
+        rounds += now.rounds - then.rounds;
+        syncs += now.syncs - then.syncs;
+        proposals += now.proposals.saturating_sub(then.proposals);
+        messages += now.messages.saturating_sub(then.messages);
+    }
+    let seconds = seconds.max(1e-9);
+    let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    (nodes > 0).then(|| StoreFigures {
+        nodes,
+        rounds_per_sec: rounds as f64 / seconds,
+        syncs_per_sec: syncs as f64 / seconds,
+        proposals_per_sec: proposals as f64 / seconds,
+        messages_per_proposal: ratio(messages, proposals),
+        message_copies_per_sync: ratio(messages * nodes as u64, syncs),
+    })
+}
+
 /// The groups each answering node masters with a lease, by its own answer.
 pub fn masters_by_node(views: &[Option<api::ClusterStatusResponse>]) -> BTreeMap<u64, Vec<u64>> {
     let mut masters = BTreeMap::new();
@@ -427,8 +473,10 @@ async fn call(
         };
         let remaining = deadline.saturating_duration_since(Instant::now());
         let wait = remaining.min(Duration::from_millis(ATTEMPT_TIMEOUT_MS));
-        let mut client = client;
-        let attempt = tokio::time::timeout(wait, client.produce(request.clone())).await;
+        let attempt = {
+            let mut client = client;
+            tokio::time::timeout(wait, client.produce(request.clone())).await
+        };
         let (label, retryable) = match attempt {
             Ok(Ok(response)) => match api::check(response.get_ref().error.as_ref()) {
                 Ok(()) => {
@@ -647,6 +695,26 @@ pub struct Report {
     /// Acknowledged messages per disk flush (every replica's fsyncs count: a lower bound on
     /// the store's group-commit batch per fsync, divided by the replicas).
     pub messages_per_flush: Option<f64>,
+    /// The store's own counters over the report's time (total reports of [`run`] only).
+    pub store: Option<StoreFigures>,
+}
+
+/// What the store's nodes did, from the counters in their `ClusterStatus` answers.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct StoreFigures {
+    /// Nodes whose counters were read before and after.
+    pub nodes: usize,
+    /// Event-loop rounds per second, all nodes.
+    pub rounds_per_sec: f64,
+    /// `fdatasync`s per second, all nodes.
+    pub syncs_per_sec: f64,
+    /// Raft entries proposed by masters per second, all nodes.
+    pub proposals_per_sec: f64,
+    /// Messages per proposed entry: how much the masters' rounds batch.
+    pub messages_per_proposal: f64,
+    /// Messages proposed per sync of one node (each message is synced on every replica):
+    /// `messages × nodes / syncs`.
+    pub message_copies_per_sync: f64,
 }
 
 impl Report {
@@ -704,6 +772,7 @@ impl Report {
                 None
             },
             usage,
+            store: None,
         }
     }
 
@@ -749,6 +818,18 @@ impl Report {
             self.messages_per_flush
                 .map_or(String::new(), |m| format!(" ({m:.1} acked msgs per flush)"))
         );
+        if let Some(store) = &self.store {
+            out += &format!(
+                "  store ({} nodes): {:.0} rounds/s, {:.0} fsyncs/s, {:.0} entries proposed/s, \
+                 {:.2} msgs per entry, {:.2} message copies per fsync\n",
+                store.nodes,
+                store.rounds_per_sec,
+                store.syncs_per_sec,
+                store.proposals_per_sec,
+                store.messages_per_proposal,
+                store.message_copies_per_sync
+            );
+        }
         if !self.retried_attempts.is_empty() {
             let retried: Vec<String> = self
                 .retried_attempts
@@ -868,6 +949,7 @@ impl Load {
                 let queue = (index as u64 % u64::from(topology.queues)) as u32;
                 let group = u64::from(queue % topology.groups);
                 tokio::spawn(producer(
+                    topology.store_id,
                     queue,
                     group,
                     routes.clone(),
@@ -1061,8 +1143,9 @@ impl Drop for Load {
     }
 }
 
-/// One producer: calls on `queue`, one at a time, until `stop`.
+/// One producer: calls on `queue` of store `store_id`, one at a time, until `stop`.
 async fn producer(
+    store_id: u64,
     queue: u32,
     group: u64,
     routes: Arc<Routes>,
@@ -1072,7 +1155,7 @@ async fn producer(
 ) {
     let value = payload(options.message_bytes);
     let request = api::ProduceRequest {
-        store_id: 0,
+        store_id,
         topic: options.topic.clone(),
         queue,
         messages: vec![
@@ -1107,8 +1190,16 @@ async fn producer(
 /// report every `report_every`; returns the report of the whole measured time.
 pub async fn run(options: &Options, mut on_interval: impl FnMut(&Report)) -> Result<Report> {
     let load = Load::start(options.clone()).await?;
+    let addrs: Vec<String> = load
+        .topology()
+        .nodes
+        .iter()
+        .map(|(_, a)| a.clone())
+        .collect();
     tokio::time::sleep(options.warmup).await;
     load.begin_measuring();
+    let counters_before = node_counters(&addrs).await;
+    let counted_from = Instant::now();
     let end = Instant::now() + options.duration;
     let intervals_max = options.duration.as_millis() / options.report_every.as_millis() + 1;
     for _ in 0..intervals_max {
@@ -1119,7 +1210,11 @@ pub async fn run(options: &Options, mut on_interval: impl FnMut(&Report)) -> Res
         }
         on_interval(&load.take_interval());
     }
-    Ok(load.finish().await.0)
+    let (mut report, _) = load.finish().await;
+    let counters_after = node_counters(&addrs).await;
+    let seconds = counted_from.elapsed().as_secs_f64();
+    report.store = store_figures(&counters_before, &counters_after, seconds);
+    Ok(report)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -339,18 +339,7 @@ fn wal_case(dir: &Path, writers: usize, options: &Options) -> Result<WalFigures>
         deadline: OnceLock::new(),
         options,
     };
-    phxq_storage::probe::take();
     let (latency, seconds) = run_writers(&shared, writers)?;
-    let p = phxq_storage::probe::take();
-    eprintln!(
-        "PROBE syncs={} fsync_us={:.0} wlock_us={:.1} finish_us={:.1} handoff_us={:.1} gap_us={:.1}",
-        p[0],
-        p[1] as f64 / p[0] as f64 / 1e3,
-        p[2] as f64 / p[0] as f64 / 1e3,
-        p[3] as f64 / p[0] as f64 / 1e3,
-        p[5] as f64 / p[0] as f64 / 1e3,
-        p[6] as f64 / p[0] as f64 / 1e3
-    );
     let stats = shared.wal.stats();
     assert_eq!(
         stats.records,

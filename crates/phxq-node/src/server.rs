@@ -1210,6 +1210,7 @@ mod tests {
 
     fn consume(max_messages: u32, max_bytes: u32, wait_ms: u32) -> api::ConsumeRequest {
         api::ConsumeRequest {
+            store_id: 0,
             topic: "test".to_string(),
             queue: 0,
             consumer_group: "g1".to_string(),
@@ -1258,12 +1259,14 @@ mod tests {
         request.consumer_group = "a b".to_string();
         assert_eq!(code(check_consume(&request)), invalid_name);
         let produce = api::ProduceRequest {
+            store_id: 0,
             topic: String::new(),
             queue: 0,
             messages: Vec::new(),
         };
         assert_eq!(code(check_produce(&produce)), invalid_name);
         let commit = api::CommitRequest {
+            store_id: 0,
             topic: "t".to_string(),
             queue: 0,
             consumer_group: "x/y".to_string(),
@@ -1279,6 +1282,7 @@ mod tests {
             value: vec![0; bytes],
         };
         let request = |messages| api::ProduceRequest {
+            store_id: 0,
             topic: "test".to_string(),
             queue: 0,
             messages,

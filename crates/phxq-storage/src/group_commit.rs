@@ -113,13 +113,7 @@ impl GroupCommit {
         loop {
             match waiter.signal.load(Ordering::Acquire) {
                 WAITING => thread::park(),
-                LEAD => {
-                    crate::probe::add(
-                        5,
-                        crate::probe::now() - crate::probe::P[4].load(Ordering::Relaxed),
-                    );
-                    return Turn::Lead;
-                }
+                LEAD => return Turn::Lead,
                 _ => return Turn::Settled(self.durable()),
             }
         }
@@ -130,7 +124,6 @@ impl GroupCommit {
     /// the waiters the sync covered are woken, and the lead passes to one it did not cover, if
     /// any.
     pub fn finish(&self, synced: Option<Lsn>, stopped: bool) {
-        let t0 = crate::probe::now();
         let (next_leader, covered) = {
             let mut state = self.lock();
             assert!(state.leading, "finish without the lead");
@@ -147,22 +140,24 @@ impl GroupCommit {
                     .extract_if(.., |w| w.target <= durable)
                     .collect()
             };
-            let next_leader = match state.waiters.is_empty() {
-                true => None,
-                false => Some(state.waiters.remove(0)),
+            // The longest waiting: its write, like every other waiter's, is already written,
+            // so the sync it runs covers them all.
+            let next_leader = if state.waiters.is_empty() {
+                None
+            } else {
+                Some(state.waiters.remove(0))
             };
             state.leading = next_leader.is_some();
             (next_leader, covered)
         };
-        // The next leader first: its sync is what the others' successors will wait for.
+        // The next leader first, so that the next sync starts as soon as it can; each wake-up
+        // is a system call, and there may be dozens of covered waiters.
         if let Some(leader) = next_leader {
-            crate::probe::P[4].store(crate::probe::now(), Ordering::Relaxed);
             leader.wake(LEAD);
         }
         for waiter in covered {
             waiter.wake(SETTLED);
         }
-        crate::probe::add(3, crate::probe::now() - t0);
     }
 
     /// Everything up to `lsn` became durable outside a sync (a segment was sealed): wakes the

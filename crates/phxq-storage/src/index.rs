@@ -71,14 +71,25 @@ impl GroupLog {
 
     /// The public view of the group.
     pub fn info(&self) -> GroupInfo {
+        let (info, snapshot) = self.info_and_snapshot();
         GroupInfo {
+            snapshot: snapshot.to_vec(),
+            ..info
+        }
+    }
+
+    /// The public view of the group with its snapshot still shared (and left out of the
+    /// `GroupInfo`): a caller holding a lock copies the snapshot after releasing it.
+    pub fn info_and_snapshot(&self) -> (GroupInfo, Arc<[u8]>) {
+        let info = GroupInfo {
             hard_state: self.hard_state.clone(),
             conf_state: self.conf_state.clone(),
             first_index: self.first_index(),
             last_index: self.last_index(),
             compact_term: self.compact_term,
-            snapshot: self.snapshot.to_vec(),
-        }
+            snapshot: Vec::new(),
+        };
+        (info, Arc::clone(&self.snapshot))
     }
 
     fn checkpoint(&self, group: GroupId) -> GroupCheckpoint {

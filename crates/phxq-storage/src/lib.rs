@@ -13,6 +13,8 @@
 //! * `segment` names, creates and validates segment files;
 //! * [`wal`](crate::wal) owns the files: writing, group-commit syncing, recovery, repair,
 //!   segment deletion, and poisoning after an fsync failure;
+//! * `group_commit` decides who runs the next `fdatasync` and wakes only the callers a sync
+//!   concerns;
 //! * [`raft_storage`](crate::raft_storage) is raft-rs's `Storage` for one group over the log;
 //! * [`inspect`](crate::inspect) is the read-only report behind `phxq wal inspect`.
 //!
@@ -26,24 +28,6 @@
 //!   after it.
 
 mod group_commit;
-#[doc(hidden)]
-#[allow(missing_docs)]
-pub mod probe {
-    use std::sync::OnceLock;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::time::Instant;
-    pub static P: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
-    static T0: OnceLock<Instant> = OnceLock::new();
-    pub fn now() -> u64 {
-        T0.get_or_init(Instant::now).elapsed().as_nanos() as u64
-    }
-    pub fn add(i: usize, v: u64) {
-        P[i].fetch_add(v, Ordering::Relaxed);
-    }
-    pub fn take() -> [u64; 8] {
-        std::array::from_fn(|i| P[i].swap(0, Ordering::Relaxed))
-    }
-}
 mod index;
 pub mod inspect;
 pub mod raft_storage;

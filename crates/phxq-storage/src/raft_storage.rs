@@ -93,19 +93,19 @@ impl Storage for GroupStorage {
     /// state machine there, as the compaction or snapshot install that set it stored it (empty
     /// if none did).
     fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        self.wal
-            .read_group(self.group, |log| {
-                let mut snapshot = Snapshot {
-                    data: log.snapshot.to_vec().into(),
-                    ..Default::default()
-                };
-                let metadata = snapshot.mut_metadata();
-                metadata.index = log.compact_index;
-                metadata.term = log.compact_term;
-                metadata.set_conf_state(conf_state_to_raft(&log.conf_state));
-                snapshot
-            })
-            .map_err(to_raft)
+        let (info, data) = self
+            .wal
+            .read_group(self.group, |log| log.info_and_snapshot())
+            .map_err(to_raft)?;
+        let mut snapshot = Snapshot {
+            data: data.to_vec().into(),
+            ..Default::default()
+        };
+        let metadata = snapshot.mut_metadata();
+        metadata.index = info.first_index - 1;
+        metadata.term = info.compact_term;
+        metadata.set_conf_state(conf_state_to_raft(&info.conf_state));
+        Ok(snapshot)
     }
 }
 

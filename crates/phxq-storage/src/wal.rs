@@ -1,10 +1,11 @@
 //! The write-ahead log: files, group commit, recovery, repair, segment deletion.
 //!
 //! Concurrency: one writer lock serialises writes (validate, encode, one `pwrite`, update the
-//! index); syncs run outside it, so writers keep appending while an `fdatasync` is in flight and
-//! the next sync takes everything they appended (adaptive group commit, no timer). At most one
-//! sync runs at a time; callers of [`Wal::sync_to`] whose write is not yet covered wait for the
-//! running one and then one of them starts the next. Lock order: writer, then sync state.
+//! index, publish the written Lsn). Syncs never take it: a sync reads the written Lsn and the
+//! active file (a small lock of its own), so writers keep appending while an `fdatasync` is in
+//! flight and the next sync takes everything they appended (adaptive group commit, no timer).
+//! At most one sync runs at a time; who runs the next and who is woken is `group_commit`'s job.
+//! Lock order: writer, then group commit state or active file; the sync gate (test builds) alone.
 //!
 //! Durability rules kept here:
 //!
@@ -699,12 +700,10 @@ impl Wal {
     /// the old segment before it makes the new one active, and makes it active before a write
     /// to it is published.
     fn sync_active(&self) -> Result<Lsn> {
-        let t0 = crate::probe::now();
         let lsn = self.written.load(Ordering::Acquire);
         let (file, path) = lock(&self.active)
             .clone()
             .expect("an open log has an active segment");
-        crate::probe::add(2, crate::probe::now() - t0);
         #[cfg(feature = "failpoints")]
         {
             let mut closed = lock(&self.sync_gate.0);
@@ -723,17 +722,8 @@ impl Wal {
                 std::io::Error::other("injected fsync failure"),
             ));
         }
-        let t1 = crate::probe::now();
-        let last_end = crate::probe::P[7].load(std::sync::atomic::Ordering::Relaxed);
-        if last_end > 0 {
-            crate::probe::add(6, t1 - last_end);
-        }
         file.sync_data()
             .map_err(|e| io_error("fsync segment", &path, e))?;
-        let t2 = crate::probe::now();
-        crate::probe::add(1, t2 - t1);
-        crate::probe::add(0, 1);
-        crate::probe::P[7].store(t2, std::sync::atomic::Ordering::Relaxed);
         Ok(lsn)
     }
 
@@ -902,7 +892,12 @@ impl Wal {
     /// A group's metadata and live range. A group never written reads as empty (first index
     /// 1, last index 0), which is what raft expects of a new replica.
     pub fn group(&self, group: GroupId) -> Result<GroupInfo> {
-        self.read_group(group, |log| log.info())
+        // The snapshot (up to tens of MB) is copied once the writer lock is released.
+        let (info, snapshot) = self.read_group(group, |log| log.info_and_snapshot())?;
+        Ok(GroupInfo {
+            snapshot: snapshot.to_vec(),
+            ..info
+        })
     }
 
     /// Reads a group's metadata in the index without copying it out (its snapshot may be

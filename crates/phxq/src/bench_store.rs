@@ -40,7 +40,7 @@ const PHASE_SECONDS_MAX: f64 = 3_600.0;
 #[derive(Debug, clap::Args)]
 pub struct LoadArgs {
     /// Concurrent producers, each waiting for its own acknowledgement; producer i writes queue
-    /// i mod queues.
+    /// i mod queues [default: 16; for `bench failover`, one per queue].
     #[arg(long)]
     producers: Option<usize>,
     /// Bytes of each message value.
@@ -459,7 +459,8 @@ impl Cluster {
         let start = Instant::now();
         let even = |counts: &[usize]| {
             let low = self.groups as usize / usize::from(NODES);
-            let high = low + usize::from(self.groups as usize % usize::from(NODES) != 0);
+            let high =
+                low + usize::from(!(self.groups as usize).is_multiple_of(usize::from(NODES)));
             counts.iter().all(|c| (low..=high).contains(c))
         };
         loop {

@@ -29,6 +29,8 @@ use phxq_proto::api::{self, phxq_client::PhxqClient};
 use phxq_types::ErrorCode;
 use tonic::transport::{Channel, Endpoint};
 
+/// The test store's id; requests name it, so a node of another store would refuse them.
+const STORE_ID: u64 = 1;
 /// Replication groups of the test store; with as many queues, every group carries load.
 const GROUPS: u32 = 6;
 /// Queues of topic `test` (queue q lives in group q mod GROUPS).
@@ -393,6 +395,7 @@ async fn produce_one(
             key: Vec::new(),
             value: value.as_bytes().to_vec(),
         }],
+        store_id: STORE_ID,
     };
     let deadline = Instant::now() + CALL_DEADLINE;
     let mut backoff = BACKOFF_MIN;
@@ -496,6 +499,7 @@ async fn read_queue(
             max_messages: READ_BATCH_MESSAGES,
             max_bytes: READ_BATCH_BYTES,
             wait_ms: 0,
+            store_id: STORE_ID,
         };
         let mut client = connect(&addr)?;
         let response = match tokio::time::timeout(ATTEMPT_TIMEOUT, client.consume(request)).await {
