@@ -318,7 +318,7 @@ impl Node {
             config.id
         );
         assert!(config.timing.lease_ticks < config.timing.election_ticks as u64);
-        let mut rng = Rng::new(config.seed);
+        let rng = Rng::new(config.seed);
         let mut bootstrap = WriteBatch::new();
         for g in 0..config.layout.groups {
             let group = GroupId(u64::from(g));
@@ -337,7 +337,7 @@ impl Node {
             wal.sync_to(lsn)?;
         }
         let replicas = (0..config.layout.groups)
-            .map(|g| Replica::open(&config, GroupId(u64::from(g)), wal.clone(), rng.fork()))
+            .map(|g| Replica::open(&config, GroupId(u64::from(g)), wal.clone()))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Node {
             config,

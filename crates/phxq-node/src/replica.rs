@@ -7,7 +7,7 @@ use std::sync::Arc;
 use phxq_core::{Applied, Batch, Command, GroupMachine, StoredMessage, encode_batch};
 use phxq_storage::raft_storage::{conf_state_from_raft, entry_from_raft, hard_state_from_raft};
 use phxq_storage::{GroupStorage, Wal, WriteBatch};
-use phxq_types::{ErrorCode, GroupId, NodeId, Offset, QueueId, Rng};
+use phxq_types::{ErrorCode, GroupId, NodeId, Offset, QueueId};
 use raft::eraftpb::{self, MessageType};
 use raft::{RawNode, Ready, StateRole};
 
@@ -69,7 +69,6 @@ impl Replica {
         config: &NodeConfig,
         group: GroupId,
         wal: Arc<Wal>,
-        _rng: Rng,
     ) -> Result<Replica, NodeError> {
         let info = wal.group(group)?;
         let machine = if info.snapshot.is_empty() {
