@@ -51,6 +51,8 @@ pub(crate) struct Replica {
     leader_since: u64,
     /// The term and vote last written, to know when a `Ready` changes them.
     written_term_vote: (u64, u64),
+    /// The number of the newest ready that changed the term or vote, until it is durable.
+    term_vote_unsynced: Option<u64>,
     /// When a snapshot was last sent to each peer (to retry a lost one).
     snapshot_sent: BTreeMap<u64, u64>,
     timing: node::Timing,
@@ -118,6 +120,7 @@ impl Replica {
             applied_term: 0,
             leader_since: 0,
             written_term_vote: (hs.term, hs.vote),
+            term_vote_unsynced: None,
             snapshot_sent: BTreeMap::new(),
             timing: config.timing.clone(),
             layout: config.layout.clone(),
@@ -354,9 +357,10 @@ impl Replica {
         if !ready.entries().is_empty() {
             batch.append(group, ready.entries().iter().map(entry_from_raft));
         }
-        let mut term_vote_changed = false;
         if let Some(hs) = ready.hs() {
-            term_vote_changed = (hs.term, hs.vote) != self.written_term_vote;
+            if (hs.term, hs.vote) != self.written_term_vote {
+                self.term_vote_unsynced = Some(ready.number());
+            }
             self.written_term_vote = (hs.term, hs.vote);
             batch.hard_state(group, hard_state_from_raft(hs));
         }
@@ -366,10 +370,12 @@ impl Replica {
         }
         self.apply(committed, &mut out.responses)?;
         for message in ready.take_persisted_messages() {
-            // A heartbeat answer claims nothing about this node's log; unless the ready
-            // changes the term or vote it may go before the sync, which keeps masters' leases
-            // alive while a slow fsync is in flight.
-            if message.get_msg_type() == MessageType::MsgHeartbeatResponse && !term_vote_changed {
+            // A heartbeat answer claims nothing about this node's log; while the term and vote
+            // it speaks for are durable (this ready's and every earlier one's), it may go before
+            // the sync, which keeps masters' leases alive while a slow fsync is in flight.
+            if message.get_msg_type() == MessageType::MsgHeartbeatResponse
+                && self.term_vote_unsynced.is_none()
+            {
                 push_message(out, group, message);
             } else {
                 held.push((group, message));
@@ -391,6 +397,9 @@ impl Replica {
     /// The ready numbered `number` (and every earlier one) is durable.
     pub(crate) fn persisted(&mut self, number: u64) {
         self.raw.on_persist_ready(number);
+        if self.term_vote_unsynced.is_some_and(|ready| ready <= number) {
+            self.term_vote_unsynced = None;
+        }
         // A snapshot counts as applied only once it is durable: raft-rs checks that nothing
         // is applied beyond what is persisted.
         if let Some((ready, index)) = self.snapshot_pending
