@@ -25,6 +25,6 @@ pub mod server;
 pub mod transport;
 
 pub use node::{
-    GroupStatus, Node, NodeConfig, NodeCounters, NodeError, NodeStatus, Output, Request, RequestId,
-    Response, Timing,
+    Append, GroupStatus, Node, NodeConfig, NodeCounters, NodeError, NodeStatus, Output, Request,
+    RequestId, Response, Timing,
 };

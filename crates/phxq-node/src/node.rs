@@ -3,12 +3,12 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
-use phxq_core::{Command, Message, StoreLayout, StoredMessage};
+use phxq_core::{Command, Message, StoreLayout, StoredMessage, TopicConfig};
 use phxq_storage::{Lsn, Wal, WriteBatch};
 use phxq_types::{ErrorCode, GroupId, KEY_BYTES_MAX, NodeId, Offset, QueueId, Rng, group_of_queue};
 use raft::eraftpb;
 
-use crate::replica::Replica;
+use crate::replica::{AnswerAs, Replica};
 
 /// A client request's number, chosen by the caller; answers carry it back.
 pub type RequestId = u64;
@@ -108,6 +108,13 @@ pub enum Request {
         /// Messages, in order.
         messages: Vec<Message>,
     },
+    /// Append messages to several queues of one replication group at once: one entry, so all
+    /// of them are appended or none. Every queue must live in the same group (queue `q` is in
+    /// group `q mod groups`, whatever its topic); answered once committed and applied.
+    ProduceMany {
+        /// The appends, in order; the same queue may appear more than once.
+        appends: Vec<Append>,
+    },
     /// Read a queue from a consumer group's cursor (or from `from`).
     Consume {
         /// Topic.
@@ -140,6 +147,17 @@ pub enum Request {
     Status,
 }
 
+/// Messages for one queue, part of a [`Request::ProduceMany`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Append {
+    /// Topic.
+    pub topic: String,
+    /// Queue.
+    pub queue: QueueId,
+    /// Messages, in order.
+    pub messages: Vec<Message>,
+}
+
 /// A node's answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Response {
@@ -149,6 +167,12 @@ pub enum Response {
         first_offset: Offset,
         /// Messages.
         count: u64,
+    },
+    /// Every append of a [`Request::ProduceMany`] was committed: per append, in request
+    /// order, the first offset assigned and the count.
+    ProducedMany {
+        /// `(first_offset, count)` per append.
+        ranges: Vec<(Offset, u64)>,
     },
     /// Messages read.
     Consumed {
@@ -427,42 +451,56 @@ impl Node {
                     .push((id, Response::Status(self.status())));
                 return Ok(());
             }
+            Request::ProduceMany { appends } => {
+                let group = check_appends(&layout, appends)?;
+                self.check_pending()?;
+                let replica = &mut self.replicas[group.0 as usize];
+                replica.check_master(self.now_tick)?;
+                let Request::ProduceMany { appends } = request else {
+                    unreachable!("matched above")
+                };
+                let commands = appends
+                    .into_iter()
+                    .map(|a| Command::Enqueue {
+                        topic: a.topic,
+                        queue: a.queue,
+                        messages: a.messages,
+                    })
+                    .collect();
+                return replica.admit_commands(id, commands, AnswerAs::Many);
+            }
             Request::Produce { topic, queue, .. }
             | Request::Consume { topic, queue, .. }
             | Request::Commit { topic, queue, .. } => (topic.clone(), *queue),
         };
         check_request(&layout, &request)?;
-        let pending = self.count_pending();
-        if pending >= self.config.requests_pending_max {
-            return Err(Response::error(
-                ErrorCode::Busy,
-                format!("{pending} requests are waiting; retry later"),
-            ));
-        }
+        self.check_pending()?;
         let group = group_of_queue(queue, layout.groups);
         let replica = &mut self.replicas[group.0 as usize];
         replica.check_master(self.now_tick)?;
         match request {
-            Request::Produce { messages, .. } => replica.admit_command(
+            Request::Produce { messages, .. } => replica.admit_commands(
                 id,
-                Command::Enqueue {
+                vec![Command::Enqueue {
                     topic,
                     queue,
                     messages,
-                },
+                }],
+                AnswerAs::One,
             ),
             Request::Commit {
                 consumer_group,
                 offset,
                 ..
-            } => replica.admit_command(
+            } => replica.admit_commands(
                 id,
-                Command::CommitCursor {
+                vec![Command::CommitCursor {
                     consumer_group,
                     topic,
                     queue,
                     offset,
-                },
+                }],
+                AnswerAs::One,
             ),
             Request::Consume {
                 consumer_group,
@@ -487,8 +525,20 @@ impl Node {
                 );
                 Ok(())
             }
-            Request::Status => unreachable!("answered above"),
+            Request::Status | Request::ProduceMany { .. } => unreachable!("handled above"),
         }
+    }
+
+    /// `BUSY` if the node already holds as many requests as it may.
+    fn check_pending(&self) -> Result<(), Response> {
+        let pending = self.count_pending();
+        if pending >= self.config.requests_pending_max {
+            return Err(Response::error(
+                ErrorCode::Busy,
+                format!("{pending} requests are waiting; retry later"),
+            ));
+        }
+        Ok(())
     }
 
     /// The log is durable up to `lsn` (a sync the shell ran for [`Output::sync`]).
@@ -621,7 +671,12 @@ pub(crate) fn push_message(out: &mut Output, group: GroupId, message: eraftpb::M
 /// The checks every node can make from the layout alone, before asking who is master.
 fn check_request(layout: &StoreLayout, request: &Request) -> Result<(), Response> {
     let (topic, queue, consumer_group) = match request {
-        Request::Produce { topic, queue, .. } => (topic, *queue, None),
+        Request::Produce {
+            topic,
+            queue,
+            messages,
+        } => return check_append(layout, topic, *queue, messages),
+        Request::ProduceMany { appends } => return check_appends(layout, appends).map(|_| ()),
         Request::Consume {
             topic,
             queue,
@@ -636,21 +691,7 @@ fn check_request(layout: &StoreLayout, request: &Request) -> Result<(), Response
         } => (topic, *queue, Some(consumer_group)),
         Request::Status => return Ok(()),
     };
-    let Some(config) = layout.topic(topic) else {
-        return Err(Response::error(
-            ErrorCode::UnknownTopic,
-            format!("no topic {topic:?} in this store"),
-        ));
-    };
-    if queue >= config.queues {
-        return Err(Response::error(
-            ErrorCode::UnknownQueue,
-            format!(
-                "topic {topic:?} has {} queues; there is no queue {queue}",
-                config.queues
-            ),
-        ));
-    }
+    let config = check_queue(layout, topic, queue)?;
     if let Some(group) = consumer_group
         && !config.consumer_groups.contains(group)
     {
@@ -660,24 +701,6 @@ fn check_request(layout: &StoreLayout, request: &Request) -> Result<(), Response
         ));
     }
     match request {
-        Request::Produce { messages, .. } => {
-            if messages.is_empty() {
-                return Err(Response::error(ErrorCode::EmptyBatch, "no messages"));
-            }
-            for (i, m) in messages.iter().enumerate() {
-                if m.value.len() > layout.message_bytes_max || m.key.len() > KEY_BYTES_MAX {
-                    return Err(Response::error(
-                        ErrorCode::MessageTooLarge,
-                        format!(
-                            "message {i}: value {} bytes (limit {}), key {} bytes (limit {KEY_BYTES_MAX})",
-                            m.value.len(),
-                            layout.message_bytes_max,
-                            m.key.len()
-                        ),
-                    ));
-                }
-            }
-        }
         Request::Consume {
             count_max,
             bytes_max,
@@ -699,7 +722,90 @@ fn check_request(layout: &StoreLayout, request: &Request) -> Result<(), Response
                 ));
             }
         }
-        Request::Status => {}
+        Request::Produce { .. } | Request::ProduceMany { .. } | Request::Status => {}
     }
     Ok(())
+}
+
+/// The topic's config if `queue` of `topic` exists.
+fn check_queue<'a>(
+    layout: &'a StoreLayout,
+    topic: &str,
+    queue: QueueId,
+) -> Result<&'a TopicConfig, Response> {
+    let Some(config) = layout.topic(topic) else {
+        return Err(Response::error(
+            ErrorCode::UnknownTopic,
+            format!("no topic {topic:?} in this store"),
+        ));
+    };
+    if queue >= config.queues {
+        return Err(Response::error(
+            ErrorCode::UnknownQueue,
+            format!(
+                "topic {topic:?} has {} queues; there is no queue {queue}",
+                config.queues
+            ),
+        ));
+    }
+    Ok(config)
+}
+
+/// Checks one queue's append: the queue exists, the batch is not empty, no message is too
+/// large.
+fn check_append(
+    layout: &StoreLayout,
+    topic: &str,
+    queue: QueueId,
+    messages: &[Message],
+) -> Result<(), Response> {
+    check_queue(layout, topic, queue)?;
+    if messages.is_empty() {
+        return Err(Response::error(ErrorCode::EmptyBatch, "no messages"));
+    }
+    for (i, m) in messages.iter().enumerate() {
+        if m.value.len() > layout.message_bytes_max || m.key.len() > KEY_BYTES_MAX {
+            return Err(Response::error(
+                ErrorCode::MessageTooLarge,
+                format!(
+                    "message {i}: value {} bytes (limit {}), key {} bytes (limit {KEY_BYTES_MAX})",
+                    m.value.len(),
+                    layout.message_bytes_max,
+                    m.key.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks every append of a [`Request::ProduceMany`] and that they share one replication
+/// group, which it returns. The first bad append is named by its position.
+fn check_appends(layout: &StoreLayout, appends: &[Append]) -> Result<GroupId, Response> {
+    let Some(first) = appends.first() else {
+        return Err(Response::error(ErrorCode::EmptyBatch, "no appends"));
+    };
+    let group = group_of_queue(first.queue, layout.groups);
+    for (i, append) in appends.iter().enumerate() {
+        check_append(layout, &append.topic, append.queue, &append.messages).map_err(|refusal| {
+            match refusal {
+                Response::Error { code, message, .. } => {
+                    Response::error(code, format!("append {i}: {message}"))
+                }
+                other => other,
+            }
+        })?;
+        let other = group_of_queue(append.queue, layout.groups);
+        if other != group {
+            return Err(Response::error(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "append {i}: queue {} is in {other}, append 0's queue {} in {group}; \
+                     one request writes one replication group (queue q is in group q mod {})",
+                    append.queue, first.queue, layout.groups
+                ),
+            ));
+        }
+    }
+    Ok(group)
 }

@@ -26,10 +26,28 @@ pub(crate) struct Consume {
     pub deadline: u64,
 }
 
-/// Commands proposed in one entry, and whose they are, in command order.
+/// An admitted request's commands, proposed together in one entry (never split: a request
+/// for several queues is applied all at once or not at all).
+struct Proposal {
+    id: RequestId,
+    commands: Vec<Command>,
+    bytes: usize,
+    answer: AnswerAs,
+}
+
+/// How a request's applied commands are answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AnswerAs {
+    /// One command: `Produced` or `Committed`.
+    One,
+    /// Enqueues to several queues: `ProducedMany`, one range per command.
+    Many,
+}
+
+/// Requests proposed in one entry, in command order: whose, how many commands, how answered.
 struct InFlight {
     term: u64,
-    requests: Vec<RequestId>,
+    requests: Vec<(RequestId, usize, AnswerAs)>,
 }
 
 pub(crate) struct Replica {
@@ -38,8 +56,8 @@ pub(crate) struct Replica {
     members: Vec<NodeId>,
     raw: RawNode<GroupStorage>,
     machine: GroupMachine,
-    /// Admitted commands not yet proposed, with their request and size.
-    proposals: VecDeque<(RequestId, Command, usize)>,
+    /// Admitted requests not yet proposed.
+    proposals: VecDeque<Proposal>,
     /// Proposed entries by raft index.
     in_flight: BTreeMap<u64, InFlight>,
     waiters: Vec<(RequestId, Consume)>,
@@ -240,16 +258,26 @@ impl Replica {
         }
     }
 
-    pub(crate) fn admit_command(
+    /// Queues a request's commands for the next entry, if the state allows every one of
+    /// them; otherwise nothing is queued.
+    pub(crate) fn admit_commands(
         &mut self,
         id: RequestId,
-        command: Command,
+        commands: Vec<Command>,
+        answer: AnswerAs,
     ) -> Result<(), Response> {
-        self.machine
-            .check(&command)
-            .map_err(|code| Response::error(code, describe_refusal(code, &command)))?;
-        let bytes = command_bytes(&command);
-        self.proposals.push_back((id, command, bytes));
+        for command in &commands {
+            self.machine
+                .check(command)
+                .map_err(|code| Response::error(code, describe_refusal(code, command)))?;
+        }
+        let bytes = commands.iter().map(command_bytes).sum();
+        self.proposals.push_back(Proposal {
+            id,
+            commands,
+            bytes,
+            answer,
+        });
         Ok(())
     }
 
@@ -270,7 +298,7 @@ impl Replica {
         }
         if !self.is_leader() {
             let hint = self.master_hint();
-            responses.extend(self.proposals.drain(..).map(|(id, ..)| (id, hint.clone())));
+            responses.extend(self.proposals.drain(..).map(|p| (p.id, hint.clone())));
             return;
         }
         if self.writing_proposal() {
@@ -283,17 +311,17 @@ impl Replica {
             };
             let mut requests = Vec::new();
             let mut bytes = 0;
-            while let Some((_, _, size)) = self.proposals.front() {
+            while let Some(next) = self.proposals.front() {
                 if !batch.commands.is_empty()
-                    && (batch.commands.len() >= config.batch_commands_max
-                        || bytes + size > config.batch_bytes_max)
+                    && (batch.commands.len() + next.commands.len() > config.batch_commands_max
+                        || bytes + next.bytes > config.batch_bytes_max)
                 {
                     break;
                 }
-                let (id, command, size) = self.proposals.pop_front().expect("front exists");
-                bytes += size;
-                batch.commands.push(command);
-                requests.push(id);
+                let proposal = self.proposals.pop_front().expect("front exists");
+                bytes += proposal.bytes;
+                requests.push((proposal.id, proposal.commands.len(), proposal.answer));
+                batch.commands.extend(proposal.commands);
             }
             let term = self.raw.raft.term;
             let commands = batch.commands.len() as u64;
@@ -319,7 +347,7 @@ impl Replica {
                         ErrorCode::NoMaster,
                         format!("{} dropped the proposal: {error}", self.group),
                     );
-                    responses.extend(requests.into_iter().map(|id| (id, response.clone())));
+                    responses.extend(requests.into_iter().map(|(id, ..)| (id, response.clone())));
                 }
             }
         }
@@ -421,7 +449,7 @@ impl Replica {
         // their fate is unknown; waiting reads go elsewhere.
         let hint = self.master_hint();
         for (_, flight) in std::mem::take(&mut self.in_flight) {
-            responses.extend(flight.requests.into_iter().map(|id| {
+            responses.extend(flight.requests.into_iter().map(|(id, ..)| {
                 (
                     id,
                     Response::error(
@@ -496,36 +524,24 @@ impl Replica {
                     ErrorCode::NotMaster,
                     "the entry was replaced by a new master's; it was not applied",
                 );
-                responses.extend(flight.requests.into_iter().map(|id| (id, response.clone())));
+                responses.extend(
+                    flight
+                        .requests
+                        .into_iter()
+                        .map(|(id, ..)| (id, response.clone())),
+                );
                 continue;
             }
             assert_eq!(
                 results.len(),
-                flight.requests.len(),
+                flight.requests.iter().map(|(_, n, _)| n).sum::<usize>(),
                 "one result per command"
             );
-            responses.extend(
-                flight
-                    .requests
-                    .into_iter()
-                    .zip(results)
-                    .map(|(id, applied)| {
-                        let response = match applied {
-                            Applied::Enqueued {
-                                first_offset,
-                                count,
-                            } => Response::Produced {
-                                first_offset,
-                                count,
-                            },
-                            Applied::CursorCommitted { .. } => Response::Committed,
-                            Applied::Rejected(code) => {
-                                Response::error(code, "refused when applied".to_string())
-                            }
-                        };
-                        (id, response)
-                    }),
-            );
+            let mut results = results.into_iter();
+            for (id, commands, answer) in flight.requests {
+                let applied: Vec<Applied> = results.by_ref().take(commands).collect();
+                responses.push((id, answer_applied(answer, applied)));
+            }
         }
         Ok(())
     }
@@ -748,6 +764,47 @@ impl Replica {
             applied_index: self.machine.applied_index(),
             last_index: raft.raft_log.last_index(),
         }
+    }
+}
+
+/// The answer to a request whose commands were applied with these results.
+fn answer_applied(answer: AnswerAs, applied: Vec<Applied>) -> Response {
+    // With a fixed layout a command that passed admission is never refused when applied; if
+    // one were, the request's other commands in the entry would still stand, and the error
+    // says so.
+    if let Some(code) = applied.iter().find_map(|a| match a {
+        Applied::Rejected(code) => Some(*code),
+        _ => None,
+    }) {
+        return Response::error(code, "refused when applied".to_string());
+    }
+    match (answer, applied.as_slice()) {
+        (
+            AnswerAs::One,
+            [
+                Applied::Enqueued {
+                    first_offset,
+                    count,
+                },
+            ],
+        ) => Response::Produced {
+            first_offset: *first_offset,
+            count: *count,
+        },
+        (AnswerAs::One, [Applied::CursorCommitted { .. }]) => Response::Committed,
+        (AnswerAs::Many, _) => Response::ProducedMany {
+            ranges: applied
+                .iter()
+                .filter_map(|a| match a {
+                    Applied::Enqueued {
+                        first_offset,
+                        count,
+                    } => Some((*first_offset, *count)),
+                    _ => None,
+                })
+                .collect(),
+        },
+        (AnswerAs::One, other) => unreachable!("one command gave {other:?}"),
     }
 }
 

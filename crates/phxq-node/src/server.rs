@@ -40,8 +40,8 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -54,7 +54,9 @@ use tokio::sync::oneshot;
 
 use crate::config::ServerConfig;
 use crate::transport::{Transport, TransportConfig};
-use crate::{GroupStatus, Node, NodeError, NodeStatus, Output, Request, RequestId, Response};
+use crate::{
+    Append, GroupStatus, Node, NodeError, NodeStatus, Output, Request, RequestId, Response,
+};
 
 /// Inputs queued for the event loop at most; beyond, clients get `BUSY` and peer frames are
 /// dropped.
@@ -612,7 +614,10 @@ impl EventLoop {
                 }
                 let id = self.next_request;
                 self.next_request += 1;
-                let write = matches!(request, Request::Produce { .. } | Request::Commit { .. });
+                let write = matches!(
+                    request,
+                    Request::Produce { .. } | Request::ProduceMany { .. } | Request::Commit { .. }
+                );
                 self.pending.insert(id, Pending { reply, write });
                 self.node.request(id, request);
             }
@@ -811,19 +816,35 @@ fn check_name(what: &str, name: &str) -> Result<(), api::Error> {
 
 fn check_produce(request: &api::ProduceRequest) -> Result<(), api::Error> {
     check_name("topic", &request.topic)?;
-    if request.messages.len() > PRODUCE_MESSAGES_MAX {
+    check_call_size(&request.messages)
+}
+
+fn check_produce_many(request: &api::ProduceManyRequest) -> Result<(), api::Error> {
+    for (i, append) in request.appends.iter().enumerate() {
+        check_name(&format!("append {i}: topic"), &append.topic)?;
+    }
+    let messages: Vec<&api::Message> = request
+        .appends
+        .iter()
+        .flat_map(|a| a.messages.iter())
+        .collect();
+    check_call_size(&messages)
+}
+
+/// `INVALID_ARGUMENT` if one call carries more messages or bytes than it may.
+fn check_call_size<M: std::borrow::Borrow<api::Message>>(messages: &[M]) -> Result<(), api::Error> {
+    if messages.len() > PRODUCE_MESSAGES_MAX {
         return Err(refuse(
             ErrorCode::InvalidArgument,
             format!(
                 "{} messages in one call; at most {PRODUCE_MESSAGES_MAX}",
-                request.messages.len()
+                messages.len()
             ),
         ));
     }
-    let bytes: usize = request
-        .messages
+    let bytes: usize = messages
         .iter()
-        .map(|m| m.key.len() + m.value.len())
+        .map(|m| m.borrow().key.len() + m.borrow().value.len())
         .sum();
     if bytes > PRODUCE_BYTES_MAX {
         return Err(refuse(
@@ -832,6 +853,17 @@ fn check_produce(request: &api::ProduceRequest) -> Result<(), api::Error> {
         ));
     }
     Ok(())
+}
+
+/// The node's form of wire messages.
+fn messages_of(messages: Vec<api::Message>) -> Vec<Message> {
+    messages
+        .into_iter()
+        .map(|m| Message {
+            key: m.key,
+            value: m.value,
+        })
+        .collect()
 }
 
 fn check_consume(request: &api::ConsumeRequest) -> Result<(), api::Error> {
@@ -879,18 +911,10 @@ impl phxq_server::Phxq for Service {
                 ..Default::default()
             },
             Ok(()) => {
-                let messages = request
-                    .messages
-                    .into_iter()
-                    .map(|m| Message {
-                        key: m.key,
-                        value: m.value,
-                    })
-                    .collect();
                 let request = Request::Produce {
                     topic: request.topic,
                     queue: request.queue,
-                    messages,
+                    messages: messages_of(request.messages),
                 };
                 match self.call(request, 0).await {
                     Response::Produced {
@@ -907,6 +931,46 @@ impl phxq_server::Phxq for Service {
                     },
                 }
             }
+        };
+        Ok(tonic::Response::new(answer))
+    }
+
+    async fn produce_many(
+        &self,
+        request: tonic::Request<api::ProduceManyRequest>,
+    ) -> GrpcResult<api::ProduceManyResponse> {
+        let request = request.into_inner();
+        let refused = |error| api::ProduceManyResponse {
+            error: Some(error),
+            results: Vec::new(),
+        };
+        if let Err(error) = self
+            .check_store(request.store_id)
+            .and_then(|()| check_produce_many(&request))
+        {
+            return Ok(tonic::Response::new(refused(error)));
+        }
+        let appends = request
+            .appends
+            .into_iter()
+            .map(|a| Append {
+                topic: a.topic,
+                queue: a.queue,
+                messages: messages_of(a.messages),
+            })
+            .collect();
+        let answer = match self.call(Request::ProduceMany { appends }, 0).await {
+            Response::ProducedMany { ranges } => api::ProduceManyResponse {
+                error: None,
+                results: ranges
+                    .into_iter()
+                    .map(|(first_offset, count)| api::AppendResult {
+                        first_offset,
+                        count: u32::try_from(count).expect("at most PRODUCE_MESSAGES_MAX"),
+                    })
+                    .collect(),
+            },
+            other => refused(self.failure(other)),
         };
         Ok(tonic::Response::new(answer))
     }
@@ -1086,6 +1150,7 @@ fn topics_status(layout: &StoreLayout) -> Vec<api::TopicStatus> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use phxq_types::QueueId;
 
     fn consume(max_messages: u32, max_bytes: u32, wait_ms: u32) -> api::ConsumeRequest {
         api::ConsumeRequest {
@@ -1205,7 +1270,7 @@ mod tests {
             peer_addr = "127.0.0.1:2"
             [[store.topics]]
             name = "t"
-            queues = 2
+            queues = 4
             consumer_groups = ["g"]
             "#,
         )
@@ -1297,6 +1362,111 @@ mod tests {
             ),
             "{after:?}"
         );
+    }
+
+    fn append(queue: QueueId, values: &[&str]) -> Append {
+        Append {
+            topic: "t".to_string(),
+            queue,
+            messages: values
+                .iter()
+                .map(|v| Message {
+                    key: Vec::new(),
+                    value: v.as_bytes().to_vec(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The values of `queue`, read from offset 1 by the node (once its group has a master).
+    async fn values_of(handle: &NodeHandle, queue: QueueId) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let answer = handle
+                .call(Request::Consume {
+                    topic: "t".to_string(),
+                    queue,
+                    consumer_group: "g".to_string(),
+                    from: Some(1),
+                    count_max: 100,
+                    bytes_max: 1 << 20,
+                    wait_ticks: 0,
+                })
+                .await;
+            match answer {
+                Response::Consumed { messages, .. } => {
+                    return messages
+                        .into_iter()
+                        .map(|m| String::from_utf8(m.value).expect("utf-8"))
+                        .collect();
+                }
+                Response::Error {
+                    code: ErrorCode::NoMaster,
+                    ..
+                } if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                other => panic!("consume failed: {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn produce_many_appends_to_several_queues_of_a_group_at_once_or_not_at_all() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let server = RunningServer::start(single_node(dir.path()))
+            .await
+            .expect("start");
+        let handle = server.handle();
+        // Queues 0 and 2 are in group 0 (2 groups), queue 1 in group 1.
+        produce_when_mastered(&handle, "a0").await;
+        let many = Request::ProduceMany {
+            appends: vec![
+                append(0, &["b0", "c0"]),
+                append(2, &["a2"]),
+                append(0, &["d0"]),
+            ],
+        };
+        assert_eq!(
+            handle.call(many).await,
+            Response::ProducedMany {
+                ranges: vec![(2, 2), (1, 1), (4, 1)]
+            }
+        );
+
+        let refusals = [
+            (vec![], ErrorCode::EmptyBatch, "no appends"),
+            (
+                vec![append(0, &["x"]), append(2, &[])],
+                ErrorCode::EmptyBatch,
+                "append 1: no messages",
+            ),
+            (
+                vec![append(0, &["x"]), append(1, &["y"])],
+                ErrorCode::InvalidArgument,
+                "append 1: queue 1 is in g1, append 0's queue 0 in g0",
+            ),
+            (
+                vec![append(2, &["x"]), append(6, &["y"])],
+                ErrorCode::UnknownQueue,
+                "append 1: topic \"t\" has 4 queues",
+            ),
+        ];
+        for (appends, code, text) in refusals {
+            let answer = handle.call(Request::ProduceMany { appends }).await;
+            let Response::Error {
+                code: got, message, ..
+            } = &answer
+            else {
+                panic!("expected {code:?}: {answer:?}");
+            };
+            assert_eq!((*got, message.contains(text)), (code, true), "{answer:?}");
+        }
+        // Nothing refused was written: the queues hold exactly the accepted appends.
+        assert_eq!(values_of(&handle, 0).await, ["a0", "b0", "c0", "d0"]);
+        assert_eq!(values_of(&handle, 2).await, ["a2"]);
+        assert!(values_of(&handle, 1).await.is_empty());
+        server.run_until(async {}).await.expect("graceful stop");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use phxq_core::{Message, Retention, StoreLayout, TopicConfig};
-use phxq_node::{Node, NodeConfig, Output, Request, RequestId, Response};
+use phxq_node::{Append, Node, NodeConfig, Output, Request, RequestId, Response};
 use phxq_storage::{Lsn, Wal, WalOptions};
 use phxq_types::{ErrorCode, GroupId, NodeId, QueueId, Rng};
 use raft::eraftpb;
@@ -665,15 +665,31 @@ impl Sim {
                 if !self.faulty() {
                     return; // producers stop when the faults do; consumers drain
                 }
-                let value = format!("p{index}-{seq}").into_bytes();
-                self.history.attempted.insert(value.clone());
-                Request::Produce {
-                    topic: TOPIC.to_string(),
-                    queue,
-                    messages: vec![Message {
+                let mut message = |seq: u64| {
+                    let value = format!("p{index}-{seq}").into_bytes();
+                    self.history.attempted.insert(value.clone());
+                    vec![Message {
                         key: format!("k{index}").into_bytes(),
                         value,
-                    }],
+                    }]
+                };
+                // One request in four appends two messages as two appends to the same queue
+                // (one entry, several commands of one request).
+                if self.rng.below(4) == 0 {
+                    let appends = [seq, seq + 1]
+                        .map(|seq| Append {
+                            topic: TOPIC.to_string(),
+                            queue,
+                            messages: message(seq),
+                        })
+                        .to_vec();
+                    Request::ProduceMany { appends }
+                } else {
+                    Request::Produce {
+                        topic: TOPIC.to_string(),
+                        queue,
+                        messages: message(seq),
+                    }
                 }
             }
             ClientKind::Consumer { group, queue } => match self.clients[c].commit {
@@ -741,6 +757,24 @@ impl Sim {
                     value: messages[0].value.clone(),
                 });
                 *seq += 1;
+                pause = self.rng.below(3_000);
+            }
+            (Response::ProducedMany { ranges }, Request::ProduceMany { appends }) => {
+                assert_eq!(ranges.len(), appends.len(), "one range per append");
+                let ClientKind::Producer { index, seq, .. } = &mut self.clients[c].kind else {
+                    unreachable!("producers produce");
+                };
+                for ((first_offset, count), append) in ranges.into_iter().zip(appends) {
+                    assert_eq!(count, 1, "one message per append");
+                    self.history.acks.push(Ack {
+                        producer: *index,
+                        seq: *seq,
+                        queue: append.queue,
+                        offset: first_offset,
+                        value: append.messages[0].value.clone(),
+                    });
+                    *seq += 1;
+                }
                 pause = self.rng.below(3_000);
             }
             (

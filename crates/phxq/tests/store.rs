@@ -540,6 +540,97 @@ fn a_request_for_another_store_gets_wrong_store_and_changes_nothing() {
 }
 
 #[test]
+fn produce_many_appends_atomically_through_the_grpc_api_and_refuses_mixed_groups() {
+    use phxq_proto::api::{self, phxq_client::PhxqClient};
+    use phxq_types::ErrorCode;
+
+    let append = |queue: u32, values: &[&str]| api::Append {
+        topic: "test".to_string(),
+        queue,
+        messages: values
+            .iter()
+            .map(|v| api::Message {
+                key: Vec::new(),
+                value: v.as_bytes().to_vec(),
+            })
+            .collect(),
+    };
+    let store = Store::start();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let outcomes = runtime.block_on(async {
+        // The master of group 0 (queue 0); placement may still move it: follow NOT_MASTER.
+        async fn call(server: &str, request: api::ProduceManyRequest) -> api::ProduceManyResponse {
+            let mut client = PhxqClient::connect(format!("http://{server}"))
+                .await
+                .expect("connect");
+            client
+                .produce_many(request)
+                .await
+                .expect("produce_many")
+                .into_inner()
+        }
+        let mut server = store.server(1);
+        let good = api::ProduceManyRequest {
+            appends: vec![append(0, &["a", "b"]), append(0, &["c"])],
+            store_id: 0,
+        };
+        let mut accepted = None;
+        for _ in 0..100 {
+            store.wait_ready();
+            let response = call(&server, good.clone()).await;
+            match api::check(response.error.as_ref()) {
+                Ok(()) => {
+                    accepted = Some(response.results);
+                    break;
+                }
+                Err(failure) if failure.code == Some(ErrorCode::NotMaster) => {
+                    if let Some(master) = failure.master_addr {
+                        server = master;
+                    }
+                }
+                Err(failure) if failure.code.is_some_and(|c| c.is_retryable()) => {}
+                Err(failure) => panic!("{failure}"),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let mixed = call(
+            &server,
+            api::ProduceManyRequest {
+                appends: vec![append(0, &["x"]), append(1, &["y"])],
+                store_id: 0,
+            },
+        )
+        .await;
+        let misrouted = call(
+            &server,
+            api::ProduceManyRequest {
+                appends: vec![append(0, &["z"])],
+                store_id: 999,
+            },
+        )
+        .await;
+        (accepted, mixed, misrouted)
+    });
+    let (accepted, mixed, misrouted) = outcomes;
+    let results: Vec<(u64, u32)> = accepted
+        .expect("accepted once group 0 had a master")
+        .iter()
+        .map(|r| (r.first_offset, r.count))
+        .collect();
+    assert_eq!(results, [(1, 2), (3, 1)]);
+    let mixed = api::check(mixed.error.as_ref()).expect_err("two groups in one call");
+    assert_eq!(mixed.code, Some(ErrorCode::InvalidArgument), "{mixed}");
+    let misrouted = api::check(misrouted.error.as_ref()).expect_err("another store");
+    assert_eq!(misrouted.code, Some(ErrorCode::WrongStore), "{misrouted}");
+    let stored = values_by_queue(&store.consume_all("g1"));
+    assert_eq!(
+        stored,
+        BTreeMap::from([(0, vec!["a".to_string(), "b".to_string(), "c".to_string()])]),
+        "only the accepted call was written"
+    );
+}
+
+#[test]
 fn a_config_with_a_bad_key_is_refused_with_the_key_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("node.toml");
