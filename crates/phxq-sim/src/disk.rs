@@ -31,18 +31,43 @@ pub enum CrashKind {
     Tear,
 }
 
+/// Every segment and where its data ends: after its last non-zero byte (every frame ends in a
+/// non-zero marker; the log writes zeros ahead of its data, which are not data).
+/// The disk's unit of atomic writes.
+const SECTOR_BYTES: u64 = 512;
+
 fn segments(dir: &Path) -> Vec<(PathBuf, u64)> {
     let mut files: Vec<(PathBuf, u64)> = fs::read_dir(dir)
         .expect("sim data dir is readable")
         .map(|e| e.expect("dir entry").path())
         .filter(|p| p.extension().is_some_and(|e| e == "wal"))
         .map(|p| {
-            let len = fs::metadata(&p).expect("segment metadata").len();
-            (p, len)
+            let end = data_end(&p);
+            (p, end)
         })
         .collect();
     files.sort();
     files
+}
+
+/// Where a segment's data ends, reading back from its end in blocks (the zeros ahead are
+/// short; the data may not be).
+fn data_end(path: &Path) -> u64 {
+    use std::os::unix::fs::FileExt;
+    const BLOCK: u64 = 16 << 10;
+    let file = fs::File::open(path).expect("segment readable");
+    let mut end = file.metadata().expect("segment metadata").len();
+    let mut block = vec![0u8; BLOCK as usize];
+    while end > 0 {
+        let start = end.saturating_sub(BLOCK);
+        let bytes = &mut block[..(end - start) as usize];
+        file.read_exact_at(bytes, start).expect("segment readable");
+        if let Some(i) = bytes.iter().rposition(|&b| b != 0) {
+            return start + i as u64 + 1;
+        }
+        end = start;
+    }
+    0
 }
 
 impl DurableImage {
@@ -53,7 +78,9 @@ impl DurableImage {
         }
     }
 
-    /// Cuts `dir` back to this image, as a crash would.
+    /// Cuts `dir` back to this image, as a crash would: the lost bytes become zeros (the file
+    /// keeps the size its written-ahead zeros gave it) or, at random, are cut off (the
+    /// zeros' extension was lost too).
     pub fn crash(&self, dir: &Path, kind: CrashKind, rng: &mut Rng) {
         let files = segments(dir);
         let newest = files.last().map(|(p, _)| p.clone());
@@ -72,7 +99,17 @@ impl DurableImage {
                     .write(true)
                     .open(&path)
                     .expect("open segment");
-                file.set_len(keep).expect("truncate segment");
+                let size = file.metadata().expect("segment metadata").len();
+                if rng.below(2) == 0 {
+                    // Sectors not written revert to the zeros written ahead: a sector is
+                    // written whole or not at all, so the cut moves up to a sector boundary.
+                    let keep = keep.next_multiple_of(SECTOR_BYTES).min(size);
+                    file.set_len(keep).expect("truncate segment");
+                    file.set_len(size).expect("zero-fill segment");
+                } else {
+                    // The file's last extension torn at any byte (its size moved with it).
+                    file.set_len(keep).expect("truncate segment");
+                }
             }
         }
     }

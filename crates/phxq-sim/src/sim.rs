@@ -452,7 +452,12 @@ impl Sim {
 
     fn start_node(&mut self, i: usize) {
         let sim_node = &mut self.nodes[i];
-        let (wal, _report) = match Wal::open(&sim_node.dir, WalOptions::default()) {
+        // Small runs of zeros ahead, so crashes meet zero tails and the runs' extensions.
+        let options = WalOptions {
+            preallocate_bytes: 16 << 10,
+            ..WalOptions::default()
+        };
+        let (wal, _report) = match Wal::open(&sim_node.dir, options) {
             Ok(opened) => opened,
             Err(e) => {
                 self.violations

@@ -266,7 +266,9 @@ fn touches_unwritten_tail(zeros_start: usize, base: usize, end: usize) -> bool {
 /// `zeros_start` the start of the buffer's trailing zero run.
 pub(crate) fn next_frame(buf: &[u8], pos: usize, base: usize, zeros_start: usize) -> Frame {
     let rest = &buf[pos..];
-    if rest.is_empty() {
+    // Nothing but zeros from here: the end (of the file, or of the data, when zeros were
+    // written ahead). Every frame ends in a non-zero end marker, so this is a frame boundary.
+    if pos >= zeros_start {
         return Frame::End;
     }
     if rest.len() < FRAME_HEADER_BYTES {

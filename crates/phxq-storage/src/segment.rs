@@ -3,7 +3,8 @@
 //! Header (32 bytes): magic `PHXQ-WAL`, format version u32, flags u32 (0), segment id u64,
 //! reserved u32 (0), CRC32C of the first 28 bytes. A segment's first write is always a
 //! checkpoint of every group's metadata (snapshots included), so older segments can be deleted
-//! in any order once none of their entries are live.
+//! in any order once none of their entries are live. Zeros may follow the last record (written
+//! ahead so that syncs never extend the file); they read as the segment's end.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -107,9 +108,15 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| io_error("fsync directory", dir, e))
 }
 
-/// Creates segment `id` holding its header and `first_records`, synced, with its directory
-/// entry synced, so that a crash leaves either no file or a whole one.
-pub(crate) fn create(dir: &Path, id: SegmentId, first_records: &[u8]) -> Result<(File, PathBuf)> {
+/// Creates segment `id` holding its header and `first_records`, then zeros up to file offset
+/// `zeroed_to` (if it is further), synced, with its directory entry synced, so that a crash
+/// leaves either no file or a whole one.
+pub(crate) fn create(
+    dir: &Path,
+    id: SegmentId,
+    first_records: &[u8],
+    zeroed_to: u64,
+) -> Result<(File, PathBuf)> {
     let path = dir.join(file_name(id));
     let mut file = OpenOptions::new()
         .read(true)
@@ -120,6 +127,9 @@ pub(crate) fn create(dir: &Path, id: SegmentId, first_records: &[u8]) -> Result<
     let mut bytes = Vec::with_capacity(SEGMENT_HEADER_BYTES + first_records.len());
     bytes.extend_from_slice(&encode_header(id));
     bytes.extend_from_slice(first_records);
+    if zeroed_to > bytes.len() as u64 {
+        bytes.resize(zeroed_to as usize, 0);
+    }
     file.write_all(&bytes)
         .map_err(|e| io_error("write segment", &path, e))?;
     file.sync_data()

@@ -100,6 +100,7 @@ fn wal_options() -> WalOptions {
     WalOptions {
         segment_bytes_max: SEGMENT_BYTES_MAX,
         repair: false,
+        ..WalOptions::default()
     }
 }
 

@@ -30,6 +30,8 @@ use proptest::prelude::*;
 
 const GROUPS: u64 = 3;
 const SEGMENT_BYTES: u64 = 4096;
+/// Zeros written ahead: crashes meet segments with a zero tail, and runs of it written later.
+const PREALLOCATE_BYTES: u64 = 1024;
 const SECTOR: u64 = 512;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -191,6 +193,7 @@ fn options(repair: bool) -> WalOptions {
     WalOptions {
         segment_bytes_max: SEGMENT_BYTES,
         repair,
+        preallocate_bytes: PREALLOCATE_BYTES,
     }
 }
 
@@ -199,7 +202,7 @@ impl Harness {
         let dir = tempfile::tempdir().unwrap();
         let (wal, _) = Wal::open(dir.path(), options(false)).unwrap();
         let path = newest_segment(dir.path());
-        let synced_len = std::fs::metadata(&path).unwrap().len();
+        let synced_len = data_end(&path);
         Harness {
             dir,
             wal: Some(wal),
@@ -250,7 +253,7 @@ impl Harness {
             return;
         }
         let path = newest_segment(self.dir.path());
-        let end = std::fs::metadata(&path).unwrap().len();
+        let end = data_end(&path);
         if after.durable_lsn + 1 >= lsn {
             // Everything before this write is durable (a sync, or the rotation it caused).
             let write_bytes = after.bytes - before.bytes;
@@ -378,7 +381,7 @@ impl Harness {
             Op::Sync => {
                 self.wal().sync().unwrap();
                 let path = newest_segment(self.dir.path());
-                let synced_len = std::fs::metadata(&path).unwrap().len();
+                let synced_len = data_end(&path);
                 self.durable = Durable {
                     path,
                     synced_len,
@@ -479,10 +482,12 @@ impl Harness {
         drop(self.wal.take());
         let path = self.durable.path.clone();
         let synced = self.durable.synced_len;
-        let end = std::fs::metadata(&path).unwrap().len();
+        let end = data_end(&path);
         let expected = match *crash {
             Crash::Process => self.model.clone(),
-            Crash::DropUnsynced => self.cut(&path, synced, end, false),
+            // Unsynced sectors reverted to the zeros written ahead (the file keeps its size).
+            Crash::DropUnsynced => self.cut(&path, synced, end, true),
+            // The file's last extension torn at any byte (its size moved with it).
             Crash::Tear(at) => self.cut(
                 &path,
                 synced + ((end - synced) as f64 * at) as u64,
@@ -516,13 +521,15 @@ impl Harness {
         self.reset_durable(expected);
     }
 
-    /// Cuts the newest file at `at` (or zero-fills from there), returning the state that must
+    /// Cuts the newest file at `at` (or zero-fills from there to the file's end, as a crash
+    /// leaves a segment whose zeros were written ahead), returning the state that must
     /// survive: the last write that ends at or before the cut.
     fn cut(&self, path: &Path, at: u64, end: u64, zero_fill: bool) -> Model {
         let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        let file_len = file.metadata().unwrap().len();
         file.set_len(at).unwrap();
         if zero_fill {
-            file.set_len(end).unwrap();
+            file.set_len(file_len.max(end)).unwrap();
         }
         self.unsynced
             .iter()
@@ -547,7 +554,7 @@ impl Harness {
         let synced = if path == self.durable.path {
             self.durable.synced_len
         } else {
-            std::fs::metadata(&path).unwrap().len()
+            data_end(&path)
         };
         let offset = (synced as f64 * byte) as u64;
         let mut bytes = std::fs::read(&path).unwrap();
@@ -627,7 +634,7 @@ impl Harness {
     fn reset_durable(&mut self, model: Model) {
         self.model = model.clone();
         let path = newest_segment(self.dir.path());
-        let synced_len = std::fs::metadata(&path).unwrap().len();
+        let synced_len = data_end(&path);
         self.durable = Durable {
             path,
             synced_len,
@@ -677,8 +684,19 @@ fn run_ops(ops: &[Op], single_damage: bool) -> Harness {
 
 /// Offsets where frames start in `path` from `from` (a frame boundary) to the end of file.
 /// Reads only frame lengths: `[len u32 (top bit: more in this write)][..16 bytes][payload][4]`.
-fn frame_boundaries(path: &Path, from: u64) -> Vec<u64> {
+/// Where a segment's data ends: after its last non-zero byte (every frame ends in a non-zero
+/// end marker; zeros written ahead follow).
+fn data_end(path: &Path) -> u64 {
     let bytes = std::fs::read(path).unwrap();
+    bytes
+        .iter()
+        .rposition(|&b| b != 0)
+        .map_or(0, |i| i as u64 + 1)
+}
+
+fn frame_boundaries(path: &Path, from: u64) -> Vec<u64> {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes.truncate(data_end(path) as usize);
     let mut at = from as usize;
     let mut boundaries = vec![at as u64];
     while at + 4 <= bytes.len() {

@@ -23,6 +23,7 @@ fn open(dir: &std::path::Path) -> Wal {
         WalOptions {
             segment_bytes_max: 8192,
             repair: false,
+            ..WalOptions::default()
         },
     )
     .expect("open")
@@ -494,6 +495,7 @@ fn a_segment_that_cannot_be_deleted_does_not_fail_the_sync() {
         WalOptions {
             segment_bytes_max: 8192,
             repair: false,
+            ..WalOptions::default()
         },
     )
     .unwrap();
