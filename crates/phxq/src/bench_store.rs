@@ -68,6 +68,12 @@ pub struct LoadArgs {
     /// Where the fsync probe writes its scratch file (put it on the store's disk).
     #[arg(long, default_value = ".")]
     probe_dir: PathBuf,
+    /// Threads of the load generator (0: one up to 16 producers, else one per 32 producers,
+    /// from 2 to 4). The producers
+    /// share the machine with the store, so the fewer threads the better while they keep up:
+    /// one thread runs every producer without cross-thread wake-ups.
+    #[arg(long, default_value_t = 0)]
+    client_threads: usize,
     /// Print only the final JSON line.
     #[arg(long)]
     json: bool,
@@ -158,11 +164,29 @@ fn probe(load: &LoadArgs) -> CommandResult<Option<f64>> {
     Ok(Some(store::fsync_probe(&load.probe_dir, duration)?))
 }
 
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
+/// `--client-threads` resolved.
+fn client_threads(threads: usize, producers: usize) -> usize {
+    match threads {
+        0 if producers <= 16 => 1,
+        0 => (producers / 32).clamp(2, 4),
+        n => n,
+    }
+}
+
+/// The load generator's runtime: `threads` workers (see `--client-threads`); one thread is a
+/// current-thread runtime.
+fn runtime(threads: usize, producers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let threads = client_threads(threads, producers);
+    if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
 }
 
 /// Prints `report` unless only JSON is wanted.
@@ -203,7 +227,7 @@ pub fn produce(args: &ProduceArgs) -> CommandResult {
         ))?;
     }
     let probe_before = probe(&args.load)?;
-    let runtime = runtime()?;
+    let runtime = runtime(args.load.client_threads, options.producers)?;
     let mut printed = Ok(());
     let report = runtime.block_on(store::run(&options, |interval| {
         if printed.is_ok() {
@@ -224,6 +248,7 @@ pub fn produce(args: &ProduceArgs) -> CommandResult {
         "server": options.server,
         "topic": options.topic,
         "producers": options.producers,
+        "client_threads": client_threads(args.load.client_threads, options.producers),
         "message_bytes": options.message_bytes,
         "batch": options.batch,
         "qps_target": options.qps,
@@ -268,7 +293,7 @@ pub fn failover(args: &FailoverArgs) -> CommandResult {
         cluster.dir.display()
     ))?;
     let probe_before = probe(&args.load)?;
-    let runtime = runtime()?;
+    let runtime = runtime(args.load.client_threads, options.producers)?;
     let outcome = runtime.block_on(async {
         let masters = cluster.wait_ready().await?;
         say(format!("ready; groups mastered per node: {masters:?}"))?;
@@ -320,6 +345,7 @@ pub fn failover(args: &FailoverArgs) -> CommandResult {
         "groups": args.groups,
         "queues": queues,
         "producers": options.producers,
+        "client_threads": client_threads(args.load.client_threads, options.producers),
         "message_bytes": options.message_bytes,
         "retries": options.retries,
         "killed_node": victim,
