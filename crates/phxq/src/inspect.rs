@@ -6,12 +6,17 @@
 //! completed, hence never acknowledged) and the log cuts it at open: that is still clean.
 //! Damage inside synced data is not: the log refuses to open until it is repaired, and this
 //! command exits 2 and names each damaged file, offset and reason.
+//!
+//! `phxq wal repair DIR` is the operator's way to ask for that repair, with the node stopped
+//! (the log's lock refuses a second opener): it drops the damaged records, keeps each damaged
+//! file beside as `*.corrupt`, and cuts each group that lost an entry at that entry, so the
+//! group's peers send it again when the node rejoins its store.
 
 use std::path::Path;
 use std::process::ExitCode;
 
-use phxq_storage::GroupInfo;
 use phxq_storage::inspect::{InspectReport, ScannedSegment};
+use phxq_storage::{GroupInfo, Wal, WalOptions};
 use serde::Serialize;
 
 use crate::table::{Align, render};
@@ -20,20 +25,84 @@ use crate::{CommandResult, EXIT_DAMAGED, print_line};
 /// Arguments of `phxq wal inspect`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The log directory (a node's, such as ./phxq-data/node-1).
+    /// A node's data directory (such as ./phxq-data/node-1) or its log directory inside it
+    /// (./phxq-data/node-1/wal).
     dir: std::path::PathBuf,
     /// Print one JSON document instead of tables.
     #[arg(long)]
     json: bool,
 }
 
+/// Arguments of `phxq wal repair`.
+#[derive(Debug, clap::Args)]
+pub struct RepairArgs {
+    /// A node's data directory or its log directory (as for `wal inspect`). The node must be
+    /// stopped.
+    dir: std::path::PathBuf,
+}
+
+/// The log directory `dir` names: `dir/wal` when `dir` is a node's data directory.
+fn log_dir(dir: &Path) -> std::path::PathBuf {
+    let inner = dir.join("wal");
+    if dir.join("IDENTITY").is_file() && inner.is_dir() {
+        inner
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+/// `phxq wal repair`: opens the log in repair mode and says what it dropped and cut.
+pub fn repair(args: &RepairArgs) -> CommandResult {
+    let dir = log_dir(&args.dir);
+    if !dir.is_dir() {
+        return Err(format!("{}: no such log directory", dir.display()).into());
+    }
+    let options = WalOptions {
+        repair: true,
+        ..WalOptions::default()
+    };
+    let (wal, report) = Wal::open(&dir, options)?;
+    drop(wal);
+    if report.repaired.is_empty() {
+        print_line(format_args!(
+            "{}: nothing to repair; the log opens as it is",
+            dir.display()
+        ))?;
+    }
+    for (path, damage) in &report.repaired {
+        for d in damage {
+            print_line(format_args!(
+                "{}: dropped bytes {}..{} ({}); the original is kept as {}.corrupt",
+                path.display(),
+                d.offset,
+                d.end,
+                d.reason,
+                path.display()
+            ))?;
+        }
+    }
+    for (group, index) in &report.cut_groups {
+        print_line(format_args!(
+            "cut {group} at index {index}: its peers send it from there when the node rejoins"
+        ))?;
+    }
+    if let Some((path, offset, bytes)) = &report.torn_tail {
+        print_line(format_args!(
+            "{}: cut a torn tail of {bytes} bytes at byte {offset}",
+            path.display()
+        ))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn run(args: &Args) -> CommandResult {
-    let report = phxq_storage::inspect::inspect(&args.dir)?;
+    let dir = log_dir(&args.dir);
+    let report = phxq_storage::inspect::inspect(&dir)?;
     if args.json {
-        let json = serde_json::to_string_pretty(&ReportJson::of(&args.dir, &report))?;
+        let json = serde_json::to_string_pretty(&ReportJson::of(&dir, &report))?;
         print_line(json)?;
     } else {
-        print_line(render_report(&args.dir, &report).trim_end())?;
+        print_line(render_report(&dir, &report).trim_end())?;
     }
     Ok(if report.damaged() {
         ExitCode::from(EXIT_DAMAGED)

@@ -80,6 +80,10 @@ enum WalCommand {
     /// Report what a log directory holds, without changing it: segments, torn tails, damage,
     /// and each group as recovery would leave it. Exits 2 if the log needs repair.
     Inspect(inspect::Args),
+    /// Repair a damaged log (the node stopped): drop the damaged records (each damaged file is
+    /// kept beside as *.corrupt) and cut each group that lost an entry there, so its peers
+    /// send it again when the node rejoins.
+    Repair(inspect::RepairArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -112,6 +116,9 @@ fn main() -> ExitCode {
         Command::Wal {
             command: WalCommand::Inspect(args),
         } => inspect::run(args),
+        Command::Wal {
+            command: WalCommand::Repair(args),
+        } => inspect::repair(args),
         Command::Bench {
             command: BenchCommand::Wal(args),
         } => bench::run(args),
