@@ -421,6 +421,21 @@ impl Node {
     /// Raft messages from peer `from`. Messages for unknown groups or not addressed to this
     /// node are dropped (a peer of another store, or a bug there).
     pub fn step(&mut self, from: NodeId, messages: Vec<(GroupId, eraftpb::Message)>) {
+        self.step_heard_at(from, messages, self.now_tick);
+    }
+
+    /// [`Node::step`] for messages that arrived at tick `heard_tick` or later but are stepped
+    /// only now (the shell was held up, then caught its ticks up first): a master counts a
+    /// peer's answer toward its lease as heard at `heard_tick`, never later, so a stall never
+    /// stretches a lease; everything else (a follower's election timer reset by a heartbeat)
+    /// happens now, which is the safe side for a follower.
+    pub fn step_heard_at(
+        &mut self,
+        from: NodeId,
+        messages: Vec<(GroupId, eraftpb::Message)>,
+        heard_tick: u64,
+    ) {
+        let heard_tick = heard_tick.min(self.now_tick);
         for (group, message) in messages {
             if message.to != self.config.id.0 || message.from != from.0 {
                 continue;
@@ -429,7 +444,7 @@ impl Node {
                 .ok()
                 .and_then(|g| self.replicas.get_mut(g))
             {
-                replica.step(message, self.now_tick);
+                replica.step(message, heard_tick);
             }
         }
     }

@@ -85,7 +85,9 @@ pub const CONSUME_WAIT_MS_MAX: u32 = 60_000;
 /// then it fails with `TIMEOUT` (a Produce may still commit: at-least-once).
 pub const CALL_TIMEOUT_MS: u64 = 30_000;
 /// Slack over the payload limits for protobuf framing of a call, in bytes.
-const GRPC_OVERHEAD_BYTES: usize = 1 << 20;
+/// (A ProduceMany of `PRODUCE_MESSAGES_MAX` appends repeats a topic name of up to 128 bytes
+/// in each: about 1.5 MB of framing.)
+const GRPC_OVERHEAD_BYTES: usize = 4 << 20;
 /// Concurrent calls per client connection at most.
 pub const CALLS_PER_CONNECTION_MAX: u32 = 1_024;
 /// How long a graceful stop waits for client connections to drain, in milliseconds.
@@ -583,30 +585,40 @@ impl EventLoop {
             } else {
                 self.next_tick.saturating_duration_since(Instant::now())
             };
+            let mut inputs = Vec::new();
             match self.inputs.recv_timeout(timeout) {
-                Ok(input) => self.handle(input),
+                Ok(input) => inputs.push(input),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return Ok(()),
             }
-            for _ in 1..INPUTS_PER_WAKE_MAX {
+            while inputs.len() < INPUTS_PER_WAKE_MAX {
                 match self.inputs.try_recv() {
-                    Ok(input) => self.handle(input),
+                    Ok(input) => inputs.push(input),
                     Err(_) => break,
                 }
             }
-            // Inputs first, then the clock: a peer's answer that queued while the loop was held
-            // up counts as heard at the tick the loop stopped at, never later, so a lease is
-            // never stretched by a stall.
+            // The clock first, then the inputs, with answers to a master counted as heard at
+            // the tick before the catch-up. After a stall (a slow fsync, a descheduled
+            // process) a follower's election timer is reset by a queued heartbeat only now,
+            // not back at the stall's start, and a master's lease is never stretched by
+            // answers that waited in the queue: both sides stay on the safe side of the
+            // lease (ARCHITECTURE invariant 2).
+            let heard_tick = self.node.now_tick();
             self.tick_due();
+            for input in inputs {
+                self.handle(input, heard_tick);
+            }
             self.run_rounds()?;
             self.sync()?;
         }
         Ok(())
     }
 
-    fn handle(&mut self, input: Input) {
+    fn handle(&mut self, input: Input, heard_tick: u64) {
         match input {
-            Input::Peer(frame) => self.node.step(frame.from, frame.messages),
+            Input::Peer(frame) => self
+                .node
+                .step_heard_at(frame.from, frame.messages, heard_tick),
             Input::Client(request, reply) => {
                 if self.stopping.load(Ordering::SeqCst) {
                     let _ = reply.send(stopped_response());
@@ -696,7 +708,8 @@ impl EventLoop {
     /// the clients left.
     fn stop_gracefully(&mut self) -> Result<(), ServerError> {
         while let Ok(input) = self.inputs.try_recv() {
-            self.handle(input); // clients are refused while stopping; peer frames are harmless
+            // Clients are refused while stopping; peer frames are harmless.
+            self.handle(input, self.node.now_tick());
         }
         self.run_rounds()?;
         if self.sync_requested > self.synced {
@@ -820,8 +833,24 @@ fn check_produce(request: &api::ProduceRequest) -> Result<(), api::Error> {
 }
 
 fn check_produce_many(request: &api::ProduceManyRequest) -> Result<(), api::Error> {
+    // Every append holds at least one message, so the message limit bounds the appends too;
+    // checked first, so an absurd call costs nothing more.
+    if request.appends.len() > PRODUCE_MESSAGES_MAX {
+        return Err(refuse(
+            ErrorCode::InvalidArgument,
+            format!(
+                "{} appends in one call; at most {PRODUCE_MESSAGES_MAX}",
+                request.appends.len()
+            ),
+        ));
+    }
     for (i, append) in request.appends.iter().enumerate() {
-        check_name(&format!("append {i}: topic"), &append.topic)?;
+        validate_name(&append.topic).map_err(|error| {
+            refuse(
+                ErrorCode::InvalidName,
+                format!("append {i}: topic: {error}"),
+            )
+        })?;
     }
     let messages: Vec<&api::Message> = request
         .appends
