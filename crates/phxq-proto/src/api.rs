@@ -182,6 +182,21 @@ mod tests {
             }))
         }
 
+        async fn produce_many(
+            &self,
+            request: tonic::Request<ProduceManyRequest>,
+        ) -> Result<tonic::Response<ProduceManyResponse>, tonic::Status> {
+            let request = request.into_inner();
+            Ok(tonic::Response::new(ProduceManyResponse {
+                error: Some(error(
+                    ErrorCode::NotMaster,
+                    format!("{} appends", request.appends.len()),
+                    "127.0.0.1:1",
+                )),
+                ..ProduceManyResponse::default()
+            }))
+        }
+
         async fn consume(
             &self,
             request: tonic::Request<ConsumeRequest>,

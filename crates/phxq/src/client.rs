@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use phxq_client::fnv1a_64;
 use phxq_proto::api::phxq_client::PhxqClient;
 use phxq_proto::api::{self, Failure};
 use phxq_types::{ErrorCode, validate_name};
@@ -431,15 +432,6 @@ fn check_queue(topic: &api::TopicStatus, queue: Option<u32>) -> Result<(), Clien
 
 // ---------------------------------------------------------------------------------------------
 // produce
-
-/// FNV-1a, 64 bits: the stable hash that maps a key to a queue (`hash mod queues`).
-pub fn fnv1a_64(bytes: &[u8]) -> u64 {
-    const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    bytes.iter().fold(OFFSET_BASIS, |hash, &byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(PRIME)
-    })
-}
 
 /// Picks the queue of each line.
 struct QueueChooser {
@@ -1175,13 +1167,6 @@ fn client_runtime() -> std::io::Result<tokio::runtime::Runtime> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fnv1a_matches_the_published_test_vectors() {
-        assert_eq!(fnv1a_64(b""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(fnv1a_64(b"a"), 0xaf63_dc4c_8601_ec8c);
-        assert_eq!(fnv1a_64(b"foobar"), 0x8594_4171_f739_67e8);
-    }
 
     #[test]
     fn queues_are_fixed_by_key_or_flag_and_round_robin_otherwise() {

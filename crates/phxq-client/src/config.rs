@@ -1,0 +1,205 @@
+//! How a [`Producer`](crate::Producer) reaches its store and how long it keeps trying.
+//!
+//! A [`ProducerConfig`] is plain data with defaults ([`ProducerConfig::new`]);
+//! [`Producer::new`](crate::Producer::new) validates it (every limit below is checked, the
+//! field at fault is named), so the producer never meets a bad value at run time.
+
+use std::time::Duration;
+
+/// Default time one send may take with all its retries: 10 s.
+pub const DEADLINE_DEFAULT: Duration = Duration::from_secs(10);
+/// Default time one attempt may wait for its answer: 5 s (capped by what is left of the
+/// deadline). Kept below the deadline so that a node that accepts calls but never answers
+/// them (a stalled disk) costs one attempt, not the whole send.
+pub const ATTEMPT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
+/// Default first retry delay: 10 ms.
+pub const BACKOFF_INITIAL_DEFAULT: Duration = Duration::from_millis(10);
+/// Default longest retry delay: 100 ms. Short, so that a producer notices a new master within
+/// about this long of its election.
+pub const BACKOFF_MAX_DEFAULT: Duration = Duration::from_millis(100);
+
+/// Most seed addresses in [`ProducerConfig::servers`] (a store has at most 7 nodes; a few
+/// spare addresses are fine, a list of hundreds is a mistake).
+pub const SERVERS_MAX: usize = 64;
+/// Longest [`ProducerConfig::deadline`] accepted: 10 minutes.
+pub const DEADLINE_MAX: Duration = Duration::from_secs(600);
+/// Longest [`ProducerConfig::backoff_max`] accepted: 10 s.
+pub const BACKOFF_MAX_LIMIT: Duration = Duration::from_secs(10);
+/// Shortest backoff step accepted: 1 ms (a zero backoff would spin on a masterless group).
+pub const BACKOFF_MIN_LIMIT: Duration = Duration::from_millis(1);
+
+/// A producer's settings. Build one with [`ProducerConfig::new`] and change the fields you
+/// need.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProducerConfig {
+    /// Client addresses (`host:port` of the gRPC service) of some nodes of **one** store.
+    /// One is enough: the producer learns every node, the groups and their masters from
+    /// `ClusterStatus`. More let it start while some nodes are down.
+    pub servers: Vec<String>,
+    /// The store the producer writes to; 0 accepts whichever store `servers` belong to. With
+    /// a non-zero id, a node of another store refuses every call with `WRONG_STORE`.
+    pub store_id: u64,
+    /// How long one `send` or `send_batch` may take, all retries included. Default
+    /// [`DEADLINE_DEFAULT`].
+    pub deadline: Duration,
+    /// How long one attempt may wait for its answer, at most (and never past the deadline).
+    /// Default [`ATTEMPT_TIMEOUT_DEFAULT`].
+    pub attempt_timeout: Duration,
+    /// The first retry delay; each retry doubles it, up to `backoff_max`. Every delay is
+    /// jittered (between half and all of the step). Default [`BACKOFF_INITIAL_DEFAULT`].
+    pub backoff_initial: Duration,
+    /// The longest retry delay. Default [`BACKOFF_MAX_DEFAULT`].
+    pub backoff_max: Duration,
+    /// Queue-change retry: when a message's queue has no master (its group answers
+    /// `NO_MASTER`, `UNAVAILABLE`, or cannot be reached) the retry goes to the next queue of
+    /// the topic (`q + 1 mod queues`, in the next group) instead of waiting for an election.
+    ///
+    /// **This gives up per-key order** for availability: a message of key `k` may land in a
+    /// queue other than `k`'s and be read before, after or in parallel with `k`'s earlier
+    /// messages. Leave it off (the default) when consumers rely on order per key.
+    pub queue_change_retry: bool,
+}
+
+impl ProducerConfig {
+    /// The defaults, reaching the store through `servers` (`host:port`, any of its nodes).
+    pub fn new<S: Into<String>>(servers: impl IntoIterator<Item = S>) -> ProducerConfig {
+        ProducerConfig {
+            servers: servers.into_iter().map(Into::into).collect(),
+            store_id: 0,
+            deadline: DEADLINE_DEFAULT,
+            attempt_timeout: ATTEMPT_TIMEOUT_DEFAULT,
+            backoff_initial: BACKOFF_INITIAL_DEFAULT,
+            backoff_max: BACKOFF_MAX_DEFAULT,
+            queue_change_retry: false,
+        }
+    }
+
+    /// Checks every field; the error names the field at fault.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.servers.is_empty() || self.servers.len() > SERVERS_MAX {
+            return Err(invalid(
+                "servers",
+                format!(
+                    "{} addresses given; give 1 to {SERVERS_MAX} nodes of the store",
+                    self.servers.len()
+                ),
+            ));
+        }
+        for (i, server) in self.servers.iter().enumerate() {
+            check_address(server).map_err(|reason| invalid(format!("servers[{i}]"), reason))?;
+        }
+        if self.deadline.is_zero() || self.deadline > DEADLINE_MAX {
+            return Err(invalid(
+                "deadline",
+                format!(
+                    "{:?}; it must be above zero and at most {DEADLINE_MAX:?}",
+                    self.deadline
+                ),
+            ));
+        }
+        if self.attempt_timeout.is_zero() {
+            return Err(invalid("attempt_timeout", "must be above zero"));
+        }
+        if self.backoff_initial < BACKOFF_MIN_LIMIT {
+            return Err(invalid(
+                "backoff_initial",
+                format!(
+                    "{:?}; it must be at least {BACKOFF_MIN_LIMIT:?}",
+                    self.backoff_initial
+                ),
+            ));
+        }
+        if self.backoff_max < self.backoff_initial || self.backoff_max > BACKOFF_MAX_LIMIT {
+            return Err(invalid(
+                "backoff_max",
+                format!(
+                    "{:?}; it must be from backoff_initial ({:?}) to {BACKOFF_MAX_LIMIT:?}",
+                    self.backoff_max, self.backoff_initial
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Why a [`ProducerConfig`] was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("producer config: {field}: {reason}")]
+pub struct ConfigError {
+    /// The field at fault (`servers[1]`, `deadline`, ...).
+    pub field: String,
+    /// Why.
+    pub reason: String,
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// `Ok` for a `host:port` the gRPC client can dial: a non-empty host, a port from 1, no
+/// scheme or path.
+pub(crate) fn check_address(address: &str) -> Result<(), String> {
+    let bad = || format!("{address:?} is not HOST:PORT (like \"127.0.0.1:7100\")");
+    let (host, port) = address.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty() || host.contains('/') || port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(bad());
+    }
+    tonic::transport::Endpoint::from_shared(format!("http://{address}")).map_err(|_| bad())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_are_valid_and_as_documented() {
+        let config = ProducerConfig::new(["127.0.0.1:7100", "localhost:7101", "[::1]:7102"]);
+        assert_eq!(config.validate(), Ok(()));
+        assert_eq!(config.deadline, Duration::from_secs(10));
+        assert_eq!(config.backoff_initial, Duration::from_millis(10));
+        assert_eq!(config.backoff_max, Duration::from_millis(100));
+        assert!(!config.queue_change_retry);
+        assert_eq!(config.store_id, 0);
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        let field = |change: fn(&mut ProducerConfig)| {
+            let mut config = ProducerConfig::new(["127.0.0.1:7100"]);
+            change(&mut config);
+            config.validate().map_err(|error| error.field)
+        };
+        assert_eq!(field(|c| c.servers.clear()), Err("servers".to_string()));
+        assert_eq!(
+            field(|c| c.servers.push("http://a:1".to_string())),
+            Err("servers[1]".to_string())
+        );
+        for bad in ["nohost", ":7100", "h:0", "h:99999", "h:x", "a/b:1"] {
+            assert!(check_address(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            field(|c| c.deadline = Duration::ZERO),
+            Err("deadline".to_string())
+        );
+        assert_eq!(
+            field(|c| c.deadline = DEADLINE_MAX + Duration::from_secs(1)),
+            Err("deadline".to_string())
+        );
+        assert_eq!(
+            field(|c| c.attempt_timeout = Duration::ZERO),
+            Err("attempt_timeout".to_string())
+        );
+        assert_eq!(
+            field(|c| c.backoff_initial = Duration::ZERO),
+            Err("backoff_initial".to_string())
+        );
+        assert_eq!(
+            field(|c| c.backoff_max = Duration::from_millis(5)),
+            Err("backoff_max".to_string())
+        );
+    }
+}
