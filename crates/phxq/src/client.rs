@@ -110,6 +110,32 @@ pub struct ConsumeArgs {
     json: bool,
 }
 
+/// Arguments of `phxq tail`.
+#[derive(Debug, clap::Args)]
+pub struct TailArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// The topic.
+    #[arg(long)]
+    topic: String,
+    /// A consumer group subscribed to the topic, named for access only: tail never reads or
+    /// moves its cursor.
+    #[arg(long)]
+    group: String,
+    /// Follow only this queue (default: every queue of the topic).
+    #[arg(long)]
+    queue: Option<u32>,
+    /// Start at each queue's oldest retained message instead of its end.
+    #[arg(long)]
+    from_beginning: bool,
+    /// Stop after this many messages (default: follow until Ctrl-C).
+    #[arg(long, value_name = "N")]
+    max: Option<u64>,
+    /// One JSON object per message, as `phxq consume --json` prints them.
+    #[arg(long)]
+    json: bool,
+}
+
 /// Arguments of `phxq cluster status`.
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
@@ -690,6 +716,165 @@ pub fn consume(args: &ConsumeArgs) -> CommandResult {
     Ok(ExitCode::SUCCESS)
 }
 
+/// How long each of `phxq tail`'s reads waits for a message, in milliseconds.
+const TAIL_WAIT_MS: u32 = 1_000;
+
+/// `phxq tail`: prints messages as they arrive, from each queue's end (or its beginning),
+/// without touching any cursor; stops after `--max` messages or on Ctrl-C.
+pub fn tail(args: &TailArgs) -> CommandResult {
+    if args.max == Some(0) {
+        return Err(refused(ErrorCode::InvalidArgument, "--max must be at least 1").into());
+    }
+    let runtime = client_runtime()?;
+    let printed = runtime.block_on(async {
+        tokio::select! {
+            printed = tail_all(args) => printed.map(Some),
+            () = crate::node_cmd::shutdown_signal() => Ok(None),
+        }
+    })?;
+    match printed {
+        Some(printed) => eprintln!("phxq tail: {printed} message(s)"),
+        None => eprintln!("phxq tail: stopped"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn tail_all(args: &TailArgs) -> Result<u64, ClientError> {
+    let (router, status) = Router::discover(&args.connection).await?;
+    let queues = subscribed_queues(&status, &args.topic, &args.group, args.queue)?;
+    // Every queue's starting offset first, so nothing appended after this line is missed.
+    let mut starts = Vec::with_capacity(queues.len());
+    for &queue in &queues {
+        let start = if args.from_beginning {
+            1
+        } else {
+            read_from(&router, &args.topic, &args.group, queue, u64::MAX, 0, 1)
+                .await?
+                .end_offset
+        };
+        starts.push((queue, start));
+    }
+    eprintln!(
+        "phxq tail: following {} queue(s) of {} from their {}",
+        queues.len(),
+        args.topic,
+        if args.from_beginning {
+            "beginning"
+        } else {
+            "end"
+        }
+    );
+    let (found, mut arrivals) = tokio::sync::mpsc::channel(queues.len().max(1));
+    let mut readers = JoinSet::new();
+    for (queue, start) in starts {
+        let (router, found) = (router.clone(), found.clone());
+        let (topic, group) = (args.topic.clone(), args.group.clone());
+        readers.spawn(async move {
+            let mut next = start;
+            loop {
+                let read = read_from(&router, &topic, &group, queue, next, TAIL_WAIT_MS, 0).await?;
+                next = read.next_offset.max(next);
+                if !read.messages.is_empty() && found.send((queue, read.messages)).await.is_err() {
+                    return Ok::<(), ClientError>(()); // the printer is done
+                }
+            }
+        });
+    }
+    drop(found);
+    let mut printed = 0u64;
+    let mut out = std::io::stdout();
+    loop {
+        tokio::select! {
+            Some((queue, messages)) = arrivals.recv() => {
+                let mut lock = out.lock();
+                for message in messages {
+                    write_message(&mut lock, args.json, queue, &message).map_err(|error| {
+                        ClientError::Usage(format!("writing standard output: {error}"))
+                    })?;
+                    printed += 1;
+                    if args.max.is_some_and(|max| printed >= max) {
+                        lock.flush().map_err(|e| ClientError::Usage(e.to_string()))?;
+                        return Ok(printed);
+                    }
+                }
+                lock.flush().map_err(|e| ClientError::Usage(e.to_string()))?;
+            }
+            Some(ended) = readers.join_next() => {
+                // A reader only ends on an error (its retries exhausted): report it.
+                ended.map_err(|error| ClientError::Usage(error.to_string()))??;
+            }
+        }
+        out = std::io::stdout();
+    }
+}
+
+/// One read of `queue` from `offset` (no cursor involved), up to `max_messages` (0: the
+/// batch size), waiting up to `wait_ms` for a message.
+async fn read_from(
+    router: &Router,
+    topic: &str,
+    group: &str,
+    queue: u32,
+    offset: u64,
+    wait_ms: u32,
+    max_messages: u32,
+) -> Result<api::ConsumeResponse, ClientError> {
+    let request = api::ConsumeRequest {
+        store_id: 0,
+        topic: topic.to_string(),
+        queue,
+        consumer_group: group.to_string(),
+        from_offset: Some(offset),
+        max_messages: if max_messages == 0 {
+            CONSUME_BATCH_MESSAGES
+        } else {
+            max_messages
+        },
+        max_bytes: CONSUME_BATCH_BYTES,
+        wait_ms,
+    };
+    router
+        .call_waiting(
+            Some(router.group_of(queue)),
+            u64::from(wait_ms),
+            |mut client| {
+                let request = request.clone();
+                async move {
+                    let response = client.consume(request).await?.into_inner();
+                    let error = response.error.clone();
+                    Ok((response, error))
+                }
+            },
+        )
+        .await
+}
+
+/// The queues to read: `queue` or all of `topic`'s, once the topic exists and `group` reads it.
+fn subscribed_queues(
+    status: &api::ClusterStatusResponse,
+    topic: &str,
+    group: &str,
+    queue: Option<u32>,
+) -> Result<Vec<u32>, ClientError> {
+    check_name("topic", topic)?;
+    check_name("consumer group", group)?;
+    let config = find_topic(status, topic)?;
+    check_queue(config, queue)?;
+    if !config.consumer_groups.iter().any(|g| g == group) {
+        return Err(refused(
+            ErrorCode::UnknownConsumerGroup,
+            format!(
+                "consumer group {group:?} does not read topic {topic:?} (its groups: {})",
+                config.consumer_groups.join(", ")
+            ),
+        ));
+    }
+    Ok(match queue {
+        Some(queue) => vec![queue],
+        None => (0..config.queues).collect(),
+    })
+}
+
 /// What one queue's read returned.
 struct QueueRead {
     queue: u32,
@@ -700,23 +885,7 @@ async fn consume_all(args: &ConsumeArgs) -> Result<u64, ClientError> {
     check_name("topic", &args.topic)?;
     check_name("consumer group", &args.group)?;
     let (router, status) = Router::discover(&args.connection).await?;
-    let topic = find_topic(&status, &args.topic)?;
-    check_queue(topic, args.queue)?;
-    if !topic.consumer_groups.contains(&args.group) {
-        return Err(refused(
-            ErrorCode::UnknownConsumerGroup,
-            format!(
-                "consumer group {:?} does not read topic {:?} (its groups: {})",
-                args.group,
-                args.topic,
-                topic.consumer_groups.join(", ")
-            ),
-        ));
-    }
-    let queues: Vec<u32> = match args.queue {
-        Some(queue) => vec![queue],
-        None => (0..topic.queues).collect(),
-    };
+    let queues = subscribed_queues(&status, &args.topic, &args.group, args.queue)?;
     let mut printed = 0u64;
     let mut wait_ms = 0;
     loop {

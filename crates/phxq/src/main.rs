@@ -62,6 +62,9 @@ enum Command {
     Produce(client::ProduceArgs),
     /// Print messages of a topic for a consumer group and commit its cursor.
     Consume(client::ConsumeArgs),
+    /// Print messages as they arrive (tail -f), from each queue's end or its beginning,
+    /// without reading or moving any consumer group's cursor.
+    Tail(client::TailArgs),
     /// The store as its nodes see it.
     Cluster {
         #[command(subcommand)]
@@ -132,6 +135,7 @@ fn main() -> ExitCode {
         Command::Dev(args) => dev::run(args),
         Command::Produce(args) => client::produce(args),
         Command::Consume(args) => client::consume(args),
+        Command::Tail(args) => client::tail(args),
         Command::Cluster {
             command: ClusterCommand::Status(args),
         } => client::status(args),

@@ -631,6 +631,72 @@ fn produce_many_appends_atomically_through_the_grpc_api_and_refuses_mixed_groups
 }
 
 #[test]
+fn tail_follows_from_the_end_prints_what_arrives_and_leaves_the_cursor_alone() {
+    use std::io::BufRead;
+
+    let store = Store::start();
+    store.wait_ready();
+    let before = store.produce(&[], b"old-1\nold-2\n");
+    assert!(before.status.success(), "{}", text(&before.stderr));
+
+    let server = store.server(1);
+    let mut tail = phxq()
+        .args([
+            "tail", "--server", &server, "--topic", "test", "--group", "g1", "--max", "3", "--json",
+        ])
+        .env_remove("PHXQ_SERVER")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn phxq tail");
+    // Its first line says it has every queue's end: what is produced after it must come out.
+    let mut stderr = std::io::BufReader::new(tail.stderr.take().expect("stderr"));
+    let mut first = String::new();
+    stderr.read_line(&mut first).expect("tail's first line");
+    assert!(first.contains("from their end"), "{first}");
+
+    let after = store.produce(&[], b"new-1\nnew-2\nnew-3\n");
+    assert!(after.status.success(), "{}", text(&after.stderr));
+    let status = wait_exit(&mut tail, Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "tail ends with 0 after --max messages: {status:?}"
+    );
+    let mut printed = String::new();
+    std::io::Read::read_to_string(&mut tail.stdout.take().expect("stdout"), &mut printed)
+        .expect("tail's output");
+    let mut values: Vec<String> = printed
+        .lines()
+        .map(|line| {
+            let message: Value = serde_json::from_str(line).expect("a JSON line");
+            message["value"].as_str().expect("value").to_string()
+        })
+        .collect();
+    values.sort();
+    assert_eq!(values, ["new-1", "new-2", "new-3"], "{printed}");
+
+    let consumed = store.consume_all("g1");
+    assert_eq!(
+        consumed.len(),
+        5,
+        "tail moved no cursor: g1 still reads everything"
+    );
+    let refused = run(
+        &[
+            "tail", "--server", &server, "--topic", "test", "--group", "nobody", "--max", "1",
+        ],
+        b"",
+    );
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        text(&refused.stderr).contains("UNKNOWN_CONSUMER_GROUP"),
+        "{}",
+        text(&refused.stderr)
+    );
+}
+
+#[test]
 fn a_config_with_a_bad_key_is_refused_with_the_key_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("node.toml");
