@@ -136,6 +136,51 @@ pub struct TailArgs {
     json: bool,
 }
 
+/// Arguments of `phxq seek`.
+#[derive(Debug, clap::Args)]
+pub struct SeekArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// The topic.
+    #[arg(long)]
+    topic: String,
+    /// The consumer group whose cursor moves.
+    #[arg(long)]
+    group: String,
+    /// Only this queue (default: every queue of the topic).
+    #[arg(long)]
+    queue: Option<u32>,
+    /// Where the cursor goes: `earliest` (the oldest retained message), `latest` (past the
+    /// last message: only new messages are read), or an offset (1 to the queue's end; an
+    /// offset already deleted by retention reads from the oldest retained message).
+    #[arg(long, value_parser = parse_seek)]
+    to: SeekTo,
+}
+
+/// Where `phxq seek` moves a cursor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SeekTo {
+    /// The oldest retained message.
+    Earliest,
+    /// The queue's end.
+    Latest,
+    /// This offset.
+    Offset(u64),
+}
+
+fn parse_seek(text: &str) -> Result<SeekTo, String> {
+    match text {
+        "earliest" => Ok(SeekTo::Earliest),
+        "latest" => Ok(SeekTo::Latest),
+        _ => match text.parse::<u64>() {
+            Ok(0) | Err(_) => Err(format!(
+                "{text:?}: expected earliest, latest or an offset from 1"
+            )),
+            Ok(offset) => Ok(SeekTo::Offset(offset)),
+        },
+    }
+}
+
 /// Arguments of `phxq cluster status`.
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
@@ -833,20 +878,7 @@ async fn read_from(
         max_bytes: CONSUME_BATCH_BYTES,
         wait_ms,
     };
-    router
-        .call_waiting(
-            Some(router.group_of(queue)),
-            u64::from(wait_ms),
-            |mut client| {
-                let request = request.clone();
-                async move {
-                    let response = client.consume(request).await?.into_inner();
-                    let error = response.error.clone();
-                    Ok((response, error))
-                }
-            },
-        )
-        .await
+    consume_once(router, queue, request).await
 }
 
 /// The queues to read: `queue` or all of `topic`'s, once the topic exists and `group` reads it.
@@ -873,6 +905,72 @@ fn subscribed_queues(
         Some(queue) => vec![queue],
         None => (0..config.queues).collect(),
     })
+}
+
+/// `phxq seek`: moves a consumer group's cursor on one queue or every queue of a topic, and
+/// prints each move (`queue Q: cursor A -> B`). An offset past a queue's end is refused by the
+/// master (`INVALID_ARGUMENT`) and moves nothing on that queue.
+pub fn seek(args: &SeekArgs) -> CommandResult {
+    let runtime = client_runtime()?;
+    runtime.block_on(seek_all(args))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn seek_all(args: &SeekArgs) -> Result<(), ClientError> {
+    let (router, status) = Router::discover(&args.connection).await?;
+    let queues = subscribed_queues(&status, &args.topic, &args.group, args.queue)?;
+    for queue in queues {
+        // The cursor now: the first unread message's offset, or where reading would start.
+        let request = api::ConsumeRequest {
+            store_id: 0,
+            topic: args.topic.clone(),
+            queue,
+            consumer_group: args.group.clone(),
+            from_offset: None,
+            max_messages: 1,
+            max_bytes: 1,
+            wait_ms: 0,
+        };
+        let at_cursor = consume_once(&router, queue, request).await?;
+        let cursor = at_cursor
+            .messages
+            .first()
+            .map_or(at_cursor.next_offset, |m| m.offset);
+        let target = match args.to {
+            SeekTo::Latest => at_cursor.end_offset,
+            SeekTo::Offset(offset) => offset,
+            SeekTo::Earliest => {
+                let oldest = read_from(&router, &args.topic, &args.group, queue, 1, 0, 1).await?;
+                oldest
+                    .messages
+                    .first()
+                    .map_or(oldest.end_offset, |m| m.offset)
+            }
+        };
+        commit_offsets(&router, &args.topic, &args.group, vec![(queue, target)]).await?;
+        print_line(format_args!("queue {queue}: cursor {cursor} -> {target}"))
+            .map_err(|error| ClientError::Usage(error.to_string()))?;
+    }
+    Ok(())
+}
+
+/// One Consume call to the master of `queue`'s group, with retries.
+async fn consume_once(
+    router: &Router,
+    queue: u32,
+    request: api::ConsumeRequest,
+) -> Result<api::ConsumeResponse, ClientError> {
+    let wait_ms = u64::from(request.wait_ms);
+    router
+        .call_waiting(Some(router.group_of(queue)), wait_ms, |mut client| {
+            let request = request.clone();
+            async move {
+                let response = client.consume(request).await?.into_inner();
+                let error = response.error.clone();
+                Ok((response, error))
+            }
+        })
+        .await
 }
 
 /// What one queue's read returned.
@@ -984,13 +1082,15 @@ async fn print_and_commit(
         out.flush()
             .map_err(|error| ClientError::Usage(format!("writing standard output: {error}")))?;
     }
-    commit_all(router, args, commits).await?;
+    commit_offsets(router, &args.topic, &args.group, commits).await?;
     Ok(printed)
 }
 
-async fn commit_all(
+/// Commits `(queue, offset)` cursors of `group` on `topic`, all queues at once.
+async fn commit_offsets(
     router: &Router,
-    args: &ConsumeArgs,
+    topic: &str,
+    group: &str,
     commits: Vec<(u32, u64)>,
 ) -> Result<(), ClientError> {
     let mut calls = JoinSet::new();
@@ -998,9 +1098,9 @@ async fn commit_all(
         let router = router.clone();
         let request = api::CommitRequest {
             store_id: 0,
-            topic: args.topic.clone(),
+            topic: topic.to_string(),
             queue,
-            consumer_group: args.group.clone(),
+            consumer_group: group.to_string(),
             offset,
         };
         calls.spawn(async move {

@@ -65,6 +65,9 @@ enum Command {
     /// Print messages as they arrive (tail -f), from each queue's end or its beginning,
     /// without reading or moving any consumer group's cursor.
     Tail(client::TailArgs),
+    /// Move a consumer group's cursor: to the earliest retained message, to the latest (only
+    /// new messages are read), or to an offset; on one queue or every queue of a topic.
+    Seek(client::SeekArgs),
     /// The store as its nodes see it.
     Cluster {
         #[command(subcommand)]
@@ -136,6 +139,7 @@ fn main() -> ExitCode {
         Command::Produce(args) => client::produce(args),
         Command::Consume(args) => client::consume(args),
         Command::Tail(args) => client::tail(args),
+        Command::Seek(args) => client::seek(args),
         Command::Cluster {
             command: ClusterCommand::Status(args),
         } => client::status(args),

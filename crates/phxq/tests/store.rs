@@ -697,6 +697,62 @@ fn tail_follows_from_the_end_prints_what_arrives_and_leaves_the_cursor_alone() {
 }
 
 #[test]
+fn seek_moves_a_groups_cursor_to_latest_earliest_or_an_offset_and_refuses_past_the_end() {
+    let store = Store::start();
+    store.wait_ready();
+    let produced = store.produce(&["--queue", "1"], b"a\nb\nc\nd\ne\n");
+    assert!(produced.status.success(), "{}", text(&produced.stderr));
+    let server = store.server(3);
+    let seek = |to: &str, queue: Option<&str>| {
+        let mut args = vec![
+            "seek", "--server", &server, "--topic", "test", "--group", "g1", "--to", to,
+        ];
+        if let Some(queue) = queue {
+            args.extend(["--queue", queue]);
+        }
+        run(&args, b"")
+    };
+    let values = |messages: Vec<Value>| -> Vec<String> {
+        messages
+            .iter()
+            .map(|m| m["value"].as_str().expect("value").to_string())
+            .collect()
+    };
+
+    let latest = seek("latest", None);
+    assert!(latest.status.success(), "{}", text(&latest.stderr));
+    assert!(
+        text(&latest.stdout).contains("queue 1: cursor 1 -> 6"),
+        "{}",
+        text(&latest.stdout)
+    );
+    assert!(
+        store.consume_all("g1").is_empty(),
+        "latest: nothing left to read"
+    );
+
+    assert!(seek("earliest", Some("1")).status.success());
+    assert_eq!(values(store.consume_all("g1")), ["a", "b", "c", "d", "e"]);
+
+    assert!(seek("4", Some("1")).status.success());
+    assert_eq!(values(store.consume_all("g1")), ["d", "e"]);
+
+    let past = seek("7", Some("1"));
+    assert_eq!(past.status.code(), Some(1));
+    assert!(
+        text(&past.stderr).contains("INVALID_ARGUMENT"),
+        "{}",
+        text(&past.stderr)
+    );
+    assert!(
+        store.consume_all("g1").is_empty(),
+        "a refused seek moves nothing"
+    );
+    let bad = seek("0", Some("1"));
+    assert_eq!(bad.status.code(), Some(1), "offsets start at 1");
+}
+
+#[test]
 fn a_config_with_a_bad_key_is_refused_with_the_key_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("node.toml");
