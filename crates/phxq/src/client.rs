@@ -181,6 +181,32 @@ fn parse_seek(text: &str) -> Result<SeekTo, String> {
     }
 }
 
+/// Arguments of `phxq group list`.
+#[derive(Debug, clap::Args)]
+pub struct GroupListArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// One JSON document instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `phxq group describe`.
+#[derive(Debug, clap::Args)]
+pub struct GroupDescribeArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// The topic.
+    #[arg(long)]
+    topic: String,
+    /// The consumer group.
+    #[arg(long)]
+    group: String,
+    /// One JSON document instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
 /// Arguments of `phxq cluster status`.
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
@@ -907,6 +933,122 @@ fn subscribed_queues(
     })
 }
 
+/// `phxq group list`: every consumer group and the topics it reads.
+pub fn group_list(args: &GroupListArgs) -> CommandResult {
+    let runtime = client_runtime()?;
+    let (_, status) = runtime.block_on(Router::discover(&args.connection))?;
+    let mut groups: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for topic in &status.topics {
+        for group in &topic.consumer_groups {
+            groups.entry(group).or_default().push(&topic.name);
+        }
+    }
+    if args.json {
+        let list: Vec<serde_json::Value> = groups
+            .iter()
+            .map(|(group, topics)| json!({"group": group, "topics": topics}))
+            .collect();
+        print_line(serde_json::to_string_pretty(&list)?)?;
+    } else {
+        let rows: Vec<Vec<String>> = groups
+            .iter()
+            .map(|(group, topics)| vec![group.to_string(), topics.join(", ")])
+            .collect();
+        let columns = [("group", Align::Left), ("topics", Align::Left)];
+        print_line(render(&columns, &rows).trim_end())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One queue's position for a consumer group.
+struct QueuePosition {
+    queue: u32,
+    /// The first offset the group has not committed.
+    committed: u64,
+    /// The queue's next offset to be assigned.
+    end: u64,
+}
+
+/// `phxq group describe`: per queue of a topic, the group's committed cursor, the queue's end
+/// and the lag between them (messages appended and not yet committed), each read from the
+/// queue's master.
+pub fn group_describe(args: &GroupDescribeArgs) -> CommandResult {
+    let runtime = client_runtime()?;
+    let positions = runtime.block_on(async {
+        let (router, status) = Router::discover(&args.connection).await?;
+        let queues = subscribed_queues(&status, &args.topic, &args.group, None)?;
+        let mut positions = Vec::with_capacity(queues.len());
+        for queue in queues {
+            let (committed, end) = cursor_and_end(&router, &args.topic, &args.group, queue).await?;
+            positions.push(QueuePosition {
+                queue,
+                committed,
+                end,
+            });
+        }
+        Ok::<_, ClientError>(positions)
+    })?;
+    let lag = |p: &QueuePosition| p.end.saturating_sub(p.committed);
+    if args.json {
+        let queues: Vec<serde_json::Value> = positions
+            .iter()
+            .map(|p| json!({"queue": p.queue, "committed": p.committed, "end": p.end, "lag": lag(p)}))
+            .collect();
+        let total: u64 = positions.iter().map(lag).sum();
+        let document =
+            json!({"topic": args.topic, "group": args.group, "lag": total, "queues": queues});
+        print_line(serde_json::to_string_pretty(&document)?)?;
+    } else {
+        let rows: Vec<Vec<String>> = positions
+            .iter()
+            .map(|p| {
+                vec![
+                    p.queue.to_string(),
+                    p.committed.to_string(),
+                    p.end.to_string(),
+                    lag(p).to_string(),
+                ]
+            })
+            .collect();
+        let columns = [
+            ("queue", Align::Right),
+            ("committed", Align::Right),
+            ("end", Align::Right),
+            ("lag", Align::Right),
+        ];
+        print_line(render(&columns, &rows).trim_end())?;
+        let total: u64 = positions.iter().map(lag).sum();
+        print_line(format_args!(
+            "{} on {}: {total} message(s) not yet committed",
+            args.group, args.topic
+        ))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A group's cursor on `queue` (the first offset it has not committed) and the queue's end,
+/// from the queue's master: a one-message read at the cursor.
+async fn cursor_and_end(
+    router: &Router,
+    topic: &str,
+    group: &str,
+    queue: u32,
+) -> Result<(u64, u64), ClientError> {
+    let request = api::ConsumeRequest {
+        store_id: 0,
+        topic: topic.to_string(),
+        queue,
+        consumer_group: group.to_string(),
+        from_offset: None,
+        max_messages: 1,
+        max_bytes: 1,
+        wait_ms: 0,
+    };
+    let read = consume_once(router, queue, request).await?;
+    let cursor = read.messages.first().map_or(read.next_offset, |m| m.offset);
+    Ok((cursor, read.end_offset))
+}
+
 /// `phxq seek`: moves a consumer group's cursor on one queue or every queue of a topic, and
 /// prints each move (`queue Q: cursor A -> B`). An offset past a queue's end is refused by the
 /// master (`INVALID_ARGUMENT`) and moves nothing on that queue.
@@ -920,24 +1062,9 @@ async fn seek_all(args: &SeekArgs) -> Result<(), ClientError> {
     let (router, status) = Router::discover(&args.connection).await?;
     let queues = subscribed_queues(&status, &args.topic, &args.group, args.queue)?;
     for queue in queues {
-        // The cursor now: the first unread message's offset, or where reading would start.
-        let request = api::ConsumeRequest {
-            store_id: 0,
-            topic: args.topic.clone(),
-            queue,
-            consumer_group: args.group.clone(),
-            from_offset: None,
-            max_messages: 1,
-            max_bytes: 1,
-            wait_ms: 0,
-        };
-        let at_cursor = consume_once(&router, queue, request).await?;
-        let cursor = at_cursor
-            .messages
-            .first()
-            .map_or(at_cursor.next_offset, |m| m.offset);
+        let (cursor, end) = cursor_and_end(&router, &args.topic, &args.group, queue).await?;
         let target = match args.to {
-            SeekTo::Latest => at_cursor.end_offset,
+            SeekTo::Latest => end,
             SeekTo::Offset(offset) => offset,
             SeekTo::Earliest => {
                 let oldest = read_from(&router, &args.topic, &args.group, queue, 1, 0, 1).await?;

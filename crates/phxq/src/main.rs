@@ -73,6 +73,19 @@ enum Command {
         #[command(subcommand)]
         command: ClusterCommand,
     },
+    /// Consumer groups: list them, or describe one's cursors and lag.
+    Group {
+        #[command(subcommand)]
+        command: GroupCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GroupCommand {
+    /// Every consumer group and the topics it reads.
+    List(client::GroupListArgs),
+    /// Per queue of a topic: the group's committed cursor, the queue's end, and the lag.
+    Describe(client::GroupDescribeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -143,6 +156,12 @@ fn main() -> ExitCode {
         Command::Cluster {
             command: ClusterCommand::Status(args),
         } => client::status(args),
+        Command::Group {
+            command: GroupCommand::List(args),
+        } => client::group_list(args),
+        Command::Group {
+            command: GroupCommand::Describe(args),
+        } => client::group_describe(args),
     };
     match outcome {
         Ok(code) => code,

@@ -735,7 +735,29 @@ fn seek_moves_a_groups_cursor_to_latest_earliest_or_an_offset_and_refuses_past_t
     assert_eq!(values(store.consume_all("g1")), ["a", "b", "c", "d", "e"]);
 
     assert!(seek("4", Some("1")).status.success());
+    let describe = run(
+        &[
+            "group", "describe", "--server", &server, "--topic", "test", "--group", "g1", "--json",
+        ],
+        b"",
+    );
+    assert!(describe.status.success(), "{}", text(&describe.stderr));
+    let described: Value = serde_json::from_str(&text(&describe.stdout)).expect("JSON");
+    assert_eq!(described["lag"], 2, "{described:#}");
+    assert_eq!(
+        described["queues"][1],
+        serde_json::json!({"queue": 1, "committed": 4, "end": 6, "lag": 2})
+    );
     assert_eq!(values(store.consume_all("g1")), ["d", "e"]);
+    let listed = run(&["group", "list", "--server", &server, "--json"], b"");
+    let listed: Value = serde_json::from_str(&text(&listed.stdout)).expect("JSON");
+    assert_eq!(
+        listed,
+        serde_json::json!([
+            {"group": "audit", "topics": ["test"]},
+            {"group": "g1", "topics": ["test"]}
+        ])
+    );
 
     let past = seek("7", Some("1"));
     assert_eq!(past.status.code(), Some(1));
