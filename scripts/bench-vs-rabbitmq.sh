@@ -13,7 +13,10 @@
 #
 # Environment: PHXQ (binary, default target/release/phxq, built if missing), PEERS (default
 # ../shared/peers), OUT (results directory, default /tmp/phxq-vs-rabbitmq), DURATION (10 s),
-# WARMUP (2 s), PRODUCERS ("16 64").
+# WARMUP (2 s), PRODUCERS ("16 64"), WINDOW (1: every message waits for its own ack; N > 1:
+# phxq producers send N messages per call (client batching, one ack per call) and RabbitMQ's
+# keep N publishes in flight (pipelining, one confirm each) -- issue 4's "client batching or
+# pipelining on both sides").
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 ROUNDS=${1:-2}
@@ -23,6 +26,7 @@ OUT=${OUT:-/tmp/phxq-vs-rabbitmq}
 DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-2}
 PRODUCERS=${PRODUCERS:-16 64}
+WINDOW=${WINDOW:-1}
 DATA=$OUT/phxq-data
 # shellcheck source=/dev/null
 source "$PEERS/common.sh"
@@ -48,8 +52,8 @@ for round in $(seq "$ROUNDS"); do
   DEV_PID=$!
   for P in $PRODUCERS; do
     wait_quiet > /dev/null
-    "$PHXQ" bench produce --producers "$P" --duration-s "$DURATION" --warmup-s "$WARMUP" \
-      --server-pids "$DEV_PID" --probe-dir "$OUT" --json |
+    "$PHXQ" bench produce --producers "$P" --batch "$WINDOW" --duration-s "$DURATION" \
+      --warmup-s "$WARMUP" --server-pids "$DEV_PID" --probe-dir "$OUT" --json |
       python3 -c "import json,sys; j=json.load(sys.stdin); j['round']=$round; print(json.dumps(j))" \
       >> "$OUT/phxq.jsonl"
     tail -1 "$OUT/phxq.jsonl" | python3 -c "import json,sys; j=json.load(sys.stdin); r=j['report']; print(f\"phxq P=$P {r['msgs_per_sec']:.0f} msgs/s p99 {r['p99_ms']} ms\")"
@@ -57,7 +61,7 @@ for round in $(seq "$ROUNDS"); do
   stop_dev
   echo "== round $round: RabbitMQ"
   RESULTS=$OUT/rabbitmq-round QUIET_MAX=${QUIET_MAX:-180} REPS=1 DURATION=$DURATION WARMUP=$WARMUP \
-    MATRIX=$(for P in $PRODUCERS; do printf '%s:1 ' "$P"; done) \
+    MATRIX=$(for P in $PRODUCERS; do printf '%s:%s ' "$P" "$WINDOW"; done) \
     bash "$PEERS/rabbitmq/bench.sh" 3 > "$OUT/rabbitmq-round-$round.log" 2>&1
   python3 -c "
 import json,sys
