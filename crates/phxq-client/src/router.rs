@@ -550,7 +550,14 @@ impl Router {
         }
         tracing::debug!(node = %addr, %failure, "retrying");
         let code = failure.code;
-        if write && matches!(code, Some(ErrorCode::Indeterminate | ErrorCode::Timeout)) {
+        // UNAVAILABLE on a write can mean the master stopped with the entry in flight (a
+        // failed fsync drops its pending answers): the followers may still commit it.
+        if write
+            && matches!(
+                code,
+                Some(ErrorCode::Indeterminate | ErrorCode::Timeout | ErrorCode::Unavailable)
+            )
+        {
             progress.maybe_stored = true;
             bump(&self.counters.uncertain_attempts);
         }

@@ -844,6 +844,15 @@ async fn tail_all(args: &TailArgs) -> Result<u64, ClientError> {
             let mut next = start;
             loop {
                 let read = read_from(&router, &topic, &group, queue, next, TAIL_WAIT_MS, 0).await?;
+                if let Some(first) = read.messages.first()
+                    && first.offset > next
+                {
+                    eprintln!(
+                        "phxq tail: queue {queue}: offsets {next}..{} were deleted by retention \
+                         before they were read",
+                        first.offset
+                    );
+                }
                 next = read.next_offset.max(next);
                 if !read.messages.is_empty() && found.send((queue, read.messages)).await.is_err() {
                     return Ok::<(), ClientError>(()); // the printer is done
@@ -874,6 +883,7 @@ async fn tail_all(args: &TailArgs) -> Result<u64, ClientError> {
                 // A reader only ends on an error (its retries exhausted): report it.
                 ended.map_err(|error| ClientError::Usage(error.to_string()))??;
             }
+            else => return Ok(printed), // no queue to follow
         }
         out = std::io::stdout();
     }
@@ -963,13 +973,14 @@ pub fn group_list(args: &GroupListArgs) -> CommandResult {
 /// One queue's position for a consumer group.
 struct QueuePosition {
     queue: u32,
-    /// The first offset the group has not committed.
-    committed: u64,
+    /// The offset the group reads next: its committed cursor, or the oldest retained message
+    /// if retention (a max age or size cap) deleted messages the group had not committed.
+    next: u64,
     /// The queue's next offset to be assigned.
     end: u64,
 }
 
-/// `phxq group describe`: per queue of a topic, the group's committed cursor, the queue's end
+/// `phxq group describe`: per queue of a topic, where the group reads next, the queue's end
 /// and the lag between them (messages appended and not yet committed), each read from the
 /// queue's master.
 pub fn group_describe(args: &GroupDescribeArgs) -> CommandResult {
@@ -979,20 +990,16 @@ pub fn group_describe(args: &GroupDescribeArgs) -> CommandResult {
         let queues = subscribed_queues(&status, &args.topic, &args.group, None)?;
         let mut positions = Vec::with_capacity(queues.len());
         for queue in queues {
-            let (committed, end) = cursor_and_end(&router, &args.topic, &args.group, queue).await?;
-            positions.push(QueuePosition {
-                queue,
-                committed,
-                end,
-            });
+            let (next, end) = cursor_and_end(&router, &args.topic, &args.group, queue).await?;
+            positions.push(QueuePosition { queue, next, end });
         }
         Ok::<_, ClientError>(positions)
     })?;
-    let lag = |p: &QueuePosition| p.end.saturating_sub(p.committed);
+    let lag = |p: &QueuePosition| p.end.saturating_sub(p.next);
     if args.json {
         let queues: Vec<serde_json::Value> = positions
             .iter()
-            .map(|p| json!({"queue": p.queue, "committed": p.committed, "end": p.end, "lag": lag(p)}))
+            .map(|p| json!({"queue": p.queue, "next": p.next, "end": p.end, "lag": lag(p)}))
             .collect();
         let total: u64 = positions.iter().map(lag).sum();
         let document =
@@ -1004,7 +1011,7 @@ pub fn group_describe(args: &GroupDescribeArgs) -> CommandResult {
             .map(|p| {
                 vec![
                     p.queue.to_string(),
-                    p.committed.to_string(),
+                    p.next.to_string(),
                     p.end.to_string(),
                     lag(p).to_string(),
                 ]
@@ -1012,7 +1019,7 @@ pub fn group_describe(args: &GroupDescribeArgs) -> CommandResult {
             .collect();
         let columns = [
             ("queue", Align::Right),
-            ("committed", Align::Right),
+            ("next", Align::Right),
             ("end", Align::Right),
             ("lag", Align::Right),
         ];
@@ -1026,8 +1033,10 @@ pub fn group_describe(args: &GroupDescribeArgs) -> CommandResult {
     Ok(ExitCode::SUCCESS)
 }
 
-/// A group's cursor on `queue` (the first offset it has not committed) and the queue's end,
-/// from the queue's master: a one-message read at the cursor.
+/// Where a group reads `queue` next (its committed cursor, or the oldest retained message if
+/// retention passed the cursor) and the queue's end, from the queue's master: a one-message
+/// read at the cursor. (The protocol does not return the cursor itself when retention passed
+/// it; `next` is what the group will read.)
 async fn cursor_and_end(
     router: &Router,
     topic: &str,
@@ -1050,8 +1059,8 @@ async fn cursor_and_end(
 }
 
 /// `phxq seek`: moves a consumer group's cursor on one queue or every queue of a topic, and
-/// prints each move (`queue Q: cursor A -> B`). An offset past a queue's end is refused by the
-/// master (`INVALID_ARGUMENT`) and moves nothing on that queue.
+/// prints each move (`queue Q: next A -> B`). An offset past any queue's end refuses the whole
+/// seek (`INVALID_ARGUMENT`) before any cursor moves.
 pub fn seek(args: &SeekArgs) -> CommandResult {
     let runtime = client_runtime()?;
     runtime.block_on(seek_all(args))?;
@@ -1061,6 +1070,9 @@ pub fn seek(args: &SeekArgs) -> CommandResult {
 async fn seek_all(args: &SeekArgs) -> Result<(), ClientError> {
     let (router, status) = Router::discover(&args.connection).await?;
     let queues = subscribed_queues(&status, &args.topic, &args.group, args.queue)?;
+    // Every queue's target first: an offset past any queue's end refuses the whole seek
+    // before a single cursor moves.
+    let mut moves = Vec::with_capacity(queues.len());
     for queue in queues {
         let (cursor, end) = cursor_and_end(&router, &args.topic, &args.group, queue).await?;
         let target = match args.to {
@@ -1074,8 +1086,21 @@ async fn seek_all(args: &SeekArgs) -> Result<(), ClientError> {
                     .map_or(oldest.end_offset, |m| m.offset)
             }
         };
-        commit_offsets(&router, &args.topic, &args.group, vec![(queue, target)]).await?;
-        print_line(format_args!("queue {queue}: cursor {cursor} -> {target}"))
+        if target > end {
+            return Err(refused(
+                ErrorCode::InvalidArgument,
+                format!("queue {queue} ends at offset {end}; cannot seek to {target}"),
+            ));
+        }
+        moves.push((queue, cursor, target));
+    }
+    let commits = moves
+        .iter()
+        .map(|&(queue, _, target)| (queue, target))
+        .collect();
+    commit_offsets(&router, &args.topic, &args.group, commits).await?;
+    for (queue, cursor, target) in moves {
+        print_line(format_args!("queue {queue}: next {cursor} -> {target}"))
             .map_err(|error| ClientError::Usage(error.to_string()))?;
     }
     Ok(())

@@ -84,7 +84,8 @@ enum Command {
 enum GroupCommand {
     /// Every consumer group and the topics it reads.
     List(client::GroupListArgs),
-    /// Per queue of a topic: the group's committed cursor, the queue's end, and the lag.
+    /// Per queue of a topic: where the group reads next (its cursor), the queue's end, and the
+    /// lag between them.
     Describe(client::GroupDescribeArgs),
 }
 

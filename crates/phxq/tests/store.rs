@@ -722,7 +722,7 @@ fn seek_moves_a_groups_cursor_to_latest_earliest_or_an_offset_and_refuses_past_t
     let latest = seek("latest", None);
     assert!(latest.status.success(), "{}", text(&latest.stderr));
     assert!(
-        text(&latest.stdout).contains("queue 1: cursor 1 -> 6"),
+        text(&latest.stdout).contains("queue 1: next 1 -> 6"),
         "{}",
         text(&latest.stdout)
     );
@@ -746,7 +746,7 @@ fn seek_moves_a_groups_cursor_to_latest_earliest_or_an_offset_and_refuses_past_t
     assert_eq!(described["lag"], 2, "{described:#}");
     assert_eq!(
         described["queues"][1],
-        serde_json::json!({"queue": 1, "committed": 4, "end": 6, "lag": 2})
+        serde_json::json!({"queue": 1, "next": 4, "end": 6, "lag": 2})
     );
     assert_eq!(values(store.consume_all("g1")), ["d", "e"]);
     let listed = run(&["group", "list", "--server", &server, "--json"], b"");
@@ -769,6 +769,17 @@ fn seek_moves_a_groups_cursor_to_latest_earliest_or_an_offset_and_refuses_past_t
     assert!(
         store.consume_all("g1").is_empty(),
         "a refused seek moves nothing"
+    );
+    // Offset 3 is within queues 0 and 1 but past the end of the empty queues 2 and 3: the
+    // seek is refused and moves no queue, not even those checked before the empty ones.
+    let more = store.produce(&["--queue", "0"], b"x\ny\nz\n");
+    assert!(more.status.success(), "{}", text(&more.stderr));
+    let partly = seek("3", None);
+    assert_eq!(partly.status.code(), Some(1), "{}", text(&partly.stdout));
+    assert_eq!(
+        values(store.consume_all("g1")),
+        ["x", "y", "z"],
+        "a seek refused on one queue moves no queue"
     );
     let bad = seek("0", Some("1"));
     assert_eq!(bad.status.code(), Some(1), "offsets start at 1");
