@@ -237,6 +237,10 @@ enum ClientError {
     /// A bad command line.
     #[error("{0}")]
     Usage(String),
+    /// Writing standard output failed (a closed pipe, as with `phxq tail | head`, is a normal
+    /// end: `main` exits without a message).
+    #[error("writing standard output: {0}")]
+    Output(#[source] std::io::Error),
 }
 
 /// A refusal with `code`, made locally.
@@ -869,15 +873,15 @@ async fn tail_all(args: &TailArgs) -> Result<u64, ClientError> {
                 let mut lock = out.lock();
                 for message in messages {
                     write_message(&mut lock, args.json, queue, &message).map_err(|error| {
-                        ClientError::Usage(format!("writing standard output: {error}"))
+                        ClientError::Output(error)
                     })?;
                     printed += 1;
                     if args.max.is_some_and(|max| printed >= max) {
-                        lock.flush().map_err(|e| ClientError::Usage(e.to_string()))?;
+                        lock.flush().map_err(ClientError::Output)?;
                         return Ok(printed);
                     }
                 }
-                lock.flush().map_err(|e| ClientError::Usage(e.to_string()))?;
+                lock.flush().map_err(ClientError::Output)?;
             }
             Some(ended) = readers.join_next() => {
                 // A reader only ends on an error (its retries exhausted): report it.
@@ -1101,7 +1105,7 @@ async fn seek_all(args: &SeekArgs) -> Result<(), ClientError> {
     commit_offsets(&router, &args.topic, &args.group, commits).await?;
     for (queue, cursor, target) in moves {
         print_line(format_args!("queue {queue}: next {cursor} -> {target}"))
-            .map_err(|error| ClientError::Usage(error.to_string()))?;
+            .map_err(ClientError::Output)?;
     }
     Ok(())
 }
@@ -1221,9 +1225,8 @@ async fn print_and_commit(
                 if printed == remaining {
                     break;
                 }
-                write_message(&mut out, args.json, read.queue, &message).map_err(|error| {
-                    ClientError::Usage(format!("writing standard output: {error}"))
-                })?;
+                write_message(&mut out, args.json, read.queue, &message)
+                    .map_err(|error| ClientError::Output(error))?;
                 last = Some(message.offset);
                 printed += 1;
             }
@@ -1231,8 +1234,7 @@ async fn print_and_commit(
                 commits.push((read.queue, offset + 1));
             }
         }
-        out.flush()
-            .map_err(|error| ClientError::Usage(format!("writing standard output: {error}")))?;
+        out.flush().map_err(|error| ClientError::Output(error))?;
     }
     commit_offsets(router, &args.topic, &args.group, commits).await?;
     Ok(printed)
