@@ -1226,7 +1226,7 @@ async fn print_and_commit(
                     break;
                 }
                 write_message(&mut out, args.json, read.queue, &message)
-                    .map_err(|error| ClientError::Output(error))?;
+                    .map_err(ClientError::Output)?;
                 last = Some(message.offset);
                 printed += 1;
             }
@@ -1234,7 +1234,7 @@ async fn print_and_commit(
                 commits.push((read.queue, offset + 1));
             }
         }
-        out.flush().map_err(|error| ClientError::Output(error))?;
+        out.flush().map_err(ClientError::Output)?;
     }
     commit_offsets(router, &args.topic, &args.group, commits).await?;
     Ok(printed)
