@@ -458,6 +458,10 @@ impl Node {
     }
 
     fn admit(&mut self, id: RequestId, request: Request) -> Result<(), Response> {
+        let request = match request {
+            Request::ProduceMany { appends } => return self.admit_appends(id, appends),
+            other => other,
+        };
         let layout = self.config.layout.clone();
         let (topic, queue) = match &request {
             Request::Status => {
@@ -466,24 +470,7 @@ impl Node {
                     .push((id, Response::Status(self.status())));
                 return Ok(());
             }
-            Request::ProduceMany { appends } => {
-                let group = check_appends(&layout, appends)?;
-                self.check_pending()?;
-                let replica = &mut self.replicas[group.0 as usize];
-                replica.check_master(self.now_tick)?;
-                let Request::ProduceMany { appends } = request else {
-                    unreachable!("matched above")
-                };
-                let commands = appends
-                    .into_iter()
-                    .map(|a| Command::Enqueue {
-                        topic: a.topic,
-                        queue: a.queue,
-                        messages: a.messages,
-                    })
-                    .collect();
-                return replica.admit_commands(id, commands, AnswerAs::Many);
-            }
+            Request::ProduceMany { .. } => unreachable!("admitted above"),
             Request::Produce { topic, queue, .. }
             | Request::Consume { topic, queue, .. }
             | Request::Commit { topic, queue, .. } => (topic.clone(), *queue),
@@ -542,6 +529,23 @@ impl Node {
             }
             Request::Status | Request::ProduceMany { .. } => unreachable!("handled above"),
         }
+    }
+
+    /// Admits a [`Request::ProduceMany`]: every append checked, all in one group, one proposal.
+    fn admit_appends(&mut self, id: RequestId, appends: Vec<Append>) -> Result<(), Response> {
+        let group = check_appends(&self.config.layout, &appends)?;
+        self.check_pending()?;
+        let replica = &mut self.replicas[group.0 as usize];
+        replica.check_master(self.now_tick)?;
+        let commands = appends
+            .into_iter()
+            .map(|a| Command::Enqueue {
+                topic: a.topic,
+                queue: a.queue,
+                messages: a.messages,
+            })
+            .collect();
+        replica.admit_commands(id, commands, AnswerAs::Many)
     }
 
     /// `BUSY` if the node already holds as many requests as it may.

@@ -1182,21 +1182,11 @@ async fn read_queues(
             wait_ms,
         };
         calls.spawn(async move {
-            let outcome = router
-                .call_waiting(
-                    Some(router.group_of(queue)),
-                    u64::from(wait_ms),
-                    |mut client| {
-                        let request = request.clone();
-                        async move {
-                            let response = client.consume(request).await?.into_inner();
-                            let error = response.error.clone();
-                            Ok((response.messages, error))
-                        }
-                    },
-                )
-                .await;
-            outcome.map(|messages| QueueRead { queue, messages })
+            let read = consume_once(&router, queue, request).await?;
+            Ok::<_, ClientError>(QueueRead {
+                queue,
+                messages: read.messages,
+            })
         });
     }
     let mut reads = Vec::with_capacity(queues.len());
