@@ -14,4 +14,5 @@ cargo test --workspace --locked
 cargo run --release --locked -- --version >/dev/null
 # A short benchmark run proves the bench command works end to end; figures live in BENCHMARKS.md.
 cargo run --release --locked -p phxq -- bench wal --writers 1,16 --seconds 1 --raw-seconds 1 >/dev/null
+cargo run --release --locked -p phxq -- bench wal --writers 4 --writers-as threads --seconds 1 --raw-seconds 1 >/dev/null
 echo "all checks passed"

@@ -9,10 +9,12 @@
 //! after the case: when the two raw figures disagree, the disk changed pace during the case
 //! and its ratio says more about the disk than about the log.
 //!
-//! A case opens a fresh log and runs W writer threads, each looping: append one entry to its
-//! group (`thread % groups`), wait until it is durable ([`Wal::sync_to`]), record the latency.
-//! That is a producer's synchronous enqueue, minus replication. Writers sharing a group take
-//! turns at the group's next index, as the group's master would.
+//! A case opens a fresh log and runs W writers, each looping: append one entry to its group
+//! (`writer % groups`), wait until it is durable, record the latency. That is a producer's
+//! synchronous enqueue, minus replication. Writers sharing a group take turns at the group's
+//! next index, as the group's master would. Writers are tasks on a tokio runtime with one
+//! worker per CPU by default, waiting with [`Wal::durable`] as a server's connection handlers
+//! would; `--writers-as threads` runs them as OS threads parked in [`Wal::sync_to`] instead.
 //!
 //! Targets, printed and never asserted (see [`target_ratio_min`]):
 //!
@@ -23,7 +25,7 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -39,6 +41,8 @@ pub const WRITERS_MAX: usize = 4096;
 pub const RECORD_BYTES_MAX: usize = 16 << 20;
 /// Most replication groups the writers spread over.
 pub const GROUPS_MAX: u64 = 4096;
+/// Most zeros the log may be asked to write ahead of its data.
+pub const PREALLOCATE_BYTES_MAX: u64 = 1 << 30;
 /// Longest a single timed phase may run.
 pub const PHASE_SECONDS_MAX: u64 = 3600;
 /// Latencies above this are recorded as this (the histogram's upper bound).
@@ -62,6 +66,22 @@ pub struct Options {
     pub records_max: u64,
     /// Replication groups the writers spread over.
     pub groups: u64,
+    /// What a writer is.
+    pub writers_as: WriterKind,
+    /// The log's [`WalOptions::preallocate_bytes`]: zeros written ahead of the data.
+    pub preallocate_bytes: u64,
+}
+
+/// What runs each writer of a case.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WriterKind {
+    /// A task on a multi-threaded tokio runtime (one worker per CPU), awaiting
+    /// [`Wal::durable`].
+    #[default]
+    Tasks,
+    /// An OS thread parked in [`Wal::sync_to`].
+    Threads,
 }
 
 impl Default for Options {
@@ -74,6 +94,8 @@ impl Default for Options {
             record_bytes: 1024,
             records_max: 5_000_000,
             groups: 24,
+            writers_as: WriterKind::default(),
+            preallocate_bytes: WalOptions::default().preallocate_bytes,
         }
     }
 }
@@ -110,6 +132,12 @@ impl Options {
         if self.groups == 0 || self.groups > GROUPS_MAX {
             return invalid(format!("{} groups: must be 1..={GROUPS_MAX}", self.groups));
         }
+        if self.preallocate_bytes > PREALLOCATE_BYTES_MAX {
+            return invalid(format!(
+                "{} bytes of zeros ahead: must be at most {PREALLOCATE_BYTES_MAX}",
+                self.preallocate_bytes
+            ));
+        }
         Ok(())
     }
 }
@@ -129,6 +157,10 @@ pub struct Report {
     pub groups: u64,
     /// Record bound per phase.
     pub records_max: u64,
+    /// What a writer was.
+    pub writers_as: WriterKind,
+    /// Zeros the log wrote ahead of its data.
+    pub preallocate_bytes: u64,
     /// One per writer count, in the order run.
     pub cases: Vec<Case>,
 }
@@ -254,6 +286,8 @@ pub fn run(options: &Options, mut on_case: impl FnMut(&Case)) -> Result<Report> 
         raw_seconds: options.raw_duration.as_secs_f64(),
         groups: options.groups,
         records_max: options.records_max,
+        writers_as: options.writers_as,
+        preallocate_bytes: options.preallocate_bytes,
         cases,
     })
 }
@@ -314,9 +348,9 @@ fn raw_disk(path: &Path, options: &Options) -> Result<RawFigures> {
     })
 }
 
-/// What the writer threads of one case share.
-struct Shared<'a> {
-    wal: Wal,
+/// What the writers of one case share.
+struct Shared {
+    wal: Arc<Wal>,
     /// Last index written, per group; held across the write so indexes stay consecutive.
     last_index: Vec<Mutex<u64>>,
     /// Records claimed by writers so far, against `options.records_max`.
@@ -324,22 +358,29 @@ struct Shared<'a> {
     payload: Vec<u8>,
     /// When writers stop; setting it is the start signal (writers wait for it).
     deadline: OnceLock<Instant>,
-    options: &'a Options,
+    options: Options,
 }
 
 /// Opens a fresh log in `dir`, runs `writers` threads against it until the time or the
 /// record bound is up, and removes the log.
 fn wal_case(dir: &Path, writers: usize, options: &Options) -> Result<WalFigures> {
-    let (wal, _) = Wal::open(dir, WalOptions::default())?;
-    let shared = Shared {
-        wal,
+    let wal_options = WalOptions {
+        preallocate_bytes: options.preallocate_bytes,
+        ..WalOptions::default()
+    };
+    let (wal, _) = Wal::open(dir, wal_options)?;
+    let shared = Arc::new(Shared {
+        wal: Arc::new(wal),
         last_index: (0..options.groups).map(|_| Mutex::new(0)).collect(),
         claimed: AtomicU64::new(0),
         payload: payload(options.record_bytes),
         deadline: OnceLock::new(),
-        options,
+        options: options.clone(),
+    });
+    let (latency, seconds) = match options.writers_as {
+        WriterKind::Tasks => run_tasks(&shared, writers)?,
+        WriterKind::Threads => run_threads(&shared, writers)?,
     };
-    let (latency, seconds) = run_writers(&shared, writers)?;
     let stats = shared.wal.stats();
     assert_eq!(
         stats.records,
@@ -347,6 +388,7 @@ fn wal_case(dir: &Path, writers: usize, options: &Options) -> Result<WalFigures>
         "every record written was made durable and timed, and nothing else was written"
     );
     drop(shared);
+    // The syncer thread may still hold the log for a moment; the files can go regardless.
     std::fs::remove_dir_all(dir).map_err(|e| io_error("remove", dir, e))?;
     Ok(WalFigures {
         records: stats.records,
@@ -362,9 +404,76 @@ fn wal_case(dir: &Path, writers: usize, options: &Options) -> Result<WalFigures>
     })
 }
 
-/// Starts the writers together, waits for all of them, and returns their merged latencies
-/// and the wall time. The first writer error, if any, is the case's error.
-fn run_writers(shared: &Shared<'_>, writers: usize) -> Result<(Histogram<u64>, f64)> {
+/// Starts `writers` tasks together on a runtime with one worker per CPU, waits for all of them,
+/// and returns their merged latencies and the wall time. The first writer error, if any, is
+/// the case's error.
+fn run_tasks(shared: &Arc<Shared>, writers: usize) -> Result<(Histogram<u64>, f64)> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name("wal-writer")
+        .build()
+        .map_err(Error::Thread)?;
+    runtime.block_on(async {
+        let tasks: Vec<_> = (0..writers)
+            .map(|writer| tokio::spawn(writer_task(Arc::clone(shared), writer)))
+            .collect();
+        let start = Instant::now();
+        shared
+            .deadline
+            .set(start + shared.options.duration)
+            .expect("set once per case");
+        let mut results = Vec::with_capacity(writers);
+        for task in tasks {
+            results.push(task.await.expect("a writer task panicked"));
+        }
+        merge(results, start)
+    })
+}
+
+/// One writer task: append, await durability, time it; until the deadline or the record
+/// bound. Appending blocks its worker for the length of a `pwrite` to the page cache.
+async fn writer_task(shared: Arc<Shared>, writer: usize) -> Result<Histogram<u64>> {
+    let group = writer as u64 % shared.options.groups;
+    let mut latency = new_histogram();
+    let deadline = *shared.deadline.wait();
+    while Instant::now() < deadline
+        && shared.claimed.fetch_add(1, Ordering::Relaxed) < shared.options.records_max
+    {
+        let began = Instant::now();
+        let lsn = append(&shared, group)?;
+        shared.wal.durable(lsn)?.await?;
+        record(&mut latency, began.elapsed());
+    }
+    Ok(latency)
+}
+
+/// The merged latencies of every writer and the wall time since `start`, or the first
+/// writer's error.
+fn merge(
+    results: impl IntoIterator<Item = Result<Histogram<u64>>>,
+    start: Instant,
+) -> Result<(Histogram<u64>, f64)> {
+    let mut merged = new_histogram();
+    let mut first_error = None;
+    for result in results {
+        match result {
+            Ok(latency) => merged.add(latency).expect("histograms share bounds"),
+            Err(error) => {
+                first_error.get_or_insert(error);
+            }
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    match first_error {
+        Some(error) => Err(error),
+        None => Ok((merged, seconds)),
+    }
+}
+
+/// Starts the writer threads together, waits for all of them, and returns their merged
+/// latencies and the wall time. The first writer error, if any, is the case's error.
+fn run_threads(shared: &Shared, writers: usize) -> Result<(Histogram<u64>, f64)> {
     std::thread::scope(|scope| {
         let mut handles = Vec::with_capacity(writers);
         for thread in 0..writers {
@@ -388,26 +497,16 @@ fn run_writers(shared: &Shared<'_>, writers: usize) -> Result<(Histogram<u64>, f
             .deadline
             .set(start + shared.options.duration)
             .expect("set once per case");
-        let mut merged = new_histogram();
-        let mut first_error = None;
-        for handle in handles {
-            match handle.join().expect("a writer thread panicked") {
-                Ok(latency) => merged.add(latency).expect("histograms share bounds"),
-                Err(error) => {
-                    first_error.get_or_insert(error);
-                }
-            }
-        }
-        let seconds = start.elapsed().as_secs_f64();
-        match first_error {
-            Some(error) => Err(error),
-            None => Ok((merged, seconds)),
-        }
+        let results: Vec<_> = handles
+            .into_iter()
+            .map(|handle| handle.join().expect("a writer thread panicked"))
+            .collect();
+        merge(results, start)
     })
 }
 
 /// One writer: append, wait until durable, time it; until the deadline or the record bound.
-fn writer_loop(shared: &Shared<'_>, thread: usize) -> Result<Histogram<u64>> {
+fn writer_loop(shared: &Shared, thread: usize) -> Result<Histogram<u64>> {
     let group = thread as u64 % shared.options.groups;
     let mut latency = new_histogram();
     let deadline = *shared.deadline.wait();
@@ -424,7 +523,7 @@ fn writer_loop(shared: &Shared<'_>, thread: usize) -> Result<Histogram<u64>> {
 
 /// Appends the group's next entry. The group's lock is held across the write so that writers
 /// sharing a group append consecutive indexes, as the group's master does.
-fn append(shared: &Shared<'_>, group: u64) -> Result<Lsn> {
+fn append(shared: &Shared, group: u64) -> Result<Lsn> {
     let mut last_index = shared.last_index[group as usize]
         .lock()
         .expect("a writer panicked holding a group");

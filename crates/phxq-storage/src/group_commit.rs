@@ -72,6 +72,11 @@ impl GroupCommit {
         self.durable.load(Ordering::Acquire)
     }
 
+    /// A sync is running (or about to).
+    pub fn syncing(&self) -> bool {
+        self.lock().leading
+    }
+
     /// Syncs that succeeded.
     pub fn syncs(&self) -> u64 {
         self.lock().syncs

@@ -4,7 +4,8 @@
 //! broken. Replication groups append raft entries, hard states and membership to one log;
 //! [`Wal::sync`] makes every earlier append durable with one `fdatasync`, so one sync covers
 //! every group's appends of an event-loop round (group commit). Concurrent writers waiting for
-//! durability share syncs through [`Wal::sync_to`], with no timer.
+//! durability share syncs through [`Wal::sync_to`] (threads) or [`Wal::durable`] (futures), with
+//! no timer when idle.
 //!
 //! Layout of this crate:
 //!
@@ -15,6 +16,8 @@
 //!   segment deletion, and poisoning after an fsync failure;
 //! * `group_commit` decides who runs the next `fdatasync` and wakes only the callers a sync
 //!   concerns;
+//! * [`durable`](crate::durable) lets async callers wait for durability ([`Wal::durable`]),
+//!   with one syncer thread per log instead of one parked thread per waiter;
 //! * [`raft_storage`](crate::raft_storage) is raft-rs's `Storage` for one group over the log;
 //! * [`inspect`](crate::inspect) is the read-only report behind `phxq wal inspect`.
 //!
@@ -27,6 +30,7 @@
 //! * after a failed fsync every call fails ([`Error::Poisoned`]): nothing is acknowledged
 //!   after it.
 
+pub mod durable;
 mod group_commit;
 mod index;
 pub mod inspect;

@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use phxq_types::GroupId;
 
+use crate::durable::Syncer;
 use crate::group_commit::{GroupCommit, Turn};
 use crate::index::LogIndex;
 use crate::record::{self, Frame, Record};
@@ -461,7 +462,9 @@ pub struct Wal {
     /// into it; `None` only inside `open`): a sync reads `written`, then this, and never waits
     /// for the writer lock.
     active: Mutex<Option<(Arc<File>, PathBuf)>>,
-    commit: GroupCommit,
+    pub(crate) commit: GroupCommit,
+    /// Runs the syncs that [`Wal::durable`] futures wait for.
+    pub(crate) syncer: Syncer,
     /// Some sealed segment may hold no live entry (set when a segment is sealed or a write
     /// releases entries; cleared by a scan that leaves nothing pending): a sync looks for dead
     /// segments, which takes the writer lock, only then.
@@ -502,6 +505,12 @@ impl Drop for Lead<'_> {
             let _ = self.wal.poison.set("a sync panicked".to_string());
             self.wal.commit.finish(None, true);
         }
+    }
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        self.syncer.stop();
     }
 }
 
@@ -584,11 +593,12 @@ impl Wal {
         };
         let wal = Wal {
             dir,
+            commit: GroupCommit::default(),
+            syncer: Syncer::new(),
             options,
             writer: Mutex::new(writer),
             written: AtomicU64::new(0),
             active: Mutex::new(None),
-            commit: GroupCommit::default(),
             deletion_due: AtomicBool::new(true),
             poison: OnceLock::new(),
             _lock: lock_file,
@@ -654,6 +664,7 @@ impl Wal {
         self.zero_ahead(&mut writer)?;
         writer.last_lsn = lsn;
         self.written.store(lsn, Ordering::Release);
+        self.syncer.written(lsn);
         if writer.index.segments_emptied != emptied_before {
             self.deletion_due.store(true, Ordering::Relaxed);
         }
@@ -668,7 +679,12 @@ impl Wal {
 
     /// Makes every write made so far durable; returns the durable Lsn.
     pub fn sync(&self) -> Result<Lsn> {
-        self.sync_to(self.written.load(Ordering::Acquire))
+        self.sync_to(self.written())
+    }
+
+    /// The last Lsn whose bytes are written.
+    pub(crate) fn written(&self) -> Lsn {
+        self.written.load(Ordering::Acquire)
     }
 
     /// Waits until write `target` is durable, sharing `fdatasync` calls with every other
@@ -722,7 +738,7 @@ impl Wal {
     /// the old segment before it makes the new one active, and makes it active before a write
     /// to it is published.
     fn sync_active(&self) -> Result<Lsn> {
-        let lsn = self.written.load(Ordering::Acquire);
+        let lsn = self.written();
         let (file, path) = lock(&self.active)
             .clone()
             .expect("an open log has an active segment");
@@ -794,7 +810,9 @@ impl Wal {
         if chunk == 0 {
             return data_end;
         }
-        (data_end + chunk).min(floor + self.options.segment_bytes_max)
+        data_end
+            .saturating_add(chunk)
+            .min(floor.saturating_add(self.options.segment_bytes_max))
     }
 
     /// Writes the next run of zeros ahead of the active segment's data once fewer than half
@@ -878,7 +896,7 @@ impl Wal {
         Ok(doomed.len() - failures)
     }
 
-    fn check_poison(&self) -> Result<()> {
+    pub(crate) fn check_poison(&self) -> Result<()> {
         match self.poison.get() {
             Some(cause) => Err(Error::Poisoned {
                 cause: cause.clone(),
@@ -912,6 +930,18 @@ impl Wal {
     pub fn release_syncs(&self) {
         *lock(&self.sync_gate.0) = false;
         self.sync_gate.1.notify_all();
+    }
+
+    /// A sync is running (or about to). Test builds only.
+    #[cfg(feature = "failpoints")]
+    pub fn sync_running(&self) -> bool {
+        self.commit.syncing()
+    }
+
+    /// [`Wal::durable`] futures waiting for the syncer. Test builds only.
+    #[cfg(feature = "failpoints")]
+    pub fn durable_waiters(&self) -> usize {
+        self.syncer.waiters()
     }
 
     /// Callers of [`Wal::sync_to`] asleep waiting for a sync. Test builds only.

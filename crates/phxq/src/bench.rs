@@ -19,7 +19,7 @@ pub struct Args {
     /// removed at the end [default: the current directory].
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Writer thread counts, one case each, comma-separated.
+    /// Writer counts, one case each, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
     writers: Vec<usize>,
     /// Seconds each write-ahead log case runs.
@@ -34,9 +34,23 @@ pub struct Args {
     /// A phase also stops after this many records.
     #[arg(long, default_value_t = 5_000_000)]
     records_max: u64,
+    /// What a writer is: a task awaiting durability (as a server's handlers would), or an OS
+    /// thread parked until its record is durable.
+    #[arg(long, value_enum, default_value = "tasks")]
+    writers_as: WritersAs,
+    /// Zeros the log writes ahead of its data (its `preallocate_bytes`).
+    #[arg(long, default_value_t = phxq_storage::WalOptions::default().preallocate_bytes)]
+    preallocate_bytes: u64,
     /// Print only the JSON report.
     #[arg(long)]
     json: bool,
+}
+
+/// `--writers-as`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum WritersAs {
+    Tasks,
+    Threads,
 }
 
 pub fn run(args: &Args) -> CommandResult {
@@ -47,16 +61,24 @@ pub fn run(args: &Args) -> CommandResult {
         raw_duration: seconds("--raw-seconds", args.raw_seconds)?,
         record_bytes: args.record_bytes,
         records_max: args.records_max,
+        writers_as: match args.writers_as {
+            WritersAs::Tasks => wal::WriterKind::Tasks,
+            WritersAs::Threads => wal::WriterKind::Threads,
+        },
+        preallocate_bytes: args.preallocate_bytes,
         ..Options::default()
     };
     options.validate()?;
     if !args.json {
         print_line(format_args!(
-            "phxq bench wal: {}-byte records over {} groups, {:?} per case, each between two \
-             {:?} runs of raw write + fdatasync on the same disk; scratch directory in {} \
-             (removed at the end)",
+            "phxq bench wal: {}-byte records over {} groups, writers as {:?}, {} bytes of \
+             zeros written ahead, {:?} per case, \
+             each between two {:?} runs of raw write + fdatasync on the same disk; scratch \
+             directory in {} (removed at the end)",
             options.record_bytes,
             options.groups,
+            options.writers_as,
+            options.preallocate_bytes,
             options.duration,
             options.raw_duration,
             options.parent_dir.display()
