@@ -3,9 +3,10 @@
 //!
 //! After every sync the simulator completes, it records each segment file's length: the
 //! durable image. A crash then cuts every file back to its image (a segment created since keeps
-//! only its header, which the log syncs on creation), or, for a torn write, keeps a random
-//! prefix of the unsynced bytes of the newest file. Writes reach the disk in order, so a prefix of the unsynced writes is what a real crash
-//! can leave behind.
+//! only its header, which the log syncs on creation); for a torn write, it keeps a random
+//! prefix of the unsynced bytes of the newest file; or, as writes over the zeros the log writes
+//! ahead land in no set order, it loses each unsynced sector of the newest file on its own, so
+//! that later writes can survive a hole.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -29,6 +30,9 @@ pub enum CrashKind {
     LoseUnsynced,
     /// A random prefix of the unsynced bytes of the newest file survives (a torn write).
     Tear,
+    /// Each sector of the newest file's unsynced bytes survives or not, independently (lost
+    /// ones read as zeros; synced bytes of a sector are kept).
+    LoseSectors,
 }
 
 /// Every segment and where its data ends: after its last non-zero byte (every frame ends in a
@@ -70,6 +74,20 @@ fn data_end(path: &Path) -> u64 {
     0
 }
 
+/// Zeroes each sector overlapping `from..to` of `path` with probability one half, keeping the
+/// bytes before `from` (synced).
+fn lose_sectors(path: &Path, from: u64, to: u64, rng: &mut Rng) {
+    let mut bytes = fs::read(path).expect("segment readable");
+    for sector in (from / SECTOR_BYTES * SECTOR_BYTES..to).step_by(SECTOR_BYTES as usize) {
+        if rng.chance(1, 2) {
+            let start = sector.max(from) as usize;
+            let end = ((sector + SECTOR_BYTES) as usize).min(bytes.len());
+            bytes[start..end].fill(0);
+        }
+    }
+    fs::write(path, bytes).expect("segment writable");
+}
+
 impl DurableImage {
     /// The directory as it is now (right after a sync).
     pub fn capture(dir: &Path) -> DurableImage {
@@ -86,6 +104,15 @@ impl DurableImage {
         let newest = files.last().map(|(p, _)| p.clone());
         for (path, len) in files {
             let durable = self.lengths.get(&path).copied();
+            if kind == CrashKind::LoseSectors && Some(&path) == newest.as_ref() {
+                lose_sectors(
+                    &path,
+                    durable.unwrap_or(SEGMENT_HEADER_BYTES).min(len),
+                    len,
+                    rng,
+                );
+                continue;
+            }
             let keep = match (kind, durable) {
                 (CrashKind::Tear, durable) if Some(&path) == newest.as_ref() => {
                     let from = durable.unwrap_or(SEGMENT_HEADER_BYTES).min(len);

@@ -602,10 +602,10 @@ impl Sim {
         add_counters(&mut self.report.counters, &node.status().counters);
         self.report.crashes += 1;
         sim_node.epoch += 1;
-        let kind = if self.rng.chance(1, 2) {
-            CrashKind::Tear
-        } else {
-            CrashKind::LoseUnsynced
+        let kind = match self.rng.below(3) {
+            0 => CrashKind::Tear,
+            1 => CrashKind::LoseSectors,
+            _ => CrashKind::LoseUnsynced,
         };
         sim_node.image.crash(&sim_node.dir, kind, &mut self.rng);
         let down = 200_000 + self.rng.below(3_000_000);

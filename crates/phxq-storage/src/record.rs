@@ -3,15 +3,19 @@
 //! A segment is a header followed by frames:
 //!
 //! ```text
-//! [len u32][group u64][crc32c(len, group) u32][crc32c(payload) u32][payload][RECORD_END u32]
+//! [len u32][group u64][synced_to u64][crc32c(len, group, synced_to) u32][crc32c(payload) u32]
+//! [payload][RECORD_END u32]
 //! ```
 //!
 //! The top bit of `len` says "more records of the same write follow": recovery applies a
 //! write only once its last frame is there, so a write is all-or-nothing across a crash.
+//! `synced_to` is the segment offset up to which the writer knew the segment durable when it
+//! wrote the frame: a frame that landed after a hole proves the hole was synced only if its
+//! `synced_to` passes it (see `recovery`).
 //!
-//! All integers are little-endian. The header checksum makes `len` and `group` trustworthy on
-//! their own: when a payload is damaged, repair still knows which group lost a record. The
-//! trailer tells a torn write from a damaged one:
+//! All integers are little-endian. The header checksum makes `len`, `group` and `synced_to`
+//! trustworthy on their own: when a payload is damaged, repair still knows which group lost a
+//! record. The trailer tells a torn write from a damaged one:
 //!
 //! * a frame that runs past the end of the file, or whose damage lies in a zero-filled run of
 //!   sectors reaching the end of the file, is a **torn write**: the write never completed, so it
@@ -26,8 +30,11 @@ use phxq_types::GroupId;
 
 use crate::{ConfState, EntryKind, HardState, LogEntry};
 
-/// Bytes before the payload: length, group, header checksum, payload checksum.
-pub(crate) const FRAME_HEADER_BYTES: usize = 20;
+/// Bytes before the payload: length, group, synced-to offset, header checksum, payload
+/// checksum.
+pub(crate) const FRAME_HEADER_BYTES: usize = 28;
+/// Bytes of the header covered by the header checksum.
+const HEADER_CHECKED_BYTES: usize = 20;
 /// Flag in the length field: the next frame belongs to the same write.
 const MORE_IN_WRITE: u32 = 1 << 31;
 /// The header's group field for records that belong to no group (checkpoints).
@@ -43,7 +50,7 @@ const RECORD_END: u32 = u32::from_le_bytes(*b"PQEN");
 pub const RECORD_PAYLOAD_BYTES_MAX: usize = 64 << 20;
 /// Torn writes are assumed to lose whole sectors of this size (the smallest a disk writes
 /// atomically); a zero-filled run is only "unwritten" if it starts on such a boundary.
-const SECTOR_BYTES: usize = 512;
+pub(crate) const SECTOR_BYTES: usize = 512;
 
 /// One decoded record. Entry locations in the index point at the frame of an `Entry` record.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -155,11 +162,16 @@ impl Record {
 /// Appends one framed record, a write of its own, to `out` and returns the frame's length.
 #[cfg(test)]
 pub(crate) fn encode_frame(record: &Record, out: &mut Vec<u8>) -> usize {
-    encode_frame_in_write(record, false, out)
+    encode_frame_in_write(record, false, 0, out)
 }
 
 /// Appends the frames of one write; returns each frame's (offset in `out`, length).
-pub(crate) fn encode_write(records: &[Record], out: &mut Vec<u8>) -> Vec<(usize, usize)> {
+/// `synced_to` is the segment offset known durable when the write is made.
+pub(crate) fn encode_write(
+    records: &[Record],
+    synced_to: u64,
+    out: &mut Vec<u8>,
+) -> Vec<(usize, usize)> {
     records
         .iter()
         .enumerate()
@@ -167,13 +179,13 @@ pub(crate) fn encode_write(records: &[Record], out: &mut Vec<u8>) -> Vec<(usize,
             let start = out.len();
             (
                 start,
-                encode_frame_in_write(record, i + 1 < records.len(), out),
+                encode_frame_in_write(record, i + 1 < records.len(), synced_to, out),
             )
         })
         .collect()
 }
 
-fn encode_frame_in_write(record: &Record, more: bool, out: &mut Vec<u8>) -> usize {
+fn encode_frame_in_write(record: &Record, more: bool, synced_to: u64, out: &mut Vec<u8>) -> usize {
     let start = out.len();
     out.extend_from_slice(&[0; FRAME_HEADER_BYTES]);
     encode_payload(record, out);
@@ -190,10 +202,11 @@ fn encode_frame_in_write(record: &Record, more: bool, out: &mut Vec<u8>) -> usiz
     let len_field = payload_len as u32 | if more { MORE_IN_WRITE } else { 0 };
     out[start..start + 4].copy_from_slice(&len_field.to_le_bytes());
     out[start + 4..start + 12].copy_from_slice(&group.to_le_bytes());
-    let header_crc = crc32c::crc32c(&out[start..start + 12]);
+    out[start + 12..start + 20].copy_from_slice(&synced_to.to_le_bytes());
+    let header_crc = crc32c::crc32c(&out[start..start + HEADER_CHECKED_BYTES]);
     let payload_crc = crc32c::crc32c(&out[start + FRAME_HEADER_BYTES..]);
-    out[start + 12..start + 16].copy_from_slice(&header_crc.to_le_bytes());
-    out[start + 16..start + 20].copy_from_slice(&payload_crc.to_le_bytes());
+    out[start + 20..start + 24].copy_from_slice(&header_crc.to_le_bytes());
+    out[start + 24..start + 28].copy_from_slice(&payload_crc.to_le_bytes());
     out.extend_from_slice(&RECORD_END.to_le_bytes());
     out.len() - start
 }
@@ -207,11 +220,13 @@ pub(crate) fn entry_payload_bytes(entry: &LogEntry) -> usize {
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Frame {
     /// A complete, checksummed and decoded frame; the next one starts at `next`. `more`: the
-    /// write it belongs to continues in the next frame.
+    /// write it belongs to continues in the next frame. `synced_to`: the segment offset its
+    /// writer knew durable.
     Record {
         record: Record,
         next: usize,
         more: bool,
+        synced_to: u64,
     },
     /// Clean end of the buffer.
     End,
@@ -249,6 +264,28 @@ impl Affected {
     }
 }
 
+/// Where a write that would start at segment offset `offset` starts: never in the last
+/// [`FRAME_HEADER_BYTES`] of a sector, so that a write whose first sector was lost reads as at
+/// least a header's worth of zeros up to a sector boundary, which a flipped bit cannot produce
+/// (see `recovery`). The bytes skipped are zeros (padding).
+pub(crate) fn write_start(offset: u64) -> u64 {
+    let sector = SECTOR_BYTES as u64;
+    let room = sector - offset % sector;
+    if room < sector && room < FRAME_HEADER_BYTES as u64 {
+        offset + room
+    } else {
+        offset
+    }
+}
+
+/// At a write boundary `pos`: if `pos` lies where no write starts (see [`write_start`]) and
+/// only zeros follow up to the sector boundary, the padding ends there; returns it. `base` is
+/// the file offset of `buf[0]`.
+pub(crate) fn padding_end(buf: &[u8], pos: usize, base: usize) -> Option<usize> {
+    let start = write_start((base + pos) as u64) as usize - base;
+    (start > pos && start <= buf.len() && buf[pos..start].iter().all(|&b| b == 0)).then_some(start)
+}
+
 /// Where the buffer's trailing run of zero bytes starts (`buf.len()` if it ends in non-zero).
 pub(crate) fn trailing_zeros_start(buf: &[u8]) -> usize {
     buf.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1)
@@ -278,8 +315,9 @@ pub(crate) fn next_frame(buf: &[u8], pos: usize, base: usize, zeros_start: usize
     let more = len_field & MORE_IN_WRITE != 0;
     let len = (len_field & !MORE_IN_WRITE) as usize;
     let group = u64::from_le_bytes(rest[4..12].try_into().expect("8 bytes"));
-    let header_crc = u32::from_le_bytes(rest[12..16].try_into().expect("4 bytes"));
-    if crc32c::crc32c(&rest[..12]) != header_crc {
+    let synced_to = u64::from_le_bytes(rest[12..20].try_into().expect("8 bytes"));
+    let header_crc = u32::from_le_bytes(rest[20..24].try_into().expect("4 bytes"));
+    if crc32c::crc32c(&rest[..HEADER_CHECKED_BYTES]) != header_crc {
         if touches_unwritten_tail(zeros_start, base, pos + FRAME_HEADER_BYTES) {
             return Frame::Torn;
         }
@@ -301,7 +339,7 @@ pub(crate) fn next_frame(buf: &[u8], pos: usize, base: usize, zeros_start: usize
         return Frame::corrupt("frame end marker missing", affected);
     }
     let payload = &rest[FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + len];
-    let payload_crc = u32::from_le_bytes(rest[16..20].try_into().expect("4 bytes"));
+    let payload_crc = u32::from_le_bytes(rest[24..28].try_into().expect("4 bytes"));
     if crc32c::crc32c(payload) != payload_crc {
         return Frame::corrupt("payload checksum mismatch", affected);
     }
@@ -310,6 +348,7 @@ pub(crate) fn next_frame(buf: &[u8], pos: usize, base: usize, zeros_start: usize
             record,
             next: pos + frame_len,
             more,
+            synced_to,
         },
         Ok(_) => Frame::corrupt("payload group differs from the header", Affected::All),
         Err(reason) => Frame::corrupt(reason, affected),
@@ -643,7 +682,7 @@ mod tests {
         let records = checkpoint_records(groups.clone());
         assert!(records.len() > 1, "4 MB of snapshots in one record");
         let mut buf = Vec::new();
-        let frames = encode_write(&records, &mut buf);
+        let frames = encode_write(&records, 0, &mut buf);
         for (_, len) in &frames {
             assert!(*len < CHECKPOINT_RECORD_BYTES_TARGET + 200_000, "{len}");
         }
@@ -719,7 +758,7 @@ mod tests {
     fn frames_of_one_write_say_whether_more_follow() {
         let mut buf = Vec::new();
         let records = [entry(1, b"a"), entry(2, b"b"), entry(3, b"c")];
-        let frames = encode_write(&records, &mut buf);
+        let frames = encode_write(&records, 0, &mut buf);
         let zeros = trailing_zeros_start(&buf);
         let flags: Vec<bool> = frames
             .iter()

@@ -196,15 +196,23 @@ fn scan_segment(
     let mut pos = 0;
     // Frames of a write whose last frame has not been seen yet: (record, offset, length).
     let mut write: Vec<(Record, u64, u32)> = Vec::new();
+    // `pos` is where a write may start (not inside one, nor just after a resync).
+    let mut at_write_boundary = true;
     loop {
+        if at_write_boundary && let Some(next) = record::padding_end(body, pos, base) {
+            pos = next;
+        }
         let offset = (base + pos) as u64;
         let write_start = write.first().map_or(offset, |w| w.1);
         match record::next_frame(body, pos, base, zeros_start) {
-            Frame::Record { record, next, more } => {
+            Frame::Record {
+                record, next, more, ..
+            } => {
                 write.push((record, offset, (next - pos) as u32));
                 if !more {
                     apply_write(id, path, &mut write, &mut scanned, mode, out)?;
                 }
+                at_write_boundary = !more;
                 pos = next;
             }
             Frame::End if write.is_empty() => break,
@@ -227,12 +235,16 @@ fn scan_segment(
                 break;
             }
             Frame::Corrupt { reason, affected } => {
+                let resume = record::resync(body, pos, base, zeros_start);
+                let resume_offset = resume.map_or(bytes.len(), |r| base + r);
+                if newest && never_synced(bytes, write_start as usize, resume_offset, zeros_start) {
+                    scanned.torn_at = Some(write_start);
+                    break;
+                }
                 // The damaged write is lost whole, like a torn one: its groups lost records.
                 for (record, ..) in write.drain(..) {
                     lost(record.group().map_or(Affected::All, Affected::Group), out);
                 }
-                let resume = record::resync(body, pos, base, zeros_start);
-                let resume_offset = resume.map_or(bytes.len(), |r| base + r);
                 let error = corruption(path, offset, reason);
                 damaged(
                     error,
@@ -247,11 +259,68 @@ fn scan_segment(
                     Some(r) => pos = r,
                     None => break,
                 }
+                at_write_boundary = false;
             }
         }
     }
     scanned.valid_bytes = scanned.torn_at.unwrap_or(bytes.len() as u64);
     Ok(scanned)
+}
+
+/// Whether damage from `from` to `resume` (file offsets; `resume` is where valid frames start
+/// again, or the file's end) in the newest segment is a write that was never synced, rather
+/// than damage to synced data. Writes over blocks that already exist (zeros written ahead)
+/// reach the disk in no set order, so a power failure can lose sectors of an unsynced write
+/// while a later unsynced write landed. Two things together say so:
+///
+/// * a sector inside the damage reads as zeros (a whole one, or the part of the write's first
+///   sector from its start, at least a frame header long): a lost write, not a flipped bit (a
+///   flip cannot zero a sector or a header, so damage to synced data from a flip is reported);
+/// * no valid frame after the damage was written knowing the damage durable: each frame
+///   carries the offset its writer knew durable, and a sync covers everything before it.
+///
+/// What this cannot tell from a torn write, in the last synced writes when nothing was written
+/// after their sync: the disk losing a synced sector (reading it back as zeros), which is cut
+/// as a torn tail like a disk that ignores `fdatasync` would be; and a flipped bit in a frame
+/// whose payload holds a whole sector of zeros.
+fn never_synced(bytes: &[u8], from: usize, resume: usize, zeros_start: usize) -> bool {
+    let sector = record::SECTOR_BYTES;
+    let zeros = |range: std::ops::Range<usize>| bytes[range].iter().all(|&b| b == 0);
+    // Zeros after the last non-zero byte are the file's unwritten tail (or zeros written
+    // ahead), not a lost sector among written ones.
+    let resume = resume.min(SEGMENT_HEADER_BYTES + zeros_start);
+    // The write's first sector lost: zeros from its start (never in a sector's last header
+    // bytes, see `record::write_start`) to the sector's end.
+    let first_sector_lost = from.next_multiple_of(sector) <= resume
+        && from % sector != 0
+        && zeros(from..from.next_multiple_of(sector));
+    let whole_sector_lost = (from.next_multiple_of(sector)..resume.saturating_sub(sector - 1))
+        .step_by(sector)
+        .any(|start| zeros(start..start + sector));
+    if !first_sector_lost && !whole_sector_lost {
+        return false;
+    }
+    let body = &bytes[SEGMENT_HEADER_BYTES..];
+    let base = SEGMENT_HEADER_BYTES;
+    let zeros_start = zeros_start.min(body.len());
+    let mut pos = resume.saturating_sub(base);
+    let mut known_durable = 0;
+    while pos < body.len() {
+        match record::next_frame(body, pos, base, zeros_start) {
+            Frame::Record {
+                next, synced_to, ..
+            } => {
+                known_durable = known_durable.max(synced_to);
+                pos = next;
+            }
+            Frame::Corrupt { .. } => match record::resync(body, pos, base, zeros_start) {
+                Some(next) => pos = next,
+                None => break,
+            },
+            Frame::End | Frame::Torn => break,
+        }
+    }
+    known_durable <= from as u64
 }
 
 /// Applies the records of one complete write to the index.

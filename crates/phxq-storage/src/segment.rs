@@ -15,8 +15,9 @@ use crate::{Error, Result, SegmentId, io_error};
 pub(crate) const SEGMENT_HEADER_BYTES: usize = 32;
 const MAGIC: &[u8; 8] = b"PHXQ-WAL";
 /// The segment format this build reads and writes. Version 2 added snapshots to compaction
-/// and checkpoint records; version 1 logs are refused (none were deployed).
-pub const FORMAT_VERSION: u32 = 2;
+/// and checkpoint records; version 3 the synced-to offset in every frame header. Older logs
+/// are refused (none were deployed).
+pub const FORMAT_VERSION: u32 = 3;
 const SUFFIX: &str = ".wal";
 
 pub(crate) fn file_name(id: SegmentId) -> String {
@@ -176,7 +177,7 @@ mod tests {
 
     #[test]
     fn a_segment_of_another_format_version_is_refused_as_such() {
-        for version in [1, FORMAT_VERSION + 1] {
+        for version in [1, 2, FORMAT_VERSION + 1] {
             let mut header = encode_header(7);
             header[8..12].copy_from_slice(&u32::to_le_bytes(version));
             let crc = crc32c::crc32c(&header[..28]);

@@ -78,6 +78,10 @@ enum Crash {
     UnwrittenSectors(f64),
     /// Power loss exactly between two frames of the unsynced tail (possibly inside one write).
     TearAtFrame(f64),
+    /// Power loss over zeros written ahead: each sector of the unsynced tail independently
+    /// landed or not (a lost one keeps its zeros, and the synced bytes of a sector it shares
+    /// with synced data), so later writes can land after a hole (seeded choice per sector).
+    LostSectors(u64),
 }
 
 #[derive(Clone, Debug)]
@@ -137,6 +141,7 @@ fn op() -> impl Strategy<Value = Op> {
         (0.0..1.0f64).prop_map(Crash::Tear),
         (0.0..1.0f64).prop_map(Crash::UnwrittenSectors),
         (0.0..1.0f64).prop_map(Crash::TearAtFrame),
+        any::<u64>().prop_map(Crash::LostSectors),
     ];
     prop_oneof![
         10 => (group.clone(), 0..4u64, 1..6u64, prop::bool::weighted(0.2), 0..400usize)
@@ -177,6 +182,30 @@ struct Harness {
     /// destroys an earlier repair's checkpoint is not handled yet).
     single_damage: bool,
     damaged: bool,
+}
+
+/// Zeroes each sector of `path` overlapping the unsynced bytes `synced..end` with probability
+/// one half (seeded), keeping synced bytes; returns the first byte that changed, if any.
+fn lose_sectors(path: &Path, synced: u64, end: u64, seed: u64) -> Option<u64> {
+    let mut bytes = std::fs::read(path).unwrap();
+    let mut rng = seed | 1;
+    let mut first_changed = None;
+    for sector in (synced / SECTOR * SECTOR..end).step_by(SECTOR as usize) {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        if rng % 2 == 0 {
+            continue;
+        }
+        let from = sector.max(synced) as usize;
+        let to = ((sector + SECTOR) as usize).min(bytes.len());
+        if let Some(changed) = bytes[from..to].iter().position(|&b| b != 0) {
+            first_changed = first_changed.or(Some((from + changed) as u64));
+        }
+        bytes[from..to].fill(0);
+    }
+    std::fs::write(path, &bytes).unwrap();
+    first_changed
 }
 
 fn newest_segment(dir: &Path) -> PathBuf {
@@ -499,6 +528,10 @@ impl Harness {
                 let cut = boundaries[((boundaries.len() - 1) as f64 * at) as usize];
                 self.cut(&path, cut, end, false)
             }
+            Crash::LostSectors(seed) => match lose_sectors(&path, synced, end, seed) {
+                Some(first_lost) => self.survivor(first_lost),
+                None => self.model.clone(),
+            },
             Crash::UnwrittenSectors(at) => {
                 let cut = (synced + ((end - synced) as f64 * at) as u64).next_multiple_of(SECTOR);
                 if cut >= end {
@@ -531,6 +564,11 @@ impl Harness {
         if zero_fill {
             file.set_len(file_len.max(end)).unwrap();
         }
+        self.survivor(at)
+    }
+
+    /// The state after the last write that ends at or before byte `at` of the newest file.
+    fn survivor(&self, at: u64) -> Model {
         self.unsynced
             .iter()
             .rev()

@@ -655,3 +655,91 @@ fn a_lagging_follower_is_sent_the_snapshot_stored_at_the_compaction_point() {
     assert_eq!(&snapshot.data[..], b"state machine at 10");
     assert_eq!(snapshot.get_metadata().index, 10);
 }
+
+/// Opens a log writing zeros ahead of its data, as a power failure over it would find it.
+fn open_preallocated(dir: &std::path::Path) -> Wal {
+    let options = WalOptions {
+        preallocate_bytes: 64 << 10,
+        ..WalOptions::default()
+    };
+    Wal::open(dir, options).expect("open").0
+}
+
+/// The only segment file of a log that was opened once.
+fn only_segment(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    files.pop().unwrap()
+}
+
+/// Zeroes the first whole 512-byte sector at or after `offset` (a sector the disk lost).
+fn lose_sector_after(path: &std::path::Path, offset: usize) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let start = offset.next_multiple_of(512);
+    bytes[start..start + 512].fill(0);
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Where the frame of `group`'s entry `index` starts: found by its payload, which is unique.
+fn offset_of(path: &std::path::Path, payload: &[u8]) -> usize {
+    let bytes = std::fs::read(path).unwrap();
+    bytes
+        .windows(payload.len())
+        .position(|w| w == payload)
+        .expect("payload in the segment")
+}
+
+/// Over zeros written ahead, a power failure can lose a sector of an unsynced write while a
+/// later unsynced write lands. Nothing written after it knew it durable: it is a torn tail,
+/// cut with everything after it, and the synced write before it comes back.
+#[test]
+fn a_lost_sector_before_a_later_write_that_landed_is_a_torn_tail_when_never_synced() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = open_preallocated(dir.path());
+    let synced = write_one(&wal, 1, 1, &[1; 700]);
+    wal.sync_to(synced).unwrap();
+    write_one(&wal, 1, 2, &[2; 2000]);
+    write_one(&wal, 1, 3, &[3; 300]);
+    drop(wal);
+    let path = only_segment(dir.path());
+    lose_sector_after(&path, offset_of(&path, &[2; 2000]));
+    let (wal, report) = Wal::open(dir.path(), WalOptions::default()).expect("a torn tail opens");
+    let (_, _, cut) = report.torn_tail.expect("the tail was cut");
+    assert!(
+        cut > 2300,
+        "the damaged write and the one after it: {cut} bytes"
+    );
+    assert_eq!(
+        wal.group(GroupId(1)).unwrap().last_index,
+        1,
+        "only the synced entry"
+    );
+    let entries = wal.entries(GroupId(1), 1, 2, None).unwrap();
+    assert_eq!(entries[0].data, vec![1; 700]);
+}
+
+/// The same lost sector, but a later write was made after a sync covered it: it was durable,
+/// so its loss is damage to synced data, reported, never cut silently.
+#[test]
+fn a_lost_sector_that_a_later_write_knew_durable_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = open_preallocated(dir.path());
+    let lsn = write_one(&wal, 1, 1, &[2; 2000]);
+    wal.sync_to(lsn).unwrap();
+    write_one(&wal, 1, 2, &[3; 300]);
+    drop(wal);
+    let path = only_segment(dir.path());
+    let damaged = offset_of(&path, &[2; 2000]);
+    lose_sector_after(&path, damaged);
+    match Wal::open(dir.path(), WalOptions::default()) {
+        Err(Error::Corruption { offset, .. }) => assert!(offset as usize <= damaged),
+        other => panic!(
+            "a lost synced sector must be reported: {:?}",
+            other.map(|_| ())
+        ),
+    }
+}
