@@ -292,7 +292,7 @@ fn never_synced(bytes: &[u8], from: usize, resume: usize, zeros_start: usize) ->
     // The write's first sector lost: zeros from its start (never in a sector's last header
     // bytes, see `record::write_start`) to the sector's end.
     let first_sector_lost = from.next_multiple_of(sector) <= resume
-        && from % sector != 0
+        && !from.is_multiple_of(sector)
         && zeros(from..from.next_multiple_of(sector));
     let whole_sector_lost = (from.next_multiple_of(sector)..resume.saturating_sub(sector - 1))
         .step_by(sector)
