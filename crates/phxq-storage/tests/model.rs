@@ -194,7 +194,7 @@ fn lose_sectors(path: &Path, synced: u64, end: u64, seed: u64) -> Option<u64> {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
-        if rng % 2 == 0 {
+        if rng.is_multiple_of(2) {
             continue;
         }
         let from = sector.max(synced) as usize;
