@@ -8,7 +8,9 @@
 //!
 //! State worth naming (see [`GroupMachine::validate`]):
 //! - per hosted queue, offsets are dense from 1 and never reused; the runs cover the
-//!   retained offsets `oldest..next_offset` exactly, in raft index order;
+//!   retained offsets `oldest..next_offset` exactly, in raft index order, each with its
+//!   batch's time and the running maximum of those times (so a seek by time is a binary
+//!   search: [`GroupMachine::offset_for_time`]);
 //! - per consumer group and queue, a cursor: the next offset the group reads (1 until it
 //!   commits). Commits set absolute values and may move a cursor back (replay);
 //! - the log may drop entries at or below [`GroupMachine::deletable_index`]; the node then
@@ -233,6 +235,20 @@ impl GroupMachine {
     /// The next offset `queue` of `topic` will assign, if the queue lives here.
     pub fn end_offset(&self, topic: &str, queue: QueueId) -> Option<Offset> {
         self.queue(topic, queue).map(|state| state.next_offset)
+    }
+
+    /// The offset of the first retained message of `queue` of `topic` whose time (its batch's
+    /// `time_ms`, the master's clock when it accepted it) is at or after `time_ms`, like
+    /// Kafka's `offsetsForTimes`: the oldest retained offset when `time_ms` is before every
+    /// retained message, the end offset when every one is older. `None` if the queue does not
+    /// live here.
+    ///
+    /// The answer depends only on the applied log and the compaction point, never on a clock.
+    /// Times may step back along a queue (a new master's clock behind the old one's): the
+    /// answer is then the first message not older than `time_ms`, and a later one may be.
+    /// A binary search over the queue's runs (one per entry), not a scan of its messages.
+    pub fn offset_for_time(&self, topic: &str, queue: QueueId, time_ms: u64) -> Option<Offset> {
+        Some(self.queue(topic, queue)?.offset_for_time(time_ms))
     }
 
     /// A consumer group's cursor on a queue: the next offset it reads (1 if never committed).

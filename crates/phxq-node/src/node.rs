@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use phxq_core::{Command, Message, StoreLayout, StoredMessage, TopicConfig};
 use phxq_storage::{Lsn, Wal, WriteBatch};
-use phxq_types::{ErrorCode, GroupId, KEY_BYTES_MAX, NodeId, Offset, QueueId, Rng, group_of_queue};
+use phxq_types::{
+    ErrorCode, GroupId, KEY_BYTES_MAX, NodeId, Offset, QueueId, Rng, TIME_MS_MAX, group_of_queue,
+};
 use raft::eraftpb;
 
 use crate::replica::{AnswerAs, Replica};
@@ -143,6 +145,16 @@ pub enum Request {
         /// The next offset the group reads.
         offset: Offset,
     },
+    /// The first offset of a queue whose message time is at or after `time_ms` (see
+    /// [`phxq_core::GroupMachine::offset_for_time`]); answered at once by the master.
+    OffsetForTime {
+        /// Topic.
+        topic: String,
+        /// Queue.
+        queue: QueueId,
+        /// Ms since the Unix epoch, at most [`TIME_MS_MAX`].
+        time_ms: u64,
+    },
     /// This node's view of its groups.
     Status,
 }
@@ -185,6 +197,13 @@ pub enum Response {
     },
     /// The cursor was committed.
     Committed,
+    /// Where a queue reaches a time.
+    OffsetForTime {
+        /// The first retained offset stamped at or after the time, or `end_offset`.
+        offset: Offset,
+        /// The queue's next offset to be assigned.
+        end_offset: Offset,
+    },
     /// The node's view.
     Status(NodeStatus),
     /// Refused or failed.
@@ -473,7 +492,8 @@ impl Node {
             Request::ProduceMany { .. } => unreachable!("admitted above"),
             Request::Produce { topic, queue, .. }
             | Request::Consume { topic, queue, .. }
-            | Request::Commit { topic, queue, .. } => (topic.clone(), *queue),
+            | Request::Commit { topic, queue, .. }
+            | Request::OffsetForTime { topic, queue, .. } => (topic.clone(), *queue),
         };
         check_request(&layout, &request)?;
         self.check_pending()?;
@@ -525,6 +545,13 @@ impl Node {
                         deadline,
                     },
                 );
+                Ok(())
+            }
+            Request::OffsetForTime { time_ms, .. } => {
+                // A read of the applied state under the lease, like a Consume that finds
+                // messages at once: every acknowledged write is applied here already.
+                let answer = replica.offset_for_time(&topic, queue, time_ms)?;
+                self.out.responses.push((id, answer));
                 Ok(())
             }
             Request::Status | Request::ProduceMany { .. } => unreachable!("handled above"),
@@ -708,6 +735,7 @@ fn check_request(layout: &StoreLayout, request: &Request) -> Result<(), Response
             consumer_group,
             ..
         } => (topic, *queue, Some(consumer_group)),
+        Request::OffsetForTime { topic, queue, .. } => (topic, *queue, None),
         Request::Status => return Ok(()),
     };
     let config = check_queue(layout, topic, queue)?;
@@ -738,6 +766,17 @@ fn check_request(layout: &StoreLayout, request: &Request) -> Result<(), Response
                 return Err(Response::error(
                     ErrorCode::InvalidArgument,
                     "offsets start at 1",
+                ));
+            }
+        }
+        Request::OffsetForTime { time_ms, .. } => {
+            if *time_ms > TIME_MS_MAX {
+                return Err(Response::error(
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "time {time_ms} ms is after 9999-12-31T23:59:59.999Z ({TIME_MS_MAX} ms); \
+                         times are milliseconds since the Unix epoch"
+                    ),
                 ));
             }
         }

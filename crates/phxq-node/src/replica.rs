@@ -285,6 +285,26 @@ impl Replica {
         self.waiters.push((id, consume));
     }
 
+    /// Where `queue` of `topic` reaches `time_ms`, from the applied state. The caller checked
+    /// the lease ([`Replica::check_master`]): every write acknowledged by any master is
+    /// applied here, so the answer is as fresh as a read at the cursor would be.
+    pub(crate) fn offset_for_time(
+        &self,
+        topic: &str,
+        queue: QueueId,
+        time_ms: u64,
+    ) -> Result<Response, Response> {
+        let not_hosted = || Response::error(ErrorCode::UnknownQueue, "queue not hosted here");
+        let offset = (self.machine)
+            .offset_for_time(topic, queue, time_ms)
+            .ok_or_else(not_hosted)?;
+        let end_offset = self
+            .machine
+            .end_offset(topic, queue)
+            .ok_or_else(not_hosted)?;
+        Ok(Response::OffsetForTime { offset, end_offset })
+    }
+
     /// Packs admitted commands into entries (bounded by count and bytes) and proposes them.
     pub(crate) fn propose_pending(
         &mut self,

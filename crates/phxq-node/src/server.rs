@@ -1081,6 +1081,38 @@ impl phxq_server::Phxq for Service {
         Ok(tonic::Response::new(api::CommitResponse { error }))
     }
 
+    async fn offset_for_time(
+        &self,
+        request: tonic::Request<api::OffsetForTimeRequest>,
+    ) -> GrpcResult<api::OffsetForTimeResponse> {
+        let request = request.into_inner();
+        let refused = |error| api::OffsetForTimeResponse {
+            error: Some(error),
+            ..Default::default()
+        };
+        if let Err(error) = self
+            .check_store(request.store_id)
+            .and_then(|()| check_name("topic", &request.topic))
+        {
+            return Ok(tonic::Response::new(refused(error)));
+        }
+        // The node checks the queue and the time (on any node, before asking who is master).
+        let call = Request::OffsetForTime {
+            topic: request.topic,
+            queue: request.queue,
+            time_ms: request.time_ms,
+        };
+        let answer = match self.call(call, 0).await {
+            Response::OffsetForTime { offset, end_offset } => api::OffsetForTimeResponse {
+                error: None,
+                offset,
+                end_offset,
+            },
+            other => refused(self.failure(other)),
+        };
+        Ok(tonic::Response::new(answer))
+    }
+
     async fn cluster_status(
         &self,
         _request: tonic::Request<api::ClusterStatusRequest>,
@@ -1179,7 +1211,7 @@ fn topics_status(layout: &StoreLayout) -> Vec<api::TopicStatus> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use phxq_types::QueueId;
+    use phxq_types::{QueueId, TIME_MS_MAX};
 
     fn consume(max_messages: u32, max_bytes: u32, wait_ms: u32) -> api::ConsumeRequest {
         api::ConsumeRequest {
@@ -1495,6 +1527,100 @@ mod tests {
         assert_eq!(values_of(&handle, 0).await, ["a0", "b0", "c0", "d0"]);
         assert_eq!(values_of(&handle, 2).await, ["a2"]);
         assert!(values_of(&handle, 1).await.is_empty());
+        server.run_until(async {}).await.expect("graceful stop");
+    }
+
+    fn offset_for_time(queue: QueueId, time_ms: u64) -> Request {
+        Request::OffsetForTime {
+            topic: "t".to_string(),
+            queue,
+            time_ms,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn offset_for_time_finds_the_first_message_at_or_after_a_time_and_refuses_bad_input() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let server = RunningServer::start(single_node(dir.path()))
+            .await
+            .expect("start");
+        let handle = server.handle();
+        produce_when_mastered(&handle, "early").await;
+        // Batches are stamped with the clock of the last tick (50 ms): wait a few.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for value in ["late-1", "late-2"] {
+            let answer = handle.call(produce(value)).await;
+            assert!(matches!(answer, Response::Produced { .. }), "{answer:?}");
+        }
+        let read = handle
+            .call(Request::Consume {
+                topic: "t".to_string(),
+                queue: 0,
+                consumer_group: "g".to_string(),
+                from: Some(1),
+                count_max: 100,
+                bytes_max: 1 << 20,
+                wait_ticks: 0,
+            })
+            .await;
+        let Response::Consumed { messages, .. } = read else {
+            panic!("consume failed: {read:?}");
+        };
+        let times: Vec<u64> = messages.iter().map(|m| m.time_ms).collect();
+        assert!(times[0] < times[1] && times[1] <= times[2], "{times:?}");
+
+        let at = |offset| Response::OffsetForTime {
+            offset,
+            end_offset: 4,
+        };
+        let expected = [
+            (0, at(1)),
+            (times[0], at(1)),
+            (times[0] + 1, at(2)),
+            (times[1], at(2)),
+            (times[2] + 1, at(4)),
+            (TIME_MS_MAX, at(4)),
+        ];
+        for (time_ms, answer) in expected {
+            assert_eq!(
+                handle.call(offset_for_time(0, time_ms)).await,
+                answer,
+                "at {time_ms} (times {times:?})"
+            );
+        }
+        assert_eq!(
+            handle.call(offset_for_time(2, times[0])).await,
+            Response::OffsetForTime {
+                offset: 1,
+                end_offset: 1
+            },
+            "an empty queue: its end"
+        );
+
+        let refusals = [
+            (
+                offset_for_time(0, TIME_MS_MAX + 1),
+                ErrorCode::InvalidArgument,
+            ),
+            (offset_for_time(0, u64::MAX), ErrorCode::InvalidArgument),
+            (offset_for_time(4, 0), ErrorCode::UnknownQueue),
+            (
+                Request::OffsetForTime {
+                    topic: "nope".to_string(),
+                    queue: 0,
+                    time_ms: 0,
+                },
+                ErrorCode::UnknownTopic,
+            ),
+        ];
+        for (request, code) in refusals {
+            let answer = handle.call(request).await;
+            assert!(
+                matches!(&answer, Response::Error { code: got, .. } if *got == code),
+                "expected {code:?}: {answer:?}"
+            );
+        }
+        assert_eq!(values_of(&handle, 0).await, ["early", "late-1", "late-2"]);
         server.run_until(async {}).await.expect("graceful stop");
     }
 

@@ -222,6 +222,21 @@ mod tests {
             Ok(tonic::Response::new(CommitResponse::default()))
         }
 
+        async fn offset_for_time(
+            &self,
+            request: tonic::Request<OffsetForTimeRequest>,
+        ) -> Result<tonic::Response<OffsetForTimeResponse>, tonic::Status> {
+            let request = request.into_inner();
+            Ok(tonic::Response::new(OffsetForTimeResponse {
+                error: Some(error(
+                    ErrorCode::NotMaster,
+                    format!("{}/{} at {}", request.topic, request.queue, request.time_ms),
+                    "127.0.0.1:1",
+                )),
+                ..OffsetForTimeResponse::default()
+            }))
+        }
+
         async fn cluster_status(
             &self,
             _request: tonic::Request<ClusterStatusRequest>,
@@ -278,6 +293,19 @@ mod tests {
             assert_eq!(check(consumed.error.as_ref()), Ok(()));
             assert_eq!(consumed.messages[0].offset, 42);
             assert_eq!(consumed.next_offset, 43);
+
+            let sought = client
+                .offset_for_time(OffsetForTimeRequest {
+                    topic: "orders".to_string(),
+                    queue: 2,
+                    time_ms: 1_700_000_000_000,
+                    store_id: 0,
+                })
+                .await
+                .expect("offset_for_time")
+                .into_inner();
+            let failure = check(sought.error.as_ref()).expect_err("not master");
+            assert_eq!(failure.message, "orders/2 at 1700000000000");
 
             let status = client
                 .cluster_status(ClusterStatusRequest {})

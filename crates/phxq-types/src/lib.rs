@@ -59,6 +59,11 @@ pub const KEY_BYTES_MAX: usize = 1024;
 /// Most queues a topic may have.
 pub const QUEUES_PER_TOPIC_MAX: u32 = 4096;
 
+/// The latest time a request may name, in ms since the Unix epoch: 9999-12-31T23:59:59.999Z.
+/// Message times are the master's clock, so a later one is a mistake (seconds or
+/// microseconds taken for milliseconds), refused rather than answered with "the end".
+pub const TIME_MS_MAX: u64 = 253_402_300_799_999;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,12 +21,13 @@ use std::time::{Duration, Instant};
 use phxq_client::fnv1a_64;
 use phxq_proto::api::phxq_client::PhxqClient;
 use phxq_proto::api::{self, Failure};
-use phxq_types::{ErrorCode, validate_name};
+use phxq_types::{ErrorCode, TIME_MS_MAX, validate_name};
 use serde_json::json;
 use tokio::task::JoinSet;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::table::{Align, render};
+use crate::timestamp::parse_rfc3339_ms;
 use crate::{CommandResult, print_line};
 
 /// Lines sent in one Produce call at most.
@@ -151,8 +152,13 @@ pub struct SeekArgs {
     #[arg(long)]
     queue: Option<u32>,
     /// Where the cursor goes: `earliest` (the oldest retained message), `latest` (past the
-    /// last message: only new messages are read), or an offset (1 to the queue's end; an
-    /// offset already deleted by retention reads from the oldest retained message).
+    /// last message: only new messages are read), an offset (1 to the queue's end; an
+    /// offset already deleted by retention reads from the oldest retained message), or a time:
+    /// `time:2024-05-01T12:00:00.250Z` (RFC 3339, `Z` or an offset like `+02:00`) or
+    /// `time:1714564800250` (ms since the Unix epoch). A time moves each queue's cursor to its
+    /// first retained message accepted at or after it (the queue's end if there is none; the
+    /// oldest retained message if all are later). Message times are the accepting master's
+    /// clock.
     #[arg(long, value_parser = parse_seek)]
     to: SeekTo,
 }
@@ -166,18 +172,38 @@ pub enum SeekTo {
     Latest,
     /// This offset.
     Offset(u64),
+    /// The first message accepted at or after this time, in ms since the Unix epoch.
+    Time(u64),
 }
 
 fn parse_seek(text: &str) -> Result<SeekTo, String> {
+    if let Some(time) = text.strip_prefix("time:") {
+        return parse_seek_time(time).map(SeekTo::Time);
+    }
     match text {
         "earliest" => Ok(SeekTo::Earliest),
         "latest" => Ok(SeekTo::Latest),
         _ => match text.parse::<u64>() {
             Ok(0) | Err(_) => Err(format!(
-                "{text:?}: expected earliest, latest or an offset from 1"
+                "{text:?}: expected earliest, latest, an offset from 1, or time:<RFC 3339 time \
+                 or ms since the Unix epoch>"
             )),
             Ok(offset) => Ok(SeekTo::Offset(offset)),
         },
+    }
+}
+
+/// The time of `--to time:...`: ms since the Unix epoch if all digits, else RFC 3339.
+fn parse_seek_time(text: &str) -> Result<u64, String> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return parse_rfc3339_ms(text);
+    }
+    match text.parse::<u64>() {
+        Ok(ms) if ms <= TIME_MS_MAX => Ok(ms),
+        _ => Err(format!(
+            "{text} ms is after 9999-12-31T23:59:59.999Z ({TIME_MS_MAX}); times are \
+             milliseconds since the Unix epoch"
+        )),
     }
 }
 
@@ -1063,8 +1089,9 @@ async fn cursor_and_end(
 }
 
 /// `phxq seek`: moves a consumer group's cursor on one queue or every queue of a topic, and
-/// prints each move (`queue Q: next A -> B`). An offset past any queue's end refuses the whole
-/// seek (`INVALID_ARGUMENT`) before any cursor moves.
+/// prints each move (`queue Q: next A -> B`). Every queue's target is found first (a time is
+/// asked of the queue's master with `OffsetForTime`); an offset past any queue's end, or any
+/// refusal, refuses the whole seek before any cursor moves.
 pub fn seek(args: &SeekArgs) -> CommandResult {
     let runtime = client_runtime()?;
     runtime.block_on(seek_all(args))?;
@@ -1082,6 +1109,7 @@ async fn seek_all(args: &SeekArgs) -> Result<(), ClientError> {
         let target = match args.to {
             SeekTo::Latest => end,
             SeekTo::Offset(offset) => offset,
+            SeekTo::Time(time_ms) => offset_for_time(&router, &args.topic, queue, time_ms).await?,
             SeekTo::Earliest => {
                 let oldest = read_from(&router, &args.topic, &args.group, queue, 1, 0, 1).await?;
                 oldest
@@ -1108,6 +1136,31 @@ async fn seek_all(args: &SeekArgs) -> Result<(), ClientError> {
             .map_err(ClientError::Output)?;
     }
     Ok(())
+}
+
+/// The first offset of `queue` whose message time is at or after `time_ms`, from the master
+/// of its group (`OffsetForTime`), with retries.
+async fn offset_for_time(
+    router: &Router,
+    topic: &str,
+    queue: u32,
+    time_ms: u64,
+) -> Result<u64, ClientError> {
+    let request = api::OffsetForTimeRequest {
+        store_id: 0,
+        topic: topic.to_string(),
+        queue,
+        time_ms,
+    };
+    router
+        .call(Some(router.group_of(queue)), |mut client| {
+            let request = request.clone();
+            async move {
+                let response = client.offset_for_time(request).await?.into_inner();
+                Ok((response.offset, response.error))
+            }
+        })
+        .await
 }
 
 /// One Consume call to the master of `queue`'s group, with retries.
@@ -1619,6 +1672,41 @@ mod tests {
         ] {
             assert!(parse_server(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn seek_targets_are_named_offsets_or_times() {
+        assert_eq!(parse_seek("earliest"), Ok(SeekTo::Earliest));
+        assert_eq!(parse_seek("latest"), Ok(SeekTo::Latest));
+        assert_eq!(parse_seek("7"), Ok(SeekTo::Offset(7)));
+        assert_eq!(parse_seek("time:0"), Ok(SeekTo::Time(0)));
+        assert_eq!(
+            parse_seek("time:1714564800250"),
+            Ok(SeekTo::Time(1_714_564_800_250))
+        );
+        assert_eq!(
+            parse_seek("time:2024-05-01T12:00:00.250Z"),
+            Ok(SeekTo::Time(1_714_564_800_250))
+        );
+        assert_eq!(
+            parse_seek(&format!("time:{TIME_MS_MAX}")),
+            Ok(SeekTo::Time(TIME_MS_MAX))
+        );
+        for bad in [
+            "0",
+            "-1",
+            "first",
+            "time:",
+            "time:-5",
+            "time:12.5",
+            "time:2024-05-01",
+            "time:99999999999999999999",
+            "Time:0",
+        ] {
+            assert!(parse_seek(bad).is_err(), "{bad:?}");
+        }
+        let beyond = parse_seek(&format!("time:{}", TIME_MS_MAX + 1)).unwrap_err();
+        assert!(beyond.contains("9999-12-31"), "{beyond}");
     }
 
     #[test]

@@ -785,6 +785,269 @@ fn seek_moves_a_groups_cursor_to_latest_earliest_or_an_offset_and_refuses_past_t
     assert_eq!(bad.status.code(), Some(1), "offsets start at 1");
 }
 
+/// Wall-clock milliseconds since the Unix epoch (the nodes stamp batches with the same clock).
+fn now_ms() -> u64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970");
+    u64::try_from(since.as_millis()).expect("fits")
+}
+
+/// `time_ms` as RFC 3339 (`2024-05-01T12:00:00.250Z`), written by GNU `date`: an oracle
+/// independent of the parser under test.
+fn rfc3339(time_ms: u64) -> String {
+    let at = format!("@{}.{:03}", time_ms / 1000, time_ms % 1000);
+    let output = Command::new("date")
+        .args(["-u", "-d", &at, "+%Y-%m-%dT%H:%M:%S.%3NZ"])
+        .output()
+        .expect("run date");
+    assert!(output.status.success(), "date: {}", text(&output.stderr));
+    text(&output.stdout).trim().to_string()
+}
+
+/// Asks the master of the request's queue where it reaches a time, following `NOT_MASTER`
+/// and waiting out elections (placement may still move masters); returns the first answer
+/// that is neither.
+fn offset_for_time(
+    store: &Store,
+    request: phxq_proto::api::OffsetForTimeRequest,
+) -> phxq_proto::api::OffsetForTimeResponse {
+    use phxq_proto::api::{self, phxq_client::PhxqClient};
+    use phxq_types::ErrorCode;
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut server = store.server(1);
+    for _ in 0..100 {
+        let response = runtime.block_on(async {
+            let mut client = PhxqClient::connect(format!("http://{server}"))
+                .await
+                .expect("connect");
+            (client.offset_for_time(request.clone()).await)
+                .expect("offset_for_time")
+                .into_inner()
+        });
+        match api::check(response.error.as_ref()) {
+            Err(failure) if failure.code == Some(ErrorCode::NotMaster) => {
+                server = failure.master_addr.expect("NOT_MASTER names the master");
+            }
+            Err(failure) if failure.is_retryable() => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            _ => return response,
+        }
+    }
+    panic!("no master answered OffsetForTime");
+}
+
+fn time_request(queue: u32, time_ms: u64) -> phxq_proto::api::OffsetForTimeRequest {
+    phxq_proto::api::OffsetForTimeRequest {
+        topic: "test".to_string(),
+        queue,
+        time_ms,
+        store_id: 0,
+    }
+}
+
+#[test]
+fn seek_by_time_replays_from_the_first_message_of_the_second_burst() {
+    let store = Store::start();
+    store.wait_ready();
+    let burst = |queue: &str, lines: &[u8]| {
+        let produced = store.produce(&["--queue", queue], lines);
+        assert!(produced.status.success(), "{}", text(&produced.stderr));
+    };
+    burst("0", b"a-early\n");
+    burst("1", b"b-early-1\nb-early-2\n");
+    // Batches are stamped with the master's clock at its last tick (50 ms): a wait of several
+    // ticks either side of `between` puts it strictly between the bursts' times.
+    std::thread::sleep(Duration::from_millis(400));
+    let between = now_ms();
+    std::thread::sleep(Duration::from_millis(400));
+    burst("0", b"a-late\n");
+    burst("1", b"b-late-1\nb-late-2\n");
+
+    // Read everything once (g1's cursors go to the ends), and check the bursts' times.
+    let all = store.consume_all("g1");
+    let time_of = |value: &str| {
+        let message = all.iter().find(|m| m["value"] == value).expect(value);
+        message["time_ms"].as_u64().expect("time_ms")
+    };
+    let early = ["a-early", "b-early-1", "b-early-2"].map(time_of);
+    let late = ["a-late", "b-late-1", "b-late-2"].map(time_of);
+    assert!(
+        early.iter().all(|&t| t < between) && late.iter().all(|&t| between <= t),
+        "bursts at {early:?} and {late:?}, seek time {between}"
+    );
+    let (first, last) = (
+        early.into_iter().min().unwrap(),
+        late.into_iter().max().unwrap(),
+    );
+
+    // Through the gRPC API: queue 1 holds offsets 1-2 early, 3-4 late.
+    let answer = |time_ms| {
+        let response = offset_for_time(&store, time_request(1, time_ms));
+        assert_eq!(phxq_proto::api::check(response.error.as_ref()), Ok(()));
+        (response.offset, response.end_offset)
+    };
+    assert_eq!(answer(between), (3, 5), "the first of the second burst");
+    assert_eq!(answer(late[1]), (3, 5), "a message's own time finds it");
+    assert_eq!(answer(early[2] + 1), (3, 5), "just after the first burst");
+    assert_eq!(answer(early[1]), (1, 5));
+    assert_eq!(answer(0), (1, 5), "before everything: the oldest retained");
+    assert_eq!(answer(last + 1), (5, 5), "after everything: the end");
+
+    // Through the CLI, every queue at once, the time in RFC 3339.
+    let server = store.server(3);
+    let seek = |to: &str| {
+        let output = run(
+            &[
+                "seek", "--server", &server, "--topic", "test", "--group", "g1", "--to", to,
+            ],
+            b"",
+        );
+        assert!(output.status.success(), "{to}: {}", text(&output.stderr));
+        text(&output.stdout)
+    };
+    let moved = seek(&format!("time:{}", rfc3339(between)));
+    for line in [
+        "queue 0: next 3 -> 2",
+        "queue 1: next 5 -> 3",
+        "queue 2: next 1 -> 1",
+    ] {
+        assert!(moved.contains(line), "{line:?} in {moved}");
+    }
+    let replayed = store.consume_all("g1");
+    let first_of = |queue: u64| {
+        let message = replayed
+            .iter()
+            .find(|m| m["queue"] == queue)
+            .expect("a message");
+        (message["offset"].as_u64(), message["value"].as_str())
+    };
+    assert_eq!(first_of(0), (Some(2), Some("a-late")));
+    assert_eq!(first_of(1), (Some(3), Some("b-late-1")));
+    assert_eq!(replayed.len(), 3, "only the second burst: {replayed:?}");
+
+    // A millisecond before everything: the oldest retained message, so all of it again.
+    seek(&format!("time:{}", first - 1));
+    let values = values_by_queue(&store.consume_all("g1"));
+    assert_eq!(values[&0], ["a-early", "a-late"]);
+    assert_eq!(
+        values[&1],
+        ["b-early-1", "b-early-2", "b-late-1", "b-late-2"]
+    );
+
+    // After everything: the end, so nothing to read.
+    let moved = seek(&format!("time:{}", last + 1));
+    assert!(moved.contains("queue 1: next 5 -> 5"), "{moved}");
+    assert!(store.consume_all("g1").is_empty());
+}
+
+#[test]
+fn offset_for_time_and_seek_by_time_refuse_bad_input_and_change_nothing() {
+    use phxq_proto::api::{self, phxq_client::PhxqClient};
+    use phxq_types::{ErrorCode, TIME_MS_MAX};
+
+    let store = Store::start();
+    store.wait_ready();
+    let produced = store.produce(&["--queue", "1"], b"kept-1\nkept-2\n");
+    assert!(produced.status.success(), "{}", text(&produced.stderr));
+
+    let code_of = |request: api::OffsetForTimeRequest| {
+        let response = offset_for_time(&store, request);
+        api::check(response.error.as_ref())
+            .err()
+            .and_then(|f| f.code)
+    };
+    let mut unknown_topic = time_request(1, 0);
+    unknown_topic.topic = "nope".to_string();
+    let mut bad_name = time_request(1, 0);
+    bad_name.topic = "no spaces".to_string();
+    let mut other_store = time_request(1, 0);
+    other_store.store_id = 999;
+    let refusals = [
+        (unknown_topic, ErrorCode::UnknownTopic),
+        (bad_name, ErrorCode::InvalidName),
+        (time_request(QUEUES, 0), ErrorCode::UnknownQueue),
+        (time_request(1, TIME_MS_MAX + 1), ErrorCode::InvalidArgument),
+        (time_request(1, u64::MAX), ErrorCode::InvalidArgument),
+        (other_store, ErrorCode::WrongStore),
+    ];
+    for (request, code) in refusals {
+        let described = format!("{request:?}");
+        assert_eq!(code_of(request), Some(code), "{described}");
+    }
+    assert_eq!(
+        code_of(time_request(1, TIME_MS_MAX)),
+        None,
+        "the limit itself"
+    );
+
+    // A node that is not queue 1's master redirects (placement may move masters: retry).
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let redirected = (0..20).find_map(|_| {
+        let status = store.wait_ready();
+        let master = status["groups"][1]["master"].as_u64().unwrap() as usize;
+        let other = if master == 1 { 2 } else { 1 };
+        let response = runtime.block_on(async {
+            let mut client = PhxqClient::connect(format!("http://{}", store.server(other)))
+                .await
+                .expect("connect");
+            (client.offset_for_time(time_request(1, 0)).await)
+                .expect("offset_for_time")
+                .into_inner()
+        });
+        let failure = api::check(response.error.as_ref()).err()?;
+        (failure.code == Some(ErrorCode::NotMaster)).then_some(failure)
+    });
+    let failure = redirected.expect("a non-master answered NOT_MASTER");
+    let master_addr = failure.master_addr.expect("NOT_MASTER names the master");
+    assert!(
+        (1..=3).any(|id| store.server(id) == master_addr),
+        "{master_addr}"
+    );
+
+    let server = store.server(2);
+    let seek = |group: &str, to: &str| {
+        run(
+            &[
+                "seek", "--server", &server, "--topic", "test", "--group", group, "--to", to,
+            ],
+            b"",
+        )
+    };
+    let beyond = format!("time:{}", TIME_MS_MAX + 1);
+    for to in [
+        "time:",
+        "time:yesterday",
+        "time:2023-02-29T00:00:00Z",
+        "time:2024-05-01T12:00:00",
+        "time:1969-12-31T23:59:59Z",
+        beyond.as_str(),
+    ] {
+        let output = seek("g1", to);
+        assert_eq!(
+            output.status.code(),
+            Some(1),
+            "{to}: {}",
+            text(&output.stdout)
+        );
+        assert!(
+            text(&output.stderr).contains("--to"),
+            "{to}: {}",
+            text(&output.stderr)
+        );
+    }
+    refused(&seek("nobody", "time:0"), "UNKNOWN_CONSUMER_GROUP(4)");
+
+    let values = values_by_queue(&store.consume_all("g1"));
+    assert_eq!(
+        values,
+        BTreeMap::from([(1, vec!["kept-1".to_string(), "kept-2".to_string()])]),
+        "no refused seek moved g1's cursor"
+    );
+}
+
 #[test]
 fn a_config_with_a_bad_key_is_refused_with_the_key_named() {
     let dir = tempfile::tempdir().unwrap();

@@ -5,6 +5,10 @@
 //! - the runs cover `oldest_offset..next_offset` exactly, in order, without gaps;
 //! - run raft indexes strictly increase (one run per entry) and none is above the applied index;
 //! - `retained_bytes` is the sum of the runs' bytes;
+//! - each run's `time_max_ms` is the latest `time_ms` of it and the retained runs before it,
+//!   so it never decreases along the runs (what [`QueueState::offset_for_time`] searches).
+//!   Batch times usually grow with offsets, but not always: a new master's clock may be behind
+//!   the old one's, or a clock may step back;
 //! - every cursor is at least 1. A cursor may stand above `next_offset` while a restored
 //!   machine replays its log tail (the snapshot holds the cursors of its newest state).
 
@@ -26,6 +30,8 @@ pub(super) struct Run {
     pub(super) count: u64,
     /// The batch's time: the enqueue time of all these messages.
     pub(super) time_ms: u64,
+    /// The latest `time_ms` of this run and of every retained run before it.
+    pub(super) time_max_ms: u64,
     /// Bytes of keys and values of these messages.
     pub(super) bytes: u64,
 }
@@ -97,14 +103,16 @@ impl QueueState {
             }
             last => {
                 assert!(
-                    last.is_none_or(|run| run.index < index),
+                    last.as_ref().is_none_or(|run| run.index < index),
                     "entries apply in order"
                 );
+                let time_max_ms = last.map_or(time_ms, |run| run.time_max_ms.max(time_ms));
                 self.runs.push_back(Run {
                     index,
                     first_offset,
                     count,
                     time_ms,
+                    time_max_ms,
                     bytes,
                 });
             }
@@ -135,16 +143,49 @@ impl QueueState {
         }
     }
 
+    /// The offset of the first retained message stamped at or after `time_ms`: the oldest
+    /// retained offset when every retained message is, `next_offset` when none is (or nothing
+    /// is retained). Batch times may step back (see the module doc), so a later message may
+    /// still be older than `time_ms`; the answer is the first that is not. O(log runs).
+    pub(super) fn offset_for_time(&self, time_ms: u64) -> Offset {
+        // The first run whose `time_max_ms` reaches `time_ms` is the first whose own time
+        // does: the running maximum only rises at a run that sets it.
+        let first = self.runs.partition_point(|run| run.time_max_ms < time_ms);
+        self.runs
+            .get(first)
+            .map_or(self.next_offset, |run| run.first_offset)
+    }
+
     /// Drops the runs of entries at or below `index`.
     pub(super) fn forget_through(&mut self, index: u64) {
+        let mut dropped = false;
         while let Some(run) = self.runs.front() {
             if run.index > index {
                 break;
             }
             self.retained_bytes -= run.bytes;
             self.runs.pop_front();
+            dropped = true;
         }
         self.oldest_offset = self.next_offset_after(index);
+        if dropped {
+            self.recompute_time_max();
+        }
+    }
+
+    /// Restores `time_max_ms` over the retained runs after older runs were dropped (one of
+    /// them may have held the maximum). Once a run's value is unchanged, so is every later
+    /// one's: with times that never step back, this looks at one run.
+    fn recompute_time_max(&mut self) {
+        let mut latest = 0;
+        for run in &mut self.runs {
+            let time_max_ms = latest.max(run.time_ms);
+            if run.time_max_ms == time_max_ms {
+                break;
+            }
+            run.time_max_ms = time_max_ms;
+            latest = time_max_ms;
+        }
     }
 
     /// The queue's next offset right after entry `index` was applied, if that is still known
@@ -162,11 +203,14 @@ impl QueueState {
         let mut offset = self.oldest_offset;
         let mut previous_index = 0;
         let mut bytes = 0;
+        let mut time_max_ms = 0;
         for run in &self.runs {
             assert!(run.count >= 1, "empty run {run:?}");
             assert_eq!(run.first_offset, offset, "runs leave a gap or overlap");
             assert!(run.index > previous_index, "run indexes must increase");
             assert!(run.index <= applied_index, "run above the applied index");
+            time_max_ms = time_max_ms.max(run.time_ms);
+            assert_eq!(run.time_max_ms, time_max_ms, "running time maximum {run:?}");
             offset = run.end_offset();
             previous_index = run.index;
             bytes += run.bytes;

@@ -423,6 +423,85 @@ fn read_plan_starts_at_the_oldest_retained_offset_once_older_entries_are_forgott
     assert_eq!(machine.read_plan("orders", 1, 1, 5), None);
 }
 
+mod seek_by_time {
+    use super::*;
+
+    /// `orders/0` at the times given, one entry per time, `count` messages each.
+    fn stamped(entries: &[(u64, usize)]) -> GroupMachine {
+        let mut machine = machine();
+        for &(time_ms, count) in entries {
+            let values = vec!["m"; count];
+            apply(&mut machine, time_ms, vec![enqueue("orders", 0, &values)]);
+        }
+        machine
+    }
+
+    #[test]
+    fn the_first_offset_stamped_at_or_after_the_time_or_the_end() {
+        // Offsets 1-2 at 1000, 3 at 2000, 4-5 at 3000; the end is 6.
+        let machine = stamped(&[(1000, 2), (2000, 1), (3000, 2)]);
+        let seek = |time_ms| machine.offset_for_time("orders", 0, time_ms);
+        assert_eq!(seek(0), Some(1), "before everything: the oldest");
+        assert_eq!(
+            seek(1000),
+            Some(1),
+            "exactly a batch's time: its first message"
+        );
+        assert_eq!(seek(1001), Some(3));
+        assert_eq!(seek(2000), Some(3));
+        assert_eq!(seek(2999), Some(4));
+        assert_eq!(seek(3000), Some(4));
+        assert_eq!(seek(3001), Some(6), "after everything: the end");
+        assert_eq!(seek(u64::MAX), Some(6));
+        assert_eq!(
+            machine.offset_for_time("orders", 2, 0),
+            Some(1),
+            "empty queue"
+        );
+        assert_eq!(
+            machine.offset_for_time("orders", 1, 0),
+            None,
+            "hosted by group 1"
+        );
+        assert_eq!(machine.offset_for_time("nope", 0, 0), None);
+    }
+
+    #[test]
+    fn messages_of_one_entry_share_its_time_whatever_their_command() {
+        let mut machine = machine();
+        apply(&mut machine, 1000, vec![enqueue("orders", 0, &["a"])]);
+        apply(
+            &mut machine,
+            2000,
+            vec![enqueue("orders", 0, &["b"]), enqueue("orders", 0, &["c"])],
+        );
+        assert_eq!(machine.offset_for_time("orders", 0, 1500), Some(2));
+        assert_eq!(machine.offset_for_time("orders", 0, 2001), Some(4));
+    }
+
+    #[test]
+    fn after_a_clock_step_back_the_first_message_not_older_is_found() {
+        // A new master's clock 1 s behind: offsets 1..=4 stamped 1000, 3000, 2000, 4000.
+        let mut machine = stamped(&[(1000, 1), (3000, 1), (2000, 1), (4000, 1)]);
+        let seek = |machine: &GroupMachine, time_ms| machine.offset_for_time("orders", 0, time_ms);
+        assert_eq!(
+            seek(&machine, 2000),
+            Some(2),
+            "3000 is the first at or after 2000"
+        );
+        assert_eq!(seek(&machine, 2500), Some(2));
+        assert_eq!(seek(&machine, 3001), Some(4), "2000 at offset 3 is older");
+        // Entries 1 and 2 compacted: 3000 no longer holds the maximum, 2000 is the oldest.
+        machine.forget_through(2);
+        machine.validate();
+        assert_eq!(seek(&machine, 1500), Some(3), "the oldest retained");
+        assert_eq!(seek(&machine, 2500), Some(4), "offset 3 (2000) is older");
+        machine.forget_through(4);
+        machine.validate();
+        assert_eq!(seek(&machine, 0), Some(5), "nothing retained: the end");
+    }
+}
+
 mod retention {
     use super::*;
 

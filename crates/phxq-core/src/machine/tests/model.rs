@@ -1,6 +1,7 @@
 //! A plain model of a group (every message kept in a list) against which random logs are
 //! checked: applying, reading back through `read_plan` + `extract`, retention decided per
-//! message, and snapshots.
+//! message, seeking by time (batch times are random, so they step back as after a master
+//! change), and snapshots.
 
 use std::collections::BTreeMap;
 
@@ -278,6 +279,23 @@ fn check_read(machine: &GroupMachine, model: &Model, log: &[Vec<u8>], read: &Rea
     }
 }
 
+/// Seeks every queue by `time_ms` and compares with the model: the first retained message
+/// stamped at or after it, found by looking at every message.
+fn check_offset_for_time(machine: &GroupMachine, model: &Model, time_ms: u64) {
+    for ((topic, queue), state) in &model.queues {
+        let expected = (state.messages.iter())
+            .find(|m| m.time_ms >= time_ms)
+            .map_or(state.next_offset, |m| m.offset);
+        assert_eq!(
+            machine.offset_for_time(topic, *queue, time_ms),
+            Some(expected),
+            "{topic}/{queue} at {time_ms}"
+        );
+    }
+    assert_eq!(machine.offset_for_time("orders", 1, time_ms), None);
+    assert_eq!(machine.offset_for_time("nope", 0, time_ms), None);
+}
+
 /// What a random run does.
 #[derive(Clone, Debug)]
 enum Step {
@@ -287,6 +305,8 @@ enum Step {
     Compact { now_ms: u64 },
     /// Read a queue and compare with the model.
     Read(Read),
+    /// Seek every queue by time and compare with the model.
+    OffsetForTime { time_ms: u64 },
 }
 
 fn message() -> impl Strategy<Value = Message> {
@@ -338,7 +358,13 @@ fn step() -> impl Strategy<Value = Step> {
         8 => prop::option::weighted(0.9, batch).prop_map(Step::Apply),
         1 => (0..4000u64).prop_map(|now_ms| Step::Compact { now_ms }),
         2 => read.prop_map(Step::Read),
+        2 => seek_time().prop_map(|time_ms| Step::OffsetForTime { time_ms }),
     ]
+}
+
+/// Times around and between the batch times (1000..3000), their edges included.
+fn seek_time() -> impl Strategy<Value = u64> {
+    prop_oneof![990..3010u64, Just(0), Just(u64::MAX)]
 }
 
 fn retention() -> impl Strategy<Value = Retention> {
@@ -379,6 +405,9 @@ fn run(orders: Retention, logs: Retention, steps: &[Step]) -> Run {
             Step::Apply(batch) => apply_step(&mut run, batch.as_ref()),
             Step::Compact { now_ms } => compact_step(&mut run, *now_ms),
             Step::Read(read) => check_read(&run.machine, &run.model, &run.log, read),
+            Step::OffsetForTime { time_ms } => {
+                check_offset_for_time(&run.machine, &run.model, *time_ms);
+            }
         }
     }
     run
@@ -428,6 +457,22 @@ proptest! {
     }
 
     #[test]
+    fn seeking_by_time_finds_the_first_message_not_older_than_the_time(
+        orders in retention(),
+        logs in retention(),
+        steps in prop::collection::vec(step(), 0..60),
+        times in prop::collection::vec(seek_time(), 1..8),
+    ) {
+        let run = run(orders, logs, &steps);
+        // Every batch time in the log too, and one either side: the edges of each run.
+        let stamped = run.model.queues.values().flat_map(|q| q.messages.iter().map(|m| m.time_ms));
+        let edges: Vec<u64> = stamped.flat_map(|t| [t - 1, t, t + 1]).collect();
+        for time_ms in times.into_iter().chain(edges) {
+            check_offset_for_time(&run.machine, &run.model, time_ms);
+        }
+    }
+
+    #[test]
     fn a_snapshot_plus_the_log_tail_rebuilds_the_state(
         orders in retention(),
         logs in retention(),
@@ -458,6 +503,9 @@ proptest! {
             for queue in [0, 2] {
                 let read = Read { queue, from: 0, count_max: u64::MAX, bytes_max: u64::MAX };
                 check_read(&restored, &model, &run.log, &read);
+            }
+            for time_ms in [0, 1500, 2000, 2500, u64::MAX] {
+                check_offset_for_time(&restored, &model, time_ms);
             }
         }
     }
