@@ -8,9 +8,13 @@
 //!   (`phxq bench wal`).
 //! * [`store`]: producers against a running store, in PhxQueue's report format, and the
 //!   failover timeline (`phxq bench produce`, `phxq bench failover`).
+//! * [`consume`]: end-to-end latency from enqueue to handler, producers at a fixed rate and
+//!   one consumer pull loop per queue, on [`store`]'s routing and reports
+//!   (`phxq bench consume`).
 
 use std::path::PathBuf;
 
+pub mod consume;
 pub mod store;
 pub mod wal;
 

@@ -24,6 +24,10 @@
 //! * **Failover**: a per-second timeline of every call (warmup included) and, once told which
 //!   groups lost their master and when ([`Load::watch_failover`]), the time from then to the
 //!   first successful call on each of those groups answered by another node.
+//!
+//! The routing (`Routes`, the generic `call` that any of the protocol's queue calls goes
+//! through), the pacing, the statistics and [`Report`] are shared with [`crate::consume`]
+//! (`phxq bench consume`), whose consumers poll and commit through the same `call`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::OpenOptions;
@@ -374,8 +378,8 @@ fn connect(addr: &str) -> Result<PhxqClient<Channel>, String> {
 // ---------------------------------------------------------------------------------------------
 // Routing
 
-/// Masters learnt per group, shared by the producers.
-struct Routes {
+/// Masters learnt per group, shared by the producers (and by `bench consume`'s consumers).
+pub(crate) struct Routes {
     nodes: Vec<String>,
     masters: Mutex<HashMap<u64, String>>,
     /// Rotates over `nodes` when a group's master is unknown.
@@ -383,7 +387,7 @@ struct Routes {
 }
 
 impl Routes {
-    fn new(topology: &Topology, status: &api::ClusterStatusResponse) -> Routes {
+    pub(crate) fn new(topology: &Topology, status: &api::ClusterStatusResponse) -> Routes {
         let mut masters = HashMap::new();
         for group in &status.groups {
             if let Some(addr) = topology.addr(group.master).filter(|_| group.master != 0) {
@@ -418,41 +422,73 @@ impl Routes {
 }
 
 /// The final answer to one call.
-struct Answer {
+pub(crate) struct Answer {
     /// "OK", an error code's name, `TRANSPORT` (a gRPC-level failure: no connection) or
     /// `CLIENT_TIMEOUT` (no answer within the attempt's time).
-    label: &'static str,
+    pub(crate) label: &'static str,
     /// The node that gave the final answer.
-    node: String,
+    pub(crate) node: String,
     /// Reasons of the attempts that were retried or redirected, in order.
-    retried: Vec<&'static str>,
+    pub(crate) retried: Vec<&'static str>,
 }
 
 impl Answer {
-    fn ok(&self) -> bool {
+    pub(crate) fn ok(&self) -> bool {
         self.label == LABEL_OK
     }
 }
 
-const LABEL_OK: &str = "OK";
+pub(crate) const LABEL_OK: &str = "OK";
 const LABEL_TRANSPORT: &str = "TRANSPORT";
 const LABEL_CLIENT_TIMEOUT: &str = "CLIENT_TIMEOUT";
 const LABEL_UNKNOWN_CODE: &str = "UNKNOWN_CODE";
 
-/// One producer's connections, one per node.
-type Connections = HashMap<String, PhxqClient<Channel>>;
+/// One producer's (or consumer's) connections, one per node.
+pub(crate) type Connections = HashMap<String, PhxqClient<Channel>>;
 
-/// Sends `request` to the master of `group` until it is answered, as the module documentation
-/// says; `None` when `stop` was raised while waiting to retry.
-async fn call(
+/// What one attempt returns: the response and its `error` field, or a gRPC status.
+pub(crate) type Attempt<T> = std::result::Result<(T, Option<api::Error>), tonic::Status>;
+
+/// How [`call`] treats failed attempts.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CallPolicy {
+    /// Whether failed attempts are retried (redirects are followed either way).
+    pub(crate) retries: bool,
+    /// The call's deadline from its first attempt, retries included.
+    pub(crate) timeout: Duration,
+    /// How long one attempt may wait for its answer: [`ATTEMPT_TIMEOUT_MS`], plus the wait
+    /// of a long poll.
+    pub(crate) attempt_timeout: Duration,
+}
+
+impl CallPolicy {
+    /// The policy of `options`' producers.
+    fn of(options: &Options) -> CallPolicy {
+        CallPolicy {
+            retries: options.retries,
+            timeout: options.call_timeout,
+            attempt_timeout: Duration::from_millis(ATTEMPT_TIMEOUT_MS),
+        }
+    }
+}
+
+/// Calls `attempt` on the master of `group` until it is answered, as the module documentation
+/// says: the final answer and, when it is a success, the response; `None` when `stop` was
+/// raised while waiting to retry. `attempt` is any of the protocol's calls about a queue
+/// (`Produce`, `Consume`, `Commit`).
+pub(crate) async fn call<T, F, Fut>(
     routes: &Routes,
     connections: &mut Connections,
     group: u64,
-    request: &api::ProduceRequest,
-    options: &Options,
+    policy: &CallPolicy,
     stop: &AtomicBool,
-) -> Option<Answer> {
-    let deadline = Instant::now() + options.call_timeout;
+    mut attempt: F,
+) -> Option<(Answer, Option<T>)>
+where
+    F: FnMut(PhxqClient<Channel>) -> Fut,
+    Fut: Future<Output = Attempt<T>>,
+{
+    let deadline = Instant::now() + policy.timeout;
     let mut backoff = Duration::from_millis(BACKOFF_MIN_MS);
     let mut redirects = 0;
     let mut retried = Vec::new();
@@ -463,28 +499,26 @@ async fn call(
             None => match connect(&node) {
                 Ok(client) => connections.entry(node.clone()).or_insert(client).clone(),
                 Err(_) => {
-                    return Some(Answer {
+                    let answer = Answer {
                         label: LABEL_TRANSPORT,
                         node,
                         retried,
-                    });
+                    };
+                    return Some((answer, None));
                 }
             },
         };
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let wait = remaining.min(Duration::from_millis(ATTEMPT_TIMEOUT_MS));
-        let attempt = {
-            let mut client = client;
-            tokio::time::timeout(wait, client.produce(request.clone())).await
-        };
-        let (label, retryable) = match attempt {
-            Ok(Ok(response)) => match api::check(response.get_ref().error.as_ref()) {
+        let wait = remaining.min(policy.attempt_timeout);
+        let (label, retryable) = match tokio::time::timeout(wait, attempt(client)).await {
+            Ok(Ok((response, error))) => match api::check(error.as_ref()) {
                 Ok(()) => {
-                    return Some(Answer {
+                    let answer = Answer {
                         label: LABEL_OK,
                         node,
                         retried,
-                    });
+                    };
+                    return Some((answer, Some(response)));
                 }
                 Err(failure) => {
                     let label = failure.code.map_or(LABEL_UNKNOWN_CODE, ErrorCode::name);
@@ -505,12 +539,13 @@ async fn call(
             Err(_) => (LABEL_CLIENT_TIMEOUT, true),
         };
         routes.forget(group);
-        if !retryable || !options.retries || Instant::now() + backoff >= deadline {
-            return Some(Answer {
+        if !retryable || !policy.retries || Instant::now() + backoff >= deadline {
+            let answer = Answer {
                 label,
                 node,
                 retried,
-            });
+            };
+            return Some((answer, None));
         }
         retried.push(label);
         redirects = 0;
@@ -527,7 +562,7 @@ async fn call(
 
 /// Counters of a set of calls.
 #[derive(Clone)]
-struct Stats {
+pub(crate) struct Stats {
     calls: u64,
     messages_acked: u64,
     outcomes: BTreeMap<&'static str, u64>,
@@ -537,7 +572,7 @@ struct Stats {
 }
 
 impl Stats {
-    fn new() -> Stats {
+    pub(crate) fn new() -> Stats {
         Stats {
             calls: 0,
             messages_acked: 0,
@@ -548,13 +583,25 @@ impl Stats {
         }
     }
 
-    fn add(&mut self, answer: &Answer, latency: Duration, messages: u64) {
+    pub(crate) fn add(&mut self, answer: &Answer, latency: Duration, messages: u64) {
+        self.add_outcome(answer.label, &answer.retried, latency, messages);
+    }
+
+    /// Counts one outcome labelled `label` (`OK`: `messages` count as acknowledged) and its
+    /// latency.
+    pub(crate) fn add_outcome(
+        &mut self,
+        label: &'static str,
+        retried: &[&'static str],
+        latency: Duration,
+        messages: u64,
+    ) {
         self.calls += 1;
-        if answer.ok() {
+        if label == LABEL_OK {
             self.messages_acked += messages;
         }
-        *self.outcomes.entry(answer.label).or_default() += 1;
-        for reason in &answer.retried {
+        *self.outcomes.entry(label).or_default() += 1;
+        for reason in retried {
             *self.retried.entry(reason).or_default() += 1;
         }
         let millis = latency.as_secs_f64() * 1000.0;
@@ -662,8 +709,12 @@ pub struct Bucket {
 /// What a set of calls did, in PhxQueue's terms plus HDR percentiles.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
-    /// `interval` or `total`.
+    /// `interval` or `total` (`bench consume` adds what is timed: `total end-to-end`).
     pub what: &'static str,
+    /// What `messages_acked` counts, as the summary line says it (`acked msgs`; `consumed
+    /// msgs` for end-to-end latency, where each "call" is a message's first delivery).
+    #[serde(skip)]
+    pub messages_are: &'static str,
     /// Wall time covered, in milliseconds.
     pub time_ms: u64,
     /// Calls finished (each waited for its answer, retries included).
@@ -718,7 +769,7 @@ pub struct StoreFigures {
 }
 
 impl Report {
-    fn of(
+    pub(crate) fn of(
         what: &'static str,
         stats: &Stats,
         elapsed: Duration,
@@ -737,6 +788,7 @@ impl Report {
         labels.push(format!(">={}", BUCKET_BOUNDS_MS[BUCKETS - 2]));
         Report {
             what,
+            messages_are: "acked msgs",
             time_ms: elapsed.as_millis() as u64,
             total: stats.calls,
             qps: stats.calls as f64 / seconds,
@@ -787,8 +839,14 @@ impl Report {
             }
         };
         let mut out = format!(
-            "{}: total {} time(ms) {} qps {:.0} (acked msgs/s {:.0}, {:.1} MB/s)\n",
-            self.what, self.total, self.time_ms, self.qps, self.msgs_per_sec, self.mb_per_sec
+            "{}: total {} time(ms) {} qps {:.0} ({}/s {:.0}, {:.1} MB/s)\n",
+            self.what,
+            self.total,
+            self.time_ms,
+            self.qps,
+            self.messages_are,
+            self.msgs_per_sec,
+            self.mb_per_sec
         );
         out += &format!("  {:<22} {:>10} {:>9}\n", "retcode", "count", "percent");
         for (code, count) in &self.return_codes {
@@ -815,8 +873,10 @@ impl Report {
                 .server_cores
                 .map_or("not measured".to_string(), |cores| format!("{cores:.2}")),
             self.usage.disk_flushes_per_sec,
-            self.messages_per_flush
-                .map_or(String::new(), |m| format!(" ({m:.1} acked msgs per flush)"))
+            self.messages_per_flush.map_or(String::new(), |m| format!(
+                " ({m:.1} {} per flush)",
+                self.messages_are
+            ))
         );
         if let Some(store) = &self.store {
             out += &format!(
@@ -1166,24 +1226,43 @@ async fn producer(
             options.batch
         ],
     };
-    let mut pacing = (options.qps > 0).then(|| {
-        let period = Duration::from_secs_f64(options.producers as f64 / options.qps as f64);
-        let mut interval = tokio::time::interval(period);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        interval
-    });
+    let mut pacing = (options.qps > 0).then(|| pacing(options.producers, options.qps));
+    let policy = CallPolicy::of(&options);
     let mut connections = Connections::new();
     while !stop.load(Ordering::Relaxed) {
         if let Some(interval) = &mut pacing {
             interval.tick().await;
         }
         let started = Instant::now();
-        let Some(answer) = call(&routes, &mut connections, group, &request, &options, &stop).await
+        let produce = |mut client: PhxqClient<Channel>| {
+            let request = request.clone();
+            async move {
+                let response = client.produce(request).await?.into_inner();
+                let error = response.error.clone();
+                Ok((response, error))
+            }
+        };
+        let Some((answer, _)) =
+            call(&routes, &mut connections, group, &policy, &stop, produce).await
         else {
             break;
         };
         shared.record(group, started, &answer, options.batch as u64);
     }
+}
+
+/// The pace of one of `producers` producers sharing `qps` calls/s (above zero): a tick every
+/// `producers / qps` seconds; a producer that falls behind sends at once but never bursts to
+/// catch up.
+pub(crate) fn pacing(producers: usize, qps: u64) -> tokio::time::Interval {
+    assert!(
+        qps > 0 && producers > 0,
+        "pacing needs a rate and producers"
+    );
+    let period = Duration::from_secs_f64(producers as f64 / qps as f64);
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval
 }
 
 /// Runs `options` to the end: the warmup, then the measured time, handing `on_interval` a
@@ -1278,7 +1357,7 @@ pub struct Usage {
 
 /// A snapshot of the counters behind [`Usage`]; a counter that cannot be read counts zero.
 #[derive(Clone, Debug)]
-struct Counters {
+pub(crate) struct Counters {
     at: Instant,
     busy_ticks: f64,
     own_ticks: f64,
@@ -1288,7 +1367,7 @@ struct Counters {
 }
 
 impl Counters {
-    fn now(pids: &[u32]) -> Counters {
+    pub(crate) fn now(pids: &[u32]) -> Counters {
         Counters {
             at: Instant::now(),
             busy_ticks: machine_busy_ticks(),
@@ -1300,7 +1379,7 @@ impl Counters {
         }
     }
 
-    fn usage_since(&self, earlier: &Counters) -> Usage {
+    pub(crate) fn usage_since(&self, earlier: &Counters) -> Usage {
         let seconds = (self.at - earlier.at).as_secs_f64().max(1e-9);
         let cores = |ticks: f64| ticks / PROC_TICKS_PER_SEC / seconds;
         Usage {
@@ -1379,7 +1458,7 @@ fn record(histogram: &mut Histogram<u64>, elapsed: Duration) {
 }
 
 /// Message contents: a fixed, non-zero pattern.
-fn payload(bytes: usize) -> Vec<u8> {
+pub(crate) fn payload(bytes: usize) -> Vec<u8> {
     (0..bytes).map(|i| b'a' + (i % 26) as u8).collect()
 }
 

@@ -1,7 +1,8 @@
-//! `phxq bench produce` and `phxq bench failover`: the command lines of
-//! [`phxq_bench::store`], the store processes of the failover run, and the printing.
+//! `phxq bench produce`, `phxq bench consume` and `phxq bench failover`: the command lines of
+//! [`phxq_bench::store`] and [`phxq_bench::consume`], the store processes of the failover
+//! run, and the printing.
 //!
-//! Both print PhxQueue's report (every `--report-every-s` and at the end) and end with one
+//! All three print PhxQueue's report (every `--report-every-s` and at the end) and end with one
 //! JSON line holding the whole result, so scripts can take `tail -n 1`; with `--json` that
 //! line is all that is printed. Targets are printed as pass/miss, never asserted.
 //!
@@ -16,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+use phxq_bench::consume::{self, ConsumeReport};
 use phxq_bench::store::{self, FailoverReport, Load, Options, Report};
 use serde_json::json;
 
@@ -35,6 +37,9 @@ const POLL_MS: u64 = 200;
 const STOP_TIMEOUT_MS: u64 = 10_000;
 /// Longest phase of a run, in seconds.
 const PHASE_SECONDS_MAX: f64 = 3_600.0;
+/// `bench consume` says the load was below its target when the producers sent less than
+/// this fraction of it.
+const RATE_SHORTFALL_RATIO: f64 = 0.95;
 
 /// Load options shared by both commands.
 #[derive(Debug, clap::Args)]
@@ -99,6 +104,55 @@ pub struct ProduceArgs {
     server_pids: Vec<u32>,
     #[command(flatten)]
     load: LoadArgs,
+}
+
+/// Arguments of `phxq bench consume`.
+#[derive(Debug, clap::Args)]
+pub struct ConsumeArgs {
+    /// Any node of the store (HOST:PORT of its client API); calls follow NOT_MASTER.
+    #[arg(long, env = "PHXQ_SERVER", default_value = "127.0.0.1:7100")]
+    server: String,
+    /// The topic written and read.
+    #[arg(long, default_value = "test")]
+    topic: String,
+    /// The consumer group reading (its cursors are first moved to the end of every queue).
+    #[arg(long, default_value = "g1")]
+    group: String,
+    /// Target messages/s over all producers, one message per Produce call (a latency is
+    /// measured at a known load; the issue's figure is at half of `bench produce`'s maximum).
+    #[arg(long, default_value_t = consume::Options::default().qps)]
+    qps: u64,
+    /// Concurrent producers, each waiting for its own acknowledgement; producer i writes
+    /// queue i mod queues.
+    #[arg(long, default_value_t = consume::Options::default().producers)]
+    producers: usize,
+    /// Bytes of each message value (at least 28: the send time and the message's identity
+    /// lead every value).
+    #[arg(long, visible_alias = "bytes", default_value_t = consume::Options::default().message_bytes)]
+    message_bytes: usize,
+    /// Measured seconds of producing.
+    #[arg(long, visible_alias = "duration-s", default_value_t = 10.0)]
+    seconds: f64,
+    /// Seconds of producing before measuring starts.
+    #[arg(long, default_value_t = 1.0)]
+    warmup_s: f64,
+    /// Longest wait after producing stops for every acknowledged message to be consumed;
+    /// what is still not consumed then is reported missing.
+    #[arg(long, default_value_t = 5.0)]
+    drain_s: f64,
+    /// Seconds between periodic reports.
+    #[arg(long, default_value_t = 10.0)]
+    report_every_s: f64,
+    /// A call's deadline, retries included, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    timeout_ms: u64,
+    /// Threads of the load generator (0: one up to 16 producers, else one per 32 producers,
+    /// from 2 to 4); consumers run on the same threads.
+    #[arg(long, default_value_t = 0)]
+    client_threads: usize,
+    /// Print only the final JSON line.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Arguments of `phxq bench failover`.
@@ -258,6 +312,91 @@ pub fn produce(args: &ProduceArgs) -> CommandResult {
         "fsync_probe_before_per_s": probe_before,
         "fsync_probe_after_per_s": probe_after,
         "report": report,
+    });
+    print_line(line)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+// ---------------------------------------------------------------------------------------------
+// bench consume
+
+pub fn consume(args: &ConsumeArgs) -> CommandResult {
+    let options = consume::Options {
+        server: args.server.clone(),
+        topic: args.topic.clone(),
+        group: args.group.clone(),
+        producers: args.producers,
+        message_bytes: args.message_bytes,
+        qps: args.qps,
+        warmup: seconds("--warmup-s", args.warmup_s)?,
+        duration: seconds("--seconds", args.seconds)?,
+        drain: seconds("--drain-s", args.drain_s)?,
+        report_every: seconds("--report-every-s", args.report_every_s)?,
+        call_timeout: Duration::from_millis(args.timeout_ms),
+    };
+    options.validate()?;
+    let json_only = args.json;
+    if !json_only {
+        print_line(format_args!(
+            "phxq bench consume: {} producer(s) → {} topic {:?} at {} msgs/s, {}-byte \
+             messages, {:?} warmup then {:?}, drain at most {:?}; one consumer per queue in \
+             group {:?}, starting at each queue's end",
+            options.producers,
+            options.server,
+            options.topic,
+            options.qps,
+            options.message_bytes,
+            options.warmup,
+            options.duration,
+            options.drain,
+            options.group,
+        ))?;
+    }
+    let runtime = runtime(args.client_threads, options.producers)?;
+    let print = |report: &ConsumeReport| {
+        if json_only {
+            Ok(())
+        } else {
+            print_line(report.render().trim_end())
+        }
+    };
+    let mut printed = Ok(());
+    let outcome = runtime.block_on(consume::run(&options, |interval| {
+        if printed.is_ok() {
+            printed = print(interval);
+        }
+    }))?;
+    printed?;
+    drop(runtime);
+    print(&outcome.report)?;
+    let sent_per_sec = outcome.report.produce_ack.qps;
+    let below_target = sent_per_sec < options.qps as f64 * RATE_SHORTFALL_RATIO;
+    if !json_only && below_target {
+        print_line(format_args!(
+            "  note: the producers sent {sent_per_sec:.0} msgs/s, below the target {}: each \
+             waits for its acknowledgement, so raise --producers for this rate",
+            options.qps
+        ))?;
+    }
+    let line = json!({
+        "bench": "consume",
+        "server": options.server,
+        "topic": options.topic,
+        "group": options.group,
+        "queues": outcome.queues,
+        "start_offsets": outcome.start_offsets,
+        "producers": options.producers,
+        "client_threads": client_threads(args.client_threads, options.producers),
+        "message_bytes": options.message_bytes,
+        "qps_target": options.qps,
+        "qps_below_target": below_target,
+        "warmup_s": options.warmup.as_secs_f64(),
+        "duration_s": options.duration.as_secs_f64(),
+        "drain_s": options.drain.as_secs_f64(),
+        "counts": outcome.report.counts,
+        "drained_ms": outcome.report.drained_ms,
+        "end_to_end": outcome.report.end_to_end,
+        "produce_ack": outcome.report.produce_ack,
     });
     print_line(line)?;
     Ok(ExitCode::SUCCESS)

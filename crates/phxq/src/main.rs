@@ -4,8 +4,9 @@
 //! * `phxq dev` runs a complete 3-node store on loopback in one process.
 //! * `phxq produce`, `phxq consume`, `phxq cluster status`: a first client path over gRPC.
 //! * `phxq wal inspect` and `phxq bench wal`: operator tools for a node's write-ahead log.
-//! * `phxq bench produce` and `phxq bench failover`: producers against a store, in PhxQueue's
-//!   report format; a master killed with SIGKILL under load.
+//! * `phxq bench produce`, `phxq bench consume` and `phxq bench failover`: producers (and
+//!   consumers) against a store, in PhxQueue's report format; end-to-end latency; a master
+//!   killed with SIGKILL under load.
 //!
 //! Exit codes are part of the interface, for scripts: 0 success, 1 error (including a bad
 //! command line, a refused request, or a node that stopped on a failure), 2 the log is damaged
@@ -20,6 +21,7 @@ mod inspect;
 mod logging;
 mod node_cmd;
 mod table;
+mod timestamp;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -66,7 +68,8 @@ enum Command {
     /// without reading or moving any consumer group's cursor.
     Tail(client::TailArgs),
     /// Move a consumer group's cursor: to the earliest retained message, to the latest (only
-    /// new messages are read), or to an offset; on one queue or every queue of a topic.
+    /// new messages are read), to an offset, or to the first message at or after a time; on
+    /// one queue or every queue of a topic.
     Seek(client::SeekArgs),
     /// The store as its nodes see it.
     Cluster {
@@ -114,6 +117,10 @@ enum BenchCommand {
     /// Producers against a running store, each waiting for its own acknowledgement:
     /// PhxQueue's report (return codes, latency buckets) plus p50/p99/p99.9.
     Produce(bench_store::ProduceArgs),
+    /// End-to-end latency from enqueue to handler: producers at a fixed rate, one consumer
+    /// pull loop per queue from the queues' ends; PhxQueue's report for end-to-end and
+    /// produce-ack latency, and every message accounted for (missing, duplicates).
+    Consume(bench_store::ConsumeArgs),
     /// Starts its own 3-node store, kills the master of the most groups with SIGKILL under
     /// load, restarts it, and reports every second and the time to recover each group.
     Failover(bench_store::FailoverArgs),
@@ -145,6 +152,9 @@ fn main() -> ExitCode {
         Command::Bench {
             command: BenchCommand::Produce(args),
         } => bench_store::produce(args),
+        Command::Bench {
+            command: BenchCommand::Consume(args),
+        } => bench_store::consume(args),
         Command::Bench {
             command: BenchCommand::Failover(args),
         } => bench_store::failover(args),
