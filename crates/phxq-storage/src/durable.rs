@@ -217,6 +217,12 @@ fn run(wal: Weak<Wal>) {
     let mut rush: Option<Lsn> = None;
     loop {
         let Some(log) = wal.upgrade() else { return };
+        if let Some(rush_to) = rush.take() {
+            // Still busy: the writers just woken queue up here rather than sync alone.
+            drop(log);
+            wait_for_writes(&wal, rush_to, (last_sync / 2).min(RUSH_WAIT_MAX));
+            continue;
+        }
         {
             let mut state = log.syncer.lock();
             if state.stopped {
@@ -226,15 +232,9 @@ fn run(wal: Weak<Wal>) {
                 state.busy = false;
                 drop(state);
                 drop(log);
-                rush = None;
                 thread::park();
                 continue;
             }
-        }
-        if let Some(rush_to) = rush.take() {
-            drop(log);
-            wait_for_writes(&wal, rush_to, (last_sync / 2).min(RUSH_WAIT_MAX));
-            continue;
         }
         let started = Instant::now();
         let synced = log.sync();
