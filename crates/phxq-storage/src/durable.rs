@@ -157,8 +157,14 @@ impl Future for Durable {
 impl Wal {
     /// A future that resolves once write `target` is durable (see the module `durable`): the
     /// log's syncer thread (started on first use) runs the syncs, shared with every caller of
-    /// [`Wal::sync_to`]. Returns [`Error::Poisoned`] at once on a failed log, and the future
-    /// resolves to it if the log fails while it waits.
+    /// [`Wal::sync_to`]. Returns [`Poisoned`](crate::Error::Poisoned) at once on a failed
+    /// log, and the future resolves to it if the log fails while it waits.
+    ///
+    /// When the log is idle (no sync running, the syncer has nothing to do), the first poll
+    /// runs the sync itself, as `sync_to` would: it blocks the polling thread for one
+    /// `fdatasync`. That keeps a lone writer at the disk's pace; on an async runtime, poll it
+    /// where a short blocking call is acceptable (a worker of a multi-threaded runtime, as
+    /// `phxq bench wal` does).
     ///
     /// # Panics
     ///
