@@ -966,6 +966,7 @@ async fn producer(index: usize, context: QueueContext, until: Instant, stop: Arc
         };
         let request = api::ProduceRequest {
             store_id,
+            message_id: Vec::new(),
             topic: options.topic.clone(),
             queue,
             messages: vec![api::Message {

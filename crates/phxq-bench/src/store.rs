@@ -1216,6 +1216,7 @@ async fn producer(
     let value = payload(options.message_bytes);
     let request = api::ProduceRequest {
         store_id,
+        message_id: Vec::new(),
         topic: options.topic.clone(),
         queue,
         messages: vec![

@@ -58,6 +58,14 @@ pub struct ProducerConfig {
     /// queue other than `k`'s and be read before, after or in parallel with `k`'s earlier
     /// messages. Leave it off (the default) when consumers rely on order per key.
     pub queue_change_retry: bool,
+    /// Message ids (opt-in): every append of a `send` or `send_batch` carries a new id (this
+    /// producer's random 64-bit token and a sequence number), and its retries reuse it, so a
+    /// retry of an attempt that was stored anyway (`INDETERMINATE`, `TIMEOUT`, a lost
+    /// connection) is answered with the first attempt's offsets and stores nothing: exactly
+    /// once per queue, as long as the retry comes within the queue's dedup window (its topic's
+    /// `dedup_window` newest ids). A queue-change retry moves messages to another queue, where
+    /// the id is new: those may still be stored twice. Off by default.
+    pub message_ids: bool,
 }
 
 impl ProducerConfig {
@@ -71,6 +79,7 @@ impl ProducerConfig {
             backoff_initial: BACKOFF_INITIAL_DEFAULT,
             backoff_max: BACKOFF_MAX_DEFAULT,
             queue_change_retry: false,
+            message_ids: false,
         }
     }
 
@@ -163,6 +172,7 @@ mod tests {
         assert_eq!(config.backoff_initial, Duration::from_millis(10));
         assert_eq!(config.backoff_max, Duration::from_millis(100));
         assert!(!config.queue_change_retry);
+        assert!(!config.message_ids);
         assert_eq!(config.store_id, 0);
     }
 

@@ -16,7 +16,12 @@
 //!   queues`), which lives in another group, and the call is retried there. Per-key order is
 //!   given up for those messages.
 //!
-//! Delivery is **at least once**: an attempt that ends without a known outcome
+//! * **Message ids** (opt-in, [`ProducerConfig::message_ids`]): each routed append gets an
+//!   id when it is routed (`token ++ sequence`, 16 bytes) and keeps it through every retry,
+//!   so the server answers a retry of a stored append with its offsets instead of storing
+//!   it again ([`ProducerStats::duplicates`] counts those answers).
+//!
+//! Delivery is **at least once** (without message ids): an attempt that ends without a known outcome
 //! (`INDETERMINATE`, `TIMEOUT`, a lost connection, no answer in time) is retried and may
 //! store its messages twice; such retries are counted in [`ProducerStats`] and flagged on a
 //! final error ([`ProduceError::maybe_stored`]). Order per key holds between messages sent
@@ -75,6 +80,9 @@ pub struct ProducerStats {
     /// Write attempts that ended without a known outcome; each retry after one may have
     /// stored messages twice.
     pub uncertain_attempts: u64,
+    /// Appends the server answered as duplicates of an earlier attempt (message ids only):
+    /// stored once, by that attempt.
+    pub duplicates: u64,
 }
 
 /// A producer for one store: cheap to clone (clones share channels, the cached layout and
@@ -88,6 +96,12 @@ struct Shared {
     router: Router,
     /// The next queue for a message without a key (taken modulo the topic's queue count).
     next_queue: AtomicU64,
+    /// This producer's half of its message ids: random, drawn once.
+    id_token: u64,
+    /// The sequence half of the next message id.
+    next_id: AtomicU64,
+    /// Appends answered as duplicates.
+    duplicates: AtomicU64,
 }
 
 /// Messages routed to one queue, with their positions in the caller's input.
@@ -95,6 +109,8 @@ struct Routed {
     queue: QueueId,
     positions: Vec<usize>,
     messages: Vec<api::Message>,
+    /// The append's message id (empty: none), the same on every attempt.
+    message_id: Vec<u8>,
 }
 
 type Outcomes = Vec<(usize, Result<Receipt, ProduceError>)>;
@@ -106,8 +122,15 @@ impl Producer {
         config.validate()?;
         let router = Router::new(config);
         let next_queue = AtomicU64::new(router.random());
+        let id_token = router.random();
         Ok(Producer {
-            shared: Arc::new(Shared { router, next_queue }),
+            shared: Arc::new(Shared {
+                router,
+                next_queue,
+                id_token,
+                next_id: AtomicU64::new(1),
+                duplicates: AtomicU64::new(0),
+            }),
         })
     }
 
@@ -127,7 +150,19 @@ impl Producer {
             retries: read(&counters.retries),
             queue_changes: read(&counters.queue_changes),
             uncertain_attempts: read(&counters.uncertain_attempts),
+            duplicates: read(&self.shared.duplicates),
         }
+    }
+
+    /// A new message id for one append if the config asks for ids, else none (empty).
+    fn new_message_id(&self) -> Vec<u8> {
+        if !self.config().message_ids {
+            return Vec::new();
+        }
+        let sequence = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut id = self.shared.id_token.to_be_bytes().to_vec();
+        id.extend_from_slice(&sequence.to_be_bytes());
+        id
     }
 
     /// Sends one message to `topic` and waits until it is durable (committed on a majority
@@ -150,6 +185,7 @@ impl Producer {
             queue: self.choose_queue(key, queues),
             positions: vec![0],
             messages: vec![message],
+            message_id: self.new_message_id(),
         };
         let mut outcomes = deliver(
             self.shared.clone(),
@@ -210,6 +246,7 @@ impl Producer {
                 queue,
                 positions: Vec::new(),
                 messages: Vec::new(),
+                message_id: self.new_message_id(),
             });
             routed.positions.push(position);
             routed.messages.push(message);
@@ -309,7 +346,8 @@ async fn deliver(
                 .all(|a| group_of_queue(a.queue, groups) == group)
         );
         match produce(router, group, &topic, &appends, &mut progress).await {
-            Ok(first_offsets) => {
+            Ok((first_offsets, duplicates)) => {
+                (shared.duplicates).fetch_add(duplicates, Ordering::Relaxed);
                 for (append, first) in appends.iter().zip(first_offsets) {
                     for (i, &position) in append.positions.iter().enumerate() {
                         let offset = first + i as Offset;
@@ -353,21 +391,22 @@ fn fail_all(outcomes: &mut Outcomes, appends: &[Routed], error: &ProduceError) {
 }
 
 /// Sends one group's appends: `Produce` for one, `ProduceMany` for several. Returns the first
-/// offset of each append.
+/// offset of each append and how many the server answered as duplicates.
 async fn produce(
     router: &Router,
     group: GroupId,
     topic: &str,
     appends: &[Routed],
     progress: &mut Progress,
-) -> Result<Vec<Offset>, Halt> {
+) -> Result<(Vec<Offset>, u64), Halt> {
     let store_id = router.config().store_id;
-    let ranges: Vec<(Offset, u32)> = if let [append] = appends {
+    let ranges: Vec<(Offset, u32, bool)> = if let [append] = appends {
         let request = &api::ProduceRequest {
             topic: topic.to_string(),
             queue: append.queue,
             messages: append.messages.clone(),
             store_id,
+            message_id: append.message_id.clone(),
         };
         let response = router
             .call(Some(group), progress, |mut client| {
@@ -379,7 +418,7 @@ async fn produce(
                 }
             })
             .await?;
-        vec![(response.first_offset, response.count)]
+        vec![(response.first_offset, response.count, response.duplicate)]
     } else {
         let request = &api::ProduceManyRequest {
             appends: appends
@@ -388,6 +427,7 @@ async fn produce(
                     topic: topic.to_string(),
                     queue: append.queue,
                     messages: append.messages.clone(),
+                    message_id: append.message_id.clone(),
                 })
                 .collect(),
             store_id,
@@ -405,15 +445,18 @@ async fn produce(
         response
             .results
             .iter()
-            .map(|result| (result.first_offset, result.count))
+            .map(|result| (result.first_offset, result.count, result.duplicate))
             .collect()
     };
+    let duplicates = ranges.iter().filter(|range| range.2).count() as u64;
+    let ranges: Vec<(Offset, u32)> = ranges.into_iter().map(|(f, c, _)| (f, c)).collect();
     check_ranges(appends, &ranges).map_err(|message| {
         // The node said success: the messages are stored somewhere, at offsets unknown.
         progress.set_maybe_stored();
         Halt::Error(progress.fail(ProduceError::new(ErrorKind::Protocol, None, message)))
     })?;
-    Ok(ranges.into_iter().map(|(first, _)| first).collect())
+    let first_offsets = ranges.into_iter().map(|(first, _)| first).collect();
+    Ok((first_offsets, duplicates))
 }
 
 /// Checks that a successful answer gives each append a range of its size, from offset 1 on.
@@ -508,6 +551,7 @@ mod tests {
             queue,
             positions: (0..count).collect(),
             messages: vec![api::Message::default(); count],
+            message_id: Vec::new(),
         }
     }
 

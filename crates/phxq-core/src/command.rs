@@ -25,6 +25,11 @@ pub enum Command {
         topic: String,
         /// Queue number.
         queue: QueueId,
+        /// The producer's id for this enqueue, or empty for none. Within the queue's dedup
+        /// window (`TopicConfig::dedup_window` ids) a second enqueue with the same id appends
+        /// nothing and is answered with the first one's offsets; at most
+        /// `MESSAGE_ID_BYTES_MAX` bytes.
+        message_id: Vec<u8>,
         /// The messages, in the producer's order.
         messages: Vec<Message>,
     },
@@ -65,6 +70,9 @@ const FORMAT_VERSION: u8 = 1;
 const TAG_ENQUEUE: u8 = 1;
 /// Tag of [`Command::CommitCursor`].
 const TAG_COMMIT_CURSOR: u8 = 2;
+/// Tag of a [`Command::Enqueue`] with a message id (one without keeps tag 1, so logs written
+/// before ids existed read the same).
+const TAG_ENQUEUE_WITH_ID: u8 = 3;
 
 /// Encodes a batch.
 ///
@@ -72,6 +80,8 @@ const TAG_COMMIT_CURSOR: u8 = 2;
 /// batch   = version(1) time_ms:varint count:varint command*
 /// command = 1 topic:bytes queue:varint count:varint (key:bytes value:bytes)*   Enqueue
 ///         | 2 consumer_group:bytes topic:bytes queue:varint offset:varint      CommitCursor
+///         | 3 topic:bytes queue:varint message_id:bytes count:varint (key:bytes value:bytes)*
+///                                                    Enqueue with a (non-empty) message id
 /// bytes   = length:varint byte*
 /// ```
 ///
@@ -114,13 +124,16 @@ pub fn decode_batch(bytes: &[u8]) -> Result<Batch, DecodeError> {
 fn encoded_bytes_hint(batch: &Batch) -> usize {
     let command_bytes = |command: &Command| match command {
         Command::Enqueue {
-            topic, messages, ..
+            topic,
+            message_id,
+            messages,
+            ..
         } => {
             let message_bytes: usize = messages
                 .iter()
                 .map(|m| m.key.len() + m.value.len() + 2 * VARINT_BYTES_MAX)
                 .sum();
-            1 + topic.len() + 3 * VARINT_BYTES_MAX + message_bytes
+            1 + topic.len() + message_id.len() + 4 * VARINT_BYTES_MAX + message_bytes
         }
         Command::CommitCursor {
             consumer_group,
@@ -136,11 +149,19 @@ fn encode_command(out: &mut Vec<u8>, command: &Command) {
         Command::Enqueue {
             topic,
             queue,
+            message_id,
             messages,
         } => {
-            out.push(TAG_ENQUEUE);
+            out.push(if message_id.is_empty() {
+                TAG_ENQUEUE
+            } else {
+                TAG_ENQUEUE_WITH_ID
+            });
             put_bytes(out, topic.as_bytes());
             put_varint(out, u64::from(*queue));
+            if !message_id.is_empty() {
+                put_bytes(out, message_id);
+            }
             put_varint(out, messages.len() as u64);
             for message in messages {
                 put_bytes(out, &message.key);
@@ -164,9 +185,19 @@ fn encode_command(out: &mut Vec<u8>, command: &Command) {
 
 fn decode_command(reader: &mut Reader<'_>) -> Result<Command, DecodeError> {
     match reader.u8("command tag")? {
-        TAG_ENQUEUE => {
+        tag @ (TAG_ENQUEUE | TAG_ENQUEUE_WITH_ID) => {
             let topic = reader.string("topic")?;
             let queue = reader.varint_u32("queue")?;
+            let message_id = if tag == TAG_ENQUEUE_WITH_ID {
+                let id = reader.bytes("message id")?;
+                if id.is_empty() {
+                    // One encoding per batch: no id is written with tag 1.
+                    return Err(DecodeError::Invalid("empty message id".to_string()));
+                }
+                id.to_vec()
+            } else {
+                Vec::new()
+            };
             let count = reader.count("message count")?;
             let mut messages = Vec::with_capacity(count);
             for _ in 0..count {
@@ -177,6 +208,7 @@ fn decode_command(reader: &mut Reader<'_>) -> Result<Command, DecodeError> {
             Ok(Command::Enqueue {
                 topic,
                 queue,
+                message_id,
                 messages,
             })
         }
@@ -203,6 +235,7 @@ mod tests {
                 Command::Enqueue {
                     topic: "t".into(),
                     queue: 2,
+                    message_id: Vec::new(),
                     messages: vec![Message {
                         key: b"k".to_vec(),
                         value: b"vv".to_vec(),
@@ -237,13 +270,31 @@ mod tests {
         let mut version_2 = good.clone();
         version_2[0] = 2;
         assert!(decode_batch(&version_2).is_err());
-        let mut tag_3 = good.clone();
-        tag_3[4] = 3;
-        assert!(decode_batch(&tag_3).is_err());
+        let mut tag_4 = good.clone();
+        tag_4[4] = 4;
+        assert!(decode_batch(&tag_4).is_err());
         let mut trailing = good.clone();
         trailing.push(0);
         assert!(decode_batch(&trailing).is_err());
         assert!(decode_batch(&[]).is_err());
+    }
+
+    #[test]
+    fn an_enqueue_with_a_message_id_has_its_own_tag_and_never_an_empty_id() {
+        let batch = Batch {
+            time_ms: 1,
+            commands: vec![Command::Enqueue {
+                topic: "t".into(),
+                queue: 0,
+                message_id: b"id".to_vec(),
+                messages: vec![Message::default()],
+            }],
+        };
+        let expected = [1, 1, 1, 3, 1, b't', 0, 2, b'i', b'd', 1, 0, 0];
+        assert_eq!(encode_batch(&batch), expected);
+        assert_eq!(decode_batch(&expected), Ok(batch));
+        let empty_id = [1, 1, 1, 3, 1, b't', 0, 0, 1, 0, 0];
+        assert!(decode_batch(&empty_id).is_err());
     }
 
     #[test]
@@ -273,13 +324,18 @@ mod tests {
 
     fn command() -> impl Strategy<Value = Command> {
         prop_oneof![
-            (name(), any::<u32>(), prop::collection::vec(message(), 0..4)).prop_map(
-                |(topic, queue, messages)| Command::Enqueue {
+            (
+                name(),
+                any::<u32>(),
+                prop::collection::vec(any::<u8>(), 0..3),
+                prop::collection::vec(message(), 0..4)
+            )
+                .prop_map(|(topic, queue, message_id, messages)| Command::Enqueue {
                     topic,
                     queue,
+                    message_id,
                     messages
-                }
-            ),
+                }),
             (name(), name(), any::<u32>(), any::<u64>()).prop_map(
                 |(consumer_group, topic, queue, offset)| Command::CommitCursor {
                     consumer_group,

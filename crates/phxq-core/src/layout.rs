@@ -3,7 +3,9 @@
 //! Every node of a store is started with the same layout (from its config file); topics
 //! managed through the API arrive with the client issue.
 
-use phxq_types::{GroupId, QUEUES_PER_TOPIC_MAX, QueueId, group_of_queue, validate_name};
+use phxq_types::{
+    DEDUP_WINDOW_MAX, GroupId, QUEUES_PER_TOPIC_MAX, QueueId, group_of_queue, validate_name,
+};
 
 /// How long consumed data is kept, per topic.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,6 +31,10 @@ pub struct TopicConfig {
     pub consumer_groups: Vec<String>,
     /// How long data is kept.
     pub retention: Retention,
+    /// How many producer message ids each queue remembers (its newest ones): an enqueue whose
+    /// id is among them appends nothing and is answered with the first one's offsets. 0 turns
+    /// deduplication off (ids are still checked, then ignored). At most `DEDUP_WINDOW_MAX`.
+    pub dedup_window: u32,
 }
 
 /// Everything a store's nodes must agree on to apply the log the same way.
@@ -100,6 +106,12 @@ impl TopicConfig {
                 self.name, self.queues
             )));
         }
+        if self.dedup_window > DEDUP_WINDOW_MAX {
+            return Err(invalid(format!(
+                "topic {:?} has a dedup window of {} ids; at most {DEDUP_WINDOW_MAX}",
+                self.name, self.dedup_window
+            )));
+        }
         for (position, consumer_group) in self.consumer_groups.iter().enumerate() {
             validate_name(consumer_group).map_err(|error| {
                 invalid(format!(
@@ -141,6 +153,7 @@ mod tests {
             queues,
             consumer_groups: consumer_groups.iter().map(|g| g.to_string()).collect(),
             retention: retention(),
+            dedup_window: 10,
         }
     }
 
@@ -181,6 +194,7 @@ mod tests {
         assert!(refusal(|l| l.topics[0].queues = 0).contains("queues"));
         assert!(refusal(|l| l.topics[0].queues = QUEUES_PER_TOPIC_MAX + 1).contains("queues"));
         assert!(refusal(|l| l.topics[1].name = "orders".into()).contains("twice"));
+        assert!(refusal(|l| l.topics[0].dedup_window = DEDUP_WINDOW_MAX + 1).contains("dedup"));
         assert!(refusal(|l| l.topics[0].consumer_groups[1] = "".into()).contains("consumer"));
         assert!(refusal(|l| l.topics[0].consumer_groups[1] = "billing".into()).contains("twice"));
     }
@@ -191,6 +205,7 @@ mod tests {
         layout.groups = GROUPS_MAX;
         layout.topics[0].queues = QUEUES_PER_TOPIC_MAX;
         layout.message_bytes_max = 1;
+        layout.topics[0].dedup_window = DEDUP_WINDOW_MAX;
         assert_eq!(layout.validate(), Ok(()));
     }
 

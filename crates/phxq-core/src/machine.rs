@@ -11,12 +11,17 @@
 //!   retained offsets `oldest..next_offset` exactly, in raft index order, each with its
 //!   batch's time and the running maximum of those times (so a seek by time is a binary
 //!   search: [`GroupMachine::offset_for_time`]);
+//! - per hosted queue, a dedup window: the newest `dedup_window` producer message ids and
+//!   where their enqueues went. An enqueue whose id is in it appends nothing and is answered
+//!   with the original offsets ([`Applied::Enqueued`] with `duplicate`); reading skips it
+//!   ([`EntryRef::skipped`]). The window is replicated state, in snapshots as of their index;
 //! - per consumer group and queue, a cursor: the next offset the group reads (1 until it
 //!   commits). Commits set absolute values and may move a cursor back (replay);
 //! - the log may drop entries at or below [`GroupMachine::deletable_index`]; the node then
 //!   calls [`GroupMachine::forget_through`], and a snapshot at that index plus the log's
 //!   tail rebuilds the same state.
 
+mod dedup;
 mod extract;
 mod queue;
 mod retention;
@@ -26,20 +31,27 @@ mod tests;
 
 use std::sync::Arc;
 
-use phxq_types::{ErrorCode, GroupId, KEY_BYTES_MAX, Offset, QueueId, group_of_queue};
+use phxq_types::{
+    ErrorCode, GroupId, KEY_BYTES_MAX, MESSAGE_ID_BYTES_MAX, Offset, QueueId, group_of_queue,
+};
 
+use self::dedup::Original;
 use self::queue::QueueState;
 use crate::{Command, DecodeError, Message, StoreLayout, decode_batch};
 
 /// What applying one command did, in command order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Applied {
-    /// The messages got offsets `first_offset..first_offset + count`.
+    /// The messages got offsets `first_offset..first_offset + count`; or, with `duplicate`,
+    /// the enqueue's message id was in the queue's dedup window: nothing was appended and
+    /// these are the offsets the original enqueue got.
     Enqueued {
         /// Offset of the first message.
         first_offset: Offset,
         /// How many.
         count: u64,
+        /// Whether this was a duplicate answered with the original's offsets.
+        duplicate: bool,
     },
     /// The cursor now stands at `offset`.
     CursorCommitted {
@@ -51,7 +63,7 @@ pub enum Applied {
 }
 
 /// Where some of a queue's messages live: one raft entry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EntryRef {
     /// The raft index of the entry.
     pub index: u64,
@@ -59,6 +71,9 @@ pub struct EntryRef {
     pub first_offset: Offset,
     /// How many of the queue's messages the entry holds.
     pub count: u64,
+    /// Positions (in the entry's batch) of the queue's enqueues that were duplicates and took
+    /// no offsets; usually empty.
+    pub skipped: Vec<u32>,
 }
 
 /// What to read to serve a dequeue.
@@ -145,16 +160,22 @@ impl GroupMachine {
 
     /// Checks a command as the master would before proposing it: the topic exists, the queue
     /// exists and lives in this group, the consumer group reads the topic, the batch is not
-    /// empty, no message is over the limits, the cursor is not past the end.
+    /// empty, no message is over the limits, the message id is not over
+    /// [`MESSAGE_ID_BYTES_MAX`], the cursor is not past the end.
     pub fn check(&self, command: &Command) -> Result<(), ErrorCode> {
         match command {
             Command::Enqueue {
                 topic,
                 queue,
+                message_id,
                 messages,
             } => {
                 self.slot(topic, *queue)?;
-                check_messages(messages, self.layout.message_bytes_max)
+                check_messages(messages, self.layout.message_bytes_max)?;
+                if message_id.len() > MESSAGE_ID_BYTES_MAX {
+                    return Err(ErrorCode::InvalidArgument);
+                }
+                Ok(())
             }
             Command::CommitCursor {
                 consumer_group,
@@ -193,12 +214,19 @@ impl GroupMachine {
         Ok(batch
             .commands
             .iter()
-            .map(|command| self.apply_command(index, batch.time_ms, command))
+            .enumerate()
+            .map(|(position, command)| self.apply_command(index, position, batch.time_ms, command))
             .collect())
     }
 
-    /// Applies one command of entry `index`, unless the checks refuse it.
-    fn apply_command(&mut self, index: u64, time_ms: u64, command: &Command) -> Applied {
+    /// Applies command `position` of entry `index`, unless the checks refuse it.
+    fn apply_command(
+        &mut self,
+        index: u64,
+        position: usize,
+        time_ms: u64,
+        command: &Command,
+    ) -> Applied {
         if let Err(code) = self.check(command) {
             return Applied::Rejected(code);
         }
@@ -206,15 +234,25 @@ impl GroupMachine {
             Command::Enqueue {
                 topic,
                 queue,
+                message_id,
                 messages,
             } => {
-                let first_offset = self
-                    .queue_mut(topic, *queue)
-                    .append(index, time_ms, messages);
-                Applied::Enqueued {
-                    first_offset,
-                    count: messages.len() as u64,
+                let window = self.layout.topic(topic).expect("checked").dedup_window;
+                let state = self.queue_mut(topic, *queue);
+                if message_id.is_empty() {
+                    let first_offset = state.append(index, time_ms, messages);
+                    return enqueued(first_offset, messages.len() as u64, false);
                 }
+                if let Some(original) = state.dedup.lookup(message_id) {
+                    state.skip(index, position);
+                    return enqueued(original.first_offset, original.count, true);
+                }
+                let original = Original {
+                    first_offset: state.append(index, time_ms, messages),
+                    count: messages.len() as u64,
+                };
+                state.dedup.record(message_id, index, original, window);
+                enqueued(original.first_offset, original.count, false)
             }
             Command::CommitCursor {
                 consumer_group,
@@ -403,6 +441,14 @@ impl GroupMachine {
     fn queue_mut(&mut self, topic: &str, queue: QueueId) -> &mut QueueState {
         let (topic_position, slot) = self.slot(topic, queue).expect("checked");
         &mut self.topics[topic_position].queues[slot]
+    }
+}
+
+fn enqueued(first_offset: Offset, count: u64, duplicate: bool) -> Applied {
+    Applied::Enqueued {
+        first_offset,
+        count,
+        duplicate,
     }
 }
 

@@ -20,6 +20,7 @@
 //! name = "test"
 //! queues = 8
 //! consumer_groups = ["g1"]
+//! # dedup_window = 1000   # producer message ids remembered per queue; 0 = off
 //! ```
 //!
 //! Sections `[timing]` and `[limits]` are optional and override [`Timing::default`] and the
@@ -39,7 +40,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use phxq_core::{Retention, StoreLayout, TopicConfig};
-use phxq_types::{MESSAGE_BYTES_MAX_DEFAULT, NodeId};
+use phxq_types::{DEDUP_WINDOW_DEFAULT, DEDUP_WINDOW_MAX, MESSAGE_BYTES_MAX_DEFAULT, NodeId};
 use serde::Deserialize;
 
 use crate::{NodeConfig, Timing};
@@ -168,6 +169,13 @@ struct TopicSection {
     consumer_groups: Vec<String>,
     #[serde(default)]
     retention: RetentionSection,
+    /// Producer message ids remembered per queue (0: no deduplication).
+    #[serde(default = "dedup_window_default")]
+    dedup_window: u32,
+}
+
+fn dedup_window_default() -> u32 {
+    DEDUP_WINDOW_DEFAULT
 }
 
 #[derive(Debug, Deserialize)]
@@ -495,6 +503,15 @@ fn topic_config(i: usize, topic: &TopicSection) -> Result<TopicConfig, ConfigErr
             ),
         ));
     }
+    if topic.dedup_window > DEDUP_WINDOW_MAX {
+        return Err(invalid(
+            format!("store.topics[{i}].dedup_window"),
+            format!(
+                "{} ids; at most {DEDUP_WINDOW_MAX} (0 turns deduplication off)",
+                topic.dedup_window
+            ),
+        ));
+    }
     let retention = &topic.retention;
     if retention.max_age_ms == Some(0) || retention.max_bytes == Some(0) {
         return Err(invalid(
@@ -512,6 +529,7 @@ fn topic_config(i: usize, topic: &TopicSection) -> Result<TopicConfig, ConfigErr
             max_age_ms: retention.max_age_ms,
             max_bytes: retention.max_bytes,
         },
+        dedup_window: topic.dedup_window,
     })
 }
 
@@ -699,6 +717,7 @@ mod tests {
         assert_eq!(topic.retention.replay_count, REPLAY_COUNT_DEFAULT);
         assert_eq!(topic.retention.replay_age_ms, REPLAY_AGE_MS_DEFAULT);
         assert_eq!(topic.retention.max_age_ms, None);
+        assert_eq!(topic.dedup_window, DEDUP_WINDOW_DEFAULT);
         let default = Timing::default();
         assert_eq!(config.timing.tick_ms, default.tick_ms);
         assert_eq!(config.timing.election_ticks, default.election_ticks);
@@ -762,6 +781,11 @@ mod tests {
                 "[store]",
                 "[store]\nmessage_bytes_max = 999999999",
                 "store.message_bytes_max",
+            ),
+            (
+                "queues = 8",
+                "queues = 8\ndedup_window = 100001",
+                "store.topics[0].dedup_window",
             ),
             ("id = 3\n", "id = 1\n", "store.nodes[2].id"),
             ("id = 1\n", "id = 0\n", "store.nodes[0].id"),

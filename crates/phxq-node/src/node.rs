@@ -6,7 +6,8 @@ use std::sync::Arc;
 use phxq_core::{Command, Message, StoreLayout, StoredMessage, TopicConfig};
 use phxq_storage::{Lsn, Wal, WriteBatch};
 use phxq_types::{
-    ErrorCode, GroupId, KEY_BYTES_MAX, NodeId, Offset, QueueId, Rng, TIME_MS_MAX, group_of_queue,
+    ErrorCode, GroupId, KEY_BYTES_MAX, MESSAGE_ID_BYTES_MAX, NodeId, Offset, QueueId, Rng,
+    TIME_MS_MAX, group_of_queue,
 };
 use raft::eraftpb;
 
@@ -107,6 +108,9 @@ pub enum Request {
         topic: String,
         /// Queue.
         queue: QueueId,
+        /// The producer's id for this batch (empty: none), deduplicated within the queue's
+        /// dedup window (see `phxq_core::Command::Enqueue`).
+        message_id: Vec<u8>,
         /// Messages, in order.
         messages: Vec<Message>,
     },
@@ -166,6 +170,8 @@ pub struct Append {
     pub topic: String,
     /// Queue.
     pub queue: QueueId,
+    /// The producer's id for this append (empty: none), as in [`Request::Produce`].
+    pub message_id: Vec<u8>,
     /// Messages, in order.
     pub messages: Vec<Message>,
 }
@@ -173,18 +179,21 @@ pub struct Append {
 /// A node's answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Response {
-    /// The messages were committed at `first_offset..first_offset + count`.
+    /// The messages were committed at `first_offset..first_offset + count`; with
+    /// `duplicate`, by an earlier request with the same message id (nothing appended now).
     Produced {
         /// First offset assigned.
         first_offset: Offset,
         /// Messages.
         count: u64,
+        /// Whether the message id was in the queue's dedup window.
+        duplicate: bool,
     },
     /// Every append of a [`Request::ProduceMany`] was committed: per append, in request
-    /// order, the first offset assigned and the count.
+    /// order, the first offset assigned, the count and whether it was a duplicate.
     ProducedMany {
-        /// `(first_offset, count)` per append.
-        ranges: Vec<(Offset, u64)>,
+        /// `(first_offset, count, duplicate)` per append.
+        ranges: Vec<(Offset, u64, bool)>,
     },
     /// Messages read.
     Consumed {
@@ -501,11 +510,16 @@ impl Node {
         let replica = &mut self.replicas[group.0 as usize];
         replica.check_master(self.now_tick)?;
         match request {
-            Request::Produce { messages, .. } => replica.admit_commands(
+            Request::Produce {
+                message_id,
+                messages,
+                ..
+            } => replica.admit_commands(
                 id,
                 vec![Command::Enqueue {
                     topic,
                     queue,
+                    message_id,
                     messages,
                 }],
                 AnswerAs::One,
@@ -569,6 +583,7 @@ impl Node {
             .map(|a| Command::Enqueue {
                 topic: a.topic,
                 queue: a.queue,
+                message_id: a.message_id,
                 messages: a.messages,
             })
             .collect();
@@ -720,8 +735,9 @@ fn check_request(layout: &StoreLayout, request: &Request) -> Result<(), Response
         Request::Produce {
             topic,
             queue,
+            message_id,
             messages,
-        } => return check_append(layout, topic, *queue, messages),
+        } => return check_append(layout, topic, *queue, message_id, messages),
         Request::ProduceMany { appends } => return check_appends(layout, appends).map(|_| ()),
         Request::Consume {
             topic,
@@ -810,14 +826,24 @@ fn check_queue<'a>(
 }
 
 /// Checks one queue's append: the queue exists, the batch is not empty, no message is too
-/// large.
+/// large, the message id is not too long.
 fn check_append(
     layout: &StoreLayout,
     topic: &str,
     queue: QueueId,
+    message_id: &[u8],
     messages: &[Message],
 ) -> Result<(), Response> {
     check_queue(layout, topic, queue)?;
+    if message_id.len() > MESSAGE_ID_BYTES_MAX {
+        return Err(Response::error(
+            ErrorCode::InvalidArgument,
+            format!(
+                "message id of {} bytes; at most {MESSAGE_ID_BYTES_MAX}",
+                message_id.len()
+            ),
+        ));
+    }
     if messages.is_empty() {
         return Err(Response::error(ErrorCode::EmptyBatch, "no messages"));
     }
@@ -845,13 +871,18 @@ fn check_appends(layout: &StoreLayout, appends: &[Append]) -> Result<GroupId, Re
     };
     let group = group_of_queue(first.queue, layout.groups);
     for (i, append) in appends.iter().enumerate() {
-        check_append(layout, &append.topic, append.queue, &append.messages).map_err(|refusal| {
-            match refusal {
-                Response::Error { code, message, .. } => {
-                    Response::error(code, format!("append {i}: {message}"))
-                }
-                other => other,
+        let checked = check_append(
+            layout,
+            &append.topic,
+            append.queue,
+            &append.message_id,
+            &append.messages,
+        );
+        checked.map_err(|refusal| match refusal {
+            Response::Error { code, message, .. } => {
+                Response::error(code, format!("append {i}: {message}"))
             }
+            other => other,
         })?;
         let other = group_of_queue(append.queue, layout.groups);
         if other != group {

@@ -805,11 +805,13 @@ fn answer_applied(answer: AnswerAs, applied: Vec<Applied>) -> Response {
                 Applied::Enqueued {
                     first_offset,
                     count,
+                    duplicate,
                 },
             ],
         ) => Response::Produced {
             first_offset: *first_offset,
             count: *count,
+            duplicate: *duplicate,
         },
         (AnswerAs::One, [Applied::CursorCommitted { .. }]) => Response::Committed,
         (AnswerAs::Many, _) => Response::ProducedMany {
@@ -819,7 +821,8 @@ fn answer_applied(answer: AnswerAs, applied: Vec<Applied>) -> Response {
                     Applied::Enqueued {
                         first_offset,
                         count,
-                    } => Some((*first_offset, *count)),
+                        duplicate,
+                    } => Some((*first_offset, *count, *duplicate)),
                     _ => None,
                 })
                 .collect(),

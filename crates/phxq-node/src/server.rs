@@ -943,16 +943,19 @@ impl phxq_server::Phxq for Service {
                 let request = Request::Produce {
                     topic: request.topic,
                     queue: request.queue,
+                    message_id: request.message_id,
                     messages: messages_of(request.messages),
                 };
                 match self.call(request, 0).await {
                     Response::Produced {
                         first_offset,
                         count,
+                        duplicate,
                     } => api::ProduceResponse {
                         error: None,
                         first_offset,
                         count: u32::try_from(count).expect("at most PRODUCE_MESSAGES_MAX"),
+                        duplicate,
                     },
                     other => api::ProduceResponse {
                         error: Some(self.failure(other)),
@@ -985,6 +988,7 @@ impl phxq_server::Phxq for Service {
             .map(|a| Append {
                 topic: a.topic,
                 queue: a.queue,
+                message_id: a.message_id,
                 messages: messages_of(a.messages),
             })
             .collect();
@@ -993,9 +997,10 @@ impl phxq_server::Phxq for Service {
                 error: None,
                 results: ranges
                     .into_iter()
-                    .map(|(first_offset, count)| api::AppendResult {
+                    .map(|(first_offset, count, duplicate)| api::AppendResult {
                         first_offset,
                         count: u32::try_from(count).expect("at most PRODUCE_MESSAGES_MAX"),
+                        duplicate,
                     })
                     .collect(),
             },
@@ -1268,6 +1273,7 @@ mod tests {
             topic: String::new(),
             queue: 0,
             messages: Vec::new(),
+            message_id: Vec::new(),
         };
         assert_eq!(code(check_produce(&produce)), invalid_name);
         let commit = api::CommitRequest {
@@ -1291,6 +1297,7 @@ mod tests {
             topic: "test".to_string(),
             queue: 0,
             messages,
+            message_id: Vec::new(),
         };
         let invalid = Some(ErrorCode::InvalidArgument.number());
         assert_eq!(
@@ -1346,6 +1353,7 @@ mod tests {
         Request::Produce {
             topic: "t".to_string(),
             queue: 0,
+            message_id: Vec::new(),
             messages: vec![Message {
                 key: Vec::new(),
                 value: value.as_bytes().to_vec(),
@@ -1385,7 +1393,8 @@ mod tests {
                 first,
                 Response::Produced {
                     first_offset: 1,
-                    count: 1
+                    count: 1,
+                    duplicate: false
                 }
             ),
             "{first:?}"
@@ -1429,6 +1438,7 @@ mod tests {
         Append {
             topic: "t".to_string(),
             queue,
+            message_id: Vec::new(),
             messages: values
                 .iter()
                 .map(|v| Message {
@@ -1491,7 +1501,7 @@ mod tests {
         assert_eq!(
             handle.call(many).await,
             Response::ProducedMany {
-                ranges: vec![(2, 2), (1, 1), (4, 1)]
+                ranges: vec![(2, 2, false), (1, 1, false), (4, 1, false)]
             }
         );
 

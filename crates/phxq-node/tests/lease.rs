@@ -41,6 +41,7 @@ fn layout() -> Arc<StoreLayout> {
                 max_age_ms: None,
                 max_bytes: None,
             },
+            dedup_window: 0,
         }],
         message_bytes_max: 1 << 20,
     })

@@ -269,6 +269,7 @@ mod tests {
                     store_id: 0,
                     topic: "orders".to_string(),
                     queue: 3,
+                    message_id: Vec::new(),
                     messages: vec![Message {
                         key: vec![],
                         value: b"hello".to_vec(),

@@ -273,6 +273,7 @@ impl Sim {
                     max_age_ms: None,
                     max_bytes: None,
                 },
+                dedup_window: 0,
             }],
             message_bytes_max: 1 << 20,
         });
@@ -685,6 +686,7 @@ impl Sim {
                         .map(|seq| Append {
                             topic: TOPIC.to_string(),
                             queue,
+                            message_id: Vec::new(),
                             messages: message(seq),
                         })
                         .to_vec();
@@ -693,6 +695,7 @@ impl Sim {
                     Request::Produce {
                         topic: TOPIC.to_string(),
                         queue,
+                        message_id: Vec::new(),
                         messages: message(seq),
                     }
                 }
@@ -745,6 +748,7 @@ impl Sim {
                 Response::Produced {
                     first_offset,
                     count,
+                    ..
                 },
                 Request::Produce {
                     queue, messages, ..
@@ -769,7 +773,7 @@ impl Sim {
                 let ClientKind::Producer { index, seq, .. } = &mut self.clients[c].kind else {
                     unreachable!("producers produce");
                 };
-                for ((first_offset, count), append) in ranges.into_iter().zip(appends) {
+                for ((first_offset, count, _), append) in ranges.into_iter().zip(appends) {
                     assert_eq!(count, 1, "one message per append");
                     self.history.acks.push(Ack {
                         producer: *index,

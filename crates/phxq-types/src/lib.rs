@@ -56,6 +56,17 @@ pub const MESSAGE_BYTES_MAX_DEFAULT: usize = 1 << 20;
 /// Largest message key.
 pub const KEY_BYTES_MAX: usize = 1024;
 
+/// Longest producer message id (`Command::Enqueue::message_id`): ids are random tokens or
+/// (producer, sequence) pairs, never payloads, and a queue remembers a window of them.
+pub const MESSAGE_ID_BYTES_MAX: usize = 64;
+
+/// How many message ids a queue remembers for deduplication unless its topic says otherwise.
+pub const DEDUP_WINDOW_DEFAULT: u32 = 1000;
+
+/// Most message ids a queue may remember (bounds the dedup table: at most this many ids of at
+/// most [`MESSAGE_ID_BYTES_MAX`] bytes per queue).
+pub const DEDUP_WINDOW_MAX: u32 = 100_000;
+
 /// Most queues a topic may have.
 pub const QUEUES_PER_TOPIC_MAX: u32 = 4096;
 

@@ -764,6 +764,7 @@ async fn send_batch(
                 topic,
                 queue,
                 messages,
+                message_id: Vec::new(),
             };
             let outcome = router
                 .call(Some(router.group_of(queue)), |mut client| {

@@ -391,6 +391,7 @@ async fn produce_one(
     let request = api::ProduceRequest {
         topic: "test".to_string(),
         queue,
+        message_id: Vec::new(),
         messages: vec![api::Message {
             key: Vec::new(),
             value: value.as_bytes().to_vec(),

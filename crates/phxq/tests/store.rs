@@ -485,6 +485,7 @@ fn a_node_that_is_not_the_master_answers_not_master_with_the_masters_client_addr
                 store_id: 0,
                 topic: "test".to_string(),
                 queue: 0, // group 0
+                message_id: Vec::new(),
                 messages: vec![api::Message {
                     key: Vec::new(),
                     value: b"redirected".to_vec(),
@@ -527,6 +528,7 @@ fn a_request_for_another_store_gets_wrong_store_and_changes_nothing() {
             store_id: 999,
             topic: "test".to_string(),
             queue: 0,
+            message_id: Vec::new(),
             messages: vec![api::Message {
                 key: Vec::new(),
                 value: b"misrouted".to_vec(),
@@ -547,6 +549,7 @@ fn produce_many_appends_atomically_through_the_grpc_api_and_refuses_mixed_groups
     let append = |queue: u32, values: &[&str]| api::Append {
         topic: "test".to_string(),
         queue,
+        message_id: Vec::new(),
         messages: values
             .iter()
             .map(|v| api::Message {
@@ -627,6 +630,87 @@ fn produce_many_appends_atomically_through_the_grpc_api_and_refuses_mixed_groups
         stored,
         BTreeMap::from([(0, vec!["a".to_string(), "b".to_string(), "c".to_string()])]),
         "only the accepted call was written"
+    );
+}
+
+#[test]
+fn producer_dedup_a_retried_message_id_is_answered_with_the_first_offsets_and_stored_once() {
+    use phxq_proto::api::{self, phxq_client::PhxqClient};
+    use phxq_types::ErrorCode;
+
+    let produce = |id: &[u8], value: &str| api::ProduceRequest {
+        store_id: 0,
+        topic: "test".to_string(),
+        queue: 0,
+        message_id: id.to_vec(),
+        messages: vec![api::Message {
+            key: Vec::new(),
+            value: value.as_bytes().to_vec(),
+        }],
+    };
+    let store = Store::start();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    // Each request goes to group 0's master, following NOT_MASTER while placement settles.
+    let call = |request: api::ProduceRequest| {
+        runtime.block_on(async {
+            let mut server = store.server(1);
+            for _ in 0..100 {
+                store.wait_ready();
+                let mut client = PhxqClient::connect(format!("http://{server}"))
+                    .await
+                    .expect("connect");
+                let response = client
+                    .produce(request.clone())
+                    .await
+                    .expect("produce")
+                    .into_inner();
+                match api::check(response.error.as_ref()) {
+                    Err(failure) if failure.code == Some(ErrorCode::NotMaster) => {
+                        if let Some(master) = failure.master_addr {
+                            server = master;
+                        }
+                    }
+                    Err(failure) if failure.code.is_some_and(|c| c.is_retryable()) => {}
+                    _ => return response,
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("no master for group 0");
+        })
+    };
+    let first = call(produce(b"order-17", "once"));
+    assert_eq!(
+        api::check(first.error.as_ref()).map_err(|f| f.to_string()),
+        Ok(())
+    );
+    assert!(!first.duplicate);
+    let other = call(produce(b"order-18", "other"));
+    let retry = call(produce(b"order-17", "once"));
+    assert_eq!(
+        api::check(retry.error.as_ref()).map_err(|f| f.to_string()),
+        Ok(())
+    );
+    assert_eq!(
+        (retry.first_offset, retry.count, retry.duplicate),
+        (first.first_offset, first.count, true),
+        "a retry is answered like the first attempt"
+    );
+    assert_eq!(other.first_offset, first.first_offset + 1);
+
+    // Bad input: an id over 64 bytes is refused and stores nothing.
+    let too_long = call(produce(&[b'x'; 65], "never"));
+    let failure = api::check(too_long.error.as_ref()).expect_err("a 65-byte id is refused");
+    assert_eq!(failure.code, Some(ErrorCode::InvalidArgument), "{failure}");
+
+    let values: Vec<String> = store
+        .consume_all("g1")
+        .iter()
+        .map(|m| m["value"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        values,
+        ["once", "other"],
+        "stored once; the bad request stored nothing"
     );
 }
 

@@ -4,13 +4,16 @@
 //! reading must walk the batch exactly as applying did. Applying refuses some enqueues of a
 //! hosted queue, and a refused enqueue takes no offsets:
 //! - an enqueue with no messages (it would take none anyway);
-//! - one with a key over [`KEY_BYTES_MAX`] (a constant: easy to redo here);
+//! - one with a key over [`KEY_BYTES_MAX`] or a message id over [`MESSAGE_ID_BYTES_MAX`]
+//!   (constants: easy to redo here);
 //! - one with a value over the layout's `message_bytes_max`, which this function does not
 //!   know. But the entry reference says how many messages applying accepted, and the
 //!   accepted enqueues are exactly those whose largest value is at or under the limit; so
-//!   the only limit consistent with that count tells which enqueues took offsets.
+//!   the only limit consistent with that count tells which enqueues took offsets;
+//! - none is refused for being a duplicate (its message id was in the dedup window), but it
+//!   takes no offsets either: the entry reference lists those ([`EntryRef::skipped`]).
 
-use phxq_types::{KEY_BYTES_MAX, Offset, QueueId};
+use phxq_types::{KEY_BYTES_MAX, MESSAGE_ID_BYTES_MAX, Offset, QueueId};
 
 use super::queue::message_bytes;
 use super::{EntryRef, StoredMessage};
@@ -35,7 +38,7 @@ pub(super) fn extract(
     limits: &Limits,
 ) -> Result<Vec<StoredMessage>, DecodeError> {
     let batch = decode_batch(data)?;
-    let accepted = accepted_enqueues(&batch, topic, queue, entry.count)?;
+    let accepted = accepted_enqueues(&batch, topic, queue, entry)?;
     let time_ms = batch.time_ms;
     let messages = batch
         .commands
@@ -80,17 +83,20 @@ struct Candidate {
 }
 
 /// For each command of the batch, whether it is an enqueue of `topic`/`queue` that applying
-/// accepted, given that the accepted ones hold `count` messages.
+/// accepted and appended, given that those hold `entry.count` messages and that the
+/// duplicates at `entry.skipped` took none.
 fn accepted_enqueues(
     batch: &Batch,
     topic: &str,
     queue: QueueId,
-    count: u64,
+    entry: &EntryRef,
 ) -> Result<Vec<bool>, DecodeError> {
+    let count = entry.count;
     let candidates: Vec<Candidate> = batch
         .commands
         .iter()
         .enumerate()
+        .filter(|(position, _)| !entry.skipped.iter().any(|&p| p as usize == *position))
         .filter_map(|(position, command)| candidate(position, command, topic, queue))
         .collect();
     let mut accepted = vec![false; batch.commands.len()];
@@ -113,10 +119,12 @@ fn candidate(position: usize, command: &Command, topic: &str, queue: QueueId) ->
         Command::Enqueue {
             topic: command_topic,
             queue: command_queue,
+            message_id,
             messages,
         } if command_topic == topic
             && *command_queue == queue
             && !messages.is_empty()
+            && message_id.len() <= MESSAGE_ID_BYTES_MAX
             && messages.iter().all(|m| m.key.len() <= KEY_BYTES_MAX) =>
         {
             Some(Candidate {

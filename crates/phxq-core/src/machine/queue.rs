@@ -9,6 +9,8 @@
 //!   so it never decreases along the runs (what [`QueueState::offset_for_time`] searches).
 //!   Batch times usually grow with offsets, but not always: a new master's clock may be behind
 //!   the old one's, or a clock may step back;
+//! - `skipped` (the enqueues applying answered as duplicates, which took no offsets) are in
+//!   raft index order, none above the applied index, and cover only entries the log holds;
 //! - every cursor is at least 1. A cursor may stand above `next_offset` while a restored
 //!   machine replays its log tail (the snapshot holds the cursors of its newest state).
 
@@ -16,6 +18,7 @@ use std::collections::VecDeque;
 
 use phxq_types::Offset;
 
+use super::dedup::DedupTable;
 use super::{EntryRef, ReadPlan};
 use crate::Message;
 
@@ -42,11 +45,12 @@ impl Run {
         self.first_offset + self.count
     }
 
-    fn entry_ref(&self) -> EntryRef {
+    fn entry_ref(&self, skipped: Vec<u32>) -> EntryRef {
         EntryRef {
             index: self.index,
             first_offset: self.first_offset,
             count: self.count,
+            skipped,
         }
     }
 }
@@ -64,6 +68,11 @@ pub(super) struct QueueState {
     pub(super) retained_bytes: u64,
     /// The next offset each consumer group of the topic reads, in the topic's order.
     pub(super) cursors: Vec<Offset>,
+    /// The producer message ids in the dedup window.
+    pub(super) dedup: DedupTable,
+    /// `(raft index, command position)` of each enqueue of this queue that applying answered
+    /// as a duplicate, oldest first: reading skips them (they took no offsets).
+    pub(super) skipped: VecDeque<(u64, u32)>,
 }
 
 /// Bytes a message counts for, in retention and in dequeue limits.
@@ -85,7 +94,28 @@ impl QueueState {
             runs: VecDeque::new(),
             retained_bytes: 0,
             cursors,
+            dedup: DedupTable::default(),
+            skipped: VecDeque::new(),
         }
+    }
+
+    /// Notes that command `position` of entry `index` was a duplicate and took no offsets.
+    pub(super) fn skip(&mut self, index: u64, position: usize) {
+        let position = u32::try_from(position).expect("batches hold far fewer commands");
+        assert!(
+            self.skipped.back().is_none_or(|&(last, _)| last <= index),
+            "entries apply in order"
+        );
+        self.skipped.push_back((index, position));
+    }
+
+    /// The positions of the duplicates skipped in entry `index`.
+    fn skipped_in(&self, index: u64) -> Vec<u32> {
+        let first = self.skipped.partition_point(|&(at, _)| at < index);
+        (self.skipped.range(first..))
+            .take_while(|&&(at, _)| at == index)
+            .map(|&(_, position)| position)
+            .collect()
     }
 
     /// Gives `messages` (at least one) the next offsets, held by entry `index`; returns the
@@ -131,7 +161,7 @@ impl QueueState {
             let first = self.runs.partition_point(|run| run.end_offset() <= start);
             (self.runs.range(first..))
                 .take_while(|run| run.first_offset < limit)
-                .map(Run::entry_ref)
+                .map(|run| run.entry_ref(self.skipped_in(run.index)))
                 .collect()
         } else {
             Vec::new()
@@ -167,6 +197,10 @@ impl QueueState {
             self.runs.pop_front();
             dropped = true;
         }
+        while self.skipped.front().is_some_and(|&(at, _)| at <= index) {
+            self.skipped.pop_front();
+        }
+        self.dedup.forget_through(index);
         self.oldest_offset = self.next_offset_after(index);
         if dropped {
             self.recompute_time_max();
@@ -219,5 +253,16 @@ impl QueueState {
         assert_eq!(bytes, self.retained_bytes, "retained bytes out of step");
         assert_eq!(self.cursors.len(), consumer_groups, "one cursor per group");
         assert!(self.cursors.iter().all(|&c| c >= 1), "cursors start at 1");
+        assert!(
+            (self.skipped.iter().zip(self.skipped.iter().skip(1))).all(|(a, b)| a.0 <= b.0),
+            "skipped duplicates out of order"
+        );
+        assert!(
+            self.skipped
+                .back()
+                .is_none_or(|&(at, _)| at <= applied_index),
+            "skipped duplicate above the applied index"
+        );
+        self.dedup.validate(applied_index);
     }
 }

@@ -5,25 +5,34 @@
 //! snapshot = version(1) group:varint applied_index:varint topic_count:varint topic*
 //! topic    = name:bytes queue_count:varint queue*
 //! queue    = queue:varint next_offset:varint cursor_count:varint cursor*
+//!            record_count:varint record*                      (record_count: version 2 only)
 //! cursor   = consumer_group:bytes offset:varint
+//! record   = message_id:bytes index:varint first_offset:varint count:varint
 //! ```
+//!
+//! Version 1 (before message ids) is still read: its queues have an empty dedup window.
 //!
 //! Messages are not in it: every message at or below the snapshot's index is forgotten, so a
 //! queue is only its next offset (which is also its oldest retained offset) and its cursors.
 //! Cursors are the newest ones, not those as of the index: a commit sets an absolute value,
-//! so replaying older commits and then the newer ones ends in the same place.
+//! so replaying older commits and then the newer ones ends in the same place. The dedup
+//! window, unlike cursors, is the one as of the index (oldest id first): a replayed enqueue
+//! must meet the window it met when first applied.
 
 use std::collections::BTreeSet;
 
-use phxq_types::GroupId;
+use phxq_types::{GroupId, MESSAGE_ID_BYTES_MAX};
 
 use super::GroupMachine;
+use super::dedup::Original;
 use super::queue::QueueState;
 use crate::DecodeError;
 use crate::codec::{Reader, put_bytes, put_varint};
 
-/// The format version this build writes (and the only one it reads).
-const FORMAT_VERSION: u8 = 1;
+/// The format version this build writes.
+const FORMAT_VERSION: u8 = 2;
+/// The version before dedup windows, still read.
+const FORMAT_VERSION_NO_DEDUP: u8 = 1;
 
 /// Encodes `machine`'s state as of `index`, with everything at or below `index` forgotten.
 pub(super) fn encode(machine: &GroupMachine, index: u64) -> Vec<u8> {
@@ -42,6 +51,14 @@ pub(super) fn encode(machine: &GroupMachine, index: u64) -> Vec<u8> {
                 put_bytes(&mut out, name.as_bytes());
                 put_varint(&mut out, cursor);
             }
+            let records: Vec<_> = queue.dedup.as_of(index).collect();
+            put_varint(&mut out, records.len() as u64);
+            for record in records {
+                put_bytes(&mut out, &record.id);
+                put_varint(&mut out, record.index);
+                put_varint(&mut out, record.original.first_offset);
+                put_varint(&mut out, record.original.count);
+            }
         }
     }
     out
@@ -52,9 +69,10 @@ pub(super) fn encode(machine: &GroupMachine, index: u64) -> Vec<u8> {
 pub(super) fn decode_into(machine: &mut GroupMachine, snapshot: &[u8]) -> Result<(), DecodeError> {
     let mut reader = Reader::new(snapshot);
     let version = reader.u8("version")?;
-    if version != FORMAT_VERSION {
+    if version != FORMAT_VERSION && version != FORMAT_VERSION_NO_DEDUP {
         return Err(invalid(format!(
-            "snapshot format version {version}; this build reads {FORMAT_VERSION}"
+            "snapshot format version {version}; this build reads {FORMAT_VERSION_NO_DEDUP} \
+             and {FORMAT_VERSION}"
         )));
     }
     let group = GroupId(reader.varint("group")?);
@@ -65,7 +83,10 @@ pub(super) fn decode_into(machine: &mut GroupMachine, snapshot: &[u8]) -> Result
         )));
     }
     machine.applied_index = reader.varint("applied index")?;
-    let mut seen = Seen::default();
+    let mut seen = Seen {
+        dedup: version == FORMAT_VERSION,
+        ..Seen::default()
+    };
     for _ in 0..reader.count("topic count")? {
         decode_topic(machine, &mut reader, &mut seen)?;
     }
@@ -76,6 +97,8 @@ pub(super) fn decode_into(machine: &mut GroupMachine, snapshot: &[u8]) -> Result
 #[derive(Default)]
 struct Seen {
     queues: BTreeSet<(usize, usize)>,
+    /// Whether queues carry their dedup window (version 2).
+    dedup: bool,
 }
 
 fn decode_topic(
@@ -92,7 +115,7 @@ fn decode_topic(
         if !seen.queues.insert((topic, slot)) {
             return Err(invalid(format!("queue {name}/{queue} appears twice")));
         }
-        let state = decode_queue(machine, topic, reader)?;
+        let state = decode_queue(machine, topic, reader, seen.dedup)?;
         machine.topics[topic].queues[slot] = state;
     }
     Ok(())
@@ -102,6 +125,7 @@ fn decode_queue(
     machine: &GroupMachine,
     topic: usize,
     reader: &mut Reader<'_>,
+    with_dedup: bool,
 ) -> Result<QueueState, DecodeError> {
     let next_offset = reader.varint("next offset")?;
     if next_offset == 0 {
@@ -123,7 +147,44 @@ fn decode_queue(
         }
     }
     let cursors = cursors.into_iter().map(|c| c.unwrap_or(1)).collect();
-    Ok(QueueState::restored(next_offset, cursors))
+    let mut state = QueueState::restored(next_offset, cursors);
+    if with_dedup {
+        decode_dedup(&mut state, machine.applied_index, reader)?;
+    }
+    Ok(state)
+}
+
+/// Reads a queue's dedup window into `state` (whose next offset and applied index are known).
+fn decode_dedup(
+    state: &mut QueueState,
+    applied_index: u64,
+    reader: &mut Reader<'_>,
+) -> Result<(), DecodeError> {
+    for _ in 0..reader.count("record count")? {
+        let id = reader.bytes("message id")?.to_vec();
+        let index = reader.varint("record index")?;
+        let original = Original {
+            first_offset: reader.varint("record first offset")?,
+            count: reader.varint("record count")?,
+        };
+        let end = original.first_offset.checked_add(original.count);
+        if id.is_empty()
+            || id.len() > MESSAGE_ID_BYTES_MAX
+            || index == 0
+            || index > applied_index
+            || original.first_offset == 0
+            || original.count == 0
+            || end.is_none_or(|end| end > state.next_offset)
+        {
+            return Err(invalid(format!("bad dedup record {id:?} at {index}")));
+        }
+        if !state.dedup.restore(id, index, original) {
+            return Err(invalid(
+                "dedup records repeated or out of order".to_string(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn invalid(message: String) -> DecodeError {

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use phxq_types::{ErrorCode, GroupId, KEY_BYTES_MAX};
+use phxq_types::{ErrorCode, GroupId, KEY_BYTES_MAX, MESSAGE_ID_BYTES_MAX};
 
 use super::{Applied, EntryRef, GroupMachine, ReadPlan, StoredMessage};
 use crate::{Batch, Command, Message, Retention, StoreLayout, TopicConfig, encode_batch};
@@ -16,6 +16,9 @@ const NO_RETENTION: Retention = Retention {
     max_bytes: None,
 };
 
+/// The dedup window of "orders" ("logs" has none).
+const ORDERS_DEDUP_WINDOW: u32 = 3;
+
 /// Two groups; this test's machine is group 0, so it hosts queues 0 and 2 of "orders" and
 /// queue 0 of "logs". Values are at most 16 bytes.
 fn layout(orders: Retention, logs: Retention) -> Arc<StoreLayout> {
@@ -27,12 +30,14 @@ fn layout(orders: Retention, logs: Retention) -> Arc<StoreLayout> {
                 queues: 4,
                 consumer_groups: vec!["billing".into(), "audit".into()],
                 retention: orders,
+                dedup_window: ORDERS_DEDUP_WINDOW,
             },
             TopicConfig {
                 name: "logs".into(),
                 queues: 2,
                 consumer_groups: vec![],
                 retention: logs,
+                dedup_window: 0,
             },
         ],
         message_bytes_max: 16,
@@ -44,9 +49,15 @@ fn machine() -> GroupMachine {
 }
 
 fn enqueue(topic: &str, queue: u32, values: &[&str]) -> Command {
+    enqueue_with_id(topic, queue, "", values)
+}
+
+/// An enqueue carrying producer message id `id` (none if empty).
+fn enqueue_with_id(topic: &str, queue: u32, id: &str, values: &[&str]) -> Command {
     Command::Enqueue {
         topic: topic.into(),
         queue,
+        message_id: id.as_bytes().to_vec(),
         messages: values
             .iter()
             .map(|value| Message {
@@ -130,15 +141,18 @@ fn two_enqueues_for_one_queue_in_one_batch_get_consecutive_offsets() {
         [
             Applied::Enqueued {
                 first_offset: 1,
-                count: 2
+                count: 2,
+                duplicate: false
             },
             Applied::Enqueued {
                 first_offset: 1,
-                count: 1
+                count: 1,
+                duplicate: false
             },
             Applied::Enqueued {
                 first_offset: 3,
-                count: 1
+                count: 1,
+                duplicate: false
             },
         ]
     );
@@ -148,6 +162,7 @@ fn two_enqueues_for_one_queue_in_one_batch_get_consecutive_offsets() {
         index: 1,
         first_offset: 1,
         count: 3,
+        skipped: Vec::new(),
     };
     assert_eq!(
         plan,
@@ -204,13 +219,15 @@ fn a_rejected_command_changes_nothing_and_its_neighbours_still_apply() {
         [
             Applied::Enqueued {
                 first_offset: 1,
-                count: 1
+                count: 1,
+                duplicate: false
             },
             Applied::Rejected(ErrorCode::MessageTooLarge),
             Applied::Rejected(ErrorCode::InvalidArgument),
             Applied::Enqueued {
                 first_offset: 2,
-                count: 1
+                count: 1,
+                duplicate: false
             },
         ]
     );
@@ -250,6 +267,7 @@ fn a_key_over_the_limit_is_refused_and_skipped_on_read() {
     let long_key = Command::Enqueue {
         topic: "orders".into(),
         queue: 0,
+        message_id: Vec::new(),
         messages: vec![Message {
             key: vec![b'k'; KEY_BYTES_MAX + 1],
             value: b"v".to_vec(),
@@ -378,7 +396,7 @@ fn extract_honours_count_and_bytes_limits_but_returns_at_least_one() {
         &mut machine,
         vec![(100, vec![enqueue("orders", 0, &["aaaa", "bbbb", "cccc"])])],
     );
-    let entry = machine.read_plan("orders", 0, 1, 10).unwrap().entries[0];
+    let entry = machine.read_plan("orders", 0, 1, 10).unwrap().entries[0].clone();
     let values = |from, count_max, bytes_max| {
         GroupMachine::extract(&entry, &log[0], "orders", 0, from, count_max, bytes_max)
             .unwrap()
@@ -634,6 +652,164 @@ mod retention {
             apply(&mut machine, 5000, vec![commit(group, "orders", 0, 5)]);
         }
         assert_eq!(machine.deletable_index(10_000), 0, "orders/2 is unread");
+    }
+}
+
+mod dedup {
+    use super::*;
+
+    fn enqueued(first_offset: u64, count: u64, duplicate: bool) -> Applied {
+        Applied::Enqueued {
+            first_offset,
+            count,
+            duplicate,
+        }
+    }
+
+    fn values(machine: &GroupMachine, log: &[Vec<u8>], queue: u32) -> Vec<(u64, String)> {
+        read(machine, log, ("orders", queue), 1, 100)
+    }
+
+    #[test]
+    fn a_retry_inside_the_window_appends_nothing_and_gets_the_original_offsets() {
+        let mut machine = machine();
+        let log = applied_log(
+            &mut machine,
+            vec![
+                (100, vec![enqueue_with_id("orders", 0, "a", &["x", "y"])]),
+                (101, vec![enqueue("orders", 0, &["plain"])]),
+            ],
+        );
+        let retry = vec![
+            enqueue_with_id("orders", 0, "a", &["x", "y"]),
+            enqueue_with_id("orders", 0, "b", &["z"]),
+            enqueue_with_id("orders", 0, "b", &["z"]),
+        ];
+        let data = entry(102, retry);
+        assert_eq!(
+            machine.apply(3, &data).unwrap(),
+            [
+                enqueued(1, 2, true),
+                enqueued(4, 1, false),
+                enqueued(4, 1, true)
+            ]
+        );
+        machine.validate();
+        let log = [log, vec![data]].concat();
+        assert_eq!(machine.end_offset("orders", 0), Some(5));
+        assert_eq!(
+            values(&machine, &log, 0),
+            [
+                (1, "x".into()),
+                (2, "y".into()),
+                (3, "plain".into()),
+                (4, "z".into())
+            ],
+            "reading skips the duplicates, before and after the original in one entry"
+        );
+    }
+
+    #[test]
+    fn an_id_pushed_out_of_the_window_appends_again() {
+        let mut machine = machine();
+        for (i, id) in ["a", "b", "c", "d"].into_iter().enumerate() {
+            let applied = apply(
+                &mut machine,
+                100,
+                vec![enqueue_with_id("orders", 0, id, &[id])],
+            );
+            assert_eq!(applied, [enqueued(i as u64 + 1, 1, false)]);
+        }
+        // The window holds the newest three: b, c, d.
+        let applied = apply(
+            &mut machine,
+            100,
+            vec![
+                enqueue_with_id("orders", 0, "b", &["b"]),
+                enqueue_with_id("orders", 0, "a", &["a"]),
+            ],
+        );
+        assert_eq!(applied, [enqueued(2, 1, true), enqueued(5, 1, false)]);
+        // a came back in and pushed b out.
+        let applied = apply(
+            &mut machine,
+            100,
+            vec![enqueue_with_id("orders", 0, "b", &["b"])],
+        );
+        assert_eq!(applied, [enqueued(6, 1, false)]);
+    }
+
+    #[test]
+    fn ids_are_per_queue_and_ignored_where_the_window_is_zero() {
+        let mut machine = machine();
+        let applied = apply(
+            &mut machine,
+            100,
+            vec![
+                enqueue_with_id("orders", 0, "a", &["x"]),
+                enqueue_with_id("orders", 2, "a", &["x"]),
+                enqueue_with_id("logs", 0, "a", &["x"]),
+                enqueue_with_id("logs", 0, "a", &["x"]),
+            ],
+        );
+        assert_eq!(
+            applied,
+            [
+                enqueued(1, 1, false),
+                enqueued(1, 1, false),
+                enqueued(1, 1, false),
+                enqueued(2, 1, false)
+            ]
+        );
+    }
+
+    #[test]
+    fn an_id_over_the_limit_is_refused_and_changes_nothing() {
+        let mut machine = machine();
+        let longest = "i".repeat(MESSAGE_ID_BYTES_MAX);
+        let too_long = "i".repeat(MESSAGE_ID_BYTES_MAX + 1);
+        let bad = enqueue_with_id("orders", 0, &too_long, &["x"]);
+        assert_eq!(machine.check(&bad), Err(ErrorCode::InvalidArgument));
+        let good = enqueue_with_id("orders", 0, &longest, &["x"]);
+        assert_eq!(machine.check(&good), Ok(()));
+        let applied = apply(&mut machine, 100, vec![bad, good.clone(), good]);
+        assert_eq!(
+            applied,
+            [
+                Applied::Rejected(ErrorCode::InvalidArgument),
+                enqueued(1, 1, false),
+                enqueued(1, 1, true)
+            ]
+        );
+        assert_eq!(machine.end_offset("orders", 0), Some(2));
+    }
+
+    #[test]
+    fn a_snapshot_holds_the_window_as_of_its_index_so_replayed_retries_stay_duplicates() {
+        let mut machine = machine();
+        let entries = ["a", "b", "c", "d"]
+            .map(|id| (100, vec![enqueue_with_id("orders", 0, id, &[id])]))
+            .into_iter()
+            // A retry of a, still inside the window at entry 5? No: d pushed it out at 4.
+            // A retry of b is: a duplicate when first applied, so it must stay one.
+            .chain([(100, vec![enqueue_with_id("orders", 0, "b", &["b"])])])
+            .collect();
+        let log = applied_log(&mut machine, entries);
+        for index in 0..=5 {
+            let snapshot = machine.snapshot(index);
+            let mut compacted = machine.clone();
+            compacted.forget_through(index);
+            let mut restored =
+                GroupMachine::restore(GroupId(0), machine.layout.clone(), &snapshot).unwrap();
+            for replayed in index + 1..=5 {
+                restored
+                    .apply(replayed, &log[replayed as usize - 1])
+                    .unwrap();
+            }
+            restored.validate();
+            assert_eq!(restored.topics, compacted.topics, "snapshot at {index}");
+            assert_eq!(restored.end_offset("orders", 0), Some(5));
+        }
     }
 }
 

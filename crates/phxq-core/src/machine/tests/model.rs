@@ -1,7 +1,8 @@
 //! A plain model of a group (every message kept in a list) against which random logs are
 //! checked: applying, reading back through `read_plan` + `extract`, retention decided per
 //! message, seeking by time (batch times are random, so they step back as after a master
-//! change), and snapshots.
+//! change), deduplication by producer message id (ids drawn from a few, so retries inside
+//! and outside the window and duplicates inside one entry all happen), and snapshots.
 
 use std::collections::BTreeMap;
 
@@ -31,6 +32,9 @@ struct ModelQueue {
     /// The retained messages, oldest first.
     messages: Vec<Kept>,
     cursors: BTreeMap<String, u64>,
+    /// Every enqueue that carried an id and appended, oldest first: `(id, first offset,
+    /// count)`. Its window is the last `dedup_window` of them.
+    originals: Vec<(Vec<u8>, u64, u64)>,
 }
 
 /// Group 0 of [`layout`], written from the rules rather than from the machine's code.
@@ -54,6 +58,7 @@ impl Model {
                     next_offset: 1,
                     messages: Vec::new(),
                     cursors,
+                    originals: Vec::new(),
                 };
                 queues.insert((topic.name.clone(), queue), state);
             }
@@ -77,8 +82,9 @@ impl Model {
                 Command::Enqueue {
                     topic,
                     queue,
+                    message_id,
                     messages,
-                } => self.enqueue(index, time_ms, topic, *queue, messages),
+                } => self.enqueue(index, time_ms, (topic, *queue), message_id, messages),
                 Command::CommitCursor {
                     consumer_group,
                     topic,
@@ -95,8 +101,8 @@ impl Model {
         &mut self,
         index: u64,
         time_ms: u64,
-        topic: &str,
-        queue: u32,
+        (topic, queue): (&str, u32),
+        message_id: &[u8],
         messages: &[Message],
     ) -> Result<Applied, ErrorCode> {
         self.hosted(topic, queue)?;
@@ -108,8 +114,29 @@ impl Model {
         {
             return Err(ErrorCode::MessageTooLarge);
         }
+        if message_id.len() > MESSAGE_ID_BYTES_MAX {
+            return Err(ErrorCode::InvalidArgument);
+        }
+        let window = self.layout.topic(topic).unwrap().dedup_window as usize;
         let state = self.queues.get_mut(&(topic.to_string(), queue)).unwrap();
+        let in_window = &state.originals[state.originals.len().saturating_sub(window)..];
+        if !message_id.is_empty()
+            && let Some((_, first_offset, count)) =
+                in_window.iter().find(|(id, ..)| id == message_id)
+        {
+            return Ok(Applied::Enqueued {
+                first_offset: *first_offset,
+                count: *count,
+                duplicate: true,
+            });
+        }
         let first_offset = state.next_offset;
+        if !message_id.is_empty() {
+            let count = messages.len() as u64;
+            state
+                .originals
+                .push((message_id.to_vec(), first_offset, count));
+        }
         for message in messages {
             state.messages.push(Kept {
                 offset: state.next_offset,
@@ -123,6 +150,7 @@ impl Model {
         Ok(Applied::Enqueued {
             first_offset,
             count: messages.len() as u64,
+            duplicate: false,
         })
     }
 
@@ -317,6 +345,16 @@ fn message() -> impl Strategy<Value = Message> {
     })
 }
 
+/// No id, one of five (the window of "orders" is three), or one of the longest or too long.
+fn message_id() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        4 => Just(Vec::new()),
+        5 => (b'a'..=b'e').prop_map(|id| vec![id]),
+        1 => prop_oneof![Just(MESSAGE_ID_BYTES_MAX), Just(MESSAGE_ID_BYTES_MAX + 1)]
+            .prop_map(|bytes| vec![b'z'; bytes]),
+    ]
+}
+
 fn topic() -> impl Strategy<Value = String> {
     prop_oneof![6 => Just("orders"), 3 => Just("logs"), 1 => Just("nope")].prop_map(String::from)
 }
@@ -328,8 +366,13 @@ fn queue() -> impl Strategy<Value = u32> {
 fn command() -> impl Strategy<Value = Command> {
     let consumer_group = prop_oneof![Just("billing"), Just("audit"), Just("ghost")];
     prop_oneof![
-        3 => (topic(), queue(), prop::collection::vec(message(), 0..4)).prop_map(
-            |(topic, queue, messages)| Command::Enqueue { topic, queue, messages }
+        3 => (topic(), queue(), message_id(), prop::collection::vec(message(), 0..4)).prop_map(
+            |(topic, queue, message_id, messages)| Command::Enqueue {
+                topic,
+                queue,
+                message_id,
+                messages,
+            }
         ),
         1 => (consumer_group, topic(), queue(), 0..12u64).prop_map(
             |(consumer_group, topic, queue, offset)| Command::CommitCursor {
