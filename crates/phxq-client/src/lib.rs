@@ -1,4 +1,4 @@
-//! The Rust client library of phxq: a [`Producer`].
+//! The Rust client library of phxq: a [`Producer`] and a [`Consumer`].
 //!
 //! A producer is given a few nodes of one store ([`ProducerConfig::servers`]); it learns the
 //! rest from the `ClusterStatus` call of the client protocol (`phxq-proto`'s
@@ -32,11 +32,40 @@
 //! # }
 //! ```
 //!
+//! A [`Consumer`] reads a topic for a consumer group: one long-poll pull loop per queue it
+//! owns (queues divided among a static member list by consistent hashing,
+//! [`assigned_queues`]), routed like the producer's calls; a [`Handler`] called for
+//! different keys in parallel (at most [`ConsumerConfig::max_in_flight`] at once, under an
+//! optional messages/s and bytes/s limit) but for one key's messages strictly in order; each
+//! queue's cursor committed, in batches, only up to its lowest unhandled offset (delivery is
+//! at least once); a graceful drain when its shutdown future completes.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use phxq_client::{Consumer, ConsumerConfig, Delivery, Outcome};
+//!
+//! let consumer = Consumer::new(ConsumerConfig::new(["127.0.0.1:7100"], "test", "g1"))?;
+//! let handler = |msg: &Delivery| {
+//!     println!("queue {} offset {}: {} bytes", msg.queue, msg.offset, msg.value.len());
+//!     async { Outcome::Handled }
+//! };
+//! let (stop, stopped) = tokio::sync::oneshot::channel::<()>(); // `stop.send(())` drains
+//! let report = consumer.run(handler, async { let _ = stopped.await; }).await?;
+//! # drop(stop);
+//! println!("handled {}", report.handled);
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! The crate holds no server code: it depends on the wire types (`phxq-proto`) and the
 //! shared vocabulary (`phxq-types`) only, and needs a tokio runtime (tonic's).
 
 mod backoff;
 mod config;
+mod consumer;
+mod consumer_assign;
+mod consumer_config;
+mod consumer_rate;
 mod error;
 mod key;
 mod producer;
@@ -46,6 +75,15 @@ pub use config::{
     ATTEMPT_TIMEOUT_DEFAULT, BACKOFF_INITIAL_DEFAULT, BACKOFF_MAX_DEFAULT, BACKOFF_MAX_LIMIT,
     BACKOFF_MIN_LIMIT, ConfigError, DEADLINE_DEFAULT, DEADLINE_MAX, ProducerConfig, SERVERS_MAX,
 };
+pub use consumer::{Consumer, ConsumerError, ConsumerReport, Delivery, Handler, Outcome};
+pub use consumer_assign::{assigned_queues, queue_owner};
+pub use consumer_config::{
+    COMMIT_INTERVAL_DEFAULT, COMMIT_INTERVAL_MAX, COMMIT_INTERVAL_MIN, CONSUMER_DEADLINE_DEFAULT,
+    ConsumerConfig, ConsumerConfigError, LONG_POLL_DEFAULT, LONG_POLL_LIMIT, LONG_POLL_MARGIN,
+    MAX_IN_FLIGHT_DEFAULT, MAX_IN_FLIGHT_LIMIT, MEMBERS_MAX, PULL_BYTES_DEFAULT, PULL_BYTES_LIMIT,
+    PULL_MESSAGES_DEFAULT, PULL_MESSAGES_LIMIT,
+};
+pub use consumer_rate::BURST as RATE_BURST;
 pub use error::{ErrorKind, ProduceError};
 pub use key::{fnv1a_64, queue_of_key};
 pub use phxq_types::{ErrorCode, KEY_BYTES_MAX, Offset, QueueId};

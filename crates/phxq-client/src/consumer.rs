@@ -1,0 +1,834 @@
+//! The consumer: one pull loop per assigned queue, handlers in parallel across keys, cursors
+//! committed behind them.
+//!
+//! * **Pulling.** Each queue this consumer owns ([`assigned_queues`]) has one loop: a
+//!   long-poll `Consume` at the queue's master (routed, redirected and retried by the
+//!   producer's router: `NOT_MASTER` followed, `NO_MASTER`/`UNAVAILABLE`/lost nodes retried
+//!   with backoff), the first from the group's committed cursor, every later one from the
+//!   offset after the last message pulled. A batch must hold consecutive offsets from where
+//!   it was asked (anything else stops the consumer as a protocol error), so nothing of a
+//!   queue is skipped or reordered by the consumer. The next pull starts once the batch is
+//!   handled.
+//! * **Handling.** A batch is split into chains, one per key (in offset order; each keyless
+//!   message is a chain of its own); a chain's messages are handled one after the other,
+//!   chains in parallel, at most [`ConsumerConfig::max_in_flight`] messages of the whole
+//!   consumer at once, under its rate limit. Batches of one queue follow each other, so
+//!   **messages of one key in one queue are handled strictly in offset order, never two at
+//!   once**. (The producer keeps a key in one queue unless queue-change retry is on.)
+//! * **Committing.** A queue's cursor is committed only up to its lowest offset not yet
+//!   handled ([`Watermark`]), so a crash at any moment never skips an unhandled message:
+//!   **delivery is at least once**, and what was handled after that offset is delivered
+//!   again. Commits are batched: at most one per [`ConsumerConfig::commit_interval`] per
+//!   queue while handling, and when the queue goes idle.
+//! * **Draining.** When `run`'s shutdown future completes, pulls stop, handlers already
+//!   running finish (no new one starts), every queue commits its lowest unhandled offset, and
+//!   `run` returns. Dropping `run`'s future instead aborts everything at once: handled but
+//!   uncommitted messages are delivered again to the next consumer.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::poll_fn;
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use phxq_proto::api;
+use phxq_types::{GroupId, Offset, QueueId, group_of_queue};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+use crate::consumer_assign::assigned_queues;
+use crate::consumer_config::{ConsumerConfig, ConsumerConfigError};
+use crate::consumer_rate::RateLimiter;
+use crate::error::{ErrorKind, ProduceError};
+use crate::router::{Halt, Router};
+
+/// A message given to a [`Handler`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    /// The topic it was read from.
+    pub topic: Arc<str>,
+    /// Its queue.
+    pub queue: QueueId,
+    /// Its offset in the queue: `(topic, queue, offset)` is its stable id, the same on every
+    /// delivery (use it to make handling idempotent).
+    pub offset: Offset,
+    /// When the master accepted it, in ms since the Unix epoch (the master's clock).
+    pub time_ms: u64,
+    /// Its key (empty: none).
+    pub key: Vec<u8>,
+    /// Its value.
+    pub value: Vec<u8>,
+    /// How many times this consumer has handed it to the handler, this one included (from
+    /// 1; grows with [`Outcome::Retry`]). A message delivered again after a crash starts at
+    /// 1 again: the count is not stored.
+    pub attempt: u32,
+}
+
+/// What a [`Handler`] made of a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Handled: the cursor may pass it.
+    Handled,
+    /// Not handled; hand it over again after this delay. Its key waits (order), and the
+    /// queue's cursor stays before it until it is handled. (Retry tiers and a dead-letter
+    /// topic come later.)
+    Retry(Duration),
+}
+
+/// Handles messages. Implement it with `async fn handle(&self, msg: &Delivery) -> Outcome`,
+/// or pass a closure `|msg: &Delivery| { let v = msg.value.clone(); async move { ... } }`
+/// (the future may not borrow the message).
+///
+/// Called for different keys at once (so `&self`); never for two messages of one key of one
+/// queue at once. A panic stops the consumer ([`ConsumerError::HandlerPanicked`]) with the
+/// message unhandled.
+pub trait Handler: Send + Sync + 'static {
+    /// Handles one message.
+    fn handle(&self, msg: &Delivery) -> impl Future<Output = Outcome> + Send;
+}
+
+impl<F, Fut> Handler for F
+where
+    F: Fn(&Delivery) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Outcome> + Send,
+{
+    fn handle(&self, msg: &Delivery) -> impl Future<Output = Outcome> + Send {
+        self(msg)
+    }
+}
+
+/// Why a consumer stopped before being asked to.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    /// The store refused a pull or commit in a way retrying cannot change (`UNKNOWN_TOPIC`,
+    /// `UNKNOWN_CONSUMER_GROUP`, `WRONG_STORE`, ...), or answered nonsense.
+    #[error("queue {queue:?}: {error}")]
+    Store {
+        /// The queue concerned (`None`: learning the layout).
+        queue: Option<QueueId>,
+        /// What the router reported.
+        error: ProduceError,
+    },
+    /// A handler panicked on this message (it stays unhandled; the cursor is before it).
+    #[error("the handler panicked on queue {queue} offset {offset}")]
+    HandlerPanicked {
+        /// Its queue.
+        queue: QueueId,
+        /// Its offset.
+        offset: Offset,
+    },
+}
+
+/// What a consumer did, returned when it stops.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConsumerReport {
+    /// The queues it read.
+    pub queues: Vec<QueueId>,
+    /// Each queue's cursor as last committed by this consumer (queues it never committed are
+    /// absent).
+    pub cursors: BTreeMap<QueueId, Offset>,
+    /// Messages handled (`Outcome::Handled`).
+    pub handled: u64,
+    /// `Outcome::Retry` answers.
+    pub retries: u64,
+    /// Pulls answered.
+    pub pulls: u64,
+    /// Commits acknowledged.
+    pub commits: u64,
+}
+
+/// A consumer of one topic for one consumer group. Build it with [`Consumer::new`], then
+/// [`Consumer::run`] it.
+pub struct Consumer {
+    config: ConsumerConfig,
+}
+
+impl Consumer {
+    /// A consumer with `config` (validated here). Connects to nothing yet.
+    pub fn new(config: ConsumerConfig) -> Result<Consumer, ConsumerConfigError> {
+        config.validate()?;
+        Ok(Consumer { config })
+    }
+
+    /// The consumer's configuration.
+    pub fn config(&self) -> &ConsumerConfig {
+        &self.config
+    }
+
+    /// Reads the topic's assigned queues and hands their messages to `handler` until
+    /// `shutdown` completes, then drains (see the module documentation) and returns what it
+    /// did. Returns early with an error when the store refuses for good or a handler panics
+    /// (after draining the other queues).
+    pub async fn run<H: Handler>(
+        self,
+        handler: H,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<ConsumerReport, ConsumerError> {
+        let router = Router::new(self.config.router_config());
+        let mut shutdown = pin!(shutdown);
+        let mut progress = router.start_request();
+        let learnt = first(
+            router.topic_queues(&self.config.topic, &mut progress),
+            &mut shutdown,
+        )
+        .await;
+        let (layout, queues) = match learnt {
+            First::Left(Ok(found)) => found,
+            First::Left(Err(error)) => return Err(ConsumerError::Store { queue: None, error }),
+            First::Right(()) => return Ok(ConsumerReport::default()),
+        };
+        let config = &self.config;
+        let mine = assigned_queues(&config.topic, queues, &config.members, &config.member);
+        tracing::info!(topic = %config.topic, group = %config.consumer_group, queues = ?mine,
+            "consuming");
+        let shared = Arc::new(Shared {
+            topic: Arc::from(config.topic.as_str()),
+            limiter: RateLimiter::new(
+                config.messages_per_s_max,
+                config.bytes_per_s_max,
+                Instant::now(),
+            )
+            .map(Mutex::new),
+            permits: Semaphore::new(config.max_in_flight),
+            config: self.config.clone(),
+            router,
+            handler,
+            counters: Counters::default(),
+        });
+        let (stop, _) = watch::channel(false);
+        let mut loops = JoinSet::new();
+        for &queue in &mine {
+            let group = group_of_queue(queue, layout.groups);
+            loops.spawn(run_queue(shared.clone(), queue, group, stop.subscribe()));
+        }
+        let mut report = ConsumerReport {
+            queues: mine,
+            ..ConsumerReport::default()
+        };
+        let mut failure = None;
+        let mut shutdown_seen = false;
+        loop {
+            let joined = if shutdown_seen {
+                First::Left(loops.join_next().await)
+            } else {
+                first(loops.join_next(), &mut shutdown).await
+            };
+            match joined {
+                First::Right(()) => {
+                    shutdown_seen = true;
+                    stop.send_replace(true);
+                }
+                First::Left(None) => break,
+                First::Left(Some(Ok((queue, cursor, outcome)))) => {
+                    if let Some(cursor) = cursor {
+                        report.cursors.insert(queue, cursor);
+                    }
+                    if let Err(error) = outcome {
+                        failure.get_or_insert(error);
+                        stop.send_replace(true);
+                    }
+                }
+                // A pull loop panicked: a bug here, not the handler's (its panics are caught).
+                First::Left(Some(Err(joined))) => std::panic::resume_unwind(joined.into_panic()),
+            }
+        }
+        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        report.handled = read(&shared.counters.handled);
+        report.retries = read(&shared.counters.retries);
+        report.pulls = read(&shared.counters.pulls);
+        report.commits = read(&shared.counters.commits);
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(report),
+        }
+    }
+}
+
+/// What every loop and handler task of one running consumer shares.
+struct Shared<H> {
+    config: ConsumerConfig,
+    topic: Arc<str>,
+    router: Router,
+    handler: H,
+    /// One permit per message being handled: [`ConsumerConfig::max_in_flight`].
+    permits: Semaphore,
+    limiter: Option<Mutex<RateLimiter>>,
+    counters: Counters,
+}
+
+#[derive(Default)]
+struct Counters {
+    handled: AtomicU64,
+    retries: AtomicU64,
+    pulls: AtomicU64,
+    commits: AtomicU64,
+}
+
+/// A queue loop's result: its queue, its last committed cursor, how it ended.
+type QueueEnd = (QueueId, Option<Offset>, Result<(), ConsumerError>);
+
+/// One queue's cursor: what is committed and what may be.
+struct Cursor {
+    queue: QueueId,
+    group: GroupId,
+    /// Last committed by us, or read at start (`None` before the first pull).
+    committed: Option<Offset>,
+    /// The lowest offset not yet handled: where the cursor may go.
+    handled_to: Option<Offset>,
+    last_commit: Instant,
+}
+
+impl Cursor {
+    fn pending(&self) -> bool {
+        self.handled_to > self.committed
+    }
+
+    fn due(&self, interval: Duration) -> bool {
+        self.pending() && self.last_commit.elapsed() >= interval
+    }
+}
+
+/// Pulls, handles and commits queue `queue` until `stop`, then drains it.
+async fn run_queue<H: Handler>(
+    shared: Arc<Shared<H>>,
+    queue: QueueId,
+    group: GroupId,
+    mut stop: watch::Receiver<bool>,
+) -> QueueEnd {
+    let mut cursor = Cursor {
+        queue,
+        group,
+        committed: None,
+        handled_to: None,
+        last_commit: Instant::now(),
+    };
+    let outcome = pull_and_handle(&shared, &mut cursor, &mut stop).await;
+    // Drain: commit what was handled, whatever stopped us.
+    let committed = if cursor.pending() {
+        shared.commit(&mut cursor).await
+    } else {
+        Ok(())
+    };
+    (queue, cursor.committed, outcome.and(committed))
+}
+
+/// The loop of [`run_queue`], up to its drain.
+async fn pull_and_handle<H: Handler>(
+    shared: &Arc<Shared<H>>,
+    cursor: &mut Cursor,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), ConsumerError> {
+    let config = &shared.config;
+    let mut next: Option<Offset> = None;
+    while !*stop.borrow() {
+        // With a commit pending, do not sleep in a long poll past its time.
+        let wait = if cursor.pending() {
+            config.long_poll.min(config.commit_interval)
+        } else {
+            config.long_poll
+        };
+        let Some(pulled) = unless_stopped(shared.pull(cursor, next, wait), stop).await else {
+            break;
+        };
+        let batch = match pulled? {
+            Some(batch) => batch,
+            None => {
+                // The store was unreachable for a whole deadline: logged; start over.
+                unless_stopped(tokio::time::sleep(config.backoff_max), stop).await;
+                continue;
+            }
+        };
+        if cursor.committed.is_none() {
+            // The first pull read from the group's cursor.
+            cursor.committed = Some(batch.start);
+            cursor.handled_to = Some(batch.start);
+        }
+        if batch.deliveries.is_empty() {
+            next = Some(batch.start);
+        } else {
+            let end = batch.end();
+            let handled_to = shared.handle_batch(cursor, batch.deliveries, stop).await?;
+            cursor.handled_to = Some(handled_to);
+            if handled_to < end {
+                break; // Stopped mid-batch.
+            }
+            next = Some(end);
+        }
+        if cursor.due(config.commit_interval) {
+            shared.commit(cursor).await?;
+        }
+    }
+    Ok(())
+}
+
+/// A checked pull: consecutive offsets from `start`.
+struct Batch {
+    start: Offset,
+    deliveries: Vec<Delivery>,
+}
+
+impl Batch {
+    /// One past the last offset.
+    fn end(&self) -> Offset {
+        self.start + self.deliveries.len() as u64
+    }
+}
+
+impl<H: Handler> Shared<H> {
+    /// One long-poll `Consume` from `from` (`None`: the group's cursor), routed and retried.
+    /// `Ok(None)` when retrying passed the deadline (logged); an error when the store
+    /// refused for good or answered nonsense.
+    async fn pull(
+        &self,
+        cursor: &Cursor,
+        from: Option<Offset>,
+        wait: Duration,
+    ) -> Result<Option<Batch>, ConsumerError> {
+        let request = api::ConsumeRequest {
+            topic: self.config.topic.clone(),
+            queue: cursor.queue,
+            consumer_group: self.config.consumer_group.clone(),
+            from_offset: from,
+            max_messages: self.config.pull_messages_max,
+            max_bytes: self.config.pull_bytes_max,
+            wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
+            store_id: self.config.store_id,
+        };
+        let mut progress = self.router.start_request();
+        let called = self
+            .router
+            .call(Some(cursor.group), &mut progress, |mut client| {
+                let request = request.clone();
+                async move {
+                    let response = client.consume(request).await?.into_inner();
+                    let error = response.error.clone();
+                    Ok((response, error))
+                }
+            })
+            .await;
+        let response = match self.settle(cursor.queue, "pull", called)? {
+            Some(response) => response,
+            None => return Ok(None),
+        };
+        self.counters.pulls.fetch_add(1, Ordering::Relaxed);
+        let batch = check_batch(&self.topic, cursor.queue, from, response).map_err(|message| {
+            ConsumerError::Store {
+                queue: Some(cursor.queue),
+                error: progress.fail(ProduceError::new(ErrorKind::Protocol, None, message)),
+            }
+        })?;
+        Ok(Some(batch))
+    }
+
+    /// Commits `cursor.handled_to`, retried until the deadline. Trouble that retrying may
+    /// cure is logged and left for the next commit (cursors are absolute: a later commit
+    /// covers this one); a refusal is an error.
+    async fn commit(&self, cursor: &mut Cursor) -> Result<(), ConsumerError> {
+        let Some(offset) = cursor.handled_to else {
+            return Ok(());
+        };
+        let request = api::CommitRequest {
+            topic: self.config.topic.clone(),
+            queue: cursor.queue,
+            consumer_group: self.config.consumer_group.clone(),
+            offset,
+            store_id: self.config.store_id,
+        };
+        let mut progress = self.router.start_request();
+        let called = self
+            .router
+            .call(Some(cursor.group), &mut progress, |mut client| {
+                let request = request.clone();
+                async move {
+                    let response = client.commit(request).await?.into_inner();
+                    let error = response.error.clone();
+                    Ok((response, error))
+                }
+            })
+            .await;
+        cursor.last_commit = Instant::now();
+        if self.settle(cursor.queue, "commit", called)?.is_some() {
+            self.counters.commits.fetch_add(1, Ordering::Relaxed);
+            cursor.committed = Some(offset);
+        }
+        Ok(())
+    }
+
+    /// A routed call's value; `None` (logged) when it ran out of retries; an error when
+    /// retrying cannot help.
+    fn settle<T>(
+        &self,
+        queue: QueueId,
+        what: &str,
+        called: Result<T, Halt>,
+    ) -> Result<Option<T>, ConsumerError> {
+        match called {
+            Ok(value) => Ok(Some(value)),
+            Err(Halt::Error(error))
+                if matches!(
+                    error.kind(),
+                    ErrorKind::DeadlineExceeded | ErrorKind::Unreachable
+                ) =>
+            {
+                tracing::warn!(queue, %error, "{what} gave up; starting over");
+                Ok(None)
+            }
+            Err(Halt::Error(error)) => Err(ConsumerError::Store {
+                queue: Some(queue),
+                error,
+            }),
+            Err(Halt::MasterMissing) => unreachable!("queue-change retry is off for consumers"),
+        }
+    }
+
+    /// Handles `deliveries` (consecutive offsets of one queue), committing on the way; returns
+    /// the lowest offset not handled (one past the last when all were). On `stop`, returns
+    /// once the handlers already running are done.
+    async fn handle_batch(
+        self: &Arc<Self>,
+        cursor: &mut Cursor,
+        deliveries: Vec<Delivery>,
+        stop: &watch::Receiver<bool>,
+    ) -> Result<Offset, ConsumerError> {
+        let watermark = Arc::new(Mutex::new(Watermark::new(
+            deliveries[0].offset,
+            deliveries.len(),
+        )));
+        let mut chains = JoinSet::new();
+        // The offset each chain is at, to name the message of a handler that panicked.
+        let mut positions = HashMap::new();
+        for chain in chains_by_key(deliveries) {
+            let position = Arc::new(AtomicU64::new(chain[0].offset));
+            let task = run_chain(
+                self.clone(),
+                chain,
+                watermark.clone(),
+                position.clone(),
+                stop.clone(),
+            );
+            positions.insert(chains.spawn(task).id(), position);
+        }
+        let mut panicked = None;
+        loop {
+            let due = cursor.last_commit + self.config.commit_interval;
+            let joined = first(chains.join_next(), tokio::time::sleep_until(due.into())).await;
+            match joined {
+                First::Left(None) => break,
+                First::Left(Some(Ok(()))) => {}
+                First::Left(Some(Err(error))) => {
+                    // The chain's task died in its handler: its message stays unhandled.
+                    assert!(error.is_panic(), "chains are never cancelled while joined");
+                    let offset = positions[&error.id()].load(Ordering::Relaxed);
+                    panicked.get_or_insert(ConsumerError::HandlerPanicked {
+                        queue: cursor.queue,
+                        offset,
+                    });
+                }
+                First::Right(()) => {
+                    cursor.handled_to = Some(lock(&watermark).lowest_unhandled());
+                    if cursor.pending() {
+                        self.commit(cursor).await?;
+                    } else {
+                        cursor.last_commit = Instant::now();
+                    }
+                }
+            }
+        }
+        let handled_to = lock(&watermark).lowest_unhandled();
+        match panicked {
+            Some(error) => {
+                cursor.handled_to = Some(handled_to);
+                Err(error)
+            }
+            None => Ok(handled_to),
+        }
+    }
+}
+
+/// Handles one key's messages in order, each under a permit and the rate limit; stops
+/// before the next message once `stop` is set. Marks each handled message in `watermark`;
+/// keeps the offset it is at in `position`.
+async fn run_chain<H: Handler>(
+    shared: Arc<Shared<H>>,
+    chain: Vec<Delivery>,
+    watermark: Arc<Mutex<Watermark>>,
+    position: Arc<AtomicU64>,
+    mut stop: watch::Receiver<bool>,
+) {
+    for mut delivery in chain {
+        position.store(delivery.offset, Ordering::Relaxed);
+        let Some(permit) = unless_stopped(shared.permits.acquire(), &mut stop).await else {
+            return;
+        };
+        let _permit = permit.expect("the semaphore is never closed");
+        if *stop.borrow() {
+            return;
+        }
+        if let Some(limiter) = &shared.limiter {
+            let bytes = delivery.key.len() + delivery.value.len();
+            let wait = lock(limiter).reserve(bytes, Instant::now());
+            if !wait.is_zero()
+                && unless_stopped(tokio::time::sleep(wait), &mut stop)
+                    .await
+                    .is_none()
+            {
+                return;
+            }
+        }
+        loop {
+            match shared.handler.handle(&delivery).await {
+                Outcome::Handled => break,
+                Outcome::Retry(delay) => {
+                    shared.counters.retries.fetch_add(1, Ordering::Relaxed);
+                    delivery.attempt += 1;
+                    let slept = unless_stopped(tokio::time::sleep(delay), &mut stop).await;
+                    if slept.is_none() {
+                        return;
+                    }
+                }
+            }
+        }
+        lock(&watermark).handled(delivery.offset);
+        shared.counters.handled.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Splits a batch into chains: one per key, in offset order; each keyless message alone.
+/// Chains are in the order of their first message.
+fn chains_by_key(deliveries: Vec<Delivery>) -> Vec<Vec<Delivery>> {
+    let mut chains: Vec<Vec<Delivery>> = Vec::new();
+    let mut chain_of_key: HashMap<Vec<u8>, usize> = HashMap::new();
+    for delivery in deliveries {
+        if delivery.key.is_empty() {
+            chains.push(vec![delivery]);
+            continue;
+        }
+        match chain_of_key.get(&delivery.key) {
+            Some(&chain) => chains[chain].push(delivery),
+            None => {
+                chain_of_key.insert(delivery.key.clone(), chains.len());
+                chains.push(vec![delivery]);
+            }
+        }
+    }
+    chains
+}
+
+/// Checks a `Consume` answer for a pull from `from` (`None`: the cursor) and makes its
+/// deliveries: offsets consecutive from the first (at or after `from`; later only when
+/// retention deleted the ones asked for), `next_offset` one past the last.
+fn check_batch(
+    topic: &Arc<str>,
+    queue: QueueId,
+    from: Option<Offset>,
+    response: api::ConsumeResponse,
+) -> Result<Batch, String> {
+    let start = response
+        .messages
+        .first()
+        .map_or(response.next_offset, |message| message.offset);
+    if start == 0 || from.is_some_and(|from| start < from) {
+        return Err(format!(
+            "queue {queue}: a pull from {from:?} started at offset {start}"
+        ));
+    }
+    if let Some(from) = from
+        && start > from
+    {
+        tracing::warn!(
+            queue,
+            from,
+            start,
+            "retention deleted messages before they were read"
+        );
+    }
+    let count = response.messages.len() as u64;
+    if response.next_offset != start + count {
+        return Err(format!(
+            "queue {queue}: {count} messages from offset {start} but next_offset {}",
+            response.next_offset
+        ));
+    }
+    let mut deliveries = Vec::with_capacity(response.messages.len());
+    for (i, message) in response.messages.into_iter().enumerate() {
+        if message.offset != start + i as u64 {
+            return Err(format!(
+                "queue {queue}: offset {} where {} was due",
+                message.offset,
+                start + i as u64
+            ));
+        }
+        deliveries.push(Delivery {
+            topic: topic.clone(),
+            queue,
+            offset: message.offset,
+            time_ms: message.time_ms,
+            key: message.key,
+            value: message.value,
+            attempt: 1,
+        });
+    }
+    Ok(Batch { start, deliveries })
+}
+
+/// Which offsets of a batch are handled, and so where the cursor may go: the lowest offset
+/// not yet handled. Pure.
+#[derive(Debug)]
+pub(crate) struct Watermark {
+    first: Offset,
+    handled: Vec<bool>,
+    /// Every offset below `first + lowest` is handled.
+    lowest: usize,
+}
+
+impl Watermark {
+    /// A batch of `count` messages from offset `first`.
+    pub(crate) fn new(first: Offset, count: usize) -> Watermark {
+        assert!(first > 0 && count > 0, "a batch has offsets from 1");
+        Watermark {
+            first,
+            handled: vec![false; count],
+            lowest: 0,
+        }
+    }
+
+    /// Marks `offset` handled (it must be in the batch, and not handled yet).
+    pub(crate) fn handled(&mut self, offset: Offset) {
+        let index = offset
+            .checked_sub(self.first)
+            .and_then(|index| usize::try_from(index).ok())
+            .filter(|&index| index < self.handled.len())
+            .unwrap_or_else(|| panic!("offset {offset} outside the batch"));
+        assert!(!self.handled[index], "offset {offset} handled twice");
+        self.handled[index] = true;
+        while self.lowest < self.handled.len() && self.handled[self.lowest] {
+            self.lowest += 1;
+        }
+    }
+
+    /// The lowest offset not handled (one past the batch when all are).
+    pub(crate) fn lowest_unhandled(&self) -> Offset {
+        self.first + self.lowest as u64
+    }
+}
+
+/// Which of two futures finished first.
+enum First<A, B> {
+    Left(A),
+    Right(B),
+}
+
+/// Runs `left` and `right` together until one finishes (`left` is polled first); the other
+/// is dropped.
+async fn first<A, B>(left: impl Future<Output = A>, right: impl Future<Output = B>) -> First<A, B> {
+    let mut left = pin!(left);
+    let mut right = pin!(right);
+    poll_fn(|cx| {
+        if let Poll::Ready(value) = left.as_mut().poll(cx) {
+            return Poll::Ready(First::Left(value));
+        }
+        right.as_mut().poll(cx).map(First::Right)
+    })
+    .await
+}
+
+/// `work`'s value, or `None` if `stop` is set first (or already).
+async fn unless_stopped<T>(
+    work: impl Future<Output = T>,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<T> {
+    if *stop.borrow() {
+        return None;
+    }
+    // A dropped sender means the consumer is gone: stop too.
+    match first(work, stop.wait_for(|&stopped| stopped)).await {
+        First::Left(value) => Some(value),
+        First::Right(_) => None,
+    }
+}
+
+/// Locks `mutex`; a poisoned lock still holds consistent data (single-step sections).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(offset: Offset, key: &str) -> Delivery {
+        Delivery {
+            topic: Arc::from("t"),
+            queue: 0,
+            offset,
+            time_ms: 0,
+            key: key.as_bytes().to_vec(),
+            value: Vec::new(),
+            attempt: 1,
+        }
+    }
+
+    #[test]
+    fn the_watermark_is_the_lowest_offset_not_handled() {
+        let mut watermark = Watermark::new(10, 4);
+        assert_eq!(watermark.lowest_unhandled(), 10);
+        watermark.handled(12);
+        watermark.handled(11);
+        assert_eq!(watermark.lowest_unhandled(), 10, "10 is still unhandled");
+        watermark.handled(10);
+        assert_eq!(watermark.lowest_unhandled(), 13);
+        watermark.handled(13);
+        assert_eq!(watermark.lowest_unhandled(), 14);
+    }
+
+    #[test]
+    #[should_panic(expected = "handled twice")]
+    fn a_message_handled_twice_is_a_bug() {
+        let mut watermark = Watermark::new(1, 2);
+        watermark.handled(1);
+        watermark.handled(1);
+    }
+
+    #[test]
+    fn chains_keep_each_keys_order_and_split_keyless_messages() {
+        let batch = ["a", "b", "a", "", "b", "", "a"]
+            .iter()
+            .enumerate()
+            .map(|(i, key)| delivery(i as u64 + 1, key))
+            .collect();
+        let offsets: Vec<Vec<Offset>> = chains_by_key(batch)
+            .iter()
+            .map(|chain| chain.iter().map(|d| d.offset).collect())
+            .collect();
+        assert_eq!(offsets, vec![vec![1, 3, 7], vec![2, 5], vec![4], vec![6]]);
+    }
+
+    #[test]
+    fn a_batch_must_be_consecutive_from_where_it_was_asked() {
+        let topic: Arc<str> = Arc::from("t");
+        let message = |offset| api::StoredMessage {
+            offset,
+            time_ms: 0,
+            key: Vec::new(),
+            value: Vec::new(),
+        };
+        let response = |offsets: &[u64], next_offset| api::ConsumeResponse {
+            error: None,
+            messages: offsets.iter().map(|&offset| message(offset)).collect(),
+            next_offset,
+            end_offset: next_offset,
+        };
+        let ok = check_batch(&topic, 0, Some(5), response(&[5, 6], 7)).expect("good");
+        assert_eq!((ok.start, ok.end()), (5, 7));
+        let empty = check_batch(&topic, 0, None, response(&[], 9)).expect("good");
+        assert_eq!((empty.start, empty.end()), (9, 9));
+        assert!(check_batch(&topic, 0, Some(5), response(&[5, 7], 8)).is_err());
+        assert!(check_batch(&topic, 0, Some(5), response(&[4, 5], 6)).is_err());
+        assert!(check_batch(&topic, 0, Some(5), response(&[5, 6], 9)).is_err());
+        assert!(check_batch(&topic, 0, None, response(&[], 0)).is_err());
+    }
+}

@@ -1,0 +1,323 @@
+//! How a [`Consumer`](crate::Consumer) reaches its store, what it reads and how fast.
+//!
+//! A [`ConsumerConfig`] is plain data with defaults ([`ConsumerConfig::new`]);
+//! [`Consumer::new`](crate::Consumer::new) validates it (the field at fault is named), so the
+//! consumer never meets a bad value at run time. The fields it shares with a producer
+//! (`servers`, `store_id`, `deadline`, `backoff_*`) mean the same and obey the same limits:
+//! the consumer routes with the producer's router.
+
+use std::time::Duration;
+
+use phxq_types::validate_name;
+
+use crate::config::ProducerConfig;
+
+/// Default for [`ConsumerConfig::max_in_flight`]: messages handled at once.
+pub const MAX_IN_FLIGHT_DEFAULT: usize = 64;
+/// Largest [`ConsumerConfig::max_in_flight`] accepted.
+pub const MAX_IN_FLIGHT_LIMIT: usize = 10_000;
+/// Default for [`ConsumerConfig::pull_messages_max`].
+pub const PULL_MESSAGES_DEFAULT: u32 = 256;
+/// Largest [`ConsumerConfig::pull_messages_max`] accepted (the server's limit per `Consume`).
+pub const PULL_MESSAGES_LIMIT: u32 = 10_000;
+/// Default for [`ConsumerConfig::pull_bytes_max`]: 4 MiB.
+pub const PULL_BYTES_DEFAULT: u32 = 4 << 20;
+/// Largest [`ConsumerConfig::pull_bytes_max`] accepted (the server's limit per `Consume`).
+pub const PULL_BYTES_LIMIT: u32 = 64 << 20;
+/// Default for [`ConsumerConfig::long_poll`]: how long a pull waits on an empty queue.
+pub const LONG_POLL_DEFAULT: Duration = Duration::from_secs(5);
+/// Longest [`ConsumerConfig::long_poll`] accepted (the server's limit per `Consume`).
+pub const LONG_POLL_LIMIT: Duration = Duration::from_secs(60);
+/// How much longer than its long poll a pull may wait for the answer before it counts as
+/// lost (the server answers at the end of the wait; this covers the network and a slow round).
+pub const LONG_POLL_MARGIN: Duration = Duration::from_secs(2);
+/// Default for [`ConsumerConfig::commit_interval`].
+pub const COMMIT_INTERVAL_DEFAULT: Duration = Duration::from_millis(200);
+/// Shortest [`ConsumerConfig::commit_interval`] accepted.
+pub const COMMIT_INTERVAL_MIN: Duration = Duration::from_millis(1);
+/// Longest [`ConsumerConfig::commit_interval`] accepted.
+pub const COMMIT_INTERVAL_MAX: Duration = Duration::from_secs(60);
+/// Default for [`ConsumerConfig::deadline`]: one pull or commit with all its retries.
+pub const CONSUMER_DEADLINE_DEFAULT: Duration = Duration::from_secs(30);
+/// Most names in [`ConsumerConfig::members`].
+pub const MEMBERS_MAX: usize = 1024;
+
+/// A consumer's settings. Build one with [`ConsumerConfig::new`] and change the fields you
+/// need.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsumerConfig {
+    /// Client addresses (`host:port`) of some nodes of **one** store; one is enough.
+    pub servers: Vec<String>,
+    /// The store to read; 0 accepts whichever store `servers` belong to.
+    pub store_id: u64,
+    /// The topic to read.
+    pub topic: String,
+    /// The consumer group reading it: its cursors are the ones read from and committed.
+    pub consumer_group: String,
+    /// The consumers of this group sharing the topic, by name; empty: this consumer reads
+    /// every queue. Queues are divided among them by consistent hashing
+    /// ([`assigned_queues`](crate::assigned_queues)). The list is **static**: a member that
+    /// stops keeps its queues (nobody reads them) until the list given to every member
+    /// changes. Live membership and takeover come with the scheduler, later.
+    pub members: Vec<String>,
+    /// This consumer's name in `members` (ignored when `members` is empty).
+    pub member: String,
+    /// Most messages handled at once by this consumer, all queues and keys together.
+    /// Default [`MAX_IN_FLIGHT_DEFAULT`].
+    pub max_in_flight: usize,
+    /// Most messages per pull (`Consume`). Default [`PULL_MESSAGES_DEFAULT`].
+    pub pull_messages_max: u32,
+    /// Most bytes of keys and values per pull (one message may exceed it). Default
+    /// [`PULL_BYTES_DEFAULT`].
+    pub pull_bytes_max: u32,
+    /// How long a pull waits for a message on an empty queue. Default [`LONG_POLL_DEFAULT`].
+    pub long_poll: Duration,
+    /// How often a queue's cursor is committed while there is something to commit: handled
+    /// messages are committed together, at most about this long after they were handled.
+    /// Default [`COMMIT_INTERVAL_DEFAULT`].
+    pub commit_interval: Duration,
+    /// Most messages handled per second by this consumer; `None`: no limit.
+    pub messages_per_s_max: Option<u32>,
+    /// Most bytes (keys and values) handled per second by this consumer; `None`: no limit.
+    pub bytes_per_s_max: Option<u64>,
+    /// How long one pull or commit may keep retrying (elections, lost nodes) before the
+    /// consumer logs it and starts over. Default [`CONSUMER_DEADLINE_DEFAULT`]; must exceed
+    /// `long_poll + LONG_POLL_MARGIN`.
+    pub deadline: Duration,
+    /// The first retry delay (doubling up to `backoff_max`), as for a producer.
+    pub backoff_initial: Duration,
+    /// The longest retry delay, as for a producer.
+    pub backoff_max: Duration,
+}
+
+impl ConsumerConfig {
+    /// The defaults: `consumer_group` reads every queue of `topic` through `servers`.
+    pub fn new<S: Into<String>>(
+        servers: impl IntoIterator<Item = S>,
+        topic: impl Into<String>,
+        consumer_group: impl Into<String>,
+    ) -> ConsumerConfig {
+        let producer = ProducerConfig::new(servers);
+        ConsumerConfig {
+            servers: producer.servers,
+            store_id: 0,
+            topic: topic.into(),
+            consumer_group: consumer_group.into(),
+            members: Vec::new(),
+            member: String::new(),
+            max_in_flight: MAX_IN_FLIGHT_DEFAULT,
+            pull_messages_max: PULL_MESSAGES_DEFAULT,
+            pull_bytes_max: PULL_BYTES_DEFAULT,
+            long_poll: LONG_POLL_DEFAULT,
+            commit_interval: COMMIT_INTERVAL_DEFAULT,
+            messages_per_s_max: None,
+            bytes_per_s_max: None,
+            deadline: CONSUMER_DEADLINE_DEFAULT,
+            backoff_initial: producer.backoff_initial,
+            backoff_max: producer.backoff_max,
+        }
+    }
+
+    /// The router settings: the producer's, with attempts long enough for a long poll.
+    pub(crate) fn router_config(&self) -> ProducerConfig {
+        let mut config = ProducerConfig::new(self.servers.clone());
+        config.store_id = self.store_id;
+        config.deadline = self.deadline;
+        config.attempt_timeout = self.long_poll + LONG_POLL_MARGIN;
+        config.backoff_initial = self.backoff_initial;
+        config.backoff_max = self.backoff_max;
+        config.queue_change_retry = false;
+        config
+    }
+
+    /// Checks every field; the error names the field at fault.
+    pub fn validate(&self) -> Result<(), ConsumerConfigError> {
+        // The shared fields have the producer's names and limits.
+        self.router_config()
+            .validate()
+            .map_err(|error| invalid(error.field, error.reason))?;
+        validate_name(&self.topic).map_err(|error| invalid("topic", error.to_string()))?;
+        validate_name(&self.consumer_group)
+            .map_err(|error| invalid("consumer_group", error.to_string()))?;
+        self.validate_members()?;
+        let within = |value: u64, limit: u64| (1..=limit).contains(&value);
+        if !within(self.max_in_flight as u64, MAX_IN_FLIGHT_LIMIT as u64) {
+            return Err(invalid(
+                "max_in_flight",
+                format!("{}; 1 to {MAX_IN_FLIGHT_LIMIT}", self.max_in_flight),
+            ));
+        }
+        if !within(self.pull_messages_max.into(), PULL_MESSAGES_LIMIT.into()) {
+            return Err(invalid(
+                "pull_messages_max",
+                format!("{}; 1 to {PULL_MESSAGES_LIMIT}", self.pull_messages_max),
+            ));
+        }
+        if !within(self.pull_bytes_max.into(), PULL_BYTES_LIMIT.into()) {
+            return Err(invalid(
+                "pull_bytes_max",
+                format!("{}; 1 to {PULL_BYTES_LIMIT}", self.pull_bytes_max),
+            ));
+        }
+        if self.long_poll.is_zero() || self.long_poll > LONG_POLL_LIMIT {
+            return Err(invalid(
+                "long_poll",
+                format!(
+                    "{:?}; above zero, at most {LONG_POLL_LIMIT:?}",
+                    self.long_poll
+                ),
+            ));
+        }
+        if self.deadline <= self.long_poll + LONG_POLL_MARGIN {
+            return Err(invalid(
+                "deadline",
+                format!(
+                    "{:?}; it must exceed long_poll + {LONG_POLL_MARGIN:?}",
+                    self.deadline
+                ),
+            ));
+        }
+        if !(COMMIT_INTERVAL_MIN..=COMMIT_INTERVAL_MAX).contains(&self.commit_interval) {
+            return Err(invalid(
+                "commit_interval",
+                format!(
+                    "{:?}; {COMMIT_INTERVAL_MIN:?} to {COMMIT_INTERVAL_MAX:?}",
+                    self.commit_interval
+                ),
+            ));
+        }
+        if self.messages_per_s_max == Some(0) {
+            return Err(invalid("messages_per_s_max", "0; use None for no limit"));
+        }
+        if self.bytes_per_s_max == Some(0) {
+            return Err(invalid("bytes_per_s_max", "0; use None for no limit"));
+        }
+        Ok(())
+    }
+
+    fn validate_members(&self) -> Result<(), ConsumerConfigError> {
+        if self.members.is_empty() {
+            return Ok(());
+        }
+        if self.members.len() > MEMBERS_MAX {
+            return Err(invalid(
+                "members",
+                format!("{} names; at most {MEMBERS_MAX}", self.members.len()),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, name) in self.members.iter().enumerate() {
+            if name.is_empty() {
+                return Err(invalid(format!("members[{i}]"), "empty name"));
+            }
+            if !seen.insert(name) {
+                return Err(invalid(format!("members[{i}]"), format!("{name:?} twice")));
+            }
+        }
+        if !seen.contains(&self.member) {
+            return Err(invalid(
+                "member",
+                format!("{:?} is not in members", self.member),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Why a [`ConsumerConfig`] was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("consumer config: {field}: {reason}")]
+pub struct ConsumerConfigError {
+    /// The field at fault (`topic`, `members[2]`, `long_poll`, ...).
+    pub field: String,
+    /// Why.
+    pub reason: String,
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConsumerConfigError {
+    ConsumerConfigError {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field(change: fn(&mut ConsumerConfig)) -> Result<(), String> {
+        let mut config = ConsumerConfig::new(["127.0.0.1:7100"], "orders", "audit");
+        change(&mut config);
+        config.validate().map_err(|error| error.field)
+    }
+
+    #[test]
+    fn the_defaults_are_valid() {
+        assert_eq!(field(|_| {}), Ok(()));
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        let err = |name: &str| Err(name.to_string());
+        assert_eq!(field(|c| c.servers.clear()), err("servers"));
+        assert_eq!(field(|c| c.topic = "a b".into()), err("topic"));
+        assert_eq!(field(|c| c.consumer_group.clear()), err("consumer_group"));
+        assert_eq!(field(|c| c.max_in_flight = 0), err("max_in_flight"));
+        assert_eq!(
+            field(|c| c.pull_messages_max = 10_001),
+            err("pull_messages_max")
+        );
+        assert_eq!(field(|c| c.pull_bytes_max = 0), err("pull_bytes_max"));
+        assert_eq!(field(|c| c.long_poll = Duration::ZERO), err("long_poll"));
+        assert_eq!(
+            field(|c| c.deadline = Duration::from_secs(6)),
+            err("deadline")
+        );
+        assert_eq!(
+            field(|c| c.commit_interval = Duration::ZERO),
+            err("commit_interval")
+        );
+        assert_eq!(
+            field(|c| c.messages_per_s_max = Some(0)),
+            err("messages_per_s_max")
+        );
+        assert_eq!(
+            field(|c| c.bytes_per_s_max = Some(0)),
+            err("bytes_per_s_max")
+        );
+        assert_eq!(
+            field(|c| c.backoff_initial = Duration::ZERO),
+            err("backoff_initial")
+        );
+    }
+
+    #[test]
+    fn members_must_be_distinct_names_that_include_this_consumer() {
+        let err = |name: &str| Err(name.to_string());
+        assert_eq!(
+            field(|c| c.members = vec!["a".into(), "b".into()]),
+            err("member")
+        );
+        assert_eq!(
+            field(|c| {
+                c.members = vec!["a".into(), "a".into()];
+                c.member = "a".into();
+            }),
+            err("members[1]")
+        );
+        assert_eq!(
+            field(|c| {
+                c.members = vec!["a".into(), String::new()];
+                c.member = "a".into();
+            }),
+            err("members[1]")
+        );
+        assert_eq!(
+            field(|c| {
+                c.members = vec!["a".into(), "b".into()];
+                c.member = "b".into();
+            }),
+            Ok(())
+        );
+    }
+}
