@@ -6,129 +6,35 @@
 //! store holds afterwards.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use phxq_client::{
     Consumer, ConsumerConfig, ConsumerReport, Delivery, Outcome, Producer, ProducerConfig,
     assigned_queues,
 };
-use phxq_node::config::ServerConfig;
-use phxq_node::server::RunningServer;
-use phxq_proto::api::{self, phxq_client::PhxqClient};
+use phxq_proto::api;
 use phxq_types::Rng;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-/// Replication groups of the test stores.
-const GROUPS: u32 = 4;
-/// Queues of topic `orders`.
-const QUEUES: u32 = 8;
-const TOPIC: &str = "orders";
-/// Consumer groups subscribed to `orders`.
-const CONSUMER_GROUPS: [&str; 2] = ["audit", "billing"];
-/// How long a store may take to elect its masters, and a test to see its messages handled.
-const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
-const POLL: Duration = Duration::from_millis(20);
+mod common;
 
-/// One test at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
+use common::{CONSUMER_GROUPS, POLL, QUEUES, SETTLE_TIMEOUT, Store, TOPIC, consume, lock, run};
 
-fn run(test: impl Future<Output = ()>) {
-    let _serial = lock(&SERIAL);
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(test);
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// A running store of a few nodes; node `id` serves `client_addrs[id - 1]`.
-struct Store {
-    _dir: tempfile::TempDir,
-    client_addrs: Vec<String>,
-    servers: Vec<RunningServer>,
-}
-
-impl Store {
-    /// Starts `nodes` nodes and waits until every group has a master all of them agree on.
-    async fn start(nodes: usize) -> Store {
-        let listeners: Vec<std::net::TcpListener> = (0..2 * nodes)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0"))
-            .collect();
-        let addrs: Vec<String> = listeners
-            .iter()
-            .map(|listener| listener.local_addr().expect("addr").to_string())
-            .collect();
-        drop(listeners);
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (client_addrs, peer_addrs) = addrs.split_at(nodes);
-        let mut servers = Vec::new();
-        for id in 1..=nodes {
-            let mut text = format!(
-                "[node]\nid = {id}\ndata_dir = {:?}\n\n[store]\nid = 1\ngroups = {GROUPS}\n\n",
-                dir.path().join(format!("node-{id}")).display().to_string()
-            );
-            for (i, (client, peer)) in client_addrs.iter().zip(peer_addrs).enumerate() {
-                text += &format!(
-                    "[[store.nodes]]\nid = {}\nclient_addr = \"{client}\"\n\
-                     peer_addr = \"{peer}\"\n\n",
-                    i + 1
-                );
-            }
-            text += &format!(
-                "[[store.topics]]\nname = \"{TOPIC}\"\nqueues = {QUEUES}\n\
-                 consumer_groups = {CONSUMER_GROUPS:?}\n"
-            );
-            let config = ServerConfig::parse(&text).expect("valid config");
-            servers.push(RunningServer::start(config).await.expect("node starts"));
-        }
-        let store = Store {
-            _dir: dir,
-            client_addrs: client_addrs.to_vec(),
-            servers,
-        };
-        store.wait_masters().await;
-        store
-    }
-
-    async fn wait_masters(&self) {
-        let deadline = Instant::now() + SETTLE_TIMEOUT;
-        loop {
-            let mut views = Vec::new();
-            for addr in &self.client_addrs {
-                views.push(cluster_status(addr).await);
-            }
-            let settled = (0..GROUPS as usize).all(|group| {
-                let masters: Option<Vec<u64>> = views
-                    .iter()
-                    .map(|view| Some(view.as_ref()?.groups.get(group)?.master))
-                    .collect();
-                masters.is_some_and(|m| m[0] != 0 && m.iter().all(|&x| x == m[0]))
-            });
-            if settled {
-                return;
-            }
-            assert!(Instant::now() < deadline, "no masters: {views:?}");
-            tokio::time::sleep(POLL).await;
-        }
-    }
-
-    async fn stop(self) {
-        for server in self.servers {
-            server.run_until(async {}).await.expect("clean stop");
-        }
-    }
-
+/// What the consumer tests ask of a store.
+trait ConsumerStore {
     /// Sends `count` messages `key:seq` over `keys` keys (each key's `seq` from 0 up, in
     /// order), in batches; returns every `(key, seq)` sent.
+    async fn produce(&self, keys: usize, count: usize, from: usize) -> Vec<(String, usize)>;
+    /// A consumer config for `group` through node 1 only (the others are reached by
+    /// `NOT_MASTER`), changed by `change`.
+    fn consumer(&self, group: &str, change: impl FnOnce(&mut ConsumerConfig)) -> Consumer;
+    /// The committed cursor of `group` on every queue, read at the queues' masters.
+    async fn cursors(&self, group: &str) -> BTreeMap<u32, u64>;
+}
+
+impl ConsumerStore for Store {
     async fn produce(&self, keys: usize, count: usize, from: usize) -> Vec<(String, usize)> {
         let mut config = ProducerConfig::new(self.client_addrs.clone());
         config.deadline = Duration::from_secs(30);
@@ -147,8 +53,6 @@ impl Store {
         sent
     }
 
-    /// A consumer config for `group` through node 1 only (the others are reached by
-    /// `NOT_MASTER`), changed by `change`.
     fn consumer(&self, group: &str, change: impl FnOnce(&mut ConsumerConfig)) -> Consumer {
         let mut config = ConsumerConfig::new([self.client_addrs[0].clone()], TOPIC, group);
         config.long_poll = Duration::from_millis(500);
@@ -157,20 +61,9 @@ impl Store {
         Consumer::new(config).expect("valid consumer config")
     }
 
-    /// The committed cursor of `group` on every queue, read at the queues' masters.
     async fn cursors(&self, group: &str) -> BTreeMap<u32, u64> {
         let mut cursors = BTreeMap::new();
         for queue in 0..QUEUES {
-            cursors.insert(queue, self.cursor(group, queue).await);
-        }
-        cursors
-    }
-
-    async fn cursor(&self, group: &str, queue: u32) -> u64 {
-        let deadline = Instant::now() + SETTLE_TIMEOUT;
-        let mut target = self.client_addrs[0].clone();
-        loop {
-            assert!(Instant::now() < deadline, "queue {queue}: no cursor");
             let request = api::ConsumeRequest {
                 topic: TOPIC.to_string(),
                 queue,
@@ -181,52 +74,15 @@ impl Store {
                 wait_ms: 0,
                 store_id: 0,
             };
-            if let Some(response) = consume(&target, request).await {
-                match api::check(response.error.as_ref()) {
-                    Ok(()) => {
-                        return response
-                            .messages
-                            .first()
-                            .map_or(response.next_offset, |m| m.offset);
-                    }
-                    Err(failure) => {
-                        if let Some(master) = failure.master_addr {
-                            target = master;
-                            continue;
-                        }
-                    }
-                }
-            }
-            tokio::time::sleep(POLL).await;
+            let response = self.consume_at_master(request).await;
+            let cursor = response
+                .messages
+                .first()
+                .map_or(response.next_offset, |m| m.offset);
+            cursors.insert(queue, cursor);
         }
+        cursors
     }
-}
-
-async fn client(addr: &str) -> Option<PhxqClient<tonic::transport::Channel>> {
-    let connect = PhxqClient::connect(format!("http://{addr}"));
-    tokio::time::timeout(Duration::from_secs(2), connect)
-        .await
-        .ok()?
-        .ok()
-}
-
-async fn cluster_status(addr: &str) -> Option<api::ClusterStatusResponse> {
-    let mut client = client(addr).await?;
-    let call = client.cluster_status(api::ClusterStatusRequest {});
-    let status = tokio::time::timeout(Duration::from_secs(2), call)
-        .await
-        .ok()?
-        .ok()?
-        .into_inner();
-    api::check(status.error.as_ref()).ok()?;
-    Some(status)
-}
-
-async fn consume(addr: &str, request: api::ConsumeRequest) -> Option<api::ConsumeResponse> {
-    let mut client = client(addr).await?;
-    let call = client.consume(request);
-    let response = tokio::time::timeout(Duration::from_secs(5), call).await;
-    Some(response.ok()?.ok()?.into_inner())
 }
 
 /// What handlers saw, shared by every handler of a test.
@@ -340,7 +196,7 @@ fn assert_key_order(log: &Log, sent: &[(String, usize)]) {
 fn two_members_handle_every_message_once_in_key_order_with_parallel_handlers() {
     run(async {
         // Three nodes: the consumers know node 1 only and follow NOT_MASTER to the others.
-        let store = Store::start(3).await;
+        let store = Store::start(3, false).await;
         let members = vec!["a".to_string(), "b".to_string()];
         let mut sent = store.produce(24, 300, 0).await;
         let log = Arc::new(Mutex::new(Log::default()));
@@ -402,7 +258,7 @@ fn two_members_handle_every_message_once_in_key_order_with_parallel_handlers() {
 #[test]
 fn a_consumer_dropped_mid_batch_is_resumed_from_the_cursor_without_losing_a_message() {
     run(async {
-        let store = Store::start(1).await;
+        let store = Store::start(1, false).await;
         let sent = store.produce(16, 400, 0).await;
         let first = Arc::new(Mutex::new(Log::default()));
         let slow = |config: &mut ConsumerConfig| {
@@ -486,7 +342,7 @@ async fn store_ends(store: &Store) -> BTreeMap<u32, u64> {
 #[test]
 fn a_graceful_drain_finishes_running_handlers_and_commits_exactly_what_was_handled() {
     run(async {
-        let store = Store::start(1).await;
+        let store = Store::start(1, false).await;
         let sent = store.produce(16, 400, 0).await;
         let log = Arc::new(Mutex::new(Log::default()));
         let consumer = store.consumer("audit", |config| {
@@ -538,7 +394,7 @@ fn measured_rates(log: &Log, span: Duration) -> (f64, f64) {
 #[test]
 fn the_rate_limits_hold_within_ten_percent() {
     run(async {
-        let store = Store::start(1).await;
+        let store = Store::start(1, false).await;
         store.produce(16, 2_000, 0).await;
         let span = Duration::from_secs(3);
         // Messages/s: 250.

@@ -6,176 +6,29 @@
 //! `ClusterStatus`; measurements start only once the store's masters are settled.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use phxq_client::{ErrorCode, ErrorKind, Producer, ProducerConfig, Receipt, queue_of_key};
-use phxq_node::config::ServerConfig;
-use phxq_node::server::RunningServer;
-use phxq_proto::api::{self, phxq_client::PhxqClient};
+use phxq_proto::api;
 
-/// Replication groups of the test stores.
-const GROUPS: u32 = 4;
-/// Queues of topic `orders`.
-const QUEUES: u32 = 8;
-/// The stores' `message_bytes_max`: small, so an oversized message is cheap.
-const MESSAGE_BYTES_MAX: usize = 4096;
-/// The consumer group reading `orders`.
-const CONSUMER_GROUP: &str = "audit";
-/// How long a store may take to elect and place its masters (generous: a loaded 2-core
-/// machine fsyncing for three nodes).
-const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+mod common;
+
+use common::{CONSUMER_GROUPS, GROUPS, MESSAGE_BYTES_MAX, QUEUES, Store, TOPIC, free_ports, run};
+
+/// The consumer group the tests read `orders` with.
+const CONSUMER_GROUP: &str = CONSUMER_GROUPS[0];
 /// The producers' deadline in the store tests.
 const DEADLINE: Duration = Duration::from_secs(30);
-const POLL: Duration = Duration::from_millis(50);
 
-/// One test at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-/// Runs `test` alone, on a runtime of its own.
-fn run(test: impl Future<Output = ()>) {
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(test);
-}
-
-/// Ports free right now (the listeners are closed before the ports are used).
-fn free_ports(count: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> = (0..count)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0"))
-        .collect();
-    listeners
-        .iter()
-        .map(|listener| listener.local_addr().expect("local addr").port())
-        .collect()
-}
-
-/// A store of `n` nodes; node `id` is `servers[id - 1]`.
-struct Store {
-    dir: tempfile::TempDir,
-    client_addrs: Vec<String>,
-    peer_addrs: Vec<String>,
-    servers: Vec<Option<RunningServer>>,
-}
-
-impl Store {
-    /// A store of `nodes` nodes, none started yet.
-    fn new(nodes: usize) -> Store {
-        let ports = free_ports(2 * nodes);
-        let addr = |port: &u16| format!("127.0.0.1:{port}");
-        Store {
-            dir: tempfile::tempdir().expect("tempdir"),
-            client_addrs: ports[..nodes].iter().map(addr).collect(),
-            peer_addrs: ports[nodes..].iter().map(addr).collect(),
-            servers: (0..nodes).map(|_| None).collect(),
-        }
-    }
-
-    /// Starts every node and waits until each group's master is its preferred node.
-    async fn start(nodes: usize) -> Store {
-        let mut store = Store::new(nodes);
-        for id in 1..=nodes {
-            store.start_node(id).await;
-        }
-        store.wait_masters(true).await;
-        store
-    }
-
-    fn config(&self, id: usize) -> ServerConfig {
-        let data_dir = self.dir.path().join(format!("node-{id}"));
-        let mut text = format!(
-            "[node]\nid = {id}\ndata_dir = {:?}\n\n[store]\nid = 1\ngroups = {GROUPS}\n\
-             message_bytes_max = {MESSAGE_BYTES_MAX}\n\n",
-            data_dir.display().to_string()
-        );
-        for (i, (client, peer)) in self.client_addrs.iter().zip(&self.peer_addrs).enumerate() {
-            text += &format!(
-                "[[store.nodes]]\nid = {}\nclient_addr = \"{client}\"\npeer_addr = \"{peer}\"\n\n",
-                i + 1
-            );
-        }
-        text += &format!(
-            "[[store.topics]]\nname = \"orders\"\nqueues = {QUEUES}\n\
-             consumer_groups = [\"{CONSUMER_GROUP}\"]\n"
-        );
-        ServerConfig::parse(&text).expect("valid config")
-    }
-
-    async fn start_node(&mut self, id: usize) {
-        let server = RunningServer::start(self.config(id))
-            .await
-            .unwrap_or_else(|error| panic!("node {id} did not start: {error}"));
-        self.servers[id - 1] = Some(server);
-    }
-
-    /// Stops node `id` gracefully; its groups must elect new masters.
-    async fn stop_node(&mut self, id: usize) {
-        let server = self.servers[id - 1].take().expect("node running");
-        server.run_until(async {}).await.expect("clean stop");
-    }
-
-    async fn stop(mut self) {
-        for id in 1..=self.servers.len() {
-            if self.servers[id - 1].is_some() {
-                self.stop_node(id).await;
-            }
-        }
-    }
-
-    /// Client addresses of the running nodes.
-    fn running(&self) -> Vec<String> {
-        self.servers
-            .iter()
-            .zip(&self.client_addrs)
-            .filter(|(server, _)| server.is_some())
-            .map(|(_, addr)| addr.clone())
-            .collect()
-    }
-
-    /// The node a group settles on when every node runs (`members[g mod n]`).
-    fn preferred(&self, group: u32) -> u64 {
-        u64::from(group) % self.servers.len() as u64 + 1
-    }
-
-    /// Waits until every running node names the same master for every group (the
-    /// preferred node, if `placed`), and returns that master per group.
-    async fn wait_masters(&self, placed: bool) -> Vec<u64> {
-        let deadline = Instant::now() + SETTLE_TIMEOUT;
-        loop {
-            let mut views = Vec::new();
-            for addr in self.running() {
-                views.push(cluster_status(&addr).await);
-            }
-            let masters: Option<Vec<u64>> = (0..GROUPS)
-                .map(|group| {
-                    let named: Vec<u64> = views
-                        .iter()
-                        .map(|view| view.as_ref()?.groups.get(group as usize).map(|g| g.master))
-                        .collect::<Option<_>>()?;
-                    let master = *named.first()?;
-                    let agreed = master != 0 && named.iter().all(|&m| m == master);
-                    let in_place = !placed || master == self.preferred(group);
-                    (agreed && in_place).then_some(master)
-                })
-                .collect();
-            if let Some(masters) = masters {
-                return masters;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "masters not settled within {SETTLE_TIMEOUT:?}: {views:?}"
-            );
-            tokio::time::sleep(POLL).await;
-        }
-    }
-
+/// What the producer tests ask of a store.
+trait ProducerStore {
     /// A producer for this store (every node a seed), changed by `change`.
+    fn producer(&self, change: impl FnOnce(&mut ProducerConfig)) -> Producer;
+    /// Every message of `orders` queue `queue`, read from offset 1 at the group's master.
+    async fn read_queue(&self, queue: u32) -> Vec<api::StoredMessage>;
+}
+
+impl ProducerStore for Store {
     fn producer(&self, change: impl FnOnce(&mut ProducerConfig)) -> Producer {
         let mut config = ProducerConfig::new(self.client_addrs.clone());
         config.deadline = DEADLINE;
@@ -183,74 +36,21 @@ impl Store {
         Producer::new(config).expect("valid producer config")
     }
 
-    /// Every message of `orders` queue `queue`, read from offset 1 at the group's master.
     async fn read_queue(&self, queue: u32) -> Vec<api::StoredMessage> {
-        let deadline = Instant::now() + SETTLE_TIMEOUT;
-        let nodes = self.running();
-        let mut target = nodes[0].clone();
-        for turn in 1.. {
-            assert!(Instant::now() < deadline, "queue {queue} unreadable");
-            let request = api::ConsumeRequest {
-                topic: "orders".to_string(),
-                queue,
-                consumer_group: CONSUMER_GROUP.to_string(),
-                from_offset: Some(1),
-                max_messages: 10_000,
-                max_bytes: 16 << 20,
-                wait_ms: 0,
-                store_id: 0,
-            };
-            if let Some(response) = consume(&target, request).await {
-                match api::check(response.error.as_ref()) {
-                    Ok(()) => {
-                        assert_eq!(response.next_offset, response.end_offset, "read it all");
-                        return response.messages;
-                    }
-                    Err(failure) => {
-                        if let Some(master) = failure.master_addr {
-                            target = master;
-                            continue;
-                        }
-                    }
-                }
-            }
-            target = nodes[turn % nodes.len()].clone();
-            tokio::time::sleep(POLL).await;
-        }
-        unreachable!("the loop returns or panics")
+        let request = api::ConsumeRequest {
+            topic: TOPIC.to_string(),
+            queue,
+            consumer_group: CONSUMER_GROUP.to_string(),
+            from_offset: Some(1),
+            max_messages: 10_000,
+            max_bytes: 16 << 20,
+            wait_ms: 0,
+            store_id: 0,
+        };
+        let response = self.consume_at_master(request).await;
+        assert_eq!(response.next_offset, response.end_offset, "read it all");
+        response.messages
     }
-}
-
-async fn client(addr: &str) -> Option<PhxqClient<tonic::transport::Channel>> {
-    let connect = PhxqClient::connect(format!("http://{addr}"));
-    tokio::time::timeout(Duration::from_secs(2), connect)
-        .await
-        .ok()?
-        .ok()
-}
-
-async fn cluster_status(addr: &str) -> Option<api::ClusterStatusResponse> {
-    let mut client = client(addr).await?;
-    let call = client.cluster_status(api::ClusterStatusRequest {});
-    let status = tokio::time::timeout(Duration::from_secs(2), call)
-        .await
-        .ok()?
-        .ok()?
-        .into_inner();
-    api::check(status.error.as_ref()).ok()?;
-    Some(status)
-}
-
-async fn consume(addr: &str, request: api::ConsumeRequest) -> Option<api::ConsumeResponse> {
-    let mut client = client(addr).await?;
-    let call = client.consume(request);
-    Some(
-        tokio::time::timeout(Duration::from_secs(5), call)
-            .await
-            .ok()?
-            .ok()?
-            .into_inner(),
-    )
 }
 
 /// A key whose `orders` queue is in replication group `group`.
@@ -264,7 +64,7 @@ fn key_in_group(group: u32) -> String {
 #[test]
 fn keyed_messages_keep_their_queue_and_their_order() {
     run(async {
-        let store = Store::start(3).await;
+        let store = Store::start(3, true).await;
         let producer = store.producer(|_| {});
         let keys: Vec<String> = (0..12).map(|i| format!("user-{i}")).collect();
         let mut receipts: HashMap<&str, Vec<Receipt>> = HashMap::new();
@@ -364,7 +164,7 @@ fn a_master_that_moved_is_followed_through_not_master() {
 #[test]
 fn a_batch_is_one_call_per_group_and_every_message_is_where_its_receipt_says() {
     run(async {
-        let store = Store::start(3).await;
+        let store = Store::start(3, true).await;
         let producer = store.producer(|_| {});
         // Warm the layout so the counts below are the batch's alone.
         producer
@@ -445,7 +245,7 @@ fn a_batch_is_one_call_per_group_and_every_message_is_where_its_receipt_says() {
 #[test]
 fn bad_input_is_refused_at_once_with_its_code_and_stores_nothing() {
     run(async {
-        let store = Store::start(1).await;
+        let store = Store::start(1, true).await;
         let producer = store.producer(|_| {});
         let code = |error: &phxq_client::ProduceError| (error.kind(), error.code());
 
@@ -558,7 +358,7 @@ fn with_no_node_listening_a_send_gives_up_at_its_deadline() {
 #[test]
 fn a_stopped_master_is_waited_for_unless_queue_change_retry_moves_on() {
     run(async {
-        let mut store = Store::start(3).await;
+        let mut store = Store::start(3, true).await;
         let group = 2; // mastered by node 3
         let key = key_in_group(group);
         let queue = queue_of_key(key.as_bytes(), QUEUES);

@@ -1,0 +1,237 @@
+//! The store the client tests run against: every node a full server (event loop, write-ahead
+//! log, peer TCP, gRPC) in the test process on 127.0.0.1, on ports picked by the kernel.
+//! Shared by `producer.rs` and `consumer.rs`; each uses part of it.
+#![allow(dead_code)]
+
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use phxq_node::config::ServerConfig;
+use phxq_node::server::RunningServer;
+use phxq_proto::api::{self, phxq_client::PhxqClient};
+
+/// Replication groups of the test stores.
+pub const GROUPS: u32 = 4;
+/// Queues of the topic.
+pub const QUEUES: u32 = 8;
+/// The topic every test store has.
+pub const TOPIC: &str = "orders";
+/// Consumer groups subscribed to the topic.
+pub const CONSUMER_GROUPS: [&str; 2] = ["audit", "billing"];
+/// The stores' `message_bytes_max`: small, so an oversized message is cheap.
+pub const MESSAGE_BYTES_MAX: usize = 4096;
+/// How long a store may take to elect and place its masters (generous: a loaded 2-core
+/// machine fsyncing for three nodes), and a test to see what it waits for.
+pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Between two polls of a bounded wait.
+pub const POLL: Duration = Duration::from_millis(20);
+
+/// One test at a time: several stores at once on a small machine would make elections, not
+/// the client, the subject.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Runs `test` alone, on a runtime of its own.
+pub fn run(test: impl Future<Output = ()>) {
+    let _serial = lock(&SERIAL);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(test);
+}
+
+/// Locks `mutex`, even if a failed test poisoned it.
+pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Ports free right now (the listeners are closed before the ports are used).
+pub fn free_ports(count: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..count)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0"))
+        .collect();
+    listeners
+        .iter()
+        .map(|listener| listener.local_addr().expect("local addr").port())
+        .collect()
+}
+
+/// A store of `n` nodes; node `id` is `servers[id - 1]`, serving `client_addrs[id - 1]`.
+pub struct Store {
+    dir: tempfile::TempDir,
+    pub client_addrs: Vec<String>,
+    peer_addrs: Vec<String>,
+    servers: Vec<Option<RunningServer>>,
+}
+
+impl Store {
+    /// A store of `nodes` nodes, none started yet.
+    pub fn new(nodes: usize) -> Store {
+        let ports = free_ports(2 * nodes);
+        let addr = |port: &u16| format!("127.0.0.1:{port}");
+        Store {
+            dir: tempfile::tempdir().expect("tempdir"),
+            client_addrs: ports[..nodes].iter().map(addr).collect(),
+            peer_addrs: ports[nodes..].iter().map(addr).collect(),
+            servers: (0..nodes).map(|_| None).collect(),
+        }
+    }
+
+    /// Starts every node and waits until every group has a master all of them agree on (its
+    /// preferred node, if `placed`).
+    pub async fn start(nodes: usize, placed: bool) -> Store {
+        let mut store = Store::new(nodes);
+        for id in 1..=nodes {
+            store.start_node(id).await;
+        }
+        store.wait_masters(placed).await;
+        store
+    }
+
+    fn config(&self, id: usize) -> ServerConfig {
+        let data_dir = self.dir.path().join(format!("node-{id}"));
+        let mut text = format!(
+            "[node]\nid = {id}\ndata_dir = {:?}\n\n[store]\nid = 1\ngroups = {GROUPS}\n\
+             message_bytes_max = {MESSAGE_BYTES_MAX}\n\n",
+            data_dir.display().to_string()
+        );
+        for (i, (client, peer)) in self.client_addrs.iter().zip(&self.peer_addrs).enumerate() {
+            text += &format!(
+                "[[store.nodes]]\nid = {}\nclient_addr = \"{client}\"\npeer_addr = \"{peer}\"\n\n",
+                i + 1
+            );
+        }
+        text += &format!(
+            "[[store.topics]]\nname = \"{TOPIC}\"\nqueues = {QUEUES}\n\
+             consumer_groups = {CONSUMER_GROUPS:?}\n"
+        );
+        ServerConfig::parse(&text).expect("valid config")
+    }
+
+    pub async fn start_node(&mut self, id: usize) {
+        let server = RunningServer::start(self.config(id))
+            .await
+            .unwrap_or_else(|error| panic!("node {id} did not start: {error}"));
+        self.servers[id - 1] = Some(server);
+    }
+
+    /// Stops node `id` gracefully; its groups must elect new masters.
+    pub async fn stop_node(&mut self, id: usize) {
+        let server = self.servers[id - 1].take().expect("node running");
+        server.run_until(async {}).await.expect("clean stop");
+    }
+
+    pub async fn stop(mut self) {
+        for id in 1..=self.servers.len() {
+            if self.servers[id - 1].is_some() {
+                self.stop_node(id).await;
+            }
+        }
+    }
+
+    /// Client addresses of the running nodes.
+    pub fn running(&self) -> Vec<String> {
+        self.servers
+            .iter()
+            .zip(&self.client_addrs)
+            .filter(|(server, _)| server.is_some())
+            .map(|(_, addr)| addr.clone())
+            .collect()
+    }
+
+    /// The node a group settles on when every node runs (`members[g mod n]`).
+    pub fn preferred(&self, group: u32) -> u64 {
+        u64::from(group) % self.servers.len() as u64 + 1
+    }
+
+    /// Waits until every running node names the same master for every group (the
+    /// preferred node, if `placed`), and returns that master per group.
+    pub async fn wait_masters(&self, placed: bool) -> Vec<u64> {
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        loop {
+            let mut views = Vec::new();
+            for addr in self.running() {
+                views.push(cluster_status(&addr).await);
+            }
+            let masters: Option<Vec<u64>> = (0..GROUPS)
+                .map(|group| {
+                    let named: Vec<u64> = views
+                        .iter()
+                        .map(|view| view.as_ref()?.groups.get(group as usize).map(|g| g.master))
+                        .collect::<Option<_>>()?;
+                    let master = *named.first()?;
+                    let agreed = master != 0 && named.iter().all(|&m| m == master);
+                    let in_place = !placed || master == self.preferred(group);
+                    (agreed && in_place).then_some(master)
+                })
+                .collect();
+            if let Some(masters) = masters {
+                return masters;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "masters not settled within {SETTLE_TIMEOUT:?}: {views:?}"
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// `request` answered by its queue's master (`NOT_MASTER` followed, other nodes tried in
+    /// turn), within [`SETTLE_TIMEOUT`].
+    pub async fn consume_at_master(&self, request: api::ConsumeRequest) -> api::ConsumeResponse {
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        let nodes = self.running();
+        let mut target = nodes[0].clone();
+        for turn in 1.. {
+            assert!(
+                Instant::now() < deadline,
+                "queue {} unreadable",
+                request.queue
+            );
+            if let Some(response) = consume(&target, request.clone()).await {
+                match api::check(response.error.as_ref()) {
+                    Ok(()) => return response,
+                    Err(failure) => {
+                        if let Some(master) = failure.master_addr {
+                            target = master;
+                            continue;
+                        }
+                    }
+                }
+            }
+            target = nodes[turn % nodes.len()].clone();
+            tokio::time::sleep(POLL).await;
+        }
+        unreachable!("the loop returns or panics")
+    }
+}
+
+async fn client(addr: &str) -> Option<PhxqClient<tonic::transport::Channel>> {
+    let connect = PhxqClient::connect(format!("http://{addr}"));
+    tokio::time::timeout(Duration::from_secs(2), connect)
+        .await
+        .ok()?
+        .ok()
+}
+
+pub async fn cluster_status(addr: &str) -> Option<api::ClusterStatusResponse> {
+    let mut client = client(addr).await?;
+    let call = client.cluster_status(api::ClusterStatusRequest {});
+    let status = tokio::time::timeout(Duration::from_secs(2), call)
+        .await
+        .ok()?
+        .ok()?
+        .into_inner();
+    api::check(status.error.as_ref()).ok()?;
+    Some(status)
+}
+
+pub async fn consume(addr: &str, request: api::ConsumeRequest) -> Option<api::ConsumeResponse> {
+    let mut client = client(addr).await?;
+    let call = client.consume(request);
+    let response = tokio::time::timeout(Duration::from_secs(5), call).await;
+    Some(response.ok()?.ok()?.into_inner())
+}
