@@ -35,7 +35,7 @@ use serde::Serialize;
 
 use crate::{Error, Result, io_error};
 
-/// Most writer threads one case may run.
+/// Most writers one case may run.
 pub const WRITERS_MAX: usize = 4096;
 /// Largest record the benchmark writes (the log itself takes more; this bounds our memory).
 pub const RECORD_BYTES_MAX: usize = 16 << 20;
@@ -54,7 +54,7 @@ pub struct Options {
     /// Where the run's scratch directory is created; it is removed at the end. Put it on the
     /// filesystem you want measured.
     pub parent_dir: PathBuf,
-    /// Writer thread counts, one case each, in order.
+    /// Writer counts, one case each, in order.
     pub writers: Vec<usize>,
     /// How long each log case writes.
     pub duration: Duration,
@@ -168,7 +168,7 @@ pub struct Report {
 /// One writer count: the raw disk just before and just after, the log, and how they compare.
 #[derive(Clone, Debug, Serialize)]
 pub struct Case {
-    /// Writer threads.
+    /// Writers (tasks or threads, see `Report::writers_as`).
     pub writers: usize,
     /// The raw disk loop run just before the log case: the ratio's yardstick.
     pub raw: RawFigures,
@@ -361,7 +361,7 @@ struct Shared {
     options: Options,
 }
 
-/// Opens a fresh log in `dir`, runs `writers` threads against it until the time or the
+/// Opens a fresh log in `dir`, runs `writers` writers against it until the time or the
 /// record bound is up, and removes the log.
 fn wal_case(dir: &Path, writers: usize, options: &Options) -> Result<WalFigures> {
     let wal_options = WalOptions {

@@ -39,7 +39,7 @@ use crate::{Lsn, Result, Wal, io_error};
 pub const RUSH_WAIT_MAX: Duration = Duration::from_millis(1);
 
 /// The syncer of one log: its waiting futures and its thread.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Syncer {
     state: Mutex<State>,
     /// The syncer's thread, once started.
@@ -64,8 +64,9 @@ struct State {
 impl Syncer {
     pub fn new() -> Syncer {
         Syncer {
+            state: Mutex::default(),
+            thread: OnceLock::new(),
             rush_to: AtomicU64::new(u64::MAX),
-            ..Syncer::default()
         }
     }
 

@@ -302,7 +302,6 @@ fn never_synced(bytes: &[u8], from: usize, resume: usize, zeros_start: usize) ->
     }
     let body = &bytes[SEGMENT_HEADER_BYTES..];
     let base = SEGMENT_HEADER_BYTES;
-    let zeros_start = zeros_start.min(body.len());
     let mut pos = resume.saturating_sub(base);
     let mut known_durable = 0;
     while pos < body.len() {
