@@ -131,7 +131,7 @@ impl Future for Durable {
             return Poll::Ready(ready);
         }
         let syncer = &wal.syncer;
-        {
+        let wake_syncer = {
             let mut state = syncer.lock();
             // Checked again under the lock: the syncer removes durable waiters under it.
             if let Some(ready) = wal.durable_now(self.target) {
@@ -144,13 +144,20 @@ impl Future for Durable {
                 return Poll::Ready(wal.sync_to(self.target));
             }
             state.busy = true;
+            // The syncer parks without a timeout only after finding the list empty (under
+            // this lock), so only the waiter that makes the list non-empty needs to wake it.
+            // Waking it for every waiter would also cut its rush wait short again and again.
+            let first = state.waiters.is_empty();
             state.waiters.push((self.target, cx.waker().clone()));
+            first
+        };
+        if wake_syncer {
+            syncer
+                .thread
+                .get()
+                .expect("the syncer starts before a future is made")
+                .unpark();
         }
-        syncer
-            .thread
-            .get()
-            .expect("the syncer starts before a future is made")
-            .unpark();
         Poll::Pending
     }
 }
