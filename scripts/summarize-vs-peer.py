@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Pairs each phxq round with the RabbitMQ round run right after it (same producer count) and
+"""Pairs each phxq round with the peer's round run right after it (same producer count) and
 prints the per-round ratios, the median of each side and the ratio of the medians.
 
-usage: summarize-vs-rabbitmq.py PHXQ_JSONL RABBITMQ_JSONL
-(the files `scripts/bench-vs-rabbitmq.sh` writes)"""
+usage: summarize-vs-peer.py PHXQ_JSONL PEER_JSONL [PEER_NAME]
+(the files `scripts/bench-vs-peer.sh` writes)"""
 import json
 import statistics
 import sys
@@ -13,7 +13,7 @@ def load(path):
     return [json.loads(line) for line in open(path) if line.strip()]
 
 
-def main(phxq_path, rabbit_path):
+def main(phxq_path, rabbit_path, name="RabbitMQ"):
     phxq = {}
     for j in load(phxq_path):
         r = j["report"]
@@ -21,7 +21,7 @@ def main(phxq_path, rabbit_path):
     rabbit = {}
     for j in load(rabbit_path):
         rabbit[(j["producers"], j["round"])] = (j["msgs_per_s"], j["p99_ms"], j.get("fsync_calib_per_s"))
-    print("| producers | round | phxq msgs/s | phxq p99 ms | RabbitMQ msgs/s | RabbitMQ p99 ms | ratio | fsync probe /s, phxq / RabbitMQ |")
+    print(f"| producers | round | phxq msgs/s | phxq p99 ms | {name} msgs/s | {name} p99 ms | ratio | fsync probe /s, phxq / {name} |")
     print("|---:|---:|---:|---:|---:|---:|---:|---|")
     for producers in sorted({p for p, _ in phxq}):
         rounds = sorted(r for p, r in phxq if p == producers)
@@ -43,4 +43,4 @@ def main(phxq_path, rabbit_path):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])
