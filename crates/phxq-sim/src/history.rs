@@ -44,11 +44,13 @@ pub struct ReplicaView {
     pub messages: Vec<StoredMessage>,
 }
 
-/// Runs every checker; returns the violations found (empty: all good).
+/// Runs every checker; returns the violations found (empty: all good). `dedup_window` is the
+/// topic's: every enqueue carried its message's value as its id.
 pub fn check(
     history: &History,
     queues: QueueId,
     consumer_groups: &[String],
+    dedup_window: u64,
     views: &BTreeMap<QueueId, Vec<ReplicaView>>,
 ) -> Vec<String> {
     let mut violations = Vec::new();
@@ -59,7 +61,46 @@ pub fn check(
     check_acks(history, views, &mut violations);
     check_producer_order(history, &mut violations);
     check_deliveries(history, consumer_groups, views, &mut violations);
+    check_duplicates(history, dedup_window, views, &mut violations);
     violations
+}
+
+/// A retry reuses its enqueue's id (the message's value), and within the queue's dedup window
+/// a second enqueue with an id appends nothing. So no value is stored twice less than
+/// `dedup_window + 1` offsets apart: when the second copy was applied, the first was among
+/// the queue's newest `dedup_window` ids (each enqueue holds one message). Copies further
+/// apart are allowed (the id had left the window: at least once). Replicas and every
+/// consumer group's deliveries testify, so compaction hides little.
+fn check_duplicates(
+    history: &History,
+    dedup_window: u64,
+    views: &BTreeMap<QueueId, Vec<ReplicaView>>,
+    violations: &mut Vec<String>,
+) {
+    let mut seen: BTreeMap<(QueueId, &[u8]), BTreeSet<Offset>> = BTreeMap::new();
+    for (queue, views) in views {
+        for m in views.iter().flat_map(|view| &view.messages) {
+            seen.entry((*queue, &m.value)).or_default().insert(m.offset);
+        }
+    }
+    for ((_, queue), deliveries) in &history.deliveries {
+        for (offset, value) in deliveries {
+            seen.entry((*queue, value)).or_default().insert(*offset);
+        }
+    }
+    for ((queue, value), offsets) in &seen {
+        let offsets: Vec<Offset> = offsets.iter().copied().collect();
+        for pair in offsets.windows(2) {
+            if pair[1] - pair[0] <= dedup_window {
+                violations.push(format!(
+                    "duplicate: {:?} stored at queue {queue} offsets {} and {}, within the dedup window of {dedup_window}",
+                    String::from_utf8_lossy(value),
+                    pair[0],
+                    pair[1]
+                ));
+            }
+        }
+    }
 }
 
 /// Dense offsets on every replica, the same message at the same offset everywhere, and no

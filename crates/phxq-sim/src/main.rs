@@ -54,12 +54,13 @@ fn main() -> ExitCode {
         }
         match run(&config) {
             Ok(report) => println!(
-                "seed {seed}: ok ({} nodes, {} groups): {} acked, {} delivered, {} indeterminate, {} crashes, {} dropped, {} events, {} snapshots installed, {} compactions, {:.1} messages per proposal",
+                "seed {seed}: ok ({} nodes, {} groups): {} acked, {} delivered, {} indeterminate, {} duplicates, {} crashes, {} dropped, {} events, {} snapshots installed, {} compactions, {:.1} messages per proposal",
                 config.nodes,
                 config.groups,
                 report.acked,
                 report.delivered,
                 report.indeterminate,
+                report.duplicates,
                 report.crashes,
                 report.dropped,
                 report.events,

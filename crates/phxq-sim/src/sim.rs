@@ -24,6 +24,11 @@ const ROUNDS_PER_INPUT_MAX: usize = 1_000;
 const EVENTS_MAX: u64 = 5_000_000;
 /// Wall-clock epoch of simulated time, so batches carry plausible timestamps.
 const EPOCH_MS: u64 = 1_800_000_000_000;
+/// The topic's dedup window. Every enqueue carries its message's value as its producer
+/// message id, and a retry reuses it: within this many enqueues of a queue, a retry appends
+/// nothing (checked by `history::check_duplicates`). Small, so that ids also leave the
+/// window during a run and retries after that append again.
+const DEDUP_WINDOW: u32 = 64;
 
 /// What to simulate.
 #[derive(Clone, Debug)]
@@ -76,6 +81,8 @@ pub struct Report {
     pub acked: usize,
     /// Requests whose outcome was unknown to the client.
     pub indeterminate: u64,
+    /// Enqueues answered as duplicates (a retry whose id was in the dedup window).
+    pub duplicates: u64,
     /// Deliveries to consumers.
     pub delivered: usize,
     /// Node crashes.
@@ -273,7 +280,7 @@ impl Sim {
                     max_age_ms: None,
                     max_bytes: None,
                 },
-                dedup_window: 0,
+                dedup_window: DEDUP_WINDOW,
             }],
             message_bytes_max: 1 << 20,
         });
@@ -683,20 +690,24 @@ impl Sim {
                 // (one entry, several commands of one request).
                 if self.rng.below(4) == 0 {
                     let appends = [seq, seq + 1]
-                        .map(|seq| Append {
-                            topic: TOPIC.to_string(),
-                            queue,
-                            message_id: Vec::new(),
-                            messages: message(seq),
+                        .map(|seq| {
+                            let messages = message(seq);
+                            Append {
+                                topic: TOPIC.to_string(),
+                                queue,
+                                message_id: messages[0].value.clone(),
+                                messages,
+                            }
                         })
                         .to_vec();
                     Request::ProduceMany { appends }
                 } else {
+                    let messages = message(seq);
                     Request::Produce {
                         topic: TOPIC.to_string(),
                         queue,
-                        message_id: Vec::new(),
-                        messages: message(seq),
+                        message_id: messages[0].value.clone(),
+                        messages,
                     }
                 }
             }
@@ -748,13 +759,14 @@ impl Sim {
                 Response::Produced {
                     first_offset,
                     count,
-                    ..
+                    duplicate,
                 },
                 Request::Produce {
                     queue, messages, ..
                 },
             ) => {
                 assert_eq!(count, 1, "one message per produce");
+                self.report.duplicates += u64::from(duplicate);
                 let ClientKind::Producer { index, seq, .. } = &mut self.clients[c].kind else {
                     unreachable!("producers produce");
                 };
@@ -773,8 +785,9 @@ impl Sim {
                 let ClientKind::Producer { index, seq, .. } = &mut self.clients[c].kind else {
                     unreachable!("producers produce");
                 };
-                for ((first_offset, count, _), append) in ranges.into_iter().zip(appends) {
+                for ((first_offset, count, duplicate), append) in ranges.into_iter().zip(appends) {
                     assert_eq!(count, 1, "one message per append");
+                    self.report.duplicates += u64::from(duplicate);
                     self.history.acks.push(Ack {
                         producer: *index,
                         seq: *seq,
@@ -874,7 +887,13 @@ impl Sim {
             }
         }
         let groups: Vec<String> = self.layout.topics[0].consumer_groups.clone();
-        let mut violations = check(&self.history, self.config.queues, &groups, &views);
+        let mut violations = check(
+            &self.history,
+            self.config.queues,
+            &groups,
+            u64::from(DEDUP_WINDOW),
+            &views,
+        );
         violations.extend(self.check_placement());
         violations
     }
