@@ -525,9 +525,18 @@ fn seek_by_offset_and_by_time_through_the_library_and_bad_seeks_move_nothing() {
         let store = Store::start(3, false).await;
         let producer = producer(&store);
         let queue = queue_of_key(b"s", QUEUES);
+        // Key "e" fills queue 0, ahead of the empty queues in a seek's order.
+        let (first, first_end) = (queue_of_key(b"e", QUEUES), 3);
+        assert!(first == 0 && queue > 1, "the keys' queues: {first}, {queue}");
         send(
             &producer,
-            &[("s", "early-1"), ("s", "early-2"), ("s", "early-3")],
+            &[
+                ("s", "early-1"),
+                ("s", "early-2"),
+                ("s", "early-3"),
+                ("e", "early-e1"),
+                ("e", "early-e2"),
+            ],
         )
         .await;
         tokio::time::sleep(ms(100)).await;
@@ -554,18 +563,19 @@ fn seek_by_offset_and_by_time_through_the_library_and_bad_seeks_move_nothing() {
         expected.insert(queue, 3);
         assert_eq!(cursors(&store, TOPIC, QUEUES, GROUP).await, expected);
 
-        // By time, every queue: the first late message; the empty queues' ends.
+        // By time, every queue: the first late message; the other queues' ends.
         let moved = seek(&connection, TOPIC, GROUP, None, SeekTo::Time(between))
             .await
             .expect("seek by time");
         assert_eq!(moved.len(), QUEUES as usize);
         expected.insert(queue, 4);
+        expected.insert(first, first_end);
         let targets: BTreeMap<u32, u64> = moved.iter().map(|m| (m.queue, m.to)).collect();
         assert_eq!(targets, expected);
         assert_eq!(cursors(&store, TOPIC, QUEUES, GROUP).await, expected);
 
-        // Refused, and nothing moves: past the end; past the end of the (empty) other queues
-        // although within this one; unknown queue, topic and group; offset 0.
+        // Refused, and nothing moves: past the end; past the end of the empty queue 1 although
+        // within queue 0, before it; unknown queue, topic and group; offset 0.
         let refusals: [(Option<u32>, SeekTo, &str, &str, ErrorCode); 6] = [
             (
                 Some(queue),
