@@ -220,13 +220,10 @@ impl Consumer {
                 .await
                 .map_err(|error| ConsumerError::Store { queue: None, error })?;
         }
-        let dead_letters = match &config.dead_letter_topic {
-            Some(_) => Some(
-                Producer::new(config.dead_letter_producer_config())
-                    .expect("a validated consumer config makes a valid producer config"),
-            ),
-            None => None,
-        };
+        let dead_letters = config.dead_letter_topic.as_ref().map(|_| {
+            Producer::new(config.dead_letter_producer_config())
+                .expect("a validated consumer config makes a valid producer config")
+        });
         let mine = assigned_queues(&config.topic, queues, &config.members, &config.member);
         tracing::info!(topic = %config.topic, group = %config.consumer_group, queues = ?mine,
             "consuming");

@@ -527,7 +527,10 @@ fn seek_by_offset_and_by_time_through_the_library_and_bad_seeks_move_nothing() {
         let queue = queue_of_key(b"s", QUEUES);
         // Key "e" fills queue 0, ahead of the empty queues in a seek's order.
         let (first, first_end) = (queue_of_key(b"e", QUEUES), 3);
-        assert!(first == 0 && queue > 1, "the keys' queues: {first}, {queue}");
+        assert!(
+            first == 0 && queue > 1,
+            "the keys' queues: {first}, {queue}"
+        );
         send(
             &producer,
             &[
