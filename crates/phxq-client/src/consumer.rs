@@ -645,7 +645,8 @@ impl<H: Handler> Shared<H> {
             explicit,
             self.dead_letters.is_some(),
         );
-        if failure != Failure::Nacked(explicit) || next == Next::DeadLetter {
+        // A nack is the handler's own answer; a timeout, a panic or a dead letter is news.
+        if !matches!(failure, Failure::Nacked(_)) || next == Next::DeadLetter {
             tracing::warn!(
                 queue = delivery.queue,
                 offset = delivery.offset,

@@ -122,9 +122,11 @@ pub struct ConsumerConfig {
     /// messages are committed together, at most about this long after they were handled.
     /// Default [`COMMIT_INTERVAL_DEFAULT`].
     pub commit_interval: Duration,
-    /// Most messages handled per second by this consumer; `None`: no limit.
+    /// Most messages handed to the handler per second by this consumer (redeliveries
+    /// count); `None`: no limit.
     pub messages_per_s_max: Option<u32>,
-    /// Most bytes (keys and values) handled per second by this consumer; `None`: no limit.
+    /// Most bytes (keys and values) handed to the handler per second by this consumer
+    /// (redeliveries count); `None`: no limit.
     pub bytes_per_s_max: Option<u64>,
     /// How long one pull or commit may keep retrying (elections, lost nodes) before the
     /// consumer logs it and starts over. Default [`CONSUMER_DEADLINE_DEFAULT`]; must exceed

@@ -38,7 +38,12 @@
 //! different keys in parallel (at most [`ConsumerConfig::max_in_flight`] at once, under an
 //! optional messages/s and bytes/s limit) but for one key's messages strictly in order; each
 //! queue's cursor committed, in batches, only up to its lowest unhandled offset (delivery is
-//! at least once); a graceful drain when its shutdown future completes.
+//! at least once); a graceful drain when its shutdown future completes. A failed delivery (a
+//! nack, a handler past [`ConsumerConfig::ack_timeout`], a panic, caught) is delivered again
+//! in place after the delay of its [`RetryTier`], then produced to
+//! [`ConsumerConfig::dead_letter_topic`] with an idempotent message id. [`seek`] (or
+//! [`Consumer::seek`]) moves a group's cursors to the earliest, the latest, an offset or a
+//! time, resolving every queue before moving any.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
