@@ -15,18 +15,30 @@
 //!   consumer at once, under its rate limit. Batches of one queue follow each other, so
 //!   **messages of one key in one queue are handled strictly in offset order, never two at
 //!   once**. (The producer keeps a key in one queue unless queue-change retry is on.)
+//! * **Failing.** A delivery fails when the handler answers [`Outcome::Nack`] or
+//!   [`Outcome::Retry`], panics (caught: the consumer goes on), or has not answered within
+//!   [`ConsumerConfig::ack_timeout`] (its future is dropped). The message is delivered again,
+//!   in place, after the wait its retry tier gives ([`ConsumerConfig::retry_tiers`],
+//!   `consumer_retry.rs`) with [`Delivery::attempt`] one higher; later messages of its key
+//!   wait (order holds), other keys go on. Past the last tier it is produced to
+//!   [`ConsumerConfig::dead_letter_topic`] (same key and value, a message id derived from
+//!   (consumer group, topic, queue, offset) so a repeated produce is deduplicated) and counts
+//!   as done only once that produce is acknowledged; without a dead-letter topic the last
+//!   tier repeats. A message is never dropped.
 //! * **Committing.** A queue's cursor is committed only up to its lowest offset not yet
 //!   handled ([`Watermark`]), so a crash at any moment never skips an unhandled message:
 //!   **delivery is at least once**, and what was handled after that offset is delivered
 //!   again. Commits are batched: at most one per [`ConsumerConfig::commit_interval`] per
 //!   queue while handling, and when the queue goes idle.
 //! * **Draining.** When `run`'s shutdown future completes, pulls stop, handlers already
-//!   running finish (no new one starts), every queue commits its lowest unhandled offset, and
-//!   `run` returns. Dropping `run`'s future instead aborts everything at once: handled but
+//!   running finish (no new one starts; a hung one is cut at its ack timeout; a dead-letter
+//!   produce under way finishes its attempt), every queue commits its lowest unhandled
+//!   offset, and `run` returns. Dropping `run`'s future instead aborts everything at once: handled but
 //!   uncommitted messages are delivered again to the next consumer.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::poll_fn;
+use std::panic::AssertUnwindSafe;
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -41,7 +53,9 @@ use tokio::task::JoinSet;
 use crate::consumer_assign::assigned_queues;
 use crate::consumer_config::{ConsumerConfig, ConsumerConfigError};
 use crate::consumer_rate::RateLimiter;
+use crate::consumer_retry::{Next, after_failure, dead_letter_id};
 use crate::error::{ErrorKind, ProduceError};
+use crate::producer::Producer;
 use crate::router::{Halt, Router};
 
 /// A message given to a [`Handler`].
@@ -60,9 +74,11 @@ pub struct Delivery {
     pub key: Vec<u8>,
     /// Its value.
     pub value: Vec<u8>,
-    /// How many times this consumer has handed it to the handler, this one included (from
-    /// 1; grows with [`Outcome::Retry`]). A message delivered again after a crash starts at
-    /// 1 again: the count is not stored.
+    /// The delivery count: how many times this consumer has handed it to the handler, this
+    /// time included (from 1; one more after each failed delivery: a nack, an ack timeout, a
+    /// panic). The count lives in this consumer only and is not stored: a message delivered
+    /// again after a crash, a restart or a takeover of its queue starts at 1 again, and so
+    /// does its retry schedule (the dead-letter produce stays deduplicated).
     pub attempt: u32,
 }
 
@@ -71,9 +87,13 @@ pub struct Delivery {
 pub enum Outcome {
     /// Handled: the cursor may pass it.
     Handled,
-    /// Not handled; hand it over again after this delay. Its key waits (order), and the
-    /// queue's cursor stays before it until it is handled. (Retry tiers and a dead-letter
-    /// topic come later.)
+    /// Not handled (a failed delivery): deliver it again after the delay of its retry tier
+    /// ([`ConsumerConfig::retry_tiers`]), or dead-letter it once they are used up. Its key
+    /// waits (order), and the queue's cursor stays before it meanwhile.
+    Nack,
+    /// Not handled, as [`Outcome::Nack`], but deliver it again after this delay instead of
+    /// the tier's (at most [`RETRY_DELAY_MAX`](crate::RETRY_DELAY_MAX)). It still counts as a
+    /// failed delivery: once the tiers' attempts are used up it is dead-lettered.
     Retry(Duration),
 }
 
@@ -82,8 +102,10 @@ pub enum Outcome {
 /// (the future may not borrow the message).
 ///
 /// Called for different keys at once (so `&self`); never for two messages of one key of one
-/// queue at once. A panic stops the consumer ([`ConsumerError::HandlerPanicked`]) with the
-/// message unhandled.
+/// queue at once. A panic is caught and counts as a failed delivery (the message is delivered
+/// again later; the consumer goes on); so does a future that has not finished within
+/// [`ConsumerConfig::ack_timeout`], which is dropped. Handle messages idempotently: delivery
+/// is at least once.
 pub trait Handler: Send + Sync + 'static {
     /// Handles one message.
     fn handle(&self, msg: &Delivery) -> impl Future<Output = Outcome> + Send;
@@ -111,13 +133,16 @@ pub enum ConsumerError {
         /// What the router reported.
         error: ProduceError,
     },
-    /// A handler panicked on this message (it stays unhandled; the cursor is before it).
-    #[error("the handler panicked on queue {queue} offset {offset}")]
-    HandlerPanicked {
+    /// The dead-letter topic refused a message for good (`UNKNOWN_TOPIC`,
+    /// `MESSAGE_TOO_LARGE`, ...): it stays unhandled, the cursor before it.
+    #[error("queue {queue} offset {offset}: dead-lettering failed: {error}")]
+    DeadLetter {
         /// Its queue.
         queue: QueueId,
         /// Its offset.
         offset: Offset,
+        /// What the producer reported.
+        error: ProduceError,
     },
 }
 
@@ -131,8 +156,16 @@ pub struct ConsumerReport {
     pub cursors: BTreeMap<QueueId, Offset>,
     /// Messages handled (`Outcome::Handled`).
     pub handled: u64,
-    /// `Outcome::Retry` answers.
+    /// Failed deliveries followed by a redelivery (all causes).
     pub retries: u64,
+    /// `Outcome::Nack` and `Outcome::Retry` answers.
+    pub nacks: u64,
+    /// Handlers cut off at the ack timeout.
+    pub timeouts: u64,
+    /// Handler panics caught.
+    pub panics: u64,
+    /// Messages produced to the dead-letter topic (acknowledged) after their last tier.
+    pub dead_lettered: u64,
     /// Pulls answered.
     pub pulls: u64,
     /// Commits acknowledged.
@@ -159,8 +192,9 @@ impl Consumer {
 
     /// Reads the topic's assigned queues and hands their messages to `handler` until
     /// `shutdown` completes, then drains (see the module documentation) and returns what it
-    /// did. Returns early with an error when the store refuses for good or a handler panics
-    /// (after draining the other queues).
+    /// did. Returns early with an error when the store refuses for good (a pull, a commit,
+    /// a dead-letter produce; after draining the other queues). A dead-letter topic the
+    /// store does not have is refused at the start (`UNKNOWN_TOPIC`).
     pub async fn run<H: Handler>(
         self,
         handler: H,
@@ -180,11 +214,24 @@ impl Consumer {
             First::Right(()) => return Ok(ConsumerReport::default()),
         };
         let config = &self.config;
+        if let Some(topic) = &config.dead_letter_topic {
+            router
+                .topic_queues(topic, &mut progress)
+                .await
+                .map_err(|error| ConsumerError::Store { queue: None, error })?;
+        }
+        let dead_letters = config.dead_letter_topic.as_ref().map(|_| {
+            Producer::new(config.dead_letter_producer_config())
+                .expect("a validated consumer config makes a valid producer config")
+        });
         let mine = assigned_queues(&config.topic, queues, &config.members, &config.member);
         tracing::info!(topic = %config.topic, group = %config.consumer_group, queues = ?mine,
             "consuming");
+        let (stop, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             topic: Arc::from(config.topic.as_str()),
+            dead_letters,
+            stop,
             limiter: RateLimiter::new(
                 config.messages_per_s_max,
                 config.bytes_per_s_max,
@@ -197,7 +244,7 @@ impl Consumer {
             handler,
             counters: Counters::default(),
         });
-        let (stop, _) = watch::channel(false);
+        let stop = &shared.stop;
         let mut loops = JoinSet::new();
         for &queue in &mine {
             let group = group_of_queue(queue, layout.groups);
@@ -237,6 +284,10 @@ impl Consumer {
         let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         report.handled = read(&shared.counters.handled);
         report.retries = read(&shared.counters.retries);
+        report.nacks = read(&shared.counters.nacks);
+        report.timeouts = read(&shared.counters.timeouts);
+        report.panics = read(&shared.counters.panics);
+        report.dead_lettered = read(&shared.counters.dead_lettered);
         report.pulls = read(&shared.counters.pulls);
         report.commits = read(&shared.counters.commits);
         match failure {
@@ -255,6 +306,10 @@ struct Shared<H> {
     /// One permit per message being handled: [`ConsumerConfig::max_in_flight`].
     permits: Semaphore,
     limiter: Option<Mutex<RateLimiter>>,
+    /// Produces dead letters (with a dead-letter topic only).
+    dead_letters: Option<Producer>,
+    /// Set to stop every loop and chain: shutdown, or a failure of one of them.
+    stop: watch::Sender<bool>,
     counters: Counters,
 }
 
@@ -262,6 +317,10 @@ struct Shared<H> {
 struct Counters {
     handled: AtomicU64,
     retries: AtomicU64,
+    nacks: AtomicU64,
+    timeouts: AtomicU64,
+    panics: AtomicU64,
+    dead_lettered: AtomicU64,
     pulls: AtomicU64,
     commits: AtomicU64,
 }
@@ -485,7 +544,8 @@ impl<H: Handler> Shared<H> {
 
     /// Handles `deliveries` (consecutive offsets of one queue), committing on the way; returns
     /// the lowest offset not handled (one past the last when all were). On `stop`, returns
-    /// once the handlers already running are done.
+    /// once the handlers already running are done. A chain that fails for good (a refused
+    /// dead letter) stops the whole consumer; its error is returned once the others are done.
     async fn handle_batch(
         self: &Arc<Self>,
         cursor: &mut Cursor,
@@ -497,35 +557,27 @@ impl<H: Handler> Shared<H> {
             deliveries.len(),
         )));
         let mut chains = JoinSet::new();
-        // The offset each chain is at, to name the message of a handler that panicked.
-        let mut positions = HashMap::new();
         for chain in chains_by_key(deliveries) {
-            let position = Arc::new(AtomicU64::new(chain[0].offset));
-            let task = run_chain(
+            chains.spawn(run_chain(
                 self.clone(),
                 chain,
                 watermark.clone(),
-                position.clone(),
                 stop.clone(),
-            );
-            positions.insert(chains.spawn(task).id(), position);
+            ));
         }
-        let mut panicked = None;
+        let mut failure = None;
         loop {
             let due = cursor.last_commit + self.config.commit_interval;
             let joined = first(chains.join_next(), tokio::time::sleep_until(due.into())).await;
             match joined {
                 First::Left(None) => break,
-                First::Left(Some(Ok(()))) => {}
-                First::Left(Some(Err(error))) => {
-                    // The chain's task died in its handler: its message stays unhandled.
-                    assert!(error.is_panic(), "chains are never cancelled while joined");
-                    let offset = positions[&error.id()].load(Ordering::Relaxed);
-                    panicked.get_or_insert(ConsumerError::HandlerPanicked {
-                        queue: cursor.queue,
-                        offset,
-                    });
+                First::Left(Some(Ok(Ok(())))) => {}
+                First::Left(Some(Ok(Err(error)))) => {
+                    failure.get_or_insert(error);
+                    self.stop.send_replace(true);
                 }
+                // Handler panics are caught in the chain: this is a bug of the consumer.
+                First::Left(Some(Err(joined))) => std::panic::resume_unwind(joined.into_panic()),
                 First::Right(()) => {
                     cursor.handled_to = Some(lock(&watermark).lowest_unhandled());
                     if cursor.pending() {
@@ -537,7 +589,7 @@ impl<H: Handler> Shared<H> {
             }
         }
         let handled_to = lock(&watermark).lowest_unhandled();
-        match panicked {
+        match failure {
             Some(error) => {
                 cursor.handled_to = Some(handled_to);
                 Err(error)
@@ -545,54 +597,196 @@ impl<H: Handler> Shared<H> {
             None => Ok(handled_to),
         }
     }
+
+    /// Waits for a permit and the rate limit, then hands `delivery` to the handler once,
+    /// under the ack timeout, catching a panic. `None` when `stop` came first (nothing was
+    /// delivered).
+    async fn deliver(
+        &self,
+        delivery: &Delivery,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<Answer> {
+        let permit = unless_stopped(self.permits.acquire(), stop).await?;
+        let _permit = permit.expect("the semaphore is never closed");
+        if *stop.borrow() {
+            return None;
+        }
+        if let Some(limiter) = &self.limiter {
+            let bytes = delivery.key.len() + delivery.value.len();
+            let wait = lock(limiter).reserve(bytes, Instant::now());
+            if !wait.is_zero() {
+                unless_stopped(tokio::time::sleep(wait), stop).await?;
+            }
+        }
+        let handled = catch_panic(|| self.handler.handle(delivery));
+        // The handler's future is dropped at the timeout: cancelled at its next `.await`.
+        let answer = match tokio::time::timeout(self.config.ack_timeout, handled).await {
+            Ok(Ok(Outcome::Handled)) => Answer::Handled,
+            Ok(Ok(Outcome::Nack)) => Answer::Failed(Failure::Nacked(None)),
+            Ok(Ok(Outcome::Retry(delay))) => Answer::Failed(Failure::Nacked(Some(delay))),
+            Ok(Err(())) => Answer::Failed(Failure::Panicked),
+            Err(_) => Answer::Failed(Failure::TimedOut),
+        };
+        Some(answer)
+    }
+
+    /// Counts a failed delivery of `delivery` and says what comes next.
+    fn failed(&self, delivery: &Delivery, failure: Failure) -> Next {
+        let counters = &self.counters;
+        let (counter, explicit) = match failure {
+            Failure::Nacked(delay) => (&counters.nacks, delay),
+            Failure::TimedOut => (&counters.timeouts, None),
+            Failure::Panicked => (&counters.panics, None),
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let next = after_failure(
+            &self.config.retry_tiers,
+            delivery.attempt,
+            explicit,
+            self.dead_letters.is_some(),
+        );
+        // A nack is the handler's own answer; a timeout, a panic or a dead letter is news.
+        if !matches!(failure, Failure::Nacked(_)) || next == Next::DeadLetter {
+            tracing::warn!(
+                queue = delivery.queue,
+                offset = delivery.offset,
+                attempt = delivery.attempt,
+                ?failure,
+                ?next,
+                "delivery failed"
+            );
+        }
+        next
+    }
+
+    /// Produces `delivery` to the dead-letter topic with its derived message id, retrying
+    /// trouble until it is acknowledged: `Ok(true)`. `Ok(false)` when `stop` came between
+    /// two attempts; an error when the store refused it for good.
+    async fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<bool, ConsumerError> {
+        let (Some(producer), Some(topic)) = (&self.dead_letters, &self.config.dead_letter_topic)
+        else {
+            unreachable!("dead-lettering needs a dead-letter topic");
+        };
+        let id = dead_letter_id(
+            &self.config.consumer_group,
+            &self.config.topic,
+            delivery.queue,
+            delivery.offset,
+        );
+        loop {
+            // A produce under way is not cut short by `stop`: it is bounded by the deadline,
+            // and a cut one could be stored anyway (harmless: the id deduplicates it).
+            let sent = producer
+                .send_with_id(topic, &delivery.key, delivery.value.clone(), id.clone())
+                .await;
+            match sent {
+                Ok(receipt) => {
+                    tracing::warn!(queue = delivery.queue, offset = delivery.offset,
+                        dead_letter_topic = %topic, dead_letter_queue = receipt.queue,
+                        dead_letter_offset = receipt.offset, "dead-lettered");
+                    return Ok(true);
+                }
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        ErrorKind::DeadlineExceeded | ErrorKind::Unreachable
+                    ) =>
+                {
+                    tracing::warn!(queue = delivery.queue, offset = delivery.offset, %error,
+                        "dead-lettering gave up for now; trying again");
+                    let pause = tokio::time::sleep(self.config.backoff_max);
+                    if unless_stopped(pause, stop).await.is_none() {
+                        return Ok(false);
+                    }
+                }
+                Err(error) => {
+                    return Err(ConsumerError::DeadLetter {
+                        queue: delivery.queue,
+                        offset: delivery.offset,
+                        error,
+                    });
+                }
+            }
+        }
+    }
 }
 
-/// Handles one key's messages in order, each under a permit and the rate limit; stops
-/// before the next message once `stop` is set. Marks each handled message in `watermark`;
-/// keeps the offset it is at in `position`.
+/// What came of one delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Answer {
+    Handled,
+    Failed(Failure),
+}
+
+/// Why a delivery failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failure {
+    /// `Outcome::Nack` (`None`) or `Outcome::Retry(delay)`.
+    Nacked(Option<Duration>),
+    /// No answer within the ack timeout.
+    TimedOut,
+    /// The handler panicked.
+    Panicked,
+}
+
+/// Handles one key's messages in order: each delivered until handled or dead-lettered,
+/// waiting its retry delays in place (so the key's later messages wait). Stops before the
+/// next delivery once `stop` is set. Marks each message done in `watermark`.
 async fn run_chain<H: Handler>(
     shared: Arc<Shared<H>>,
     chain: Vec<Delivery>,
     watermark: Arc<Mutex<Watermark>>,
-    position: Arc<AtomicU64>,
     mut stop: watch::Receiver<bool>,
-) {
+) -> Result<(), ConsumerError> {
     for mut delivery in chain {
-        position.store(delivery.offset, Ordering::Relaxed);
-        let Some(permit) = unless_stopped(shared.permits.acquire(), &mut stop).await else {
-            return;
-        };
-        let _permit = permit.expect("the semaphore is never closed");
-        if *stop.borrow() {
-            return;
-        }
-        if let Some(limiter) = &shared.limiter {
-            let bytes = delivery.key.len() + delivery.value.len();
-            let wait = lock(limiter).reserve(bytes, Instant::now());
-            if !wait.is_zero()
-                && unless_stopped(tokio::time::sleep(wait), &mut stop)
-                    .await
-                    .is_none()
-            {
-                return;
-            }
-        }
-        loop {
-            match shared.handler.handle(&delivery).await {
-                Outcome::Handled => break,
-                Outcome::Retry(delay) => {
+        let counter = loop {
+            let Some(answer) = shared.deliver(&delivery, &mut stop).await else {
+                return Ok(());
+            };
+            let failure = match answer {
+                Answer::Handled => break &shared.counters.handled,
+                Answer::Failed(failure) => failure,
+            };
+            match shared.failed(&delivery, failure) {
+                Next::Redeliver(delay) => {
                     shared.counters.retries.fetch_add(1, Ordering::Relaxed);
-                    delivery.attempt += 1;
                     let slept = unless_stopped(tokio::time::sleep(delay), &mut stop).await;
                     if slept.is_none() {
-                        return;
+                        return Ok(());
                     }
+                    delivery.attempt = delivery.attempt.saturating_add(1);
+                }
+                Next::DeadLetter => {
+                    if !shared.dead_letter(&delivery, &mut stop).await? {
+                        return Ok(());
+                    }
+                    break &shared.counters.dead_lettered;
                 }
             }
-        }
+        };
         lock(&watermark).handled(delivery.offset);
-        shared.counters.handled.fetch_add(1, Ordering::Relaxed);
+        counter.fetch_add(1, Ordering::Relaxed);
     }
+    Ok(())
+}
+
+/// Makes the future and polls it until it finishes; `Err(())` if making it or a poll panicked
+/// (the panic is caught, the future dropped). The panic hook has already reported it.
+async fn catch_panic<W: Future>(make: impl FnOnce() -> W) -> Result<W::Output, ()> {
+    let work = std::panic::catch_unwind(AssertUnwindSafe(make)).map_err(|_| ())?;
+    let mut work = pin!(work);
+    poll_fn(
+        |cx| match std::panic::catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx))) {
+            Ok(Poll::Ready(value)) => Poll::Ready(Ok(value)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(_) => Poll::Ready(Err(())),
+        },
+    )
+    .await
 }
 
 /// Splits a batch into chains: one per key, in offset order; each keyless message alone.

@@ -41,6 +41,52 @@ pub const COMMIT_INTERVAL_MAX: Duration = Duration::from_secs(60);
 pub const CONSUMER_DEADLINE_DEFAULT: Duration = Duration::from_secs(30);
 /// Most names in [`ConsumerConfig::members`].
 pub const MEMBERS_MAX: usize = 1024;
+/// Default for [`ConsumerConfig::ack_timeout`]: how long a handler may take with one message.
+pub const ACK_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+/// Shortest [`ConsumerConfig::ack_timeout`] accepted.
+pub const ACK_TIMEOUT_MIN: Duration = Duration::from_millis(1);
+/// Longest [`ConsumerConfig::ack_timeout`] accepted: a handler busy for longer than an hour
+/// with one message is better split up.
+pub const ACK_TIMEOUT_MAX: Duration = Duration::from_secs(3600);
+/// Most tiers in [`ConsumerConfig::retry_tiers`].
+pub const RETRY_TIERS_MAX: usize = 16;
+/// Most failed deliveries one [`RetryTier`] may cover.
+pub const RETRY_TIER_ATTEMPTS_MAX: u32 = 10_000;
+/// Longest redelivery delay: of a [`RetryTier`], and of an [`Outcome::Retry`] (longer ones
+/// are cut to it). A message waiting longer holds its key and its queue's cursor for that
+/// long; park it in a topic of its own instead.
+///
+/// [`Outcome::Retry`]: crate::Outcome::Retry
+pub const RETRY_DELAY_MAX: Duration = Duration::from_secs(3600);
+
+/// One step of the redelivery schedule ([`ConsumerConfig::retry_tiers`]): the next `attempts`
+/// failed deliveries of a message are each followed by a wait of `delay`, then it is
+/// delivered again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryTier {
+    /// Failed deliveries this tier covers (from 1).
+    pub attempts: u32,
+    /// The wait after each of them before the next delivery.
+    pub delay: Duration,
+}
+
+/// The default schedule: 3 quick retries (100 ms), 3 slower ones (1 s), then 10 s apart.
+pub fn retry_tiers_default() -> Vec<RetryTier> {
+    vec![
+        RetryTier {
+            attempts: 3,
+            delay: Duration::from_millis(100),
+        },
+        RetryTier {
+            attempts: 3,
+            delay: Duration::from_secs(1),
+        },
+        RetryTier {
+            attempts: 4,
+            delay: Duration::from_secs(10),
+        },
+    ]
+}
 
 /// A consumer's settings. Build one with [`ConsumerConfig::new`] and change the fields you
 /// need.
@@ -76,9 +122,11 @@ pub struct ConsumerConfig {
     /// messages are committed together, at most about this long after they were handled.
     /// Default [`COMMIT_INTERVAL_DEFAULT`].
     pub commit_interval: Duration,
-    /// Most messages handled per second by this consumer; `None`: no limit.
+    /// Most messages handed to the handler per second by this consumer (redeliveries
+    /// count); `None`: no limit.
     pub messages_per_s_max: Option<u32>,
-    /// Most bytes (keys and values) handled per second by this consumer; `None`: no limit.
+    /// Most bytes (keys and values) handed to the handler per second by this consumer
+    /// (redeliveries count); `None`: no limit.
     pub bytes_per_s_max: Option<u64>,
     /// How long one pull or commit may keep retrying (elections, lost nodes) before the
     /// consumer logs it and starts over. Default [`CONSUMER_DEADLINE_DEFAULT`]; must exceed
@@ -88,6 +136,33 @@ pub struct ConsumerConfig {
     pub backoff_initial: Duration,
     /// The longest retry delay, as for a producer.
     pub backoff_max: Duration,
+    /// How long a handler may take with one message. One that has not answered by then is
+    /// a failed delivery: its future is dropped (cancelled at its next `.await`; work it
+    /// spawned elsewhere, or a thread it blocks, is not stopped) and the message is
+    /// delivered again after the [`retry_tiers`](Self::retry_tiers) delay. A draining
+    /// consumer waits at most this long for its running handlers. Default
+    /// [`ACK_TIMEOUT_DEFAULT`], [`ACK_TIMEOUT_MIN`] to [`ACK_TIMEOUT_MAX`].
+    pub ack_timeout: Duration,
+    /// The redelivery schedule after failed deliveries ([`Outcome::Nack`], an ack timeout,
+    /// a handler panic; [`Outcome::Retry`] counts too, with its own delay): after failed
+    /// delivery number `n` of a message, the wait is the delay of the tier `n` falls into
+    /// (the first tier covers failures `1..=attempts`, the next the following ones, ...).
+    /// After the last tier, the message goes to [`dead_letter_topic`](Self::dead_letter_topic)
+    /// if one is set; otherwise the last tier's delay repeats forever (a message is never
+    /// dropped). 1 to [`RETRY_TIERS_MAX`] tiers, each of 1 to [`RETRY_TIER_ATTEMPTS_MAX`]
+    /// attempts and a delay of at most [`RETRY_DELAY_MAX`]. Default
+    /// [`retry_tiers_default`].
+    ///
+    /// [`Outcome::Nack`]: crate::Outcome::Nack
+    /// [`Outcome::Retry`]: crate::Outcome::Retry
+    pub retry_tiers: Vec<RetryTier>,
+    /// Where a message goes when every retry tier is used up: a topic of the same store
+    /// (another than [`topic`](Self::topic)). It is produced there with the same key and
+    /// value and a message id made of (consumer group, topic, queue, offset), so a produce
+    /// repeated after a crash is deduplicated by the store (within the dead-letter topic's
+    /// dedup window); only once that produce is acknowledged does the message count as
+    /// handled. `None` (the default): no dead letters, the last tier repeats.
+    pub dead_letter_topic: Option<String>,
 }
 
 impl ConsumerConfig {
@@ -115,6 +190,9 @@ impl ConsumerConfig {
             deadline: CONSUMER_DEADLINE_DEFAULT,
             backoff_initial: producer.backoff_initial,
             backoff_max: producer.backoff_max,
+            ack_timeout: ACK_TIMEOUT_DEFAULT,
+            retry_tiers: retry_tiers_default(),
+            dead_letter_topic: None,
         }
     }
 
@@ -192,7 +270,58 @@ impl ConsumerConfig {
         if self.bytes_per_s_max == Some(0) {
             return Err(invalid("bytes_per_s_max", "0; use None for no limit"));
         }
+        if !(ACK_TIMEOUT_MIN..=ACK_TIMEOUT_MAX).contains(&self.ack_timeout) {
+            return Err(invalid(
+                "ack_timeout",
+                format!(
+                    "{:?}; {ACK_TIMEOUT_MIN:?} to {ACK_TIMEOUT_MAX:?}",
+                    self.ack_timeout
+                ),
+            ));
+        }
+        self.validate_retries()
+    }
+
+    fn validate_retries(&self) -> Result<(), ConsumerConfigError> {
+        if self.retry_tiers.is_empty() || self.retry_tiers.len() > RETRY_TIERS_MAX {
+            return Err(invalid(
+                "retry_tiers",
+                format!("{} tiers; 1 to {RETRY_TIERS_MAX}", self.retry_tiers.len()),
+            ));
+        }
+        for (i, tier) in self.retry_tiers.iter().enumerate() {
+            if !(1..=RETRY_TIER_ATTEMPTS_MAX).contains(&tier.attempts) {
+                return Err(invalid(
+                    format!("retry_tiers[{i}].attempts"),
+                    format!("{}; 1 to {RETRY_TIER_ATTEMPTS_MAX}", tier.attempts),
+                ));
+            }
+            if tier.delay > RETRY_DELAY_MAX {
+                return Err(invalid(
+                    format!("retry_tiers[{i}].delay"),
+                    format!("{:?}; at most {RETRY_DELAY_MAX:?}", tier.delay),
+                ));
+            }
+        }
+        if let Some(topic) = &self.dead_letter_topic {
+            validate_name(topic)
+                .map_err(|error| invalid("dead_letter_topic", error.to_string()))?;
+            if *topic == self.topic {
+                return Err(invalid(
+                    "dead_letter_topic",
+                    format!("{topic:?} is the topic read: dead letters would come back"),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The producer settings of the dead-letter produce: the router's, with the ids this
+    /// consumer derives itself.
+    pub(crate) fn dead_letter_producer_config(&self) -> ProducerConfig {
+        let mut config = self.router_config();
+        config.attempt_timeout = crate::config::ATTEMPT_TIMEOUT_DEFAULT.min(self.deadline);
+        config
     }
 
     fn validate_members(&self) -> Result<(), ConsumerConfigError> {
@@ -288,6 +417,55 @@ mod tests {
         assert_eq!(
             field(|c| c.backoff_initial = Duration::ZERO),
             err("backoff_initial")
+        );
+        assert_eq!(
+            field(|c| c.ack_timeout = Duration::ZERO),
+            err("ack_timeout")
+        );
+        assert_eq!(
+            field(|c| c.ack_timeout = Duration::from_secs(3601)),
+            err("ack_timeout")
+        );
+    }
+
+    #[test]
+    fn retry_tiers_and_the_dead_letter_topic_are_checked() {
+        let err = |name: &str| Err(name.to_string());
+        fn tier(attempts: u32, delay_ms: u64) -> RetryTier {
+            RetryTier {
+                attempts,
+                delay: Duration::from_millis(delay_ms),
+            }
+        }
+        assert_eq!(field(|c| c.retry_tiers.clear()), err("retry_tiers"));
+        assert_eq!(
+            field(|c| c.retry_tiers = vec![tier(1, 0); RETRY_TIERS_MAX + 1]),
+            err("retry_tiers")
+        );
+        assert_eq!(
+            field(|c| c.retry_tiers = vec![tier(2, 10), tier(0, 10)]),
+            err("retry_tiers[1].attempts")
+        );
+        assert_eq!(
+            field(|c| c.retry_tiers = vec![tier(RETRY_TIER_ATTEMPTS_MAX + 1, 10)]),
+            err("retry_tiers[0].attempts")
+        );
+        assert_eq!(
+            field(|c| c.retry_tiers = vec![tier(1, 3_600_001)]),
+            err("retry_tiers[0].delay")
+        );
+        assert_eq!(field(|c| c.retry_tiers = vec![tier(1, 0)]), Ok(()));
+        assert_eq!(
+            field(|c| c.dead_letter_topic = Some("orders".into())),
+            err("dead_letter_topic")
+        );
+        assert_eq!(
+            field(|c| c.dead_letter_topic = Some("no spaces".into())),
+            err("dead_letter_topic")
+        );
+        assert_eq!(
+            field(|c| c.dead_letter_topic = Some("orders-dead".into())),
+            Ok(())
         );
     }
 

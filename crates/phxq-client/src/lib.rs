@@ -38,7 +38,12 @@
 //! different keys in parallel (at most [`ConsumerConfig::max_in_flight`] at once, under an
 //! optional messages/s and bytes/s limit) but for one key's messages strictly in order; each
 //! queue's cursor committed, in batches, only up to its lowest unhandled offset (delivery is
-//! at least once); a graceful drain when its shutdown future completes.
+//! at least once); a graceful drain when its shutdown future completes. A failed delivery (a
+//! nack, a handler past [`ConsumerConfig::ack_timeout`], a panic, caught) is delivered again
+//! in place after the delay of its [`RetryTier`], then produced to
+//! [`ConsumerConfig::dead_letter_topic`] with an idempotent message id. [`seek`] (or
+//! [`Consumer::seek`]) moves a group's cursors to the earliest, the latest, an offset or a
+//! time, resolving every queue before moving any.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
@@ -66,10 +71,12 @@ mod consumer;
 mod consumer_assign;
 mod consumer_config;
 mod consumer_rate;
+mod consumer_retry;
 mod error;
 mod key;
 mod producer;
 mod router;
+mod seek;
 
 pub use config::{
     ATTEMPT_TIMEOUT_DEFAULT, BACKOFF_INITIAL_DEFAULT, BACKOFF_MAX_DEFAULT, BACKOFF_MAX_LIMIT,
@@ -78,16 +85,19 @@ pub use config::{
 pub use consumer::{Consumer, ConsumerError, ConsumerReport, Delivery, Handler, Outcome};
 pub use consumer_assign::{assigned_queues, queue_owner};
 pub use consumer_config::{
-    COMMIT_INTERVAL_DEFAULT, COMMIT_INTERVAL_MAX, COMMIT_INTERVAL_MIN, CONSUMER_DEADLINE_DEFAULT,
-    ConsumerConfig, ConsumerConfigError, LONG_POLL_DEFAULT, LONG_POLL_LIMIT, LONG_POLL_MARGIN,
+    ACK_TIMEOUT_DEFAULT, ACK_TIMEOUT_MAX, ACK_TIMEOUT_MIN, COMMIT_INTERVAL_DEFAULT,
+    COMMIT_INTERVAL_MAX, COMMIT_INTERVAL_MIN, CONSUMER_DEADLINE_DEFAULT, ConsumerConfig,
+    ConsumerConfigError, LONG_POLL_DEFAULT, LONG_POLL_LIMIT, LONG_POLL_MARGIN,
     MAX_IN_FLIGHT_DEFAULT, MAX_IN_FLIGHT_LIMIT, MEMBERS_MAX, PULL_BYTES_DEFAULT, PULL_BYTES_LIMIT,
-    PULL_MESSAGES_DEFAULT, PULL_MESSAGES_LIMIT,
+    PULL_MESSAGES_DEFAULT, PULL_MESSAGES_LIMIT, RETRY_DELAY_MAX, RETRY_TIER_ATTEMPTS_MAX,
+    RETRY_TIERS_MAX, RetryTier, retry_tiers_default,
 };
 pub use consumer_rate::BURST as RATE_BURST;
 pub use error::{ErrorKind, ProduceError};
 pub use key::{fnv1a_64, queue_of_key};
-pub use phxq_types::{ErrorCode, KEY_BYTES_MAX, Offset, QueueId};
+pub use phxq_types::{ErrorCode, KEY_BYTES_MAX, MESSAGE_ID_BYTES_MAX, Offset, QueueId};
 pub use producer::{
     BATCH_BYTES_MAX, BATCH_MESSAGES_MAX, Producer, ProducerStats, Receipt, VALUE_BYTES_MAX,
 };
 pub use router::{CHANNELS_MAX, CONNECT_TIMEOUT, REDIRECTS_IN_A_ROW_MAX};
+pub use seek::{SeekError, SeekMove, SeekTo, seek};

@@ -35,7 +35,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use phxq_proto::api;
 use phxq_types::{
-    ErrorCode, GroupId, KEY_BYTES_MAX, Offset, QueueId, group_of_queue, validate_name,
+    ErrorCode, GroupId, KEY_BYTES_MAX, MESSAGE_ID_BYTES_MAX, Offset, QueueId, group_of_queue,
+    validate_name,
 };
 use tokio::task::JoinSet;
 
@@ -174,9 +175,48 @@ impl Producer {
         key: &[u8],
         value: impl Into<Vec<u8>>,
     ) -> Result<Receipt, ProduceError> {
+        let message_id = self.new_message_id();
+        self.send_one(topic, key, value.into(), message_id).await
+    }
+
+    /// Sends one message like [`send`](Self::send), with a message id of the caller's (1 to
+    /// [`MESSAGE_ID_BYTES_MAX`] bytes) instead of one of the producer's: the store appends
+    /// nothing for an id already in the queue's dedup window and answers with the offset of
+    /// the message first stored with it ([`ProducerStats::duplicates`] counts those). Derive
+    /// the id from what makes the message unique (an order number, a source offset) to make
+    /// a produce idempotent across retries, restarts and processes. An id of bad length is
+    /// refused (`INVALID_ARGUMENT`) before sending.
+    pub async fn send_with_id(
+        &self,
+        topic: &str,
+        key: &[u8],
+        value: impl Into<Vec<u8>>,
+        message_id: impl Into<Vec<u8>>,
+    ) -> Result<Receipt, ProduceError> {
+        let message_id = message_id.into();
+        if message_id.is_empty() || message_id.len() > MESSAGE_ID_BYTES_MAX {
+            return Err(ProduceError::refused(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "a message id of {} bytes; 1 to {MESSAGE_ID_BYTES_MAX}",
+                    message_id.len()
+                ),
+            ));
+        }
+        self.send_one(topic, key, value.into(), message_id).await
+    }
+
+    /// [`send`](Self::send) with `message_id` (empty: none).
+    async fn send_one(
+        &self,
+        topic: &str,
+        key: &[u8],
+        value: Vec<u8>,
+        message_id: Vec<u8>,
+    ) -> Result<Receipt, ProduceError> {
         let message = api::Message {
             key: key.to_vec(),
-            value: value.into(),
+            value,
         };
         check_message(&message, None)?;
         let mut progress = self.shared.router.start_request();
@@ -185,7 +225,7 @@ impl Producer {
             queue: self.choose_queue(key, queues),
             positions: vec![0],
             messages: vec![message],
-            message_id: self.new_message_id(),
+            message_id,
         };
         let mut outcomes = deliver(
             self.shared.clone(),

@@ -18,10 +18,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use phxq_client::fnv1a_64;
+use phxq_client::{ErrorKind, ProducerConfig, SeekError, SeekTo, fnv1a_64};
 use phxq_proto::api::phxq_client::PhxqClient;
 use phxq_proto::api::{self, Failure};
-use phxq_types::{ErrorCode, TIME_MS_MAX, validate_name};
+use phxq_types::{ErrorCode, MESSAGE_ID_BYTES_MAX, TIME_MS_MAX, validate_name};
 use serde_json::json;
 use tokio::task::JoinSet;
 use tonic::transport::{Channel, Endpoint};
@@ -82,6 +82,12 @@ pub struct ProduceArgs {
     /// Send every message to this queue instead.
     #[arg(long)]
     queue: Option<u32>,
+    /// A message id (1 to 64 bytes) for the one message on standard input (more lines are
+    /// refused, nothing sent): the store deduplicates it within the topic's dedup window, so
+    /// running the same command again (after a timeout, say) stores nothing and reports the
+    /// duplicate with the offset first stored.
+    #[arg(long, value_name = "ID")]
+    message_id: Option<String>,
 }
 
 /// Arguments of `phxq consume`.
@@ -161,19 +167,6 @@ pub struct SeekArgs {
     /// clock.
     #[arg(long, value_parser = parse_seek)]
     to: SeekTo,
-}
-
-/// Where `phxq seek` moves a cursor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SeekTo {
-    /// The oldest retained message.
-    Earliest,
-    /// The queue's end.
-    Latest,
-    /// This offset.
-    Offset(u64),
-    /// The first message accepted at or after this time, in ms since the Unix epoch.
-    Time(u64),
 }
 
 fn parse_seek(text: &str) -> Result<SeekTo, String> {
@@ -647,6 +640,9 @@ fn read_line(input: &mut impl BufRead) -> std::io::Result<Option<Vec<u8>>> {
 struct ProduceTally {
     acknowledged: u64,
     queues: BTreeMap<u32, u64>,
+    /// Appends the store answered as duplicates of an earlier produce (message id), with
+    /// where it stored the original: `(queue, first offset)`.
+    duplicates: Vec<(u32, u64)>,
 }
 
 pub fn produce(args: &ProduceArgs) -> CommandResult {
@@ -669,6 +665,12 @@ pub fn produce(args: &ProduceArgs) -> CommandResult {
             queues.join(", ")
         }
     );
+    for (queue, offset) in &tally.duplicates {
+        eprintln!(
+            "phxq produce: a duplicate of an earlier produce with this message id, stored at \
+             q{queue} offset {offset}: not stored again"
+        );
+    }
     match outcome {
         Ok(uncertain) => {
             eprintln!("phxq produce: {summary}");
@@ -690,6 +692,17 @@ pub fn produce(args: &ProduceArgs) -> CommandResult {
 /// Sends every line; returns the number of uncertain retries.
 async fn produce_all(args: &ProduceArgs, tally: &mut ProduceTally) -> Result<u64, ClientError> {
     check_name("topic", &args.topic)?;
+    if let Some(id) = &args.message_id
+        && !(1..=MESSAGE_ID_BYTES_MAX).contains(&id.len())
+    {
+        return Err(refused(
+            ErrorCode::InvalidArgument,
+            format!(
+                "--message-id of {} bytes; 1 to {MESSAGE_ID_BYTES_MAX}",
+                id.len()
+            ),
+        ));
+    }
     let (router, status) = Router::discover(&args.connection).await?;
     let topic = find_topic(&status, &args.topic)?;
     check_queue(topic, args.queue)?;
@@ -700,11 +713,23 @@ async fn produce_all(args: &ProduceArgs, tally: &mut ProduceTally) -> Result<u64
         args.key.as_ref().map(|k| k.as_bytes()),
     );
     let mut lines = read_lines();
+    if let Some(id) = &args.message_id {
+        return produce_with_id(
+            &router,
+            args,
+            id.as_bytes(),
+            lines,
+            &mut chooser,
+            &key,
+            tally,
+        )
+        .await;
+    }
     let mut any = false;
     while let Some(first) = lines.recv().await {
         any = true;
         let batch = gather_batch(first, &mut lines, &mut chooser, &key)?;
-        send_batch(&router, &args.topic, batch, tally).await?;
+        send_batch(&router, &args.topic, batch, &[], tally).await?;
     }
     if !any {
         return Err(refused(
@@ -712,6 +737,35 @@ async fn produce_all(args: &ProduceArgs, tally: &mut ProduceTally) -> Result<u64
             "standard input had no lines; nothing was produced",
         ));
     }
+    Ok(router.inner.uncertain_retries.load(Ordering::Relaxed))
+}
+
+/// Sends the one line of standard input with message id `id`; returns the number of
+/// uncertain retries (harmless here: the id deduplicates them).
+async fn produce_with_id(
+    router: &Router,
+    args: &ProduceArgs,
+    id: &[u8],
+    mut lines: tokio::sync::mpsc::Receiver<Line>,
+    chooser: &mut QueueChooser,
+    key: &[u8],
+    tally: &mut ProduceTally,
+) -> Result<u64, ClientError> {
+    let Some(line) = lines.recv().await else {
+        return Err(refused(
+            ErrorCode::EmptyBatch,
+            "standard input had no lines; nothing was produced",
+        ));
+    };
+    if lines.recv().await.is_some() {
+        return Err(ClientError::Usage(
+            "--message-id names one message: standard input must hold one line; nothing was \
+             produced"
+                .to_string(),
+        ));
+    }
+    let batch = gather_batch(line, &mut lines, chooser, key)?;
+    send_batch(router, &args.topic, batch, id, tally).await?;
     Ok(router.inner.uncertain_retries.load(Ordering::Relaxed))
 }
 
@@ -746,17 +800,20 @@ fn gather_batch(
     Ok(batch)
 }
 
-/// Sends one batch, one call per queue, concurrently; fails if any call fails.
+/// Sends one batch, one call per queue, concurrently, each with `message_id` (empty: none);
+/// fails if any call fails.
 async fn send_batch(
     router: &Router,
     topic: &str,
     batch: BTreeMap<u32, Vec<api::Message>>,
+    message_id: &[u8],
     tally: &mut ProduceTally,
 ) -> Result<(), ClientError> {
     let mut calls = JoinSet::new();
     for (queue, messages) in batch {
         let router = router.clone();
         let topic = topic.to_string();
+        let message_id = message_id.to_vec();
         calls.spawn(async move {
             let count = messages.len() as u64;
             let request = api::ProduceRequest {
@@ -764,7 +821,7 @@ async fn send_batch(
                 topic,
                 queue,
                 messages,
-                message_id: Vec::new(),
+                message_id,
             };
             let outcome = router
                 .call(Some(router.group_of(queue)), |mut client| {
@@ -784,6 +841,9 @@ async fn send_batch(
         let (queue, count, outcome) =
             joined.map_err(|error| ClientError::Usage(error.to_string()))?;
         match outcome {
+            Ok(response) if response.duplicate => {
+                tally.duplicates.push((queue, response.first_offset));
+            }
             Ok(_) => {
                 tally.acknowledged += count;
                 *tally.queues.entry(queue).or_default() += count;
@@ -1090,9 +1150,10 @@ async fn cursor_and_end(
 }
 
 /// `phxq seek`: moves a consumer group's cursor on one queue or every queue of a topic, and
-/// prints each move (`queue Q: next A -> B`). Every queue's target is found first (a time is
-/// asked of the queue's master with `OffsetForTime`); an offset past any queue's end, or any
-/// refusal, refuses the whole seek before any cursor moves.
+/// prints each move (`queue Q: next A -> B`), through `phxq_client::seek`: every queue's
+/// target is found first (a time is asked of the queue's master with `OffsetForTime`); an
+/// offset past any queue's end, or any refusal, refuses the whole seek before any cursor
+/// moves.
 pub fn seek(args: &SeekArgs) -> CommandResult {
     let runtime = client_runtime()?;
     runtime.block_on(seek_all(args))?;
@@ -1100,68 +1161,34 @@ pub fn seek(args: &SeekArgs) -> CommandResult {
 }
 
 async fn seek_all(args: &SeekArgs) -> Result<(), ClientError> {
-    let (router, status) = Router::discover(&args.connection).await?;
-    let queues = subscribed_queues(&status, &args.topic, &args.group, args.queue)?;
-    // Every queue's target first: an offset past any queue's end refuses the whole seek
-    // before a single cursor moves.
-    let mut moves = Vec::with_capacity(queues.len());
-    for queue in queues {
-        let (cursor, end) = cursor_and_end(&router, &args.topic, &args.group, queue).await?;
-        let target = match args.to {
-            SeekTo::Latest => end,
-            SeekTo::Offset(offset) => offset,
-            SeekTo::Time(time_ms) => offset_for_time(&router, &args.topic, queue, time_ms).await?,
-            SeekTo::Earliest => {
-                let oldest = read_from(&router, &args.topic, &args.group, queue, 1, 0, 1).await?;
-                oldest
-                    .messages
-                    .first()
-                    .map_or(oldest.end_offset, |m| m.offset)
-            }
-        };
-        if target > end {
-            return Err(refused(
-                ErrorCode::InvalidArgument,
-                format!("queue {queue} ends at offset {end}; cannot seek to {target}"),
-            ));
-        }
-        moves.push((queue, cursor, target));
-    }
-    let commits = moves
-        .iter()
-        .map(|&(queue, _, target)| (queue, target))
-        .collect();
-    commit_offsets(&router, &args.topic, &args.group, commits).await?;
-    for (queue, cursor, target) in moves {
-        print_line(format_args!("queue {queue}: next {cursor} -> {target}"))
-            .map_err(ClientError::Output)?;
+    let server = parse_server(&args.connection.server)?;
+    let mut config = ProducerConfig::new([server.clone()]);
+    config.deadline = Duration::from_millis(args.connection.timeout_ms);
+    let moves = phxq_client::seek(&config, &args.topic, &args.group, args.queue, args.to)
+        .await
+        .map_err(|error| seek_error(&server, error))?;
+    for change in moves {
+        print_line(format_args!(
+            "queue {}: next {} -> {}",
+            change.queue, change.from, change.to
+        ))
+        .map_err(ClientError::Output)?;
     }
     Ok(())
 }
 
-/// The first offset of `queue` whose message time is at or after `time_ms`, from the master
-/// of its group (`OffsetForTime`), with retries.
-async fn offset_for_time(
-    router: &Router,
-    topic: &str,
-    queue: u32,
-    time_ms: u64,
-) -> Result<u64, ClientError> {
-    let request = api::OffsetForTimeRequest {
-        store_id: 0,
-        topic: topic.to_string(),
-        queue,
-        time_ms,
-    };
-    router
-        .call(Some(router.group_of(queue)), |mut client| {
-            let request = request.clone();
-            async move {
-                let response = client.offset_for_time(request).await?.into_inner();
-                Ok((response.offset, response.error))
-            }
-        })
-        .await
+/// The command's error for a library seek's.
+fn seek_error(server: &str, error: SeekError) -> ClientError {
+    match error {
+        SeekError::Config(error) => ClientError::Usage(error.to_string()),
+        SeekError::Store { error, .. } => match error.code() {
+            Some(code) if error.kind() == ErrorKind::Refused => refused(code, error.message()),
+            _ => ClientError::Unreachable {
+                addr: server.to_string(),
+                detail: error.to_string(),
+            },
+        },
+    }
 }
 
 /// One Consume call to the master of `queue`'s group, with retries.

@@ -634,6 +634,63 @@ fn produce_many_appends_atomically_through_the_grpc_api_and_refuses_mixed_groups
 }
 
 #[test]
+fn produce_with_a_message_id_twice_stores_one_message_and_reports_the_duplicate() {
+    let store = Store::start();
+    store.wait_ready();
+    let with_id =
+        |id: &str, input: &[u8]| store.produce(&["--queue", "2", "--message-id", id], input);
+    let first = with_id("order-17", b"once\n");
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    assert!(
+        !text(&first.stderr).contains("duplicate"),
+        "{}",
+        text(&first.stderr)
+    );
+    let again = with_id("order-17", b"once\n");
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    let said = text(&again.stderr);
+    assert!(
+        said.contains("duplicate") && said.contains("stored at q2 offset 1"),
+        "{said}"
+    );
+    assert!(said.contains("0 message(s) acknowledged"), "{said}");
+    let other = with_id("order-18", b"other\n");
+    assert!(other.status.success(), "{}", text(&other.stderr));
+    let values: Vec<(u64, String)> = store
+        .consume_all("g1")
+        .iter()
+        .map(|m| {
+            let queue = m["queue"].as_u64().expect("queue");
+            (queue, m["value"].as_str().expect("value").to_string())
+        })
+        .collect();
+    assert_eq!(
+        values,
+        [(2, "once".to_string()), (2, "other".to_string())],
+        "one message per id"
+    );
+
+    // Bad input: typed errors, nothing stored.
+    let two_lines = with_id("order-19", b"a\nb\n");
+    assert_eq!(two_lines.status.code(), Some(1));
+    assert!(
+        text(&two_lines.stderr).contains("one line"),
+        "{}",
+        text(&two_lines.stderr)
+    );
+    for bad in [String::new(), "x".repeat(65)] {
+        let refused = with_id(&bad, b"bad\n");
+        assert_eq!(refused.status.code(), Some(1));
+        assert!(
+            text(&refused.stderr).contains("INVALID_ARGUMENT"),
+            "{}",
+            text(&refused.stderr)
+        );
+    }
+    assert!(store.consume_all("g1").is_empty(), "nothing more stored");
+}
+
+#[test]
 fn producer_dedup_a_retried_message_id_is_answered_with_the_first_offsets_and_stored_once() {
     use phxq_proto::api::{self, phxq_client::PhxqClient};
     use phxq_types::ErrorCode;

@@ -18,6 +18,11 @@ pub const QUEUES: u32 = 8;
 pub const TOPIC: &str = "orders";
 /// Consumer groups subscribed to the topic.
 pub const CONSUMER_GROUPS: [&str; 2] = ["audit", "billing"];
+/// A second topic, where consumers of [`TOPIC`] put their dead letters; read by the first of
+/// [`CONSUMER_GROUPS`].
+pub const DEAD_LETTER_TOPIC: &str = "orders-dead";
+/// Queues of the dead-letter topic.
+pub const DEAD_LETTER_QUEUES: u32 = 2;
 /// The stores' `message_bytes_max`: small, so an oversized message is cheap.
 pub const MESSAGE_BYTES_MAX: usize = 4096;
 /// How long a store may take to elect and place its masters (generous: a loaded 2-core
@@ -106,7 +111,10 @@ impl Store {
         }
         text += &format!(
             "[[store.topics]]\nname = \"{TOPIC}\"\nqueues = {QUEUES}\n\
-             consumer_groups = {CONSUMER_GROUPS:?}\n"
+             consumer_groups = {CONSUMER_GROUPS:?}\n\n\
+             [[store.topics]]\nname = \"{DEAD_LETTER_TOPIC}\"\nqueues = {DEAD_LETTER_QUEUES}\n\
+             consumer_groups = [{:?}]\n",
+            CONSUMER_GROUPS[0]
         );
         ServerConfig::parse(&text).expect("valid config")
     }
