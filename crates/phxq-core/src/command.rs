@@ -6,6 +6,7 @@
 use phxq_types::{Offset, QueueId};
 
 use crate::codec::{Reader, VARINT_BYTES_MAX, put_bytes, put_varint};
+use crate::{Retention, TopicConfig};
 
 /// One message as a producer sent it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
@@ -44,6 +45,28 @@ pub enum Command {
         /// The next offset to read.
         offset: Offset,
     },
+    /// Creates or alters a topic in this replication group's topic table (an admin command;
+    /// the CLI sends the same one to every group). Applying it again changes nothing.
+    PutTopic {
+        /// The whole new configuration.
+        config: TopicConfig,
+        /// Create (a different existing config is refused) or alter (the topic must exist).
+        mode: PutMode,
+    },
+    /// Removes a topic, its queues and their cursors from this group's topic table.
+    DeleteTopic {
+        /// Topic name.
+        name: String,
+    },
+}
+
+/// How a [`Command::PutTopic`] treats an existing topic of that name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PutMode {
+    /// The topic must not exist, or exist with exactly this config (a re-run: no change).
+    Create,
+    /// The topic must exist; its queue count may grow, never shrink.
+    Alter,
 }
 
 /// A raft entry's payload: the commands one master gathered in one group-commit round.
@@ -73,6 +96,10 @@ const TAG_COMMIT_CURSOR: u8 = 2;
 /// Tag of a [`Command::Enqueue`] with a message id (one without keeps tag 1, so logs written
 /// before ids existed read the same).
 const TAG_ENQUEUE_WITH_ID: u8 = 3;
+/// Tag of [`Command::PutTopic`].
+const TAG_PUT_TOPIC: u8 = 4;
+/// Tag of [`Command::DeleteTopic`].
+const TAG_DELETE_TOPIC: u8 = 5;
 
 /// Encodes a batch.
 ///
@@ -82,6 +109,12 @@ const TAG_ENQUEUE_WITH_ID: u8 = 3;
 ///         | 2 consumer_group:bytes topic:bytes queue:varint offset:varint      CommitCursor
 ///         | 3 topic:bytes queue:varint message_id:bytes count:varint (key:bytes value:bytes)*
 ///                                                    Enqueue with a (non-empty) message id
+///         | 4 mode(1: create, 2: alter) topic_config                               PutTopic
+///         | 5 topic:bytes                                                       DeleteTopic
+/// topic_config = name:bytes queues:varint group_count:varint group:bytes*
+///                replay_count:varint replay_age_ms:varint max_age_ms:option max_bytes:option
+///                dedup_window:varint
+/// option  = 0 | 1 value:varint
 /// bytes   = length:varint byte*
 /// ```
 ///
@@ -140,6 +173,11 @@ fn encoded_bytes_hint(batch: &Batch) -> usize {
             topic,
             ..
         } => 1 + consumer_group.len() + topic.len() + 4 * VARINT_BYTES_MAX,
+        Command::PutTopic { config, .. } => {
+            let groups: usize = config.consumer_groups.iter().map(String::len).sum();
+            2 + config.name.len() + groups + (8 + config.consumer_groups.len()) * VARINT_BYTES_MAX
+        }
+        Command::DeleteTopic { name } => 1 + name.len() + VARINT_BYTES_MAX,
     };
     1 + 2 * VARINT_BYTES_MAX + batch.commands.iter().map(command_bytes).sum::<usize>()
 }
@@ -180,7 +218,79 @@ fn encode_command(out: &mut Vec<u8>, command: &Command) {
             put_varint(out, u64::from(*queue));
             put_varint(out, *offset);
         }
+        Command::PutTopic { config, mode } => {
+            out.push(TAG_PUT_TOPIC);
+            out.push(match mode {
+                PutMode::Create => 1,
+                PutMode::Alter => 2,
+            });
+            put_topic_config(out, config);
+        }
+        Command::DeleteTopic { name } => {
+            out.push(TAG_DELETE_TOPIC);
+            put_bytes(out, name.as_bytes());
+        }
     }
+}
+
+/// Appends a topic's configuration (`topic_config` in [`encode_batch`]'s grammar; snapshots
+/// use it too).
+pub(crate) fn put_topic_config(out: &mut Vec<u8>, config: &TopicConfig) {
+    put_bytes(out, config.name.as_bytes());
+    put_varint(out, u64::from(config.queues));
+    put_varint(out, config.consumer_groups.len() as u64);
+    for group in &config.consumer_groups {
+        put_bytes(out, group.as_bytes());
+    }
+    let retention = &config.retention;
+    put_varint(out, retention.replay_count);
+    put_varint(out, retention.replay_age_ms);
+    for option in [retention.max_age_ms, retention.max_bytes] {
+        match option {
+            None => out.push(0),
+            Some(value) => {
+                out.push(1);
+                put_varint(out, value);
+            }
+        }
+    }
+    put_varint(out, u64::from(config.dedup_window));
+}
+
+/// Reads what [`put_topic_config`] wrote. Checks the encoding only, not the config's rules
+/// (applying does that).
+pub(crate) fn read_topic_config(reader: &mut Reader<'_>) -> Result<TopicConfig, DecodeError> {
+    let name = reader.string("topic")?;
+    let queues = reader.varint_u32("queue count")?;
+    let count = reader.count("consumer group count")?;
+    let mut consumer_groups = Vec::with_capacity(count);
+    for _ in 0..count {
+        consumer_groups.push(reader.string("consumer group")?);
+    }
+    let replay_count = reader.varint("replay count")?;
+    let replay_age_ms = reader.varint("replay age")?;
+    let mut option = |what: &str| -> Result<Option<u64>, DecodeError> {
+        match reader.u8(what)? {
+            0 => Ok(None),
+            1 => Ok(Some(reader.varint(what)?)),
+            other => Err(DecodeError::Invalid(format!("{what}: option byte {other}"))),
+        }
+    };
+    let max_age_ms = option("max age")?;
+    let max_bytes = option("max bytes")?;
+    let dedup_window = reader.varint_u32("dedup window")?;
+    Ok(TopicConfig {
+        name,
+        queues,
+        consumer_groups,
+        retention: Retention {
+            replay_count,
+            replay_age_ms,
+            max_age_ms,
+            max_bytes,
+        },
+        dedup_window,
+    })
 }
 
 fn decode_command(reader: &mut Reader<'_>) -> Result<Command, DecodeError> {
@@ -217,6 +327,18 @@ fn decode_command(reader: &mut Reader<'_>) -> Result<Command, DecodeError> {
             topic: reader.string("topic")?,
             queue: reader.varint_u32("queue")?,
             offset: reader.varint("offset")?,
+        }),
+        TAG_PUT_TOPIC => {
+            let mode = match reader.u8("put mode")? {
+                1 => PutMode::Create,
+                2 => PutMode::Alter,
+                other => return Err(DecodeError::Invalid(format!("put mode {other}"))),
+            };
+            let config = read_topic_config(reader)?;
+            Ok(Command::PutTopic { config, mode })
+        }
+        TAG_DELETE_TOPIC => Ok(Command::DeleteTopic {
+            name: reader.string("topic")?,
         }),
         tag => Err(DecodeError::Invalid(format!("unknown command tag {tag}"))),
     }
@@ -270,9 +392,9 @@ mod tests {
         let mut version_2 = good.clone();
         version_2[0] = 2;
         assert!(decode_batch(&version_2).is_err());
-        let mut tag_4 = good.clone();
-        tag_4[4] = 4;
-        assert!(decode_batch(&tag_4).is_err());
+        let mut tag_6 = good.clone();
+        tag_6[4] = 6;
+        assert!(decode_batch(&tag_6).is_err());
         let mut trailing = good.clone();
         trailing.push(0);
         assert!(decode_batch(&trailing).is_err());
@@ -295,6 +417,46 @@ mod tests {
         assert_eq!(decode_batch(&expected), Ok(batch));
         let empty_id = [1, 1, 1, 3, 1, b't', 0, 0, 1, 0, 0];
         assert!(decode_batch(&empty_id).is_err());
+    }
+
+    #[test]
+    fn topic_admin_commands_are_pinned_byte_for_byte() {
+        let config = TopicConfig {
+            name: "t".into(),
+            queues: 3,
+            consumer_groups: vec!["g".into()],
+            retention: Retention {
+                replay_count: 2,
+                replay_age_ms: 0,
+                max_age_ms: None,
+                max_bytes: Some(5),
+            },
+            dedup_window: 7,
+        };
+        let batch = Batch {
+            time_ms: 1,
+            commands: vec![
+                Command::PutTopic {
+                    config,
+                    mode: PutMode::Alter,
+                },
+                Command::DeleteTopic { name: "t".into() },
+            ],
+        };
+        #[rustfmt::skip]
+        let expected = [
+            1, 1, 2,                                 // version, time 1, 2 commands
+            4, 2, 1, b't', 3, 1, 1, b'g', 2, 0, 0, 1, 5, 7, // alter t: 3 queues, g, ...
+            5, 1, b't',                              // delete t
+        ];
+        assert_eq!(encode_batch(&batch), expected);
+        assert_eq!(decode_batch(&expected), Ok(batch));
+        let mut bad_mode = expected;
+        bad_mode[4] = 3;
+        assert!(decode_batch(&bad_mode).is_err());
+        let mut bad_option = expected;
+        bad_option[13] = 2;
+        assert!(decode_batch(&bad_option).is_err());
     }
 
     #[test]
@@ -347,8 +509,50 @@ mod tests {
         ]
     }
 
+    fn topic_config() -> impl Strategy<Value = TopicConfig> {
+        (
+            name(),
+            any::<u32>(),
+            prop::collection::vec(name(), 0..3),
+            (any::<u64>(), any::<u64>()),
+            (prop::option::of(any::<u64>()), prop::option::of(any::<u64>())),
+            any::<u32>(),
+        )
+            .prop_map(
+                |(name, queues, consumer_groups, (replay_count, replay_age_ms), caps, dedup)| {
+                    TopicConfig {
+                        name,
+                        queues,
+                        consumer_groups,
+                        retention: Retention {
+                            replay_count,
+                            replay_age_ms,
+                            max_age_ms: caps.0,
+                            max_bytes: caps.1,
+                        },
+                        dedup_window: dedup,
+                    }
+                },
+            )
+    }
+
+    fn admin_command() -> impl Strategy<Value = Command> {
+        prop_oneof![
+            (topic_config(), any::<bool>()).prop_map(|(config, create)| Command::PutTopic {
+                config,
+                mode: if create {
+                    PutMode::Create
+                } else {
+                    PutMode::Alter
+                },
+            }),
+            name().prop_map(|name| Command::DeleteTopic { name }),
+        ]
+    }
+
     fn batch() -> impl Strategy<Value = Batch> {
-        (any::<u64>(), prop::collection::vec(command(), 0..6))
+        let any_command = prop_oneof![4 => command(), 1 => admin_command()];
+        (any::<u64>(), prop::collection::vec(any_command, 0..6))
             .prop_map(|(time_ms, commands)| Batch { time_ms, commands })
     }
 

@@ -1,10 +1,13 @@
 //! The store's layout: how many groups, which topics, which consumer groups read them.
 //!
-//! Every node of a store is started with the same layout (from its config file); topics
-//! managed through the API arrive with the client issue.
+//! Every node of a store is started with the same layout (from its config file). Its topics
+//! are the *bootstrap* topic table: each replication group starts from it, then changes its
+//! own copy only by applying replicated `PutTopic`/`DeleteTopic` commands (see
+//! `GroupMachine`), so topics created through the API are not in any file.
 
 use phxq_types::{
-    DEDUP_WINDOW_MAX, GroupId, QUEUES_PER_TOPIC_MAX, QueueId, group_of_queue, validate_name,
+    CONSUMER_GROUPS_PER_TOPIC_MAX, DEDUP_WINDOW_MAX, ErrorCode, GroupId, QUEUES_PER_TOPIC_MAX,
+    QueueId, RETENTION_AGE_MS_MAX, TOPICS_MAX, group_of_queue, validate_name,
 };
 
 /// How long consumed data is kept, per topic.
@@ -71,8 +74,14 @@ impl StoreLayout {
         if self.message_bytes_max == 0 {
             return Err(invalid("message_bytes_max must be at least 1".to_string()));
         }
+        if self.topics.len() > TOPICS_MAX {
+            return Err(invalid(format!(
+                "{} topics; at most {TOPICS_MAX}",
+                self.topics.len()
+            )));
+        }
         for (position, topic) in self.topics.iter().enumerate() {
-            topic.validate()?;
+            topic.check().map_err(|(_, message)| invalid(message))?;
             if self.topics[..position].iter().any(|t| t.name == topic.name) {
                 return Err(invalid(format!("topic {:?} is listed twice", topic.name)));
             }
@@ -96,35 +105,80 @@ impl StoreLayout {
 }
 
 impl TopicConfig {
-    /// Checks the topic's name, queue count and consumer groups.
-    fn validate(&self) -> Result<(), LayoutError> {
-        validate_name(&self.name)
-            .map_err(|error| invalid(format!("topic name {:?}: {error}", self.name)))?;
-        if self.queues == 0 || self.queues > QUEUES_PER_TOPIC_MAX {
-            return Err(invalid(format!(
-                "topic {:?} has {} queues; it must have 1 to {QUEUES_PER_TOPIC_MAX}",
-                self.name, self.queues
-            )));
-        }
-        if self.dedup_window > DEDUP_WINDOW_MAX {
-            return Err(invalid(format!(
-                "topic {:?} has a dedup window of {} ids; at most {DEDUP_WINDOW_MAX}",
-                self.name, self.dedup_window
-            )));
-        }
+    /// Checks the topic's name, queue count, consumer groups and limits; a refusal carries
+    /// its stable code (`INVALID_NAME` for a name, `INVALID_ARGUMENT` for the rest) and a
+    /// sentence for people. Deterministic: replicas run it when applying a `PutTopic`.
+    pub fn check(&self) -> Result<(), (ErrorCode, String)> {
+        let argument = |message: String| Err((ErrorCode::InvalidArgument, message));
+        validate_name(&self.name).map_err(|error| {
+            (
+                ErrorCode::InvalidName,
+                format!("topic name {:?}: {error}", self.name),
+            )
+        })?;
         for (position, consumer_group) in self.consumer_groups.iter().enumerate() {
             validate_name(consumer_group).map_err(|error| {
-                invalid(format!(
-                    "consumer group {consumer_group:?} of topic {:?}: {error}",
-                    self.name
-                ))
+                (
+                    ErrorCode::InvalidName,
+                    format!(
+                        "consumer group {consumer_group:?} of topic {:?}: {error}",
+                        self.name
+                    ),
+                )
             })?;
             if self.consumer_groups[..position].contains(consumer_group) {
-                return Err(invalid(format!(
+                return argument(format!(
                     "consumer group {consumer_group:?} is listed twice in topic {:?}",
                     self.name
-                )));
+                ));
             }
+        }
+        if self.consumer_groups.len() > CONSUMER_GROUPS_PER_TOPIC_MAX {
+            return argument(format!(
+                "topic {:?} has {} consumer groups; at most {CONSUMER_GROUPS_PER_TOPIC_MAX}",
+                self.name,
+                self.consumer_groups.len()
+            ));
+        }
+        if self.queues == 0 || self.queues > QUEUES_PER_TOPIC_MAX {
+            return argument(format!(
+                "topic {:?} has {} queues; it must have 1 to {QUEUES_PER_TOPIC_MAX}",
+                self.name, self.queues
+            ));
+        }
+        if self.dedup_window > DEDUP_WINDOW_MAX {
+            return argument(format!(
+                "topic {:?} has a dedup window of {} ids; at most {DEDUP_WINDOW_MAX}",
+                self.name, self.dedup_window
+            ));
+        }
+        self.retention.check(&self.name).or_else(argument)
+    }
+}
+
+impl Retention {
+    /// Ages within [`RETENTION_AGE_MS_MAX`]; caps, when set, at least 1 (a cap of 0 would
+    /// release every message at once: surely a mistake).
+    fn check(&self, topic: &str) -> Result<(), String> {
+        let ages = [
+            ("replay age", Some(self.replay_age_ms)),
+            ("max age", self.max_age_ms),
+        ];
+        for (what, age) in ages {
+            if let Some(age) = age
+                && age > RETENTION_AGE_MS_MAX
+            {
+                return Err(format!(
+                    "topic {topic:?}: {what} of {age} ms; at most {RETENTION_AGE_MS_MAX} ms \
+                     (100 years)"
+                ));
+            }
+        }
+        if self.max_age_ms == Some(0) || self.max_bytes == Some(0) {
+            return Err(format!(
+                "topic {topic:?}: a max age or max bytes cap of 0 would delete every message; \
+                 leave it unset for no cap"
+            ));
         }
         Ok(())
     }
@@ -197,6 +251,23 @@ mod tests {
         assert!(refusal(|l| l.topics[0].dedup_window = DEDUP_WINDOW_MAX + 1).contains("dedup"));
         assert!(refusal(|l| l.topics[0].consumer_groups[1] = "".into()).contains("consumer"));
         assert!(refusal(|l| l.topics[0].consumer_groups[1] = "billing".into()).contains("twice"));
+        assert!(refusal(|l| l.topics[0].retention.max_age_ms = Some(0)).contains("cap of 0"));
+        assert!(refusal(|l| l.topics[0].retention.max_bytes = Some(0)).contains("cap of 0"));
+        let too_old = RETENTION_AGE_MS_MAX + 1;
+        assert!(refusal(|l| l.topics[0].retention.replay_age_ms = too_old).contains("100 years"));
+        assert!(refusal(|l| l.topics[0].retention.max_age_ms = Some(too_old)).contains("max age"));
+        let many = (0..=CONSUMER_GROUPS_PER_TOPIC_MAX).map(|g| format!("g{g}")).collect();
+        assert!(refusal(|l| l.topics[0].consumer_groups = many).contains("consumer groups"));
+    }
+
+    #[test]
+    fn a_bad_name_is_invalid_name_and_anything_else_invalid_argument() {
+        let mut topic = layout().topics[0].clone();
+        topic.name = "a b".into();
+        assert_eq!(topic.check().unwrap_err().0, ErrorCode::InvalidName);
+        let mut topic = layout().topics[0].clone();
+        topic.queues = 0;
+        assert_eq!(topic.check().unwrap_err().0, ErrorCode::InvalidArgument);
     }
 
     #[test]
