@@ -66,11 +66,12 @@ fn assert_refused(machine: &mut GroupMachine, commands: Vec<Command>, code: Erro
 fn a_created_topic_takes_messages_and_creating_it_again_changes_nothing() {
     let mut machine = machine();
     let events = config("events", 4, &["reader"]);
-    let mut log = Vec::new();
-    log.push(entry(1, vec![enqueue("events", 0, &["early"])]));
-    log.push(entry(2, vec![create(events.clone())]));
-    log.push(entry(3, vec![enqueue("events", 0, &["a", "b"])]));
-    log.push(entry(4, vec![create(events.clone())]));
+    let log = vec![
+        entry(1, vec![enqueue("events", 0, &["early"])]),
+        entry(2, vec![create(events.clone())]),
+        entry(3, vec![enqueue("events", 0, &["a", "b"])]),
+        entry(4, vec![create(events.clone())]),
+    ];
     let results: Vec<Vec<Applied>> = (log.iter().enumerate())
         .map(|(i, data)| machine.apply(i as u64 + 1, data).unwrap())
         .collect();
@@ -287,8 +288,11 @@ fn entries() -> impl Strategy<Value = Vec<Vec<Command>>> {
     prop::collection::vec(prop::collection::vec(any_command(), 0..5), 0..30)
 }
 
+/// A queue and its messages.
+type QueueRead = (String, u32, Vec<(u64, String)>);
+
 /// Every hosted queue's messages as read through `read_plan` and `extract`.
-fn everything(machine: &GroupMachine, log: &[Vec<u8>]) -> Vec<(String, u32, Vec<(u64, String)>)> {
+fn everything(machine: &GroupMachine, log: &[Vec<u8>]) -> Vec<QueueRead> {
     let hosted: Vec<(String, u32)> = machine
         .topics()
         .flat_map(|t| (0..t.queues).filter(|q| q % 2 == 0).map(|q| (t.name.clone(), q)))
