@@ -6,7 +6,9 @@
 use phxq_types::{Offset, QueueId};
 
 use crate::codec::{Reader, VARINT_BYTES_MAX, put_bytes, put_varint};
-use crate::{Retention, TopicConfig};
+use std::collections::BTreeMap;
+
+use crate::{ConsumerGroupSettings, Retention, RetryTier, TopicConfig};
 
 /// One message as a producer sent it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
@@ -113,8 +115,12 @@ const TAG_DELETE_TOPIC: u8 = 5;
 ///         | 5 topic:bytes                                                       DeleteTopic
 /// topic_config = name:bytes queues:varint group_count:varint group:bytes*
 ///                replay_count:varint replay_age_ms:varint max_age_ms:option max_bytes:option
-///                dedup_window:varint
+///                dedup_window:varint settings_count:varint settings*
+/// settings = consumer_group:bytes tier_count:varint (attempts:varint delay_ms:varint)*
+///            dead_letter:option_bytes rate_messages:option rate_bytes:option
+///            max_in_flight:option                       (consumer groups in ascending order)
 /// option  = 0 | 1 value:varint
+/// option_bytes = 0 | 1 value:bytes
 /// bytes   = length:varint byte*
 /// ```
 ///
@@ -246,15 +252,108 @@ pub(crate) fn put_topic_config(out: &mut Vec<u8>, config: &TopicConfig) {
     put_varint(out, retention.replay_count);
     put_varint(out, retention.replay_age_ms);
     for option in [retention.max_age_ms, retention.max_bytes] {
-        match option {
-            None => out.push(0),
-            Some(value) => {
-                out.push(1);
-                put_varint(out, value);
-            }
-        }
+        put_option(out, option);
     }
     put_varint(out, u64::from(config.dedup_window));
+    put_varint(out, config.group_settings.len() as u64);
+    for (group, settings) in &config.group_settings {
+        put_bytes(out, group.as_bytes());
+        put_varint(out, settings.retry_tiers.len() as u64);
+        for tier in &settings.retry_tiers {
+            put_varint(out, u64::from(tier.attempts));
+            put_varint(out, tier.delay_ms);
+        }
+        match &settings.dead_letter_topic {
+            None => out.push(0),
+            Some(topic) => {
+                out.push(1);
+                put_bytes(out, topic.as_bytes());
+            }
+        }
+        let max_in_flight = settings.max_in_flight.map(u64::from);
+        for option in [
+            settings.rate_messages_per_s,
+            settings.rate_bytes_per_s,
+            max_in_flight,
+        ] {
+            put_option(out, option);
+        }
+    }
+}
+
+fn put_option(out: &mut Vec<u8>, option: Option<u64>) {
+    match option {
+        None => out.push(0),
+        Some(value) => {
+            out.push(1);
+            put_varint(out, value);
+        }
+    }
+}
+
+/// The presence byte of an option: 0 or 1, anything else is an error.
+fn read_present(reader: &mut Reader<'_>, what: &str) -> Result<bool, DecodeError> {
+    match reader.u8(what)? {
+        0 => Ok(false),
+        1 => Ok(true),
+        other => Err(DecodeError::Invalid(format!("{what}: option byte {other}"))),
+    }
+}
+
+fn read_option(reader: &mut Reader<'_>, what: &str) -> Result<Option<u64>, DecodeError> {
+    Ok(match read_present(reader, what)? {
+        true => Some(reader.varint(what)?),
+        false => None,
+    })
+}
+
+/// Reads the consumer-group settings of a topic config: groups in strictly ascending order.
+fn read_group_settings(
+    reader: &mut Reader<'_>,
+) -> Result<BTreeMap<String, ConsumerGroupSettings>, DecodeError> {
+    let mut all = BTreeMap::new();
+    for _ in 0..reader.count("settings count")? {
+        let group = reader.string("settings group")?;
+        if all
+            .keys()
+            .next_back()
+            .is_some_and(|last: &String| *last >= group)
+        {
+            return Err(DecodeError::Invalid(format!(
+                "settings of {group:?} out of order or repeated"
+            )));
+        }
+        let tiers = reader.count("retry tier count")?;
+        let mut retry_tiers = Vec::with_capacity(tiers);
+        for _ in 0..tiers {
+            retry_tiers.push(RetryTier {
+                attempts: reader.varint_u32("retry attempts")?,
+                delay_ms: reader.varint("retry delay")?,
+            });
+        }
+        let dead_letter_topic = match read_present(reader, "dead-letter topic")? {
+            true => Some(reader.string("dead-letter topic")?),
+            false => None,
+        };
+        let rate_messages_per_s = read_option(reader, "rate messages")?;
+        let rate_bytes_per_s = read_option(reader, "rate bytes")?;
+        let max_in_flight = match read_option(reader, "max in flight")? {
+            None => None,
+            Some(value) => Some(
+                u32::try_from(value)
+                    .map_err(|_| DecodeError::Invalid(format!("max in flight {value} over u32")))?,
+            ),
+        };
+        let settings = ConsumerGroupSettings {
+            retry_tiers,
+            dead_letter_topic,
+            rate_messages_per_s,
+            rate_bytes_per_s,
+            max_in_flight,
+        };
+        all.insert(group, settings);
+    }
+    Ok(all)
 }
 
 /// Reads what [`put_topic_config`] wrote. Checks the encoding only, not the config's rules
@@ -269,16 +368,10 @@ pub(crate) fn read_topic_config(reader: &mut Reader<'_>) -> Result<TopicConfig, 
     }
     let replay_count = reader.varint("replay count")?;
     let replay_age_ms = reader.varint("replay age")?;
-    let mut option = |what: &str| -> Result<Option<u64>, DecodeError> {
-        match reader.u8(what)? {
-            0 => Ok(None),
-            1 => Ok(Some(reader.varint(what)?)),
-            other => Err(DecodeError::Invalid(format!("{what}: option byte {other}"))),
-        }
-    };
-    let max_age_ms = option("max age")?;
-    let max_bytes = option("max bytes")?;
+    let max_age_ms = read_option(reader, "max age")?;
+    let max_bytes = read_option(reader, "max bytes")?;
     let dedup_window = reader.varint_u32("dedup window")?;
+    let group_settings = read_group_settings(reader)?;
     Ok(TopicConfig {
         name,
         queues,
@@ -290,6 +383,7 @@ pub(crate) fn read_topic_config(reader: &mut Reader<'_>) -> Result<TopicConfig, 
             max_bytes,
         },
         dedup_window,
+        group_settings,
     })
 }
 
@@ -432,6 +526,7 @@ mod tests {
                 max_bytes: Some(5),
             },
             dedup_window: 7,
+            group_settings: BTreeMap::new(),
         };
         let batch = Batch {
             time_ms: 1,
@@ -446,7 +541,7 @@ mod tests {
         #[rustfmt::skip]
         let expected = [
             1, 1, 2,                                 // version, time 1, 2 commands
-            4, 2, 1, b't', 3, 1, 1, b'g', 2, 0, 0, 1, 5, 7, // alter t: 3 queues, g, ...
+            4, 2, 1, b't', 3, 1, 1, b'g', 2, 0, 0, 1, 5, 7, 0, // alter t: 3 queues, g, ...
             5, 1, b't',                              // delete t
         ];
         assert_eq!(encode_batch(&batch), expected);
@@ -509,17 +604,51 @@ mod tests {
         ]
     }
 
+    fn group_settings() -> impl Strategy<Value = BTreeMap<String, ConsumerGroupSettings>> {
+        let tier = (any::<u32>(), any::<u64>())
+            .prop_map(|(attempts, delay_ms)| RetryTier { attempts, delay_ms });
+        let settings = (
+            prop::collection::vec(tier, 0..3),
+            prop::option::of(name()),
+            prop::option::of(any::<u64>()),
+            prop::option::of(any::<u64>()),
+            prop::option::of(any::<u32>()),
+        )
+            .prop_map(
+                |(retry_tiers, dead_letter_topic, messages, bytes, max_in_flight)| {
+                    ConsumerGroupSettings {
+                        retry_tiers,
+                        dead_letter_topic,
+                        rate_messages_per_s: messages,
+                        rate_bytes_per_s: bytes,
+                        max_in_flight,
+                    }
+                },
+            );
+        prop::collection::btree_map(name(), settings, 0..3)
+    }
+
     fn topic_config() -> impl Strategy<Value = TopicConfig> {
         (
             name(),
             any::<u32>(),
             prop::collection::vec(name(), 0..3),
             (any::<u64>(), any::<u64>()),
-            (prop::option::of(any::<u64>()), prop::option::of(any::<u64>())),
-            any::<u32>(),
+            (
+                prop::option::of(any::<u64>()),
+                prop::option::of(any::<u64>()),
+            ),
+            (any::<u32>(), group_settings()),
         )
             .prop_map(
-                |(name, queues, consumer_groups, (replay_count, replay_age_ms), caps, dedup)| {
+                |(
+                    name,
+                    queues,
+                    consumer_groups,
+                    (replay_count, replay_age_ms),
+                    caps,
+                    (dedup, group_settings),
+                )| {
                     TopicConfig {
                         name,
                         queues,
@@ -531,6 +660,7 @@ mod tests {
                             max_bytes: caps.1,
                         },
                         dedup_window: dedup,
+                        group_settings,
                     }
                 },
             )

@@ -446,7 +446,10 @@ impl GroupMachine {
 
     /// Checks the invariants of the module doc; panics (a bug) if one does not hold.
     pub fn validate(&self) {
-        assert!(self.topics.len() <= phxq_types::TOPICS_MAX, "too many topics");
+        assert!(
+            self.topics.len() <= phxq_types::TOPICS_MAX,
+            "too many topics"
+        );
         assert!(self.topics_changed_index <= self.applied_index);
         for (position, topic) in self.topics.iter().enumerate() {
             let config = &topic.config;

@@ -530,6 +530,7 @@ fn topic_config(i: usize, topic: &TopicSection) -> Result<TopicConfig, ConfigErr
             max_bytes: retention.max_bytes,
         },
         dedup_window: topic.dedup_window,
+        group_settings: Default::default(),
     })
 }
 

@@ -518,7 +518,11 @@ impl Node {
     fn admit(&mut self, id: RequestId, request: Request) -> Result<(), Response> {
         let request = match request {
             Request::ProduceMany { appends } => return self.admit_appends(id, appends),
-            Request::PutTopic { group, config, mode } => {
+            Request::PutTopic {
+                group,
+                config,
+                mode,
+            } => {
                 return self.admit_topic_change(id, group, Command::PutTopic { config, mode });
             }
             Request::DeleteTopic { group, name } => {
@@ -533,7 +537,9 @@ impl Node {
                     .push((id, Response::Status(self.status())));
                 return Ok(());
             }
-            Request::ProduceMany { .. } | Request::PutTopic { .. } | Request::DeleteTopic { .. } => {
+            Request::ProduceMany { .. }
+            | Request::PutTopic { .. }
+            | Request::DeleteTopic { .. } => {
                 unreachable!("admitted above")
             }
             Request::Produce { topic, queue, .. }
@@ -649,7 +655,10 @@ impl Node {
         if group.0 >= u64::from(groups) {
             return Err(Response::error(
                 ErrorCode::InvalidArgument,
-                format!("the store has groups g0 to g{}; there is no {group}", groups - 1),
+                format!(
+                    "the store has groups g0 to g{}; there is no {group}",
+                    groups - 1
+                ),
             ));
         }
         self.check_pending()?;

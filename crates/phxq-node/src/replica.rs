@@ -856,7 +856,11 @@ fn command_bytes(command: &Command) -> usize {
             .sum(),
         Command::CommitCursor { .. } => 64,
         Command::PutTopic { config, .. } => {
-            256 + config.consumer_groups.iter().map(String::len).sum::<usize>()
+            256 + config
+                .consumer_groups
+                .iter()
+                .map(String::len)
+                .sum::<usize>()
         }
         Command::DeleteTopic { name } => 16 + name.len(),
     }

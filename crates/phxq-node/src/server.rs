@@ -45,7 +45,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use phxq_core::{Message, PutMode, Retention, TopicConfig};
+use phxq_core::{ConsumerGroupSettings, Message, PutMode, Retention, RetryTier, TopicConfig};
 use phxq_proto::PeerFrame;
 use phxq_proto::api::{self, phxq_server};
 use phxq_storage::{Lsn, Wal, WalOptions};
@@ -1297,12 +1297,50 @@ pub fn topic_config_to_wire(config: &TopicConfig) -> api::TopicConfig {
         max_age_ms: config.retention.max_age_ms,
         max_bytes: config.retention.max_bytes,
         dedup_window: config.dedup_window,
+        group_settings: (config.group_settings.iter())
+            .map(|(group, settings)| api::ConsumerGroupSettings {
+                consumer_group: group.clone(),
+                retry_tiers: (settings.retry_tiers.iter())
+                    .map(|tier| api::RetryTier {
+                        attempts: tier.attempts,
+                        delay_ms: tier.delay_ms,
+                    })
+                    .collect(),
+                dead_letter_topic: settings.dead_letter_topic.clone(),
+                rate_messages_per_s: settings.rate_messages_per_s,
+                rate_bytes_per_s: settings.rate_bytes_per_s,
+                max_in_flight: settings.max_in_flight,
+            })
+            .collect(),
     }
 }
 
-/// A wire topic configuration as the core's (not yet checked: the node does that).
-pub fn topic_config_from_wire(config: api::TopicConfig) -> TopicConfig {
-    TopicConfig {
+/// A wire topic configuration as the core's (not yet checked: the node does that), or why
+/// not: a consumer group's settings given twice.
+pub fn topic_config_from_wire(config: api::TopicConfig) -> Result<TopicConfig, api::Error> {
+    let mut group_settings = std::collections::BTreeMap::new();
+    for settings in config.group_settings {
+        let group = settings.consumer_group.clone();
+        let core = ConsumerGroupSettings {
+            retry_tiers: (settings.retry_tiers.iter())
+                .map(|tier| RetryTier {
+                    attempts: tier.attempts,
+                    delay_ms: tier.delay_ms,
+                })
+                .collect(),
+            dead_letter_topic: settings.dead_letter_topic,
+            rate_messages_per_s: settings.rate_messages_per_s,
+            rate_bytes_per_s: settings.rate_bytes_per_s,
+            max_in_flight: settings.max_in_flight,
+        };
+        if group_settings.insert(group.clone(), core).is_some() {
+            return Err(refuse(
+                ErrorCode::InvalidArgument,
+                format!("settings of consumer group {group:?} given twice"),
+            ));
+        }
+    }
+    Ok(TopicConfig {
         name: config.name,
         queues: config.queues,
         consumer_groups: config.consumer_groups,
@@ -1313,7 +1351,8 @@ pub fn topic_config_from_wire(config: api::TopicConfig) -> TopicConfig {
             max_bytes: config.max_bytes,
         },
         dedup_window: config.dedup_window,
-    }
+        group_settings,
+    })
 }
 
 /// The node request of a PutTopic call, or why it is malformed.
@@ -1335,9 +1374,12 @@ fn put_topic_request(request: api::PutTopicRequest) -> Result<Request, api::Erro
     for group in &topic.consumer_groups {
         check_name("consumer group", group)?;
     }
+    for settings in &topic.group_settings {
+        check_name("consumer group", &settings.consumer_group)?;
+    }
     Ok(Request::PutTopic {
         group: GroupId(request.group),
-        config: topic_config_from_wire(topic),
+        config: topic_config_from_wire(topic)?,
         mode,
     })
 }

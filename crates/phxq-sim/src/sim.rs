@@ -274,6 +274,7 @@ impl Sim {
                     max_bytes: None,
                 },
                 dedup_window: 0,
+                group_settings: Default::default(),
             }],
             message_bytes_max: 1 << 20,
         });

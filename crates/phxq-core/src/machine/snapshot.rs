@@ -83,7 +83,13 @@ pub(super) fn encode(machine: &GroupMachine, index: u64) -> Vec<u8> {
 pub(super) fn decode_into(machine: &mut GroupMachine, snapshot: &[u8]) -> Result<(), DecodeError> {
     let mut reader = Reader::new(snapshot);
     let version = reader.u8("version")?;
-    if ![FORMAT_VERSION, FORMAT_VERSION_NO_TOPICS, FORMAT_VERSION_NO_DEDUP].contains(&version) {
+    if ![
+        FORMAT_VERSION,
+        FORMAT_VERSION_NO_TOPICS,
+        FORMAT_VERSION_NO_DEDUP,
+    ]
+    .contains(&version)
+    {
         return Err(invalid(format!(
             "snapshot format version {version}; this build reads versions \
              {FORMAT_VERSION_NO_DEDUP} to {FORMAT_VERSION}"
@@ -126,7 +132,10 @@ fn decode_topic_config(
         return Err(invalid(format!("topic in snapshot: {reason}")));
     }
     if machine.topic(&config.name).is_some() || machine.topics.len() >= phxq_types::TOPICS_MAX {
-        return Err(invalid(format!("topic {:?} repeated or too many", config.name)));
+        return Err(invalid(format!(
+            "topic {:?} repeated or too many",
+            config.name
+        )));
     }
     let name = config.name.clone();
     let (group, groups) = (machine.group, machine.layout.groups);

@@ -32,6 +32,7 @@ fn layout(orders: Retention, logs: Retention) -> Arc<StoreLayout> {
                 consumer_groups: vec!["billing".into(), "audit".into()],
                 retention: orders,
                 dedup_window: ORDERS_DEDUP_WINDOW,
+                group_settings: Default::default(),
             },
             TopicConfig {
                 name: "logs".into(),
@@ -39,6 +40,7 @@ fn layout(orders: Retention, logs: Retention) -> Arc<StoreLayout> {
                 consumer_groups: vec![],
                 retention: logs,
                 dedup_window: 0,
+                group_settings: Default::default(),
             },
         ],
         message_bytes_max: 16,
@@ -894,7 +896,11 @@ mod snapshots {
         let layout = layout(NO_RETENTION, NO_RETENTION);
         let restored = GroupMachine::restore(GroupId(0), layout.clone(), &v2).unwrap();
         assert_eq!(restored.end_offset("orders", 0), Some(3));
-        assert_eq!(restored.end_offset("logs", 0), Some(1), "a new topic starts empty");
+        assert_eq!(
+            restored.end_offset("logs", 0),
+            Some(1),
+            "a new topic starts empty"
+        );
         let other = Arc::new(StoreLayout {
             topics: vec![layout.topics[1].clone()],
             ..(*layout).clone()

@@ -81,9 +81,17 @@ impl GroupMachine {
 
     /// Applies a checked `PutTopic` at position `earlier.len()` of entry `index`; returns
     /// whether the table changed.
-    pub(super) fn put_topic(&mut self, index: u64, config: &TopicConfig, earlier: &[Command]) -> bool {
+    pub(super) fn put_topic(
+        &mut self,
+        index: u64,
+        config: &TopicConfig,
+        earlier: &[Command],
+    ) -> bool {
         let (group, groups) = (self.group, self.layout.groups);
-        let position = self.topics.iter().position(|t| t.config.name == config.name);
+        let position = self
+            .topics
+            .iter()
+            .position(|t| t.config.name == config.name);
         let (topic, first_new_slot) = match position {
             None => {
                 self.topics

@@ -15,6 +15,7 @@ fn config(name: &str, queues: u32, consumer_groups: &[&str]) -> TopicConfig {
         consumer_groups: consumer_groups.iter().map(|g| g.to_string()).collect(),
         retention: NO_RETENTION,
         dedup_window: 0,
+        group_settings: Default::default(),
     }
 }
 
@@ -57,7 +58,10 @@ fn assert_refused(machine: &mut GroupMachine, commands: Vec<Command>, code: Erro
         assert!(!reason.is_empty());
     }
     let count = commands.len();
-    assert_eq!(apply(machine, 1, commands), vec![Applied::Rejected(code); count]);
+    assert_eq!(
+        apply(machine, 1, commands),
+        vec![Applied::Rejected(code); count]
+    );
     assert_eq!(machine.topics, before.topics);
     assert_eq!(machine.topics_changed_index, before.topics_changed_index);
 }
@@ -87,8 +91,15 @@ fn a_created_topic_takes_messages_and_creating_it_again_changes_nothing() {
     );
     assert_eq!(machine.topic("events"), Some(&events));
     assert_eq!(machine.topics_changed_index, 2, "the re-run is no change");
-    assert_eq!(read(&machine, &log, ("events", 0), 1, 10), [(1, "a".into()), (2, "b".into())]);
-    assert_eq!(machine.end_offset("events", 1), None, "queue 1 is group 1's");
+    assert_eq!(
+        read(&machine, &log, ("events", 0), 1, 10),
+        [(1, "a".into()), (2, "b".into())]
+    );
+    assert_eq!(
+        machine.end_offset("events", 1),
+        None,
+        "queue 1 is group 1's"
+    );
     assert_eq!(machine.cursor("reader", "events", 2), Some(1));
 }
 
@@ -97,14 +108,38 @@ fn bad_topic_changes_are_refused_with_their_code_and_change_nothing() {
     let mut machine = machine();
     let orders = machine.topic("orders").unwrap().clone();
     let refusals = [
-        (vec![create(config("bad name", 1, &[]))], ErrorCode::InvalidName),
-        (vec![create(config("t", 1, &["bad group"]))], ErrorCode::InvalidName),
-        (vec![create(config("t", 0, &[]))], ErrorCode::InvalidArgument),
-        (vec![create(config("t", QUEUES_PER_TOPIC_MAX + 1, &[]))], ErrorCode::InvalidArgument),
-        (vec![create(config("t", 1, &["g", "g"]))], ErrorCode::InvalidArgument),
-        (vec![create(config("orders", 8, &["billing"]))], ErrorCode::TopicExists),
+        (
+            vec![create(config("bad name", 1, &[]))],
+            ErrorCode::InvalidName,
+        ),
+        (
+            vec![create(config("t", 1, &["bad group"]))],
+            ErrorCode::InvalidName,
+        ),
+        (
+            vec![create(config("t", 0, &[]))],
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            vec![create(config("t", QUEUES_PER_TOPIC_MAX + 1, &[]))],
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            vec![create(config("t", 1, &["g", "g"]))],
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            vec![create(config("orders", 8, &["billing"]))],
+            ErrorCode::TopicExists,
+        ),
         (vec![alter(config("nope", 8, &[]))], ErrorCode::UnknownTopic),
-        (vec![alter(TopicConfig { queues: 3, ..orders.clone() })], ErrorCode::InvalidArgument),
+        (
+            vec![alter(TopicConfig {
+                queues: 3,
+                ..orders.clone()
+            })],
+            ErrorCode::InvalidArgument,
+        ),
         (vec![delete("nope")], ErrorCode::UnknownTopic),
     ];
     for (commands, code) in refusals {
@@ -112,7 +147,11 @@ fn bad_topic_changes_are_refused_with_their_code_and_change_nothing() {
     }
     let mut absurd = orders.clone();
     absurd.retention.max_age_ms = Some(0);
-    assert_refused(&mut machine, vec![alter(absurd)], ErrorCode::InvalidArgument);
+    assert_refused(
+        &mut machine,
+        vec![alter(absurd)],
+        ErrorCode::InvalidArgument,
+    );
 }
 
 #[test]
@@ -123,15 +162,30 @@ fn the_table_holds_at_most_topics_max() {
         .collect();
     apply(&mut machine, 1, creates);
     assert_eq!(machine.topics.len(), TOPICS_MAX);
-    assert_refused(&mut machine, vec![create(config("one-more", 1, &[]))], ErrorCode::InvalidArgument);
+    assert_refused(
+        &mut machine,
+        vec![create(config("one-more", 1, &[]))],
+        ErrorCode::InvalidArgument,
+    );
 }
 
 #[test]
 fn an_alter_grows_queues_and_moves_cursors_with_their_consumer_group() {
     let mut machine = machine();
     // Group 0 of 2 hosts orders/0 and orders/2; growing to 6 queues adds orders/4.
-    apply(&mut machine, 1, vec![enqueue("orders", 0, &["a", "b", "c"])]);
-    apply(&mut machine, 1, vec![commit("audit", "orders", 0, 3), commit("billing", "orders", 0, 2)]);
+    apply(
+        &mut machine,
+        1,
+        vec![enqueue("orders", 0, &["a", "b", "c"])],
+    );
+    apply(
+        &mut machine,
+        1,
+        vec![
+            commit("audit", "orders", 0, 3),
+            commit("billing", "orders", 0, 2),
+        ],
+    );
     assert_eq!(
         apply(&mut machine, 1, vec![enqueue("orders", 4, &["x"])]),
         [Applied::Rejected(ErrorCode::UnknownQueue)]
@@ -140,16 +194,27 @@ fn an_alter_grows_queues_and_moves_cursors_with_their_consumer_group() {
     grown.queues = 6;
     grown.consumer_groups = vec!["audit".into(), "search".into()];
     assert_eq!(apply(&mut machine, 1, vec![alter(grown.clone())]), [PUT]);
-    assert_eq!(apply(&mut machine, 1, vec![enqueue("orders", 4, &["x"])]), [enqueued(1, 1)]);
+    assert_eq!(
+        apply(&mut machine, 1, vec![enqueue("orders", 4, &["x"])]),
+        [enqueued(1, 1)]
+    );
     assert_eq!(machine.cursor("audit", "orders", 0), Some(3), "kept");
-    assert_eq!(machine.cursor("search", "orders", 0), Some(1), "a new group starts at 1");
+    assert_eq!(
+        machine.cursor("search", "orders", 0),
+        Some(1),
+        "a new group starts at 1"
+    );
     assert_eq!(machine.cursor("search", "orders", 4), Some(1));
     assert_eq!(machine.cursor("billing", "orders", 0), None, "removed");
     assert_eq!(
         apply(&mut machine, 1, vec![commit("billing", "orders", 0, 3)]),
         [Applied::Rejected(ErrorCode::UnknownConsumerGroup)]
     );
-    assert_eq!(machine.end_offset("orders", 0), Some(4), "the old queue keeps its messages");
+    assert_eq!(
+        machine.end_offset("orders", 0),
+        Some(4),
+        "the old queue keeps its messages"
+    );
     assert_eq!(apply(&mut machine, 1, vec![alter(grown)]), [SAME]);
 }
 
@@ -158,9 +223,20 @@ fn a_deleted_topic_is_unknown_and_no_longer_holds_back_the_log() {
     let mut machine = machine();
     apply(&mut machine, 1, vec![enqueue("orders", 0, &["unread"])]);
     apply(&mut machine, 1, vec![enqueue("logs", 0, &["x"])]);
-    assert_eq!(machine.deletable_index(10), 0, "billing has not read orders/0");
-    assert_eq!(apply(&mut machine, 1, vec![delete("orders")]), [Applied::TopicDeleted]);
-    assert_eq!(machine.deletable_index(10), 3, "nothing needs entries 1 to 3 now");
+    assert_eq!(
+        machine.deletable_index(10),
+        0,
+        "billing has not read orders/0"
+    );
+    assert_eq!(
+        apply(&mut machine, 1, vec![delete("orders")]),
+        [Applied::TopicDeleted]
+    );
+    assert_eq!(
+        machine.deletable_index(10),
+        3,
+        "nothing needs entries 1 to 3 now"
+    );
     assert_eq!(
         apply(&mut machine, 1, vec![enqueue("orders", 0, &["late"])]),
         [Applied::Rejected(ErrorCode::UnknownTopic)]
@@ -174,13 +250,22 @@ fn a_deleted_topic_is_unknown_and_no_longer_holds_back_the_log() {
 #[test]
 fn compaction_waits_for_the_last_topic_change() {
     let mut machine = machine();
-    let read_to = |offset| vec![commit("billing", "orders", 0, offset), commit("audit", "orders", 0, offset)];
+    let read_to = |offset| {
+        vec![
+            commit("billing", "orders", 0, offset),
+            commit("audit", "orders", 0, offset),
+        ]
+    };
     apply(&mut machine, 1, vec![enqueue("orders", 0, &["a"])]);
     apply(&mut machine, 1, read_to(2));
     apply(&mut machine, 1, vec![enqueue("orders", 0, &["b"])]);
     assert_eq!(machine.deletable_index(10), 2, "entry 3 is unread");
     apply(&mut machine, 1, vec![create(config("events", 1, &[]))]);
-    assert_eq!(machine.deletable_index(10), 0, "2 is below the topic change at 4");
+    assert_eq!(
+        machine.deletable_index(10),
+        0,
+        "2 is below the topic change at 4"
+    );
     apply(&mut machine, 1, read_to(3));
     assert_eq!(machine.deletable_index(10), 5);
 }
@@ -212,8 +297,14 @@ fn a_queue_created_inside_an_entry_does_not_claim_the_entrys_earlier_enqueues() 
             enqueued(1, 1),
         ]
     );
-    assert_eq!(read(&machine, &log, ("events", 0), 1, 10), [(1, "new".into())]);
-    assert_eq!(read(&machine, &log, ("orders", 0), 1, 10), [(1, "reborn".into())]);
+    assert_eq!(
+        read(&machine, &log, ("events", 0), 1, 10),
+        [(1, "new".into())]
+    );
+    assert_eq!(
+        read(&machine, &log, ("orders", 0), 1, 10),
+        [(1, "reborn".into())]
+    );
 }
 
 #[test]
@@ -225,12 +316,23 @@ fn a_snapshot_carries_created_altered_and_deleted_topics() {
             (1, vec![create(config("events", 2, &["reader"]))]),
             (2, vec![enqueue("events", 0, &["a", "b"]), delete("logs")]),
             (3, vec![commit("reader", "events", 0, 2)]),
-            (4, vec![alter(config("events", 4, &["reader", "late"]))]),
+            (
+                4,
+                vec![alter(with_settings(config(
+                    "events",
+                    4,
+                    &["reader", "late"],
+                )))],
+            ),
             (5, vec![enqueue("events", 2, &["c"])]),
         ],
     );
     let index = 4;
-    assert_eq!(machine.deletable_index(10), 0, "events/0 is unread below the change at 4");
+    assert_eq!(
+        machine.deletable_index(10),
+        0,
+        "events/0 is unread below the change at 4"
+    );
     let snapshot = machine.snapshot(index);
     let mut restored =
         GroupMachine::restore(GroupId(0), layout(NO_RETENTION, NO_RETENTION), &snapshot).unwrap();
@@ -240,8 +342,53 @@ fn a_snapshot_carries_created_altered_and_deleted_topics() {
     compacted.forget_through(index);
     assert_eq!(restored.topics, compacted.topics);
     assert_eq!(restored.topic("logs"), None, "deleted stays deleted");
+    assert_eq!(
+        restored.topic("events").unwrap().group_settings,
+        with_settings(config("events", 4, &["reader", "late"])).group_settings
+    );
     assert_eq!(restored.cursor("reader", "events", 0), Some(2));
-    assert_eq!(read(&restored, &log, ("events", 2), 1, 10), [(1, "c".into())]);
+    assert_eq!(
+        read(&restored, &log, ("events", 2), 1, 10),
+        [(1, "c".into())]
+    );
+}
+
+/// `config` with settings for its first consumer group.
+fn with_settings(mut config: TopicConfig) -> TopicConfig {
+    let settings = crate::ConsumerGroupSettings {
+        retry_tiers: vec![crate::RetryTier {
+            attempts: 2,
+            delay_ms: 500,
+        }],
+        dead_letter_topic: Some("dead".into()),
+        rate_messages_per_s: Some(10),
+        rate_bytes_per_s: None,
+        max_in_flight: Some(4),
+    };
+    config
+        .group_settings
+        .insert(config.consumer_groups[0].clone(), settings);
+    config
+}
+
+#[test]
+fn removing_a_consumer_group_that_has_settings_needs_its_settings_removed_too() {
+    let mut machine = machine();
+    let events = with_settings(config("events", 2, &["reader", "other"]));
+    apply(&mut machine, 1, vec![create(events.clone())]);
+    let mut without_reader = events.clone();
+    without_reader.consumer_groups = vec!["other".into()];
+    assert_refused(
+        &mut machine,
+        vec![alter(without_reader.clone())],
+        ErrorCode::InvalidArgument,
+    );
+    without_reader.group_settings.clear();
+    assert_eq!(
+        apply(&mut machine, 1, vec![alter(without_reader.clone())]),
+        [PUT]
+    );
+    assert_eq!(machine.topic("events"), Some(&without_reader));
 }
 
 #[test]
@@ -295,7 +442,11 @@ type QueueRead = (String, u32, Vec<(u64, String)>);
 fn everything(machine: &GroupMachine, log: &[Vec<u8>]) -> Vec<QueueRead> {
     let hosted: Vec<(String, u32)> = machine
         .topics()
-        .flat_map(|t| (0..t.queues).filter(|q| q % 2 == 0).map(|q| (t.name.clone(), q)))
+        .flat_map(|t| {
+            (0..t.queues)
+                .filter(|q| q % 2 == 0)
+                .map(|q| (t.name.clone(), q))
+        })
         .collect();
     hosted
         .into_iter()
