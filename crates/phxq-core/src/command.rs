@@ -6,6 +6,9 @@
 use phxq_types::{Offset, QueueId};
 
 use crate::codec::{Reader, VARINT_BYTES_MAX, put_bytes, put_varint};
+use std::collections::BTreeMap;
+
+use crate::{ConsumerGroupSettings, Retention, RetryTier, TopicConfig};
 
 /// One message as a producer sent it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
@@ -44,6 +47,28 @@ pub enum Command {
         /// The next offset to read.
         offset: Offset,
     },
+    /// Creates or alters a topic in this replication group's topic table (an admin command;
+    /// the CLI sends the same one to every group). Applying it again changes nothing.
+    PutTopic {
+        /// The whole new configuration.
+        config: TopicConfig,
+        /// Create (a different existing config is refused) or alter (the topic must exist).
+        mode: PutMode,
+    },
+    /// Removes a topic, its queues and their cursors from this group's topic table.
+    DeleteTopic {
+        /// Topic name.
+        name: String,
+    },
+}
+
+/// How a [`Command::PutTopic`] treats an existing topic of that name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PutMode {
+    /// The topic must not exist, or exist with exactly this config (a re-run: no change).
+    Create,
+    /// The topic must exist; its queue count may grow, never shrink.
+    Alter,
 }
 
 /// A raft entry's payload: the commands one master gathered in one group-commit round.
@@ -73,6 +98,10 @@ const TAG_COMMIT_CURSOR: u8 = 2;
 /// Tag of a [`Command::Enqueue`] with a message id (one without keeps tag 1, so logs written
 /// before ids existed read the same).
 const TAG_ENQUEUE_WITH_ID: u8 = 3;
+/// Tag of [`Command::PutTopic`].
+const TAG_PUT_TOPIC: u8 = 4;
+/// Tag of [`Command::DeleteTopic`].
+const TAG_DELETE_TOPIC: u8 = 5;
 
 /// Encodes a batch.
 ///
@@ -82,6 +111,16 @@ const TAG_ENQUEUE_WITH_ID: u8 = 3;
 ///         | 2 consumer_group:bytes topic:bytes queue:varint offset:varint      CommitCursor
 ///         | 3 topic:bytes queue:varint message_id:bytes count:varint (key:bytes value:bytes)*
 ///                                                    Enqueue with a (non-empty) message id
+///         | 4 mode(1: create, 2: alter) topic_config                               PutTopic
+///         | 5 topic:bytes                                                       DeleteTopic
+/// topic_config = name:bytes queues:varint group_count:varint group:bytes*
+///                replay_count:varint replay_age_ms:varint max_age_ms:option max_bytes:option
+///                dedup_window:varint settings_count:varint settings*
+/// settings = consumer_group:bytes tier_count:varint (attempts:varint delay_ms:varint)*
+///            dead_letter:option_bytes rate_messages:option rate_bytes:option
+///            max_in_flight:option                       (consumer groups in ascending order)
+/// option  = 0 | 1 value:varint
+/// option_bytes = 0 | 1 value:bytes
 /// bytes   = length:varint byte*
 /// ```
 ///
@@ -140,6 +179,11 @@ fn encoded_bytes_hint(batch: &Batch) -> usize {
             topic,
             ..
         } => 1 + consumer_group.len() + topic.len() + 4 * VARINT_BYTES_MAX,
+        Command::PutTopic { config, .. } => {
+            let groups: usize = config.consumer_groups.iter().map(String::len).sum();
+            2 + config.name.len() + groups + (8 + config.consumer_groups.len()) * VARINT_BYTES_MAX
+        }
+        Command::DeleteTopic { name } => 1 + name.len() + VARINT_BYTES_MAX,
     };
     1 + 2 * VARINT_BYTES_MAX + batch.commands.iter().map(command_bytes).sum::<usize>()
 }
@@ -180,7 +224,167 @@ fn encode_command(out: &mut Vec<u8>, command: &Command) {
             put_varint(out, u64::from(*queue));
             put_varint(out, *offset);
         }
+        Command::PutTopic { config, mode } => {
+            out.push(TAG_PUT_TOPIC);
+            out.push(match mode {
+                PutMode::Create => 1,
+                PutMode::Alter => 2,
+            });
+            put_topic_config(out, config);
+        }
+        Command::DeleteTopic { name } => {
+            out.push(TAG_DELETE_TOPIC);
+            put_bytes(out, name.as_bytes());
+        }
     }
+}
+
+/// Appends a topic's configuration (`topic_config` in [`encode_batch`]'s grammar; snapshots
+/// use it too).
+pub(crate) fn put_topic_config(out: &mut Vec<u8>, config: &TopicConfig) {
+    put_bytes(out, config.name.as_bytes());
+    put_varint(out, u64::from(config.queues));
+    put_varint(out, config.consumer_groups.len() as u64);
+    for group in &config.consumer_groups {
+        put_bytes(out, group.as_bytes());
+    }
+    let retention = &config.retention;
+    put_varint(out, retention.replay_count);
+    put_varint(out, retention.replay_age_ms);
+    for option in [retention.max_age_ms, retention.max_bytes] {
+        put_option(out, option);
+    }
+    put_varint(out, u64::from(config.dedup_window));
+    put_varint(out, config.group_settings.len() as u64);
+    for (group, settings) in &config.group_settings {
+        put_bytes(out, group.as_bytes());
+        put_varint(out, settings.retry_tiers.len() as u64);
+        for tier in &settings.retry_tiers {
+            put_varint(out, u64::from(tier.attempts));
+            put_varint(out, tier.delay_ms);
+        }
+        match &settings.dead_letter_topic {
+            None => out.push(0),
+            Some(topic) => {
+                out.push(1);
+                put_bytes(out, topic.as_bytes());
+            }
+        }
+        let max_in_flight = settings.max_in_flight.map(u64::from);
+        for option in [
+            settings.rate_messages_per_s,
+            settings.rate_bytes_per_s,
+            max_in_flight,
+        ] {
+            put_option(out, option);
+        }
+    }
+}
+
+fn put_option(out: &mut Vec<u8>, option: Option<u64>) {
+    match option {
+        None => out.push(0),
+        Some(value) => {
+            out.push(1);
+            put_varint(out, value);
+        }
+    }
+}
+
+/// The presence byte of an option: 0 or 1, anything else is an error.
+fn read_present(reader: &mut Reader<'_>, what: &str) -> Result<bool, DecodeError> {
+    match reader.u8(what)? {
+        0 => Ok(false),
+        1 => Ok(true),
+        other => Err(DecodeError::Invalid(format!("{what}: option byte {other}"))),
+    }
+}
+
+fn read_option(reader: &mut Reader<'_>, what: &str) -> Result<Option<u64>, DecodeError> {
+    Ok(match read_present(reader, what)? {
+        true => Some(reader.varint(what)?),
+        false => None,
+    })
+}
+
+/// Reads the consumer-group settings of a topic config: groups in strictly ascending order.
+fn read_group_settings(
+    reader: &mut Reader<'_>,
+) -> Result<BTreeMap<String, ConsumerGroupSettings>, DecodeError> {
+    let mut all = BTreeMap::new();
+    for _ in 0..reader.count("settings count")? {
+        let group = reader.string("settings group")?;
+        if all
+            .keys()
+            .next_back()
+            .is_some_and(|last: &String| *last >= group)
+        {
+            return Err(DecodeError::Invalid(format!(
+                "settings of {group:?} out of order or repeated"
+            )));
+        }
+        let tiers = reader.count("retry tier count")?;
+        let mut retry_tiers = Vec::with_capacity(tiers);
+        for _ in 0..tiers {
+            retry_tiers.push(RetryTier {
+                attempts: reader.varint_u32("retry attempts")?,
+                delay_ms: reader.varint("retry delay")?,
+            });
+        }
+        let dead_letter_topic = match read_present(reader, "dead-letter topic")? {
+            true => Some(reader.string("dead-letter topic")?),
+            false => None,
+        };
+        let rate_messages_per_s = read_option(reader, "rate messages")?;
+        let rate_bytes_per_s = read_option(reader, "rate bytes")?;
+        let max_in_flight = match read_option(reader, "max in flight")? {
+            None => None,
+            Some(value) => Some(
+                u32::try_from(value)
+                    .map_err(|_| DecodeError::Invalid(format!("max in flight {value} over u32")))?,
+            ),
+        };
+        let settings = ConsumerGroupSettings {
+            retry_tiers,
+            dead_letter_topic,
+            rate_messages_per_s,
+            rate_bytes_per_s,
+            max_in_flight,
+        };
+        all.insert(group, settings);
+    }
+    Ok(all)
+}
+
+/// Reads what [`put_topic_config`] wrote. Checks the encoding only, not the config's rules
+/// (applying does that).
+pub(crate) fn read_topic_config(reader: &mut Reader<'_>) -> Result<TopicConfig, DecodeError> {
+    let name = reader.string("topic")?;
+    let queues = reader.varint_u32("queue count")?;
+    let count = reader.count("consumer group count")?;
+    let mut consumer_groups = Vec::with_capacity(count);
+    for _ in 0..count {
+        consumer_groups.push(reader.string("consumer group")?);
+    }
+    let replay_count = reader.varint("replay count")?;
+    let replay_age_ms = reader.varint("replay age")?;
+    let max_age_ms = read_option(reader, "max age")?;
+    let max_bytes = read_option(reader, "max bytes")?;
+    let dedup_window = reader.varint_u32("dedup window")?;
+    let group_settings = read_group_settings(reader)?;
+    Ok(TopicConfig {
+        name,
+        queues,
+        consumer_groups,
+        retention: Retention {
+            replay_count,
+            replay_age_ms,
+            max_age_ms,
+            max_bytes,
+        },
+        dedup_window,
+        group_settings,
+    })
 }
 
 fn decode_command(reader: &mut Reader<'_>) -> Result<Command, DecodeError> {
@@ -217,6 +421,18 @@ fn decode_command(reader: &mut Reader<'_>) -> Result<Command, DecodeError> {
             topic: reader.string("topic")?,
             queue: reader.varint_u32("queue")?,
             offset: reader.varint("offset")?,
+        }),
+        TAG_PUT_TOPIC => {
+            let mode = match reader.u8("put mode")? {
+                1 => PutMode::Create,
+                2 => PutMode::Alter,
+                other => return Err(DecodeError::Invalid(format!("put mode {other}"))),
+            };
+            let config = read_topic_config(reader)?;
+            Ok(Command::PutTopic { config, mode })
+        }
+        TAG_DELETE_TOPIC => Ok(Command::DeleteTopic {
+            name: reader.string("topic")?,
         }),
         tag => Err(DecodeError::Invalid(format!("unknown command tag {tag}"))),
     }
@@ -270,9 +486,9 @@ mod tests {
         let mut version_2 = good.clone();
         version_2[0] = 2;
         assert!(decode_batch(&version_2).is_err());
-        let mut tag_4 = good.clone();
-        tag_4[4] = 4;
-        assert!(decode_batch(&tag_4).is_err());
+        let mut tag_6 = good.clone();
+        tag_6[4] = 6;
+        assert!(decode_batch(&tag_6).is_err());
         let mut trailing = good.clone();
         trailing.push(0);
         assert!(decode_batch(&trailing).is_err());
@@ -295,6 +511,47 @@ mod tests {
         assert_eq!(decode_batch(&expected), Ok(batch));
         let empty_id = [1, 1, 1, 3, 1, b't', 0, 0, 1, 0, 0];
         assert!(decode_batch(&empty_id).is_err());
+    }
+
+    #[test]
+    fn topic_admin_commands_are_pinned_byte_for_byte() {
+        let config = TopicConfig {
+            name: "t".into(),
+            queues: 3,
+            consumer_groups: vec!["g".into()],
+            retention: Retention {
+                replay_count: 2,
+                replay_age_ms: 0,
+                max_age_ms: None,
+                max_bytes: Some(5),
+            },
+            dedup_window: 7,
+            group_settings: BTreeMap::new(),
+        };
+        let batch = Batch {
+            time_ms: 1,
+            commands: vec![
+                Command::PutTopic {
+                    config,
+                    mode: PutMode::Alter,
+                },
+                Command::DeleteTopic { name: "t".into() },
+            ],
+        };
+        #[rustfmt::skip]
+        let expected = [
+            1, 1, 2,                                 // version, time 1, 2 commands
+            4, 2, 1, b't', 3, 1, 1, b'g', 2, 0, 0, 1, 5, 7, 0, // alter t: 3 queues, g, ...
+            5, 1, b't',                              // delete t
+        ];
+        assert_eq!(encode_batch(&batch), expected);
+        assert_eq!(decode_batch(&expected), Ok(batch));
+        let mut bad_mode = expected;
+        bad_mode[4] = 3;
+        assert!(decode_batch(&bad_mode).is_err());
+        let mut bad_option = expected;
+        bad_option[13] = 2;
+        assert!(decode_batch(&bad_option).is_err());
     }
 
     #[test]
@@ -347,8 +604,85 @@ mod tests {
         ]
     }
 
+    fn group_settings() -> impl Strategy<Value = BTreeMap<String, ConsumerGroupSettings>> {
+        let tier = (any::<u32>(), any::<u64>())
+            .prop_map(|(attempts, delay_ms)| RetryTier { attempts, delay_ms });
+        let settings = (
+            prop::collection::vec(tier, 0..3),
+            prop::option::of(name()),
+            prop::option::of(any::<u64>()),
+            prop::option::of(any::<u64>()),
+            prop::option::of(any::<u32>()),
+        )
+            .prop_map(
+                |(retry_tiers, dead_letter_topic, messages, bytes, max_in_flight)| {
+                    ConsumerGroupSettings {
+                        retry_tiers,
+                        dead_letter_topic,
+                        rate_messages_per_s: messages,
+                        rate_bytes_per_s: bytes,
+                        max_in_flight,
+                    }
+                },
+            );
+        prop::collection::btree_map(name(), settings, 0..3)
+    }
+
+    fn topic_config() -> impl Strategy<Value = TopicConfig> {
+        (
+            name(),
+            any::<u32>(),
+            prop::collection::vec(name(), 0..3),
+            (any::<u64>(), any::<u64>()),
+            (
+                prop::option::of(any::<u64>()),
+                prop::option::of(any::<u64>()),
+            ),
+            (any::<u32>(), group_settings()),
+        )
+            .prop_map(
+                |(
+                    name,
+                    queues,
+                    consumer_groups,
+                    (replay_count, replay_age_ms),
+                    caps,
+                    (dedup, group_settings),
+                )| {
+                    TopicConfig {
+                        name,
+                        queues,
+                        consumer_groups,
+                        retention: Retention {
+                            replay_count,
+                            replay_age_ms,
+                            max_age_ms: caps.0,
+                            max_bytes: caps.1,
+                        },
+                        dedup_window: dedup,
+                        group_settings,
+                    }
+                },
+            )
+    }
+
+    fn admin_command() -> impl Strategy<Value = Command> {
+        prop_oneof![
+            (topic_config(), any::<bool>()).prop_map(|(config, create)| Command::PutTopic {
+                config,
+                mode: if create {
+                    PutMode::Create
+                } else {
+                    PutMode::Alter
+                },
+            }),
+            name().prop_map(|name| Command::DeleteTopic { name }),
+        ]
+    }
+
     fn batch() -> impl Strategy<Value = Batch> {
-        (any::<u64>(), prop::collection::vec(command(), 0..6))
+        let any_command = prop_oneof![4 => command(), 1 => admin_command()];
+        (any::<u64>(), prop::collection::vec(any_command, 0..6))
             .prop_map(|(time_ms, commands)| Batch { time_ms, commands })
     }
 

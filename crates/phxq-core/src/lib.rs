@@ -14,6 +14,8 @@ pub mod command;
 pub mod layout;
 pub mod machine;
 
-pub use command::{Batch, Command, DecodeError, Message, decode_batch, encode_batch};
-pub use layout::{LayoutError, Retention, StoreLayout, TopicConfig};
+pub use command::{Batch, Command, DecodeError, Message, PutMode, decode_batch, encode_batch};
+pub use layout::{
+    ConsumerGroupSettings, LayoutError, Retention, RetryTier, StoreLayout, TopicConfig,
+};
 pub use machine::{Applied, EntryRef, GroupMachine, ReadPlan, StoredMessage};

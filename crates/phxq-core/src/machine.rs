@@ -17,9 +17,14 @@
 //!   ([`EntryRef::skipped`]). The window is replicated state, in snapshots as of their index;
 //! - per consumer group and queue, a cursor: the next offset the group reads (1 until it
 //!   commits). Commits set absolute values and may move a cursor back (replay);
+//! - a topic table: the layout's (bootstrap) topics at first, then changed only by applying
+//!   `PutTopic` and `DeleteTopic` ([`topics`](self::topics) module). Each topic holds the
+//!   state of its queues hosted here; a deleted topic's state is gone, so it pins no log;
 //! - the log may drop entries at or below [`GroupMachine::deletable_index`]; the node then
 //!   calls [`GroupMachine::forget_through`], and a snapshot at that index plus the log's
-//!   tail rebuilds the same state.
+//!   tail rebuilds the same state. That index is never below the last topic change: the
+//!   snapshot carries the topic table as it is now, which is the table as of its index only
+//!   if no change came after it.
 
 mod dedup;
 mod extract;
@@ -28,6 +33,7 @@ mod retention;
 mod snapshot;
 #[cfg(test)]
 mod tests;
+mod topics;
 
 use std::sync::Arc;
 
@@ -37,7 +43,7 @@ use phxq_types::{
 
 use self::dedup::Original;
 use self::queue::QueueState;
-use crate::{Command, DecodeError, Message, StoreLayout, decode_batch};
+use crate::{Command, DecodeError, Message, StoreLayout, TopicConfig, decode_batch};
 
 /// What applying one command did, in command order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,6 +64,14 @@ pub enum Applied {
         /// The next offset the consumer group reads.
         offset: Offset,
     },
+    /// A `PutTopic` was applied; `changed` is false when the topic already had exactly that
+    /// configuration (a re-run).
+    TopicPut {
+        /// Whether the topic table changed.
+        changed: bool,
+    },
+    /// A `DeleteTopic` removed the topic and its queues.
+    TopicDeleted,
     /// Refused, deterministically on every replica; nothing changed.
     Rejected(ErrorCode),
 }
@@ -107,15 +121,32 @@ pub struct GroupMachine {
     group: GroupId,
     layout: Arc<StoreLayout>,
     applied_index: u64,
-    /// One per topic of the layout, in layout order.
+    /// The topic table: the layout's topics at first, in layout order; a created topic goes
+    /// last, a deleted one is removed.
     topics: Vec<TopicState>,
+    /// The index of the last entry that changed the topic table (0: none since the state
+    /// this machine started from). Compaction never goes below it.
+    topics_changed_index: u64,
 }
 
-/// The queues of one topic that this group hosts.
+/// One topic and the queues of it that this group hosts.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct TopicState {
+    /// Its configuration.
+    config: TopicConfig,
     /// Queue `q` (with `q mod groups` = this group) at slot `q / groups`.
     queues: Vec<QueueState>,
+}
+
+impl TopicState {
+    /// A topic whose hosted queues are all empty.
+    fn new(config: TopicConfig, group: GroupId, groups: u32) -> TopicState {
+        let queues = (0..config.queues)
+            .filter(|&queue| group_of_queue(queue, groups) == group)
+            .map(|_| QueueState::new(config.consumer_groups.len()))
+            .collect();
+        TopicState { config, queues }
+    }
 }
 
 impl GroupMachine {
@@ -130,21 +161,15 @@ impl GroupMachine {
             group.0 < u64::from(layout.groups),
             "{group} is not in the layout"
         );
-        let topics = layout
-            .topics
-            .iter()
-            .map(|topic| TopicState {
-                queues: (0..topic.queues)
-                    .filter(|&queue| group_of_queue(queue, layout.groups) == group)
-                    .map(|_| QueueState::new(topic.consumer_groups.len()))
-                    .collect(),
-            })
+        let topics = (layout.topics.iter())
+            .map(|config| TopicState::new(config.clone(), group, layout.groups))
             .collect();
         GroupMachine {
             group,
             layout,
             applied_index: 0,
             topics,
+            topics_changed_index: 0,
         }
     }
 
@@ -156,6 +181,21 @@ impl GroupMachine {
     /// The highest raft index applied.
     pub fn applied_index(&self) -> u64 {
         self.applied_index
+    }
+
+    /// The store-wide settings (groups, message size limit) and the bootstrap topics.
+    pub fn layout(&self) -> &Arc<StoreLayout> {
+        &self.layout
+    }
+
+    /// The topic table as applied so far, in table order.
+    pub fn topics(&self) -> impl Iterator<Item = &TopicConfig> {
+        self.topics.iter().map(|topic| &topic.config)
+    }
+
+    /// The topic called `name`, if the table has it.
+    pub fn topic(&self, name: &str) -> Option<&TopicConfig> {
+        self.topics().find(|config| config.name == name)
     }
 
     /// Checks a command as the master would before proposing it: the topic exists, the queue
@@ -192,6 +232,10 @@ impl GroupMachine {
                 }
                 Ok(())
             }
+            Command::PutTopic { .. } | Command::DeleteTopic { .. } => self
+                .check_topic_change(command)
+                .map(|_| ())
+                .map_err(|(code, _)| code),
         }
     }
 
@@ -211,22 +255,21 @@ impl GroupMachine {
         }
         let batch = decode_batch(data)?;
         self.applied_index = index;
-        Ok(batch
-            .commands
-            .iter()
-            .enumerate()
-            .map(|(position, command)| self.apply_command(index, position, batch.time_ms, command))
+        Ok((0..batch.commands.len())
+            .map(|position| self.apply_command(index, position, batch.time_ms, &batch.commands))
             .collect())
     }
 
-    /// Applies command `position` of entry `index`, unless the checks refuse it.
+    /// Applies command `position` of entry `index` (whose commands are `commands`), unless
+    /// the checks refuse it.
     fn apply_command(
         &mut self,
         index: u64,
         position: usize,
         time_ms: u64,
-        command: &Command,
+        commands: &[Command],
     ) -> Applied {
+        let command = &commands[position];
         if let Err(code) = self.check(command) {
             return Applied::Rejected(code);
         }
@@ -237,7 +280,7 @@ impl GroupMachine {
                 message_id,
                 messages,
             } => {
-                let window = self.layout.topic(topic).expect("checked").dedup_window;
+                let window = self.topic(topic).expect("checked").dedup_window;
                 let state = self.queue_mut(topic, *queue);
                 if message_id.is_empty() {
                     let first_offset = state.append(index, time_ms, messages);
@@ -266,6 +309,14 @@ impl GroupMachine {
                     .expect("checked");
                 self.topics[topic_position].queues[slot].cursors[member] = *offset;
                 Applied::CursorCommitted { offset: *offset }
+            }
+            Command::PutTopic { config, .. } => {
+                let changed = self.put_topic(index, config, &commands[..position]);
+                Applied::TopicPut { changed }
+            }
+            Command::DeleteTopic { name } => {
+                self.delete_topic(index, name);
+                Applied::TopicDeleted
             }
         }
     }
@@ -329,22 +380,22 @@ impl GroupMachine {
 
     /// The highest raft index (at most the applied index) whose entries no queue of the group
     /// still needs at wall time `now_ms`: every subscribed consumer group has passed them, they
-    /// are outside the replay window, or the age and size caps release them.
+    /// are outside the replay window, or the age and size caps release them. Never below the
+    /// last topic change unless that leaves nothing to compact: then 0 (see the module doc).
     pub fn deletable_index(&self, now_ms: u64) -> u64 {
-        let queues = self
-            .layout
-            .topics
-            .iter()
-            .zip(&self.topics)
-            .flat_map(|(config, topic)| {
-                topic.queues.iter().map(|queue| (&config.retention, queue))
-            });
-        queues
+        let queues = (self.topics.iter())
+            .flat_map(|topic| (topic.queues.iter()).map(|queue| (&topic.config.retention, queue)));
+        let deletable = queues
             .filter_map(|(retention, queue)| {
                 retention::first_needed_index(queue, retention, now_ms)
             })
             .map(|index| index - 1)
-            .fold(self.applied_index, u64::min)
+            .fold(self.applied_index, u64::min);
+        if deletable < self.topics_changed_index {
+            0
+        } else {
+            deletable
+        }
     }
 
     /// The state as of raft index `index` (deletable and at most the applied index), with every
@@ -356,6 +407,12 @@ impl GroupMachine {
             "{}: snapshot at {index} is past the applied index {}",
             self.group,
             self.applied_index
+        );
+        assert!(
+            index >= self.topics_changed_index,
+            "{}: snapshot at {index} is before the topic change at {}",
+            self.group,
+            self.topics_changed_index
         );
         snapshot::encode(self, index)
     }
@@ -389,8 +446,21 @@ impl GroupMachine {
 
     /// Checks the invariants of the module doc; panics (a bug) if one does not hold.
     pub fn validate(&self) {
-        assert_eq!(self.topics.len(), self.layout.topics.len());
-        for (config, topic) in self.layout.topics.iter().zip(&self.topics) {
+        assert!(
+            self.topics.len() <= phxq_types::TOPICS_MAX,
+            "too many topics"
+        );
+        assert!(self.topics_changed_index <= self.applied_index);
+        for (position, topic) in self.topics.iter().enumerate() {
+            let config = &topic.config;
+            assert_eq!(config.check(), Ok(()), "a table topic is valid");
+            assert!(
+                self.topics[..position]
+                    .iter()
+                    .all(|other| other.config.name != config.name),
+                "topic {} listed twice",
+                config.name
+            );
             let hosted = (0..config.queues)
                 .filter(|&queue| group_of_queue(queue, self.layout.groups) == self.group)
                 .count();
@@ -408,10 +478,10 @@ impl GroupMachine {
 
     /// Where `topic`/`queue` lives in `self.topics`, or why it is not hosted here.
     fn slot(&self, topic: &str, queue: QueueId) -> Result<(usize, usize), ErrorCode> {
-        let topic_position = (self.layout.topics.iter())
-            .position(|config| config.name == topic)
+        let topic_position = (self.topics.iter())
+            .position(|state| state.config.name == topic)
             .ok_or(ErrorCode::UnknownTopic)?;
-        if queue >= self.layout.topics[topic_position].queues {
+        if queue >= self.topics[topic_position].config.queues {
             return Err(ErrorCode::UnknownQueue);
         }
         if group_of_queue(queue, self.layout.groups) != self.group {
@@ -428,7 +498,7 @@ impl GroupMachine {
 
     /// The position of `consumer_group` among the consumer groups of topic `topic_position`.
     fn member(&self, topic_position: usize, consumer_group: &str) -> Option<usize> {
-        (self.layout.topics[topic_position].consumer_groups.iter())
+        (self.topics[topic_position].config.consumer_groups.iter())
             .position(|name| name == consumer_group)
     }
 

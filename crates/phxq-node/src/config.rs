@@ -27,7 +27,8 @@
 //! limits of [`NodeConfig::new`]. `etc/node1.toml` in the repository documents every key.
 //!
 //! Every node of a store must be started with the same `[store]` section: the layout (groups,
-//! topics) decides how every replica applies the log.
+//! topics) decides how every replica applies the log. Its topics only bootstrap a new store:
+//! each group then keeps a replicated topic table changed through the API (`phxq topic`).
 //!
 //! Invariants of a [`ServerConfig`] (checked by [`ServerConfig::parse`], so the server and
 //! [`crate::Node`] never meet a bad value): unknown keys are refused; every value is in range;
@@ -530,6 +531,7 @@ fn topic_config(i: usize, topic: &TopicSection) -> Result<TopicConfig, ConfigErr
             max_bytes: retention.max_bytes,
         },
         dedup_window: topic.dedup_window,
+        group_settings: Default::default(),
     })
 }
 

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
-use phxq_core::{Command, Message, StoreLayout, StoredMessage, TopicConfig};
+use phxq_core::{Command, GroupMachine, Message, PutMode, StoredMessage, TopicConfig};
 use phxq_storage::{Lsn, Wal, WriteBatch};
 use phxq_types::{
     ErrorCode, GroupId, KEY_BYTES_MAX, MESSAGE_ID_BYTES_MAX, NodeId, Offset, QueueId, Rng,
@@ -60,8 +60,8 @@ pub struct NodeConfig {
     pub id: NodeId,
     /// Every node of the store, this one included.
     pub members: Vec<NodeId>,
-    /// Groups and topics; the same on every node of the store.
-    pub layout: Arc<StoreLayout>,
+    /// Groups, limits and the bootstrap topics; the same on every node of the store.
+    pub layout: Arc<phxq_core::StoreLayout>,
     /// Ticks.
     pub timing: Timing,
     /// Most commands packed into one entry.
@@ -82,7 +82,12 @@ pub struct NodeConfig {
 
 impl NodeConfig {
     /// A config with the usual limits.
-    pub fn new(id: NodeId, members: Vec<NodeId>, layout: Arc<StoreLayout>, seed: u64) -> Self {
+    pub fn new(
+        id: NodeId,
+        members: Vec<NodeId>,
+        layout: Arc<phxq_core::StoreLayout>,
+        seed: u64,
+    ) -> Self {
         NodeConfig {
             id,
             members,
@@ -159,6 +164,23 @@ pub enum Request {
         /// Ms since the Unix epoch, at most [`TIME_MS_MAX`].
         time_ms: u64,
     },
+    /// Create or alter a topic in one replication group (the caller sends it to every
+    /// group); answered once committed and applied.
+    PutTopic {
+        /// The group.
+        group: GroupId,
+        /// The topic's whole new configuration.
+        config: TopicConfig,
+        /// Create or alter.
+        mode: PutMode,
+    },
+    /// Delete a topic from one replication group; answered once committed and applied.
+    DeleteTopic {
+        /// The group.
+        group: GroupId,
+        /// The topic.
+        name: String,
+    },
     /// This node's view of its groups.
     Status,
 }
@@ -206,6 +228,12 @@ pub enum Response {
     },
     /// The cursor was committed.
     Committed,
+    /// A `PutTopic` or `DeleteTopic` was applied; `changed` is false when the group already
+    /// had that configuration.
+    TopicChanged {
+        /// Whether the group's topic table changed.
+        changed: bool,
+    },
     /// Where a queue reaches a time.
     OffsetForTime {
         /// The first retained offset stamped at or after the time, or `end_offset`.
@@ -253,6 +281,8 @@ pub struct GroupStatus {
     pub applied_index: u64,
     /// Last index in the log.
     pub last_index: u64,
+    /// The group's topic table as this node applied it.
+    pub topics: Vec<TopicConfig>,
 }
 
 /// A node's view of its groups.
@@ -488,9 +518,18 @@ impl Node {
     fn admit(&mut self, id: RequestId, request: Request) -> Result<(), Response> {
         let request = match request {
             Request::ProduceMany { appends } => return self.admit_appends(id, appends),
+            Request::PutTopic {
+                group,
+                config,
+                mode,
+            } => {
+                return self.admit_topic_change(id, group, Command::PutTopic { config, mode });
+            }
+            Request::DeleteTopic { group, name } => {
+                return self.admit_topic_change(id, group, Command::DeleteTopic { name });
+            }
             other => other,
         };
-        let layout = self.config.layout.clone();
         let (topic, queue) = match &request {
             Request::Status => {
                 self.out
@@ -498,17 +537,24 @@ impl Node {
                     .push((id, Response::Status(self.status())));
                 return Ok(());
             }
-            Request::ProduceMany { .. } => unreachable!("admitted above"),
+            Request::ProduceMany { .. }
+            | Request::PutTopic { .. }
+            | Request::DeleteTopic { .. } => {
+                unreachable!("admitted above")
+            }
             Request::Produce { topic, queue, .. }
             | Request::Consume { topic, queue, .. }
             | Request::Commit { topic, queue, .. }
             | Request::OffsetForTime { topic, queue, .. } => (topic.clone(), *queue),
         };
-        check_request(&layout, &request)?;
+        check_arguments(&request)?;
         self.check_pending()?;
-        let group = group_of_queue(queue, layout.groups);
+        let group = group_of_queue(queue, self.config.layout.groups);
         let replica = &mut self.replicas[group.0 as usize];
         replica.check_master(self.now_tick)?;
+        // Against the group's topic table as applied here, under the lease: every topic
+        // change any master acknowledged is in it.
+        check_request(replica.machine(), &request)?;
         match request {
             Request::Produce {
                 message_id,
@@ -568,16 +614,23 @@ impl Node {
                 self.out.responses.push((id, answer));
                 Ok(())
             }
-            Request::Status | Request::ProduceMany { .. } => unreachable!("handled above"),
+            Request::Status
+            | Request::ProduceMany { .. }
+            | Request::PutTopic { .. }
+            | Request::DeleteTopic { .. } => unreachable!("handled above"),
         }
     }
 
     /// Admits a [`Request::ProduceMany`]: every append checked, all in one group, one proposal.
     fn admit_appends(&mut self, id: RequestId, appends: Vec<Append>) -> Result<(), Response> {
-        let group = check_appends(&self.config.layout, &appends)?;
+        let Some(first) = appends.first() else {
+            return Err(Response::error(ErrorCode::EmptyBatch, "no appends"));
+        };
+        let group = group_of_queue(first.queue, self.config.layout.groups);
         self.check_pending()?;
         let replica = &mut self.replicas[group.0 as usize];
         replica.check_master(self.now_tick)?;
+        check_appends(replica.machine(), &appends)?;
         let commands = appends
             .into_iter()
             .map(|a| Command::Enqueue {
@@ -588,6 +641,30 @@ impl Node {
             })
             .collect();
         replica.admit_commands(id, commands, AnswerAs::Many)
+    }
+
+    /// Admits a topic change for one group: the group exists, this node masters it, and the
+    /// group's table as applied here accepts the change.
+    fn admit_topic_change(
+        &mut self,
+        id: RequestId,
+        group: GroupId,
+        command: Command,
+    ) -> Result<(), Response> {
+        let groups = self.config.layout.groups;
+        if group.0 >= u64::from(groups) {
+            return Err(Response::error(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "the store has groups g0 to g{}; there is no {group}",
+                    groups - 1
+                ),
+            ));
+        }
+        self.check_pending()?;
+        let replica = &mut self.replicas[group.0 as usize];
+        replica.check_master(self.now_tick)?;
+        replica.admit_commands(id, vec![command], AnswerAs::One)
     }
 
     /// `BUSY` if the node already holds as many requests as it may.
@@ -729,16 +806,38 @@ pub(crate) fn push_message(out: &mut Output, group: GroupId, message: eraftpb::M
         .push((group, message));
 }
 
-/// The checks every node can make from the layout alone, before asking who is master.
-fn check_request(layout: &StoreLayout, request: &Request) -> Result<(), Response> {
+/// The checks of a request's arguments that need no topic table.
+fn check_arguments(request: &Request) -> Result<(), Response> {
+    let refusal = match request {
+        Request::Consume {
+            count_max,
+            bytes_max,
+            from,
+            ..
+        } if *count_max == 0 || *bytes_max == 0 || *from == Some(0) => {
+            "count and bytes limits must be positive and offsets start at 1".to_string()
+        }
+        Request::Commit { offset: 0, .. } => "offsets start at 1".to_string(),
+        Request::OffsetForTime { time_ms, .. } if *time_ms > TIME_MS_MAX => format!(
+            "time {time_ms} ms is after 9999-12-31T23:59:59.999Z ({TIME_MS_MAX} ms); times \
+             are milliseconds since the Unix epoch"
+        ),
+        _ => return Ok(()),
+    };
+    Err(Response::error(ErrorCode::InvalidArgument, refusal))
+}
+
+/// The checks of a queue request against the group's topic table (`machine`, as applied on
+/// the master): the topic and queue exist, the consumer group reads the topic, the messages
+/// fit. Applying checks again (the deterministic backstop).
+fn check_request(machine: &GroupMachine, request: &Request) -> Result<(), Response> {
     let (topic, queue, consumer_group) = match request {
         Request::Produce {
             topic,
             queue,
             message_id,
             messages,
-        } => return check_append(layout, topic, *queue, message_id, messages),
-        Request::ProduceMany { appends } => return check_appends(layout, appends).map(|_| ()),
+        } => return check_append(machine, topic, *queue, message_id, messages),
         Request::Consume {
             topic,
             queue,
@@ -752,9 +851,9 @@ fn check_request(layout: &StoreLayout, request: &Request) -> Result<(), Response
             ..
         } => (topic, *queue, Some(consumer_group)),
         Request::OffsetForTime { topic, queue, .. } => (topic, *queue, None),
-        Request::Status => return Ok(()),
+        _ => return Ok(()),
     };
-    let config = check_queue(layout, topic, queue)?;
+    let config = check_queue(machine, topic, queue)?;
     if let Some(group) = consumer_group
         && !config.consumer_groups.contains(group)
     {
@@ -763,51 +862,16 @@ fn check_request(layout: &StoreLayout, request: &Request) -> Result<(), Response
             format!("consumer group {group:?} does not read topic {topic:?}"),
         ));
     }
-    match request {
-        Request::Consume {
-            count_max,
-            bytes_max,
-            from,
-            ..
-        } => {
-            if *count_max == 0 || *bytes_max == 0 || *from == Some(0) {
-                return Err(Response::error(
-                    ErrorCode::InvalidArgument,
-                    "count and bytes limits must be positive and offsets start at 1",
-                ));
-            }
-        }
-        Request::Commit { offset, .. } => {
-            if *offset == 0 {
-                return Err(Response::error(
-                    ErrorCode::InvalidArgument,
-                    "offsets start at 1",
-                ));
-            }
-        }
-        Request::OffsetForTime { time_ms, .. } => {
-            if *time_ms > TIME_MS_MAX {
-                return Err(Response::error(
-                    ErrorCode::InvalidArgument,
-                    format!(
-                        "time {time_ms} ms is after 9999-12-31T23:59:59.999Z ({TIME_MS_MAX} ms); \
-                         times are milliseconds since the Unix epoch"
-                    ),
-                ));
-            }
-        }
-        Request::Produce { .. } | Request::ProduceMany { .. } | Request::Status => {}
-    }
     Ok(())
 }
 
 /// The topic's config if `queue` of `topic` exists.
 fn check_queue<'a>(
-    layout: &'a StoreLayout,
+    machine: &'a GroupMachine,
     topic: &str,
     queue: QueueId,
 ) -> Result<&'a TopicConfig, Response> {
-    let Some(config) = layout.topic(topic) else {
+    let Some(config) = machine.topic(topic) else {
         return Err(Response::error(
             ErrorCode::UnknownTopic,
             format!("no topic {topic:?} in this store"),
@@ -828,13 +892,13 @@ fn check_queue<'a>(
 /// Checks one queue's append: the queue exists, the batch is not empty, no message is too
 /// large, the message id is not too long.
 fn check_append(
-    layout: &StoreLayout,
+    machine: &GroupMachine,
     topic: &str,
     queue: QueueId,
     message_id: &[u8],
     messages: &[Message],
 ) -> Result<(), Response> {
-    check_queue(layout, topic, queue)?;
+    check_queue(machine, topic, queue)?;
     if message_id.len() > MESSAGE_ID_BYTES_MAX {
         return Err(Response::error(
             ErrorCode::InvalidArgument,
@@ -847,14 +911,15 @@ fn check_append(
     if messages.is_empty() {
         return Err(Response::error(ErrorCode::EmptyBatch, "no messages"));
     }
+    let message_bytes_max = machine.layout().message_bytes_max;
     for (i, m) in messages.iter().enumerate() {
-        if m.value.len() > layout.message_bytes_max || m.key.len() > KEY_BYTES_MAX {
+        if m.value.len() > message_bytes_max || m.key.len() > KEY_BYTES_MAX {
             return Err(Response::error(
                 ErrorCode::MessageTooLarge,
                 format!(
-                    "message {i}: value {} bytes (limit {}), key {} bytes (limit {KEY_BYTES_MAX})",
+                    "message {i}: value {} bytes (limit {message_bytes_max}), key {} bytes \
+                     (limit {KEY_BYTES_MAX})",
                     m.value.len(),
-                    layout.message_bytes_max,
                     m.key.len()
                 ),
             ));
@@ -863,16 +928,30 @@ fn check_append(
     Ok(())
 }
 
-/// Checks every append of a [`Request::ProduceMany`] and that they share one replication
-/// group, which it returns. The first bad append is named by its position.
-fn check_appends(layout: &StoreLayout, appends: &[Append]) -> Result<GroupId, Response> {
+/// Checks every append of a [`Request::ProduceMany`] against the table of the first one's
+/// group (`machine`), and that they all share that group. The first bad append is named by
+/// its position.
+fn check_appends(machine: &GroupMachine, appends: &[Append]) -> Result<(), Response> {
     let Some(first) = appends.first() else {
         return Err(Response::error(ErrorCode::EmptyBatch, "no appends"));
     };
-    let group = group_of_queue(first.queue, layout.groups);
+    let groups = machine.layout().groups;
+    let group = machine.group();
     for (i, append) in appends.iter().enumerate() {
+        let other = group_of_queue(append.queue, groups);
+        if other != group {
+            return Err(Response::error(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "append {i}: queue {} is in {other}, append 0's queue {} in {group}; \
+                     one request writes one replication group (queue q is in group q mod \
+                     {groups})",
+                    append.queue, first.queue
+                ),
+            ));
+        }
         let checked = check_append(
-            layout,
+            machine,
             &append.topic,
             append.queue,
             &append.message_id,
@@ -884,17 +963,6 @@ fn check_appends(layout: &StoreLayout, appends: &[Append]) -> Result<GroupId, Re
             }
             other => other,
         })?;
-        let other = group_of_queue(append.queue, layout.groups);
-        if other != group {
-            return Err(Response::error(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "append {i}: queue {} is in {other}, append 0's queue {} in {group}; \
-                     one request writes one replication group (queue q is in group q mod {})",
-                    append.queue, first.queue, layout.groups
-                ),
-            ));
-        }
     }
-    Ok(group)
+    Ok(())
 }

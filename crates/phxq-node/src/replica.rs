@@ -153,6 +153,11 @@ impl Replica {
         self.group
     }
 
+    /// The group's state as applied here.
+    pub(crate) fn machine(&self) -> &GroupMachine {
+        &self.machine
+    }
+
     pub(crate) fn is_leader(&self) -> bool {
         self.raw.raft.state == StateRole::Leader
     }
@@ -267,6 +272,11 @@ impl Replica {
         answer: AnswerAs,
     ) -> Result<(), Response> {
         for command in &commands {
+            if let Command::PutTopic { .. } | Command::DeleteTopic { .. } = command {
+                (self.machine.check_topic_change(command))
+                    .map_err(|(code, reason)| Response::error(code, reason))?;
+                continue;
+            }
             self.machine
                 .check(command)
                 .map_err(|code| Response::error(code, describe_refusal(code, command)))?;
@@ -350,7 +360,9 @@ impl Replica {
                 .iter()
                 .map(|c| match c {
                     Command::Enqueue { messages, .. } => messages.len() as u64,
-                    Command::CommitCursor { .. } => 0,
+                    Command::CommitCursor { .. }
+                    | Command::PutTopic { .. }
+                    | Command::DeleteTopic { .. } => 0,
                 })
                 .sum();
             match self.raw.propose(Vec::new(), encode_batch(&batch)) {
@@ -783,15 +795,16 @@ impl Replica {
             commit_index: raft.raft_log.committed,
             applied_index: self.machine.applied_index(),
             last_index: raft.raft_log.last_index(),
+            topics: self.machine.topics().cloned().collect(),
         }
     }
 }
 
 /// The answer to a request whose commands were applied with these results.
 fn answer_applied(answer: AnswerAs, applied: Vec<Applied>) -> Response {
-    // With a fixed layout a command that passed admission is never refused when applied; if
-    // one were, the request's other commands in the entry would still stand, and the error
-    // says so.
+    // A command that passed admission is refused when applied only if a topic change
+    // admitted before it applied first (deleted its topic, say); the request's other
+    // commands in the entry still stand, and the error says so.
     if let Some(code) = applied.iter().find_map(|a| match a {
         Applied::Rejected(code) => Some(*code),
         _ => None,
@@ -814,6 +827,10 @@ fn answer_applied(answer: AnswerAs, applied: Vec<Applied>) -> Response {
             duplicate: *duplicate,
         },
         (AnswerAs::One, [Applied::CursorCommitted { .. }]) => Response::Committed,
+        (AnswerAs::One, [Applied::TopicPut { changed }]) => {
+            Response::TopicChanged { changed: *changed }
+        }
+        (AnswerAs::One, [Applied::TopicDeleted]) => Response::TopicChanged { changed: true },
         (AnswerAs::Many, _) => Response::ProducedMany {
             ranges: applied
                 .iter()
@@ -838,6 +855,14 @@ fn command_bytes(command: &Command) -> usize {
             .map(|m| m.key.len() + m.value.len() + 16)
             .sum(),
         Command::CommitCursor { .. } => 64,
+        Command::PutTopic { config, .. } => {
+            256 + config
+                .consumer_groups
+                .iter()
+                .map(String::len)
+                .sum::<usize>()
+        }
+        Command::DeleteTopic { name } => 16 + name.len(),
     }
 }
 
@@ -850,5 +875,7 @@ fn describe_refusal(code: ErrorCode, command: &Command) -> String {
             queue,
             offset,
         } => format!("commit {consumer_group} on {topic}/{queue} at {offset}: {code}"),
+        Command::PutTopic { config, .. } => format!("put topic {}: {code}", config.name),
+        Command::DeleteTopic { name } => format!("delete topic {name}: {code}"),
     }
 }

@@ -45,11 +45,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use phxq_core::{Message, StoreLayout};
+use phxq_core::{ConsumerGroupSettings, Message, PutMode, Retention, RetryTier, TopicConfig};
 use phxq_proto::PeerFrame;
 use phxq_proto::api::{self, phxq_server};
 use phxq_storage::{Lsn, Wal, WalOptions};
-use phxq_types::{ErrorCode, NodeId, validate_name};
+use phxq_types::{ErrorCode, GroupId, NodeId, validate_name};
 use tokio::sync::oneshot;
 
 use crate::config::ServerConfig;
@@ -628,7 +628,11 @@ impl EventLoop {
                 self.next_request += 1;
                 let write = matches!(
                     request,
-                    Request::Produce { .. } | Request::ProduceMany { .. } | Request::Commit { .. }
+                    Request::Produce { .. }
+                        | Request::ProduceMany { .. }
+                        | Request::Commit { .. }
+                        | Request::PutTopic { .. }
+                        | Request::DeleteTopic { .. }
                 );
                 self.pending.insert(id, Pending { reply, write });
                 self.node.request(id, request);
@@ -1118,6 +1122,56 @@ impl phxq_server::Phxq for Service {
         Ok(tonic::Response::new(answer))
     }
 
+    async fn put_topic(
+        &self,
+        request: tonic::Request<api::PutTopicRequest>,
+    ) -> GrpcResult<api::PutTopicResponse> {
+        let request = request.into_inner();
+        let refused = |error| api::PutTopicResponse {
+            error: Some(error),
+            changed: false,
+        };
+        let call = match self
+            .check_store(request.store_id)
+            .and_then(|()| put_topic_request(request))
+        {
+            Ok(call) => call,
+            Err(error) => return Ok(tonic::Response::new(refused(error))),
+        };
+        let answer = match self.call(call, 0).await {
+            Response::TopicChanged { changed } => api::PutTopicResponse {
+                error: None,
+                changed,
+            },
+            other => refused(self.failure(other)),
+        };
+        Ok(tonic::Response::new(answer))
+    }
+
+    async fn delete_topic(
+        &self,
+        request: tonic::Request<api::DeleteTopicRequest>,
+    ) -> GrpcResult<api::DeleteTopicResponse> {
+        let request = request.into_inner();
+        let error = match self
+            .check_store(request.store_id)
+            .and_then(|()| check_name("topic", &request.name))
+        {
+            Err(error) => Some(error),
+            Ok(()) => {
+                let call = Request::DeleteTopic {
+                    group: GroupId(request.group),
+                    name: request.name,
+                };
+                match self.call(call, 0).await {
+                    Response::TopicChanged { .. } => None,
+                    other => Some(self.failure(other)),
+                }
+            }
+        };
+        Ok(tonic::Response::new(api::DeleteTopicResponse { error }))
+    }
+
     async fn cluster_status(
         &self,
         _request: tonic::Request<api::ClusterStatusRequest>,
@@ -1167,7 +1221,7 @@ impl Service {
                 })
                 .collect(),
             groups: status.groups.iter().map(group_status).collect(),
-            topics: topics_status(&config.layout),
+            topics: topics_status(&status.groups),
             groups_count: config.layout.groups,
             counters: Some(counters(&status.counters)),
         }
@@ -1196,21 +1250,138 @@ fn group_status(group: &GroupStatus) -> api::GroupStatus {
         commit_index: group.commit_index,
         applied_index: group.applied_index,
         last_index: group.last_index,
+        topics: group.topics.iter().map(topic_config_to_wire).collect(),
     }
 }
 
-fn topics_status(layout: &StoreLayout) -> Vec<api::TopicStatus> {
-    let mut topics: Vec<api::TopicStatus> = layout
-        .topics
-        .iter()
-        .map(|topic| api::TopicStatus {
-            name: topic.name.clone(),
-            queues: topic.queues,
-            consumer_groups: topic.consumer_groups.clone(),
+/// The topics of every group's table, merged by name (see `TopicStatus` in the .proto): the
+/// smallest queue count, the config with the most queues, whether all groups agree.
+fn topics_status(groups: &[GroupStatus]) -> Vec<api::TopicStatus> {
+    let mut by_name: std::collections::BTreeMap<&str, Vec<&TopicConfig>> = Default::default();
+    for group in groups {
+        for topic in &group.topics {
+            by_name.entry(&topic.name).or_default().push(topic);
+        }
+    }
+    by_name
+        .into_iter()
+        .map(|(name, configs)| {
+            let widest = configs
+                .iter()
+                .copied()
+                .reduce(|a, b| if b.queues > a.queues { b } else { a })
+                .expect("at least one");
+            let queues = configs.iter().map(|c| c.queues).min().unwrap_or(0);
+            let consistent =
+                configs.len() == groups.len() && configs.iter().all(|c| *c == configs[0]);
+            api::TopicStatus {
+                name: name.to_string(),
+                queues,
+                consumer_groups: widest.consumer_groups.clone(),
+                config: Some(topic_config_to_wire(widest)),
+                groups_with_topic: configs.len() as u32,
+                consistent,
+            }
         })
-        .collect();
-    topics.sort_by(|a, b| a.name.cmp(&b.name));
-    topics
+        .collect()
+}
+
+/// A topic's configuration on the wire.
+pub fn topic_config_to_wire(config: &TopicConfig) -> api::TopicConfig {
+    api::TopicConfig {
+        name: config.name.clone(),
+        queues: config.queues,
+        consumer_groups: config.consumer_groups.clone(),
+        replay_count: config.retention.replay_count,
+        replay_age_ms: config.retention.replay_age_ms,
+        max_age_ms: config.retention.max_age_ms,
+        max_bytes: config.retention.max_bytes,
+        dedup_window: config.dedup_window,
+        group_settings: (config.group_settings.iter())
+            .map(|(group, settings)| api::ConsumerGroupSettings {
+                consumer_group: group.clone(),
+                retry_tiers: (settings.retry_tiers.iter())
+                    .map(|tier| api::RetryTier {
+                        attempts: tier.attempts,
+                        delay_ms: tier.delay_ms,
+                    })
+                    .collect(),
+                dead_letter_topic: settings.dead_letter_topic.clone(),
+                rate_messages_per_s: settings.rate_messages_per_s,
+                rate_bytes_per_s: settings.rate_bytes_per_s,
+                max_in_flight: settings.max_in_flight,
+            })
+            .collect(),
+    }
+}
+
+/// A wire topic configuration as the core's (not yet checked: the node does that), or why
+/// not: a consumer group's settings given twice.
+pub fn topic_config_from_wire(config: api::TopicConfig) -> Result<TopicConfig, api::Error> {
+    let mut group_settings = std::collections::BTreeMap::new();
+    for settings in config.group_settings {
+        let group = settings.consumer_group.clone();
+        let core = ConsumerGroupSettings {
+            retry_tiers: (settings.retry_tiers.iter())
+                .map(|tier| RetryTier {
+                    attempts: tier.attempts,
+                    delay_ms: tier.delay_ms,
+                })
+                .collect(),
+            dead_letter_topic: settings.dead_letter_topic,
+            rate_messages_per_s: settings.rate_messages_per_s,
+            rate_bytes_per_s: settings.rate_bytes_per_s,
+            max_in_flight: settings.max_in_flight,
+        };
+        if group_settings.insert(group.clone(), core).is_some() {
+            return Err(refuse(
+                ErrorCode::InvalidArgument,
+                format!("settings of consumer group {group:?} given twice"),
+            ));
+        }
+    }
+    Ok(TopicConfig {
+        name: config.name,
+        queues: config.queues,
+        consumer_groups: config.consumer_groups,
+        retention: Retention {
+            replay_count: config.replay_count,
+            replay_age_ms: config.replay_age_ms,
+            max_age_ms: config.max_age_ms,
+            max_bytes: config.max_bytes,
+        },
+        dedup_window: config.dedup_window,
+        group_settings,
+    })
+}
+
+/// The node request of a PutTopic call, or why it is malformed.
+fn put_topic_request(request: api::PutTopicRequest) -> Result<Request, api::Error> {
+    let mode = match api::PutMode::try_from(request.mode) {
+        Ok(api::PutMode::Create) => PutMode::Create,
+        Ok(api::PutMode::Alter) => PutMode::Alter,
+        _ => {
+            return Err(refuse(
+                ErrorCode::InvalidArgument,
+                format!("put mode {} (1: create, 2: alter)", request.mode),
+            ));
+        }
+    };
+    let Some(topic) = request.topic else {
+        return Err(refuse(ErrorCode::Malformed, "no topic configuration"));
+    };
+    check_name("topic", &topic.name)?;
+    for group in &topic.consumer_groups {
+        check_name("consumer group", group)?;
+    }
+    for settings in &topic.group_settings {
+        check_name("consumer group", &settings.consumer_group)?;
+    }
+    Ok(Request::PutTopic {
+        group: GroupId(request.group),
+        config: topic_config_from_wire(topic)?,
+        mode,
+    })
 }
 
 #[cfg(test)]

@@ -42,6 +42,7 @@ fn layout() -> Arc<StoreLayout> {
                 max_bytes: None,
             },
             dedup_window: 0,
+            group_settings: Default::default(),
         }],
         message_bytes_max: 1 << 20,
     })

@@ -248,6 +248,25 @@ mod tests {
                 ..ClusterStatusResponse::default()
             }))
         }
+
+        async fn put_topic(
+            &self,
+            _request: tonic::Request<PutTopicRequest>,
+        ) -> Result<tonic::Response<PutTopicResponse>, tonic::Status> {
+            Ok(tonic::Response::new(PutTopicResponse {
+                error: Some(error(ErrorCode::NotMaster, "topics", "127.0.0.1:1")),
+                ..PutTopicResponse::default()
+            }))
+        }
+
+        async fn delete_topic(
+            &self,
+            _request: tonic::Request<DeleteTopicRequest>,
+        ) -> Result<tonic::Response<DeleteTopicResponse>, tonic::Status> {
+            Ok(tonic::Response::new(DeleteTopicResponse {
+                error: Some(error(ErrorCode::NotMaster, "topics", "127.0.0.1:1")),
+            }))
+        }
     }
 
     #[tokio::test]

@@ -281,6 +281,7 @@ impl Sim {
                     max_bytes: None,
                 },
                 dedup_window: DEDUP_WINDOW,
+                group_settings: Default::default(),
             }],
             message_bytes_max: 1 << 20,
         });

@@ -40,11 +40,14 @@ pub enum ErrorCode {
     Timeout = 14,
     /// A malformed request.
     Malformed = 15,
+    /// A topic of that name already exists with another configuration (create); alter it
+    /// instead.
+    TopicExists = 16,
 }
 
 impl ErrorCode {
     /// Every code, in number order.
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::NotMaster,
         ErrorCode::NoMaster,
         ErrorCode::UnknownTopic,
@@ -60,6 +63,7 @@ impl ErrorCode {
         ErrorCode::Unavailable,
         ErrorCode::Timeout,
         ErrorCode::Malformed,
+        ErrorCode::TopicExists,
     ];
 
     /// The stable number.
@@ -90,6 +94,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "UNAVAILABLE",
             ErrorCode::Timeout => "TIMEOUT",
             ErrorCode::Malformed => "MALFORMED",
+            ErrorCode::TopicExists => "TOPIC_EXISTS",
         }
     }
 

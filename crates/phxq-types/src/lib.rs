@@ -70,6 +70,16 @@ pub const DEDUP_WINDOW_MAX: u32 = 100_000;
 /// Most queues a topic may have.
 pub const QUEUES_PER_TOPIC_MAX: u32 = 4096;
 
+/// Most topics a store may have (each replication group keeps a table of them).
+pub const TOPICS_MAX: usize = 1024;
+
+/// Most consumer groups one topic may have (each hosted queue keeps a cursor per group).
+pub const CONSUMER_GROUPS_PER_TOPIC_MAX: usize = 256;
+
+/// Longest retention or replay age a topic may name, in ms (100 years): more is a unit
+/// mistake, refused.
+pub const RETENTION_AGE_MS_MAX: u64 = 100 * 365 * 24 * 3600 * 1000;
+
 /// The latest time a request may name, in ms since the Unix epoch: 9999-12-31T23:59:59.999Z.
 /// Message times are the master's clock, so a later one is a mistake (seconds or
 /// microseconds taken for milliseconds), refused rather than answered with "the end".

@@ -18,6 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod topic;
+
 use phxq_client::{ErrorKind, ProducerConfig, SeekError, SeekTo, fnv1a_64};
 use phxq_proto::api::phxq_client::PhxqClient;
 use phxq_proto::api::{self, Failure};

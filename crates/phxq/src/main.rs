@@ -3,6 +3,7 @@
 //! * `phxq node --config FILE` runs one node of a store (`etc/` has a 3-node sample).
 //! * `phxq dev` runs a complete 3-node store on loopback in one process.
 //! * `phxq produce`, `phxq consume`, `phxq cluster status`: a first client path over gRPC.
+//! * `phxq topic create|list|describe|alter|delete`: topics through the API.
 //! * `phxq wal inspect` and `phxq bench wal`: operator tools for a node's write-ahead log.
 //! * `phxq bench produce`, `phxq bench consume` and `phxq bench failover`: producers (and
 //!   consumers) against a store, in PhxQueue's report format; end-to-end latency; a master
@@ -81,6 +82,25 @@ enum Command {
         #[command(subcommand)]
         command: GroupCommand,
     },
+    /// Topics: create, list, describe, alter, delete (replicated in every group's table).
+    Topic {
+        #[command(subcommand)]
+        command: TopicCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TopicCommand {
+    /// Create a topic in every replication group (re-running the same create is harmless).
+    Create(client::topic::CreateArgs),
+    /// Every topic with its settings, and whether every group agrees on it.
+    List(client::topic::ListArgs),
+    /// One topic's settings, and any group that differs.
+    Describe(client::topic::NameArgs),
+    /// Change a topic's settings: more queues, consumer groups added or removed, retention.
+    Alter(client::topic::AlterArgs),
+    /// Delete a topic with its messages and cursors, in every group.
+    Delete(client::topic::NameArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -173,6 +193,13 @@ fn main() -> ExitCode {
         Command::Group {
             command: GroupCommand::Describe(args),
         } => client::group_describe(args),
+        Command::Topic { command } => match command {
+            TopicCommand::Create(args) => client::topic::create(args),
+            TopicCommand::List(args) => client::topic::list(args),
+            TopicCommand::Describe(args) => client::topic::describe(args),
+            TopicCommand::Alter(args) => client::topic::alter(args),
+            TopicCommand::Delete(args) => client::topic::delete(args),
+        },
     };
     match outcome {
         Ok(code) => code,

@@ -86,10 +86,17 @@ struct Store {
     dir: tempfile::TempDir,
     client_ports: Vec<u16>,
     nodes: Vec<Option<Child>>,
+    /// TOML appended to every node's config.
+    extra_config: String,
 }
 
 impl Store {
     fn start() -> Store {
+        Store::start_with("")
+    }
+
+    /// A store whose nodes' configs end with `extra_config` (e.g. a `[limits]` section).
+    fn start_with(extra_config: &str) -> Store {
         let dir = tempfile::tempdir().expect("tempdir");
         let ports = free_ports(6);
         let (client_ports, peer_ports) = ports.split_at(3);
@@ -97,6 +104,7 @@ impl Store {
             dir,
             client_ports: client_ports.to_vec(),
             nodes: Vec::new(),
+            extra_config: extra_config.to_string(),
         };
         for id in 1..=3 {
             let config = store.config_text(id, peer_ports);
@@ -126,6 +134,7 @@ impl Store {
         text += &format!(
             "[[store.topics]]\nname = \"test\"\nqueues = {QUEUES}\nconsumer_groups = [\"g1\", \"audit\"]\n"
         );
+        text += &self.extra_config;
         text
     }
 
@@ -1324,4 +1333,409 @@ fn consecutive_free(client: u16, peer: u16) -> (u16, u16) {
         }
     }
     panic!("no run of three free ports found");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Topics through the API
+
+/// `phxq topic ARGS --server` node `id`'s address.
+fn topic(store: &Store, id: usize, args: &[&str]) -> Output {
+    let server = store.server(id);
+    let mut all = vec!["topic"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--server", &server]);
+    run(&all, b"")
+}
+
+/// Consumes everything of `topic` for `group` through node `id`: `(queue, offset, value)`.
+fn consume_topic(store: &Store, id: usize, topic: &str, group: &str) -> Vec<(u64, u64, String)> {
+    let server = store.server(id);
+    let output = run(
+        &[
+            "consume", "--server", &server, "--topic", topic, "--group", group, "--json",
+        ],
+        b"",
+    );
+    assert!(output.status.success(), "consume: {}", text(&output.stderr));
+    let mut messages: Vec<(u64, u64, String)> = text(&output.stdout)
+        .lines()
+        .map(|line| {
+            let m: Value = serde_json::from_str(line).expect("a JSON line");
+            let value = m["value"].as_str().unwrap().to_string();
+            (
+                m["queue"].as_u64().unwrap(),
+                m["offset"].as_u64().unwrap(),
+                value,
+            )
+        })
+        .collect();
+    messages.sort();
+    messages
+}
+
+/// Asserts `output` failed with exit 1 and names `code` on stderr.
+fn refused_with(output: &Output, code: &str) {
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output.stderr));
+    assert!(
+        text(&output.stderr).contains(code),
+        "expected {code}: {}",
+        text(&output.stderr)
+    );
+}
+
+/// Produces `values` to `topic`/`queue` with one gRPC Produce at that queue's master
+/// (following NOT_MASTER), returning the failure if refused.
+fn grpc_produce(store: &Store, topic: &str, queue: u32) -> Result<u64, phxq_proto::api::Failure> {
+    use phxq_proto::api::{self, phxq_client::PhxqClient};
+    use phxq_types::ErrorCode;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut server = store.server(1);
+        let request = api::ProduceRequest {
+            topic: topic.to_string(),
+            queue,
+            messages: vec![api::Message {
+                key: Vec::new(),
+                value: b"grpc".to_vec(),
+            }],
+            ..Default::default()
+        };
+        let mut last = None;
+        for _ in 0..100 {
+            let mut client = PhxqClient::connect(format!("http://{server}"))
+                .await
+                .expect("connect");
+            let response = client
+                .produce(request.clone())
+                .await
+                .expect("produce")
+                .into_inner();
+            match api::check(response.error.as_ref()) {
+                Ok(()) => return Ok(response.first_offset),
+                Err(failure) if failure.code == Some(ErrorCode::NotMaster) => {
+                    if let Some(master) = failure.master_addr.clone() {
+                        server = master;
+                    }
+                    last = Some(failure);
+                }
+                Err(failure) if failure.is_retryable() => last = Some(failure),
+                Err(failure) => return Err(failure),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(last.expect("some answer"))
+    })
+}
+
+#[test]
+fn a_topic_is_created_used_altered_described_and_deleted_through_the_cli_and_grpc() {
+    let store = Store::start();
+    let created = topic(
+        &store,
+        1,
+        &["create", "events", "--queues", "2", "--groups", "readers"],
+    );
+    assert!(created.status.success(), "{}", text(&created.stderr));
+    assert!(text(&created.stdout).contains("create topic events: done in 6 groups"));
+    assert!(
+        text(&created.stderr).contains("[6/6]"),
+        "progress per group: {}",
+        text(&created.stderr)
+    );
+    // Creating it again is a harmless re-run.
+    let again = topic(
+        &store,
+        2,
+        &["create", "events", "--queues", "2", "--groups", "readers"],
+    );
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert!(
+        text(&again.stdout).contains("(no change)"),
+        "{}",
+        text(&again.stdout)
+    );
+
+    let produced = run(
+        &["produce", "--server", &store.server(2), "--topic", "events"],
+        b"a\nb\nc\n",
+    );
+    assert!(produced.status.success(), "{}", text(&produced.stderr));
+    let read = consume_topic(&store, 3, "events", "readers");
+    let values: Vec<&str> = read.iter().map(|(_, _, v)| v.as_str()).collect();
+    assert_eq!(values.len(), 3, "{read:?}");
+    assert!(
+        ["a", "b", "c"].iter().all(|v| values.contains(v)),
+        "{read:?}"
+    );
+
+    // Grow to 4 queues and add a consumer group; queue 3 exists now.
+    let altered = topic(
+        &store,
+        3,
+        &["alter", "events", "--queues", "4", "--add-group", "audit"],
+    );
+    assert!(altered.status.success(), "{}", text(&altered.stderr));
+    let produced = run(
+        &[
+            "produce",
+            "--server",
+            &store.server(1),
+            "--topic",
+            "events",
+            "--queue",
+            "3",
+        ],
+        b"d\n",
+    );
+    assert!(produced.status.success(), "{}", text(&produced.stderr));
+    let described = topic(&store, 2, &["describe", "events", "--json"]);
+    assert!(described.status.success(), "{}", text(&described.stderr));
+    let described: Value = serde_json::from_slice(&described.stdout).expect("describe JSON");
+    assert_eq!(described["queues"], 4, "{described}");
+    assert_eq!(described["consistent"], true, "{described}");
+    assert_eq!(
+        described["config"]["consumer_groups"],
+        serde_json::json!(["readers", "audit"])
+    );
+    assert_eq!(described["config"]["dedup_window"], 1000, "the default");
+    // Per consumer group settings, replicated with the topic.
+    let settings = topic(
+        &store,
+        1,
+        &[
+            "alter",
+            "events",
+            "--settings-for",
+            "audit",
+            "--retry",
+            "3x1s,2x1m",
+            "--dead-letter",
+            "events.dead",
+            "--rate-messages",
+            "100",
+            "--max-in-flight",
+            "8",
+        ],
+    );
+    assert!(settings.status.success(), "{}", text(&settings.stderr));
+    let described = topic(&store, 3, &["describe", "events", "--json"]);
+    let described: Value = serde_json::from_slice(&described.stdout).expect("describe JSON");
+    assert_eq!(
+        described["config"]["group_settings"],
+        serde_json::json!([{
+            "consumer_group": "audit",
+            "retry_tiers": [{"attempts": 3, "delay_ms": 1000}, {"attempts": 2, "delay_ms": 60000}],
+            "dead_letter_topic": "events.dead",
+            "rate_messages_per_s": 100,
+            "rate_bytes_per_s": null,
+            "max_in_flight": 8,
+        }]),
+        "{described}"
+    );
+    let bad_limit = [
+        "alter",
+        "events",
+        "--settings-for",
+        "audit",
+        "--max-in-flight",
+        "0",
+    ];
+    refused_with(&topic(&store, 1, &bad_limit), "INVALID_ARGUMENT");
+    let stranger = [
+        "alter",
+        "events",
+        "--settings-for",
+        "nobody",
+        "--rate-messages",
+        "5",
+    ];
+    refused_with(&topic(&store, 1, &stranger), "INVALID_ARGUMENT");
+    // The new group starts at the oldest message; the old one only sees what is new to it.
+    assert_eq!(consume_topic(&store, 1, "events", "audit").len(), 4);
+    assert_eq!(
+        consume_topic(&store, 1, "events", "readers"),
+        [(3, 1, "d".to_string())]
+    );
+    let status = store.status(3).expect("status");
+    let listed: Vec<(&str, u64)> = status["topics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["name"].as_str().unwrap(), t["queues"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        listed,
+        [("events", 4), ("test", QUEUES.into())],
+        "cluster status"
+    );
+
+    // Bad input: typed errors, nothing changed.
+    refused_with(
+        &topic(&store, 1, &["create", "events", "--queues", "8"]),
+        "TOPIC_EXISTS",
+    );
+    refused_with(
+        &topic(&store, 1, &["alter", "events", "--queues", "3"]),
+        "INVALID_ARGUMENT",
+    );
+    refused_with(
+        &topic(&store, 1, &["create", "bad name", "--queues", "1"]),
+        "INVALID_NAME",
+    );
+    refused_with(
+        &topic(&store, 1, &["create", "t0", "--queues", "0"]),
+        "INVALID_ARGUMENT",
+    );
+    refused_with(
+        &topic(&store, 1, &["create", "t0", "--queues", "5000"]),
+        "INVALID_ARGUMENT",
+    );
+    refused_with(
+        &topic(
+            &store,
+            1,
+            &["create", "t0", "--queues", "1", "--max-bytes", "0"],
+        ),
+        "INVALID_ARGUMENT",
+    );
+    refused_with(
+        &topic(&store, 1, &["alter", "nope", "--queues", "3"]),
+        "UNKNOWN_TOPIC",
+    );
+    refused_with(&topic(&store, 1, &["delete", "nope"]), "UNKNOWN_TOPIC");
+    let listed = topic(&store, 2, &["list", "--json"]);
+    let listed: Value = serde_json::from_slice(&listed.stdout).expect("list JSON");
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["topic"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["events", "test"], "no refused topic was created");
+
+    let deleted = topic(&store, 2, &["delete", "events"]);
+    assert!(deleted.status.success(), "{}", text(&deleted.stderr));
+    refused_with(&topic(&store, 3, &["describe", "events"]), "UNKNOWN_TOPIC");
+    let refusal = grpc_produce(&store, "events", 0).expect_err("the topic is gone");
+    assert_eq!(
+        refusal.code,
+        Some(phxq_types::ErrorCode::UnknownTopic),
+        "{refusal}"
+    );
+    refused_with(
+        &run(
+            &["produce", "--server", &store.server(1), "--topic", "events"],
+            b"x\n",
+        ),
+        "UNKNOWN_TOPIC",
+    );
+    assert_eq!(
+        grpc_produce(&store, "test", 0),
+        Ok(1),
+        "other topics are served"
+    );
+}
+
+#[test]
+fn topics_created_through_the_api_survive_a_restart_of_every_node_from_snapshots() {
+    // Compact as soon as anything is deletable, so the restart starts from snapshots.
+    let mut store =
+        Store::start_with("\n[limits]\ncompact_entries_min = 1\n\n[timing]\ncompact_ticks = 2\n");
+    let created = topic(
+        &store,
+        1,
+        &[
+            "create",
+            "kept",
+            "--queues",
+            "3",
+            "--groups",
+            "r",
+            "--replay-count",
+            "0",
+            "--replay-age",
+            "0",
+        ],
+    );
+    assert!(created.status.success(), "{}", text(&created.stderr));
+    let produced = run(
+        &["produce", "--server", &store.server(1), "--topic", "kept"],
+        b"1\n2\n3\n",
+    );
+    assert!(produced.status.success(), "{}", text(&produced.stderr));
+    assert_eq!(consume_topic(&store, 2, "kept", "r").len(), 3);
+    let deleted = topic(&store, 1, &["delete", "test"]);
+    assert!(deleted.status.success(), "{}", text(&deleted.stderr));
+
+    // Every node compacted (at least once) behind the change.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let deadline = Instant::now() + READY_TIMEOUT;
+    for id in 1..=3 {
+        loop {
+            let compactions = runtime.block_on(async {
+                use phxq_proto::api::{self, phxq_client::PhxqClient};
+                let mut client = PhxqClient::connect(format!("http://{}", store.server(id)))
+                    .await
+                    .ok()?;
+                let status = client
+                    .cluster_status(api::ClusterStatusRequest {})
+                    .await
+                    .ok()?;
+                Some(status.into_inner().counters?.compactions)
+            });
+            if compactions.is_some_and(|c| c >= 6) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {id} did not compact: {compactions:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    for id in 1..=3 {
+        let mut node = store.nodes[id - 1].take().expect("node");
+        terminate(&node);
+        let status = wait_exit(&mut node, STOP_TIMEOUT).expect("stops after SIGTERM");
+        assert!(status.success(), "{}", store.log(id));
+    }
+    for id in 1..=3 {
+        store.nodes[id - 1] = Some(store.spawn(id));
+    }
+    store.wait_ready();
+    for id in 1..=3 {
+        let described = topic(&store, id, &["describe", "kept", "--json"]);
+        assert!(
+            described.status.success(),
+            "node {id}: {}",
+            text(&described.stderr)
+        );
+        let described: Value = serde_json::from_slice(&described.stdout).unwrap();
+        assert_eq!(described["queues"], 3);
+        assert_eq!(described["consistent"], true, "node {id}: {described}");
+        refused_with(&topic(&store, id, &["describe", "test"]), "UNKNOWN_TOPIC");
+    }
+    let produced = run(
+        &[
+            "produce",
+            "--server",
+            &store.server(3),
+            "--topic",
+            "kept",
+            "--queue",
+            "1",
+        ],
+        b"4\n",
+    );
+    assert!(produced.status.success(), "{}", text(&produced.stderr));
+    let after: Vec<String> = consume_topic(&store, 1, "kept", "r")
+        .into_iter()
+        .map(|(_, _, v)| v)
+        .collect();
+    assert_eq!(
+        after,
+        ["4"],
+        "the cursors survived too: nothing is read twice"
+    );
 }

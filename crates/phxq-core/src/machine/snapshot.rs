@@ -3,14 +3,22 @@
 //!
 //! ```text
 //! snapshot = version(1) group:varint applied_index:varint topic_count:varint topic*
-//! topic    = name:bytes queue_count:varint queue*
+//! topic    = name:bytes queue_count:varint queue*                     (versions 1 and 2)
+//!          | topic_config queue_count:varint queue*                   (version 3)
 //! queue    = queue:varint next_offset:varint cursor_count:varint cursor*
-//!            record_count:varint record*                      (record_count: version 2 only)
+//!            record_count:varint record*                      (record_count: version 2 on)
 //! cursor   = consumer_group:bytes offset:varint
 //! record   = message_id:bytes index:varint first_offset:varint count:varint
 //! ```
 //!
-//! Version 1 (before message ids) is still read: its queues have an empty dedup window.
+//! `topic_config` is the command encoding's (`crate::command`). Version 3 carries the whole
+//! topic table: a restored machine's table is the snapshot's, whatever the layout's bootstrap
+//! topics say. The table is the machine's current one, which is the table as of the index
+//! because a snapshot is never taken below the last topic change
+//! ([`GroupMachine::deletable_index`]).
+//!
+//! Versions 1 (before message ids: empty dedup windows) and 2 (before topic tables: the
+//! layout's topics) are still read.
 //!
 //! Messages are not in it: every message at or below the snapshot's index is forgotten, so a
 //! queue is only its next offset (which is also its oldest retained offset) and its cursors.
@@ -23,14 +31,17 @@ use std::collections::BTreeSet;
 
 use phxq_types::{GroupId, MESSAGE_ID_BYTES_MAX};
 
-use super::GroupMachine;
 use super::dedup::Original;
 use super::queue::QueueState;
+use super::{GroupMachine, TopicState};
 use crate::DecodeError;
 use crate::codec::{Reader, put_bytes, put_varint};
+use crate::command::{put_topic_config, read_topic_config};
 
 /// The format version this build writes.
-const FORMAT_VERSION: u8 = 2;
+const FORMAT_VERSION: u8 = 3;
+/// The version before topic tables, still read.
+const FORMAT_VERSION_NO_TOPICS: u8 = 2;
 /// The version before dedup windows, still read.
 const FORMAT_VERSION_NO_DEDUP: u8 = 1;
 
@@ -40,8 +51,9 @@ pub(super) fn encode(machine: &GroupMachine, index: u64) -> Vec<u8> {
     put_varint(&mut out, machine.group.0);
     put_varint(&mut out, index);
     put_varint(&mut out, machine.topics.len() as u64);
-    for (config, topic) in machine.layout.topics.iter().zip(&machine.topics) {
-        put_bytes(&mut out, config.name.as_bytes());
+    for topic in &machine.topics {
+        let config = &topic.config;
+        put_topic_config(&mut out, config);
         put_varint(&mut out, topic.queues.len() as u64);
         for (slot, queue) in topic.queues.iter().enumerate() {
             put_varint(&mut out, u64::from(machine.queue_of_slot(slot)));
@@ -64,15 +76,23 @@ pub(super) fn encode(machine: &GroupMachine, index: u64) -> Vec<u8> {
     out
 }
 
-/// Fills the empty `machine` from `snapshot`. Queues the snapshot does not mention stay empty
-/// (a topic added since); names the layout does not know are an error.
+/// Fills the empty `machine` from `snapshot`. Version 3 replaces the machine's topic table
+/// with the snapshot's (an invalid or repeated topic is an error). Versions 1 and 2 keep the
+/// layout's: queues the snapshot does not mention stay empty (a topic added since), names the
+/// layout does not know are an error.
 pub(super) fn decode_into(machine: &mut GroupMachine, snapshot: &[u8]) -> Result<(), DecodeError> {
     let mut reader = Reader::new(snapshot);
     let version = reader.u8("version")?;
-    if version != FORMAT_VERSION && version != FORMAT_VERSION_NO_DEDUP {
+    if ![
+        FORMAT_VERSION,
+        FORMAT_VERSION_NO_TOPICS,
+        FORMAT_VERSION_NO_DEDUP,
+    ]
+    .contains(&version)
+    {
         return Err(invalid(format!(
-            "snapshot format version {version}; this build reads {FORMAT_VERSION_NO_DEDUP} \
-             and {FORMAT_VERSION}"
+            "snapshot format version {version}; this build reads versions \
+             {FORMAT_VERSION_NO_DEDUP} to {FORMAT_VERSION}"
         )));
     }
     let group = GroupId(reader.varint("group")?);
@@ -84,13 +104,43 @@ pub(super) fn decode_into(machine: &mut GroupMachine, snapshot: &[u8]) -> Result
     }
     machine.applied_index = reader.varint("applied index")?;
     let mut seen = Seen {
-        dedup: version == FORMAT_VERSION,
+        dedup: version >= FORMAT_VERSION_NO_TOPICS,
         ..Seen::default()
     };
+    let with_table = version >= FORMAT_VERSION;
+    if with_table {
+        machine.topics.clear();
+    }
     for _ in 0..reader.count("topic count")? {
-        decode_topic(machine, &mut reader, &mut seen)?;
+        let name = if with_table {
+            decode_topic_config(machine, &mut reader)?
+        } else {
+            reader.string("topic")?
+        };
+        decode_topic(machine, name, &mut reader, &mut seen)?;
     }
     reader.finish("snapshot")
+}
+
+/// Reads a topic's configuration and adds the topic to the table, empty; returns its name.
+fn decode_topic_config(
+    machine: &mut GroupMachine,
+    reader: &mut Reader<'_>,
+) -> Result<String, DecodeError> {
+    let config = read_topic_config(reader)?;
+    if let Err((_, reason)) = config.check() {
+        return Err(invalid(format!("topic in snapshot: {reason}")));
+    }
+    if machine.topic(&config.name).is_some() || machine.topics.len() >= phxq_types::TOPICS_MAX {
+        return Err(invalid(format!(
+            "topic {:?} repeated or too many",
+            config.name
+        )));
+    }
+    let name = config.name.clone();
+    let (group, groups) = (machine.group, machine.layout.groups);
+    machine.topics.push(TopicState::new(config, group, groups));
+    Ok(name)
 }
 
 /// What the snapshot already set, so that nothing is set twice.
@@ -103,10 +153,10 @@ struct Seen {
 
 fn decode_topic(
     machine: &mut GroupMachine,
+    name: String,
     reader: &mut Reader<'_>,
     seen: &mut Seen,
 ) -> Result<(), DecodeError> {
-    let name = reader.string("topic")?;
     for _ in 0..reader.count("queue count")? {
         let queue = reader.varint_u32("queue")?;
         let (topic, slot) = machine
@@ -131,7 +181,7 @@ fn decode_queue(
     if next_offset == 0 {
         return Err(invalid("next offset 0".to_string()));
     }
-    let config = &machine.layout.topics[topic];
+    let config = &machine.topics[topic].config;
     let mut cursors = vec![None; config.consumer_groups.len()];
     for _ in 0..reader.count("cursor count")? {
         let name = reader.string("consumer group")?;

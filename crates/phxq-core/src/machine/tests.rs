@@ -8,6 +8,7 @@ use super::{Applied, EntryRef, GroupMachine, ReadPlan, StoredMessage};
 use crate::{Batch, Command, Message, Retention, StoreLayout, TopicConfig, encode_batch};
 
 mod model;
+mod topics;
 
 const NO_RETENTION: Retention = Retention {
     replay_count: 0,
@@ -31,6 +32,7 @@ fn layout(orders: Retention, logs: Retention) -> Arc<StoreLayout> {
                 consumer_groups: vec!["billing".into(), "audit".into()],
                 retention: orders,
                 dedup_window: ORDERS_DEDUP_WINDOW,
+                group_settings: Default::default(),
             },
             TopicConfig {
                 name: "logs".into(),
@@ -38,6 +40,7 @@ fn layout(orders: Retention, logs: Retention) -> Arc<StoreLayout> {
                 consumer_groups: vec![],
                 retention: logs,
                 dedup_window: 0,
+                group_settings: Default::default(),
             },
         ],
         message_bytes_max: 16,
@@ -861,24 +864,50 @@ mod snapshots {
         assert!(GroupMachine::restore(GroupId(0), layout.clone(), &snapshot).is_ok());
         assert!(GroupMachine::restore(GroupId(1), layout.clone(), &snapshot).is_err());
         assert!(GroupMachine::restore(GroupId(0), layout.clone(), &[]).is_err());
+        let mut unknown_version = snapshot.clone();
+        unknown_version[0] = 4;
+        assert!(GroupMachine::restore(GroupId(0), layout.clone(), &unknown_version).is_err());
+        for length in 0..snapshot.len() {
+            let layout = layout.clone();
+            assert!(GroupMachine::restore(GroupId(0), layout, &snapshot[..length]).is_err());
+        }
+    }
+
+    #[test]
+    fn a_version_3_snapshot_brings_its_own_topic_table_whatever_the_layout_says() {
+        let layout = layout(NO_RETENTION, NO_RETENTION);
+        let snapshot = machine().snapshot(0);
         let other = Arc::new(StoreLayout {
-            topics: vec![layout.topics[0].clone()],
+            topics: vec![layout.topics[1].clone()],
             ..(*layout).clone()
         });
-        assert!(
-            GroupMachine::restore(GroupId(0), other.clone(), &snapshot).is_err(),
-            "the snapshot has a topic the layout lacks"
-        );
-        let fewer = GroupMachine::new(GroupId(0), other).snapshot(0);
-        let restored = GroupMachine::restore(GroupId(0), layout, &fewer).unwrap();
+        let restored = GroupMachine::restore(GroupId(0), other, &snapshot).unwrap();
+        let names: Vec<&str> = restored.topics().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["orders", "logs"]);
+    }
+
+    #[test]
+    fn a_version_2_snapshot_is_read_against_the_layouts_topics() {
+        // Version 2, group 0, applied 5, one topic "orders" with queue 0 at next offset 3,
+        // no cursor, no dedup record. "logs" is not in it: it starts empty.
+        let mut v2 = vec![2, 0, 5, 1, 6];
+        v2.extend_from_slice(b"orders");
+        v2.extend_from_slice(&[1, 0, 3, 0, 0]);
+        let layout = layout(NO_RETENTION, NO_RETENTION);
+        let restored = GroupMachine::restore(GroupId(0), layout.clone(), &v2).unwrap();
+        assert_eq!(restored.end_offset("orders", 0), Some(3));
         assert_eq!(
             restored.end_offset("logs", 0),
             Some(1),
             "a new topic starts empty"
         );
-        for length in 0..snapshot.len() {
-            let layout = restored.layout.clone();
-            assert!(GroupMachine::restore(GroupId(0), layout, &snapshot[..length]).is_err());
-        }
+        let other = Arc::new(StoreLayout {
+            topics: vec![layout.topics[1].clone()],
+            ..(*layout).clone()
+        });
+        assert!(
+            GroupMachine::restore(GroupId(0), other, &v2).is_err(),
+            "the snapshot has a topic the layout lacks"
+        );
     }
 }
