@@ -40,6 +40,7 @@ use tokio::task::JoinSet;
 
 use crate::consumer_assign::assigned_queues;
 use crate::consumer_config::{ConsumerConfig, ConsumerConfigError};
+use crate::consumer_member;
 use crate::consumer_rate::RateLimiter;
 use crate::error::{ErrorKind, ProduceError};
 use crate::router::{Halt, Router};
@@ -180,23 +181,21 @@ impl Consumer {
             First::Right(()) => return Ok(ConsumerReport::default()),
         };
         let config = &self.config;
+        if let Some(membership) = config.membership.clone() {
+            // Live membership: queues come and go with the coordinator's grants.
+            let limiter = consumer_member::limiter(config, &membership);
+            let shared = Shared::new(self.config, router, handler, limiter);
+            return consumer_member::run_live(shared, layout.groups, membership, shutdown).await;
+        }
         let mine = assigned_queues(&config.topic, queues, &config.members, &config.member);
         tracing::info!(topic = %config.topic, group = %config.consumer_group, queues = ?mine,
             "consuming");
-        let shared = Arc::new(Shared {
-            topic: Arc::from(config.topic.as_str()),
-            limiter: RateLimiter::new(
-                config.messages_per_s_max,
-                config.bytes_per_s_max,
-                Instant::now(),
-            )
-            .map(Mutex::new),
-            permits: Semaphore::new(config.max_in_flight),
-            config: self.config.clone(),
-            router,
-            handler,
-            counters: Counters::default(),
-        });
+        let limiter = RateLimiter::new(
+            config.messages_per_s_max,
+            config.bytes_per_s_max,
+            Instant::now(),
+        );
+        let shared = Shared::new(self.config.clone(), router, handler, limiter);
         let (stop, _) = watch::channel(false);
         let mut loops = JoinSet::new();
         for &queue in &mine {
@@ -234,11 +233,7 @@ impl Consumer {
                 First::Left(Some(Err(joined))) => std::panic::resume_unwind(joined.into_panic()),
             }
         }
-        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        report.handled = read(&shared.counters.handled);
-        report.retries = read(&shared.counters.retries);
-        report.pulls = read(&shared.counters.pulls);
-        report.commits = read(&shared.counters.commits);
+        shared.count_into(&mut report);
         match failure {
             Some(error) => Err(error),
             None => Ok(report),
@@ -247,15 +242,43 @@ impl Consumer {
 }
 
 /// What every loop and handler task of one running consumer shares.
-struct Shared<H> {
-    config: ConsumerConfig,
+pub(crate) struct Shared<H> {
+    pub(crate) config: ConsumerConfig,
     topic: Arc<str>,
     router: Router,
     handler: H,
     /// One permit per message being handled: [`ConsumerConfig::max_in_flight`].
     permits: Semaphore,
-    limiter: Option<Mutex<RateLimiter>>,
+    pub(crate) limiter: Option<Mutex<RateLimiter>>,
     counters: Counters,
+}
+
+impl<H> Shared<H> {
+    fn new(
+        config: ConsumerConfig,
+        router: Router,
+        handler: H,
+        limiter: Option<RateLimiter>,
+    ) -> Arc<Shared<H>> {
+        Arc::new(Shared {
+            topic: Arc::from(config.topic.as_str()),
+            limiter: limiter.map(Mutex::new),
+            permits: Semaphore::new(config.max_in_flight),
+            config,
+            router,
+            handler,
+            counters: Counters::default(),
+        })
+    }
+
+    /// Copies the counters into `report`.
+    pub(crate) fn count_into(&self, report: &mut ConsumerReport) {
+        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        report.handled = read(&self.counters.handled);
+        report.retries = read(&self.counters.retries);
+        report.pulls = read(&self.counters.pulls);
+        report.commits = read(&self.counters.commits);
+    }
 }
 
 #[derive(Default)]
@@ -267,7 +290,7 @@ struct Counters {
 }
 
 /// A queue loop's result: its queue, its last committed cursor, how it ended.
-type QueueEnd = (QueueId, Option<Offset>, Result<(), ConsumerError>);
+pub(crate) type QueueEnd = (QueueId, Option<Offset>, Result<(), ConsumerError>);
 
 /// One queue's cursor: what is committed and what may be.
 struct Cursor {
@@ -291,7 +314,7 @@ impl Cursor {
 }
 
 /// Pulls, handles and commits queue `queue` until `stop`, then drains it.
-async fn run_queue<H: Handler>(
+pub(crate) async fn run_queue<H: Handler>(
     shared: Arc<Shared<H>>,
     queue: QueueId,
     group: GroupId,
@@ -750,7 +773,7 @@ async fn unless_stopped<T>(
 }
 
 /// Locks `mutex`; a poisoned lock still holds consistent data (single-step sections).
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())

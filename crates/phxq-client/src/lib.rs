@@ -65,6 +65,7 @@ mod config;
 mod consumer;
 mod consumer_assign;
 mod consumer_config;
+mod consumer_member;
 mod consumer_rate;
 mod error;
 mod key;
@@ -82,6 +83,10 @@ pub use consumer_config::{
     ConsumerConfig, ConsumerConfigError, LONG_POLL_DEFAULT, LONG_POLL_LIMIT, LONG_POLL_MARGIN,
     MAX_IN_FLIGHT_DEFAULT, MAX_IN_FLIGHT_LIMIT, MEMBERS_MAX, PULL_BYTES_DEFAULT, PULL_BYTES_LIMIT,
     PULL_MESSAGES_DEFAULT, PULL_MESSAGES_LIMIT,
+};
+pub use consumer_member::{
+    HEARTBEAT_INTERVAL_DEFAULT, HEARTBEAT_INTERVAL_MIN, HEARTBEATS_PER_SESSION_MIN, Membership,
+    SESSION_TIMEOUT_DEFAULT, SESSION_TIMEOUT_MAX, SESSION_TIMEOUT_MIN,
 };
 pub use consumer_rate::BURST as RATE_BURST;
 pub use error::{ErrorKind, ProduceError};
