@@ -346,8 +346,9 @@ fn two_members_split_the_queues_and_never_handle_one_queue_at_once() {
         let servers = store.client_addrs.clone();
         let journal = Arc::new(Mutex::new(Journal::default()));
         let producing = Arc::new(AtomicBool::new(false));
-        let producer = spawn_producer(servers.clone(), 16, producing.clone());
-        let sleep = Duration::from_millis(3);
+        let producer = spawn_producer(servers.clone(), 4, producing.clone());
+        // Handlers slow enough that a drain outlasts a heartbeat interval.
+        let sleep = Duration::from_millis(100);
         let a = member(&servers, "a", 0, &journal, sleep, |_| {});
         // A fresh coordinator grants nothing unreported for one session timeout.
         wait_view(&store, SESSION * 4, "a owns everything", |view| {
@@ -511,7 +512,7 @@ fn a_coordinator_failover_never_gives_one_queue_two_owners() {
         let journal = Arc::new(Mutex::new(Journal::default()));
         let producing = Arc::new(AtomicBool::new(false));
         let producer = spawn_producer(servers.clone(), 8, producing.clone());
-        let sleep = Duration::from_millis(3);
+        let sleep = Duration::from_millis(20);
         let a = member(&servers, "a", 0, &journal, sleep, |_| {});
         let b = member(&servers, "b", 1, &journal, sleep, |_| {});
         wait_view(&store, SESSION * 4, "a and b split", |view| {
