@@ -436,6 +436,7 @@ impl HeartbeatLoop {
                     .map_or(0, |since| since.as_micros() as u64),
                 store_id: config.store_id,
                 leaving: false,
+                describe_only: false,
             },
             session_timeout: membership.session_timeout,
             interval: membership.heartbeat_interval,

@@ -224,18 +224,13 @@ fn spawn_producer(
     })
 }
 
-/// The coordinator's view of `group`: member → reported queues. Asked with a heartbeat of a
-/// member that is leaving and owns nothing, which changes nothing (it is removed at once).
+/// The coordinator's view of `group`: member → reported queues (`describe_only`).
 async fn describe(store: &Store, group: &str) -> BTreeMap<String, Vec<u32>> {
     let request = api::HeartbeatRequest {
         topic: TOPIC.to_string(),
         consumer_group: group.to_string(),
-        member_id: "observer".to_string(),
-        session_timeout_ms: 1_000,
-        owned_queues: Vec::new(),
-        sequence: 1,
-        store_id: 0,
-        leaving: true,
+        describe_only: true,
+        ..Default::default()
     };
     let response = heartbeat_at_coordinator(store, request).await;
     api::check(response.error.as_ref()).expect("answered");
@@ -557,6 +552,7 @@ fn bad_heartbeats_and_memberships_are_refused_with_typed_errors() {
             sequence: 1,
             store_id: 0,
             leaving: true,
+            describe_only: false,
         };
         let code = |response: api::HeartbeatResponse| {
             api::check(response.error.as_ref())

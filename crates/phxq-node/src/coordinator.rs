@@ -161,6 +161,37 @@ impl Coordinator {
         Ok(grant)
     }
 
+    /// The view of (`topic`, `consumer_group`) at `now_ms` in `term`: live members and the
+    /// queues they reported, nothing granted. Changes nothing but what time already changed
+    /// (expiries, a new term).
+    pub fn describe(&mut self, term: u64, now_ms: u64, topic: &str, consumer_group: &str) -> Grant {
+        if self.term != Some(term) {
+            self.term = Some(term);
+            self.took_over_ms = now_ms;
+            self.groups.clear();
+        }
+        self.expire_all(now_ms);
+        let key = (topic.to_string(), consumer_group.to_string());
+        let Some(group) = self.groups.get(&key) else {
+            return Grant {
+                members: Vec::new(),
+                granted_queues: Vec::new(),
+                generation: term << 32,
+                member_queues: Vec::new(),
+            };
+        };
+        Grant {
+            members: group.members.keys().cloned().collect(),
+            granted_queues: Vec::new(),
+            generation: (term << 32) | (group.changes & 0xffff_ffff),
+            member_queues: group
+                .members
+                .iter()
+                .map(|(name, member)| (name.clone(), member.owned.iter().copied().collect()))
+                .collect(),
+        }
+    }
+
     /// Drops members whose session ended, and groups left empty.
     fn expire_all(&mut self, now_ms: u64) {
         self.groups.retain(|_, group| {

@@ -11,7 +11,7 @@ use phxq_proto::api;
 use phxq_types::{ErrorCode, GroupId, QueueId};
 
 use super::{Service, check_name, refuse};
-use crate::coordinator::{Coordinator, Heartbeat, HeartbeatError};
+use crate::coordinator::{Coordinator, Grant, Heartbeat, HeartbeatError};
 use crate::{Request, Response};
 
 /// The coordinator of a node and the clock it runs on.
@@ -51,9 +51,21 @@ impl Service {
         self.check_store(request.store_id)?;
         check_name("topic", &request.topic)?;
         check_name("consumer group", &request.consumer_group)?;
-        check_name("member id", &request.member_id)?;
+        if !request.describe_only {
+            check_name("member id", &request.member_id)?;
+        }
         let queues = self.coordinated_queues(&request.topic, &request.consumer_group)?;
         let term = self.coordinator_term().await?;
+        let shell = &self.coordinator;
+        let now_ms = u64::try_from(shell.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if request.describe_only {
+            let view = shell
+                .coordinator
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .describe(term, now_ms, &request.topic, &request.consumer_group);
+            return Ok(response_of(view));
+        }
         let heartbeat = Heartbeat {
             topic: request.topic,
             consumer_group: request.consumer_group,
@@ -63,8 +75,6 @@ impl Service {
             sequence: request.sequence,
             leaving: request.leaving,
         };
-        let shell = &self.coordinator;
-        let now_ms = u64::try_from(shell.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let grant = shell
             .coordinator
             .lock()
@@ -76,17 +86,7 @@ impl Service {
                 }
                 HeartbeatError::Full(message) => refuse(ErrorCode::Busy, message),
             })?;
-        Ok(api::HeartbeatResponse {
-            error: None,
-            members: grant.members,
-            granted_queues: grant.granted_queues,
-            generation: grant.generation,
-            member_queues: grant
-                .member_queues
-                .into_iter()
-                .map(|(member_id, queues)| api::MemberQueues { member_id, queues })
-                .collect(),
-        })
+        Ok(response_of(grant))
     }
 
     /// The queue count of `topic`, which `consumer_group` must be subscribed to.
@@ -134,5 +134,19 @@ impl Service {
                 "group 0 has no master with a lease right now",
             )),
         }
+    }
+}
+
+fn response_of(grant: Grant) -> api::HeartbeatResponse {
+    api::HeartbeatResponse {
+        error: None,
+        members: grant.members,
+        granted_queues: grant.granted_queues,
+        generation: grant.generation,
+        member_queues: grant
+            .member_queues
+            .into_iter()
+            .map(|(member_id, queues)| api::MemberQueues { member_id, queues })
+            .collect(),
     }
 }
