@@ -59,7 +59,7 @@ pub struct ConsumerConfig {
     /// every queue. Queues are divided among them by consistent hashing
     /// ([`assigned_queues`](crate::assigned_queues)). The list is **static**: a member that
     /// stops keeps its queues (nobody reads them) until the list given to every member
-    /// changes. Live membership and takeover come with the scheduler, later.
+    /// changes. For live membership and takeover, leave it empty and set `membership`.
     pub members: Vec<String>,
     /// This consumer's name in `members` (ignored when `members` is empty).
     pub member: String,

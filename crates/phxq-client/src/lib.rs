@@ -34,7 +34,8 @@
 //!
 //! A [`Consumer`] reads a topic for a consumer group: one long-poll pull loop per queue it
 //! owns (queues divided among a static member list by consistent hashing,
-//! [`assigned_queues`]), routed like the producer's calls; a [`Handler`] called for
+//! [`assigned_queues`], or granted to the group's live members by the store's group
+//! coordinator with safe takeover, [`Membership`]), routed like the producer's calls; a [`Handler`] called for
 //! different keys in parallel (at most [`ConsumerConfig::max_in_flight`] at once, under an
 //! optional messages/s and bytes/s limit) but for one key's messages strictly in order; each
 //! queue's cursor committed, in batches, only up to its lowest unhandled offset (delivery is
