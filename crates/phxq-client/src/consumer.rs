@@ -254,7 +254,7 @@ pub(crate) struct Shared<H> {
 }
 
 impl<H> Shared<H> {
-    fn new(
+    pub(crate) fn new(
         config: ConsumerConfig,
         router: Router,
         handler: H,

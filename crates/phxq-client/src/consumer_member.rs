@@ -213,14 +213,42 @@ pub(crate) async fn run_live<H: Handler>(
     shutdown: impl Future<Output = ()>,
 ) -> Result<ConsumerReport, ConsumerError> {
     let reported = Arc::new(Reported::default());
-    let (lease_sender, mut lease) = watch::channel(None::<Lease>);
+    let (lease_sender, lease) = watch::channel(None::<Lease>);
     let heartbeats = HeartbeatLoop::new(&shared.config, &membership, reported.clone());
-    let mut heartbeats = AbortOnDrop(tokio::spawn(heartbeats.run(lease_sender)));
+    let heartbeats = AbortOnDrop(tokio::spawn(heartbeats.run(lease_sender)));
+    let inputs = Inputs {
+        lease,
+        heartbeats,
+        reported,
+    };
+    drive(shared, groups, &membership, inputs, shutdown).await
+}
+
+/// What drives [`drive`]: the heartbeat loop's grants and its end, and what it reports.
+struct Inputs {
+    lease: watch::Receiver<Option<Lease>>,
+    heartbeats: AbortOnDrop<Result<(), ConsumerError>>,
+    reported: Arc<Reported>,
+}
+
+/// [`run_live`]'s loop, fed by the heartbeat loop (or a test).
+async fn drive<H: Handler>(
+    shared: Arc<Shared<H>>,
+    groups: u32,
+    membership: &Membership,
+    inputs: Inputs,
+    shutdown: impl Future<Output = ()>,
+) -> Result<ConsumerReport, ConsumerError> {
+    let Inputs {
+        mut lease,
+        mut heartbeats,
+        reported,
+    } = inputs;
     let mut shutdown = pin!(shutdown);
     let mut live = Live {
         shared: &shared,
         groups,
-        membership: &membership,
+        membership,
         reported: &reported,
         loops: JoinSet::new(),
         running: BTreeMap::new(),
@@ -520,6 +548,63 @@ impl HeartbeatLoop {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::consumer::{Delivery, Outcome};
+
+    /// A consumer with no store behind it (its pulls retry), driven by grants from the test.
+    fn driven(
+        membership: &Membership,
+    ) -> (
+        watch::Sender<Option<Lease>>,
+        Arc<Reported>,
+        tokio::task::JoinHandle<Result<ConsumerReport, ConsumerError>>,
+    ) {
+        let mut config = ConsumerConfig::new(["127.0.0.1:9"], "t", "g");
+        config.membership = Some(membership.clone());
+        let router = Router::new(config.router_config());
+        let handler = |_: &Delivery| async { Outcome::Handled };
+        let shared = Shared::new(config, router, handler, None);
+        let (sender, lease) = watch::channel(None);
+        let reported = Arc::new(Reported::default());
+        let inputs = Inputs {
+            lease,
+            heartbeats: AbortOnDrop(tokio::spawn(std::future::pending())),
+            reported: reported.clone(),
+        };
+        let membership = membership.clone();
+        let task = tokio::spawn(async move {
+            drive(shared, 4, &membership, inputs, std::future::pending()).await
+        });
+        (sender, reported, task)
+    }
+
+    fn lease(granted: &[QueueId], valid_for: Duration) -> Option<Lease> {
+        Some(Lease {
+            granted: granted.iter().copied().collect(),
+            members: 1,
+            valid_until: Instant::now() + valid_for,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_member_whose_grant_runs_out_stops_every_queue_until_granted_again() {
+        let (grants, reported, task) = driven(&Membership::new("a"));
+        let owned = || reported.get().0.into_iter().collect::<Vec<_>>();
+        grants.send_replace(lease(&[0, 1], Duration::from_millis(300)));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(owned(), vec![0, 1], "granted queues run");
+        // No newer answer: the grant runs out and every queue stops at once.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(owned(), Vec::<QueueId>::new(), "fenced");
+        // A new grant starts what it grants.
+        grants.send_replace(lease(&[2], Duration::from_secs(10)));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(owned(), vec![2]);
+        // A queue no longer granted is handed over (its idle loop ends at once).
+        grants.send_replace(lease(&[3], Duration::from_secs(10)));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(owned(), vec![3]);
+        task.abort();
+    }
 
     fn field(change: fn(&mut Membership)) -> Result<(), String> {
         let mut membership = Membership::new("a");
