@@ -550,14 +550,15 @@ mod tests {
     use super::*;
     use crate::consumer::{Delivery, Outcome};
 
-    /// A consumer with no store behind it (its pulls retry), driven by grants from the test.
-    fn driven(
-        membership: &Membership,
-    ) -> (
+    /// The grants a test sends, what the member reports, and the member's task.
+    type Driven = (
         watch::Sender<Option<Lease>>,
         Arc<Reported>,
         tokio::task::JoinHandle<Result<ConsumerReport, ConsumerError>>,
-    ) {
+    );
+
+    /// A consumer with no store behind it (its pulls retry), driven by grants from the test.
+    fn driven(membership: &Membership) -> Driven {
         let mut config = ConsumerConfig::new(["127.0.0.1:9"], "t", "g");
         config.membership = Some(membership.clone());
         let router = Router::new(config.router_config());
