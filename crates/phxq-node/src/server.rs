@@ -475,6 +475,9 @@ async fn spawn_event_loop(
                             panic_message(&*panic)
                         )))
                     });
+            // Release the log (its directory lock) before saying the loop ended, so a caller
+            // that restarts on the same directory at once does not find it still locked.
+            drop(event_loop);
             let _ = exited_tx.send(outcome);
         });
     spawned
