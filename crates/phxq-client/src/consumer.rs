@@ -52,6 +52,7 @@ use tokio::task::JoinSet;
 
 use crate::consumer_assign::assigned_queues;
 use crate::consumer_config::{ConsumerConfig, ConsumerConfigError};
+use crate::consumer_member;
 use crate::consumer_rate::RateLimiter;
 use crate::consumer_retry::{Next, after_failure, dead_letter_id};
 use crate::error::{ErrorKind, ProduceError};
@@ -224,26 +225,21 @@ impl Consumer {
             Producer::new(config.dead_letter_producer_config())
                 .expect("a validated consumer config makes a valid producer config")
         });
+        if let Some(membership) = config.membership.clone() {
+            // Live membership: queues come and go with the coordinator's grants.
+            let limiter = consumer_member::limiter(config, &membership);
+            let shared = Shared::new(self.config, router, handler, limiter, dead_letters);
+            return consumer_member::run_live(shared, layout.groups, membership, shutdown).await;
+        }
         let mine = assigned_queues(&config.topic, queues, &config.members, &config.member);
         tracing::info!(topic = %config.topic, group = %config.consumer_group, queues = ?mine,
             "consuming");
-        let (stop, _) = watch::channel(false);
-        let shared = Arc::new(Shared {
-            topic: Arc::from(config.topic.as_str()),
-            dead_letters,
-            stop,
-            limiter: RateLimiter::new(
-                config.messages_per_s_max,
-                config.bytes_per_s_max,
-                Instant::now(),
-            )
-            .map(Mutex::new),
-            permits: Semaphore::new(config.max_in_flight),
-            config: self.config.clone(),
-            router,
-            handler,
-            counters: Counters::default(),
-        });
+        let limiter = RateLimiter::new(
+            config.messages_per_s_max,
+            config.bytes_per_s_max,
+            Instant::now(),
+        );
+        let shared = Shared::new(self.config.clone(), router, handler, limiter, dead_letters);
         let stop = &shared.stop;
         let mut loops = JoinSet::new();
         for &queue in &mine {
@@ -281,15 +277,7 @@ impl Consumer {
                 First::Left(Some(Err(joined))) => std::panic::resume_unwind(joined.into_panic()),
             }
         }
-        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        report.handled = read(&shared.counters.handled);
-        report.retries = read(&shared.counters.retries);
-        report.nacks = read(&shared.counters.nacks);
-        report.timeouts = read(&shared.counters.timeouts);
-        report.panics = read(&shared.counters.panics);
-        report.dead_lettered = read(&shared.counters.dead_lettered);
-        report.pulls = read(&shared.counters.pulls);
-        report.commits = read(&shared.counters.commits);
+        shared.count_into(&mut report);
         match failure {
             Some(error) => Err(error),
             None => Ok(report),
@@ -298,19 +286,56 @@ impl Consumer {
 }
 
 /// What every loop and handler task of one running consumer shares.
-struct Shared<H> {
-    config: ConsumerConfig,
+pub(crate) struct Shared<H> {
+    pub(crate) config: ConsumerConfig,
     topic: Arc<str>,
     router: Router,
     handler: H,
     /// One permit per message being handled: [`ConsumerConfig::max_in_flight`].
     permits: Semaphore,
-    limiter: Option<Mutex<RateLimiter>>,
+    pub(crate) limiter: Option<Mutex<RateLimiter>>,
     /// Produces dead letters (with a dead-letter topic only).
     dead_letters: Option<Producer>,
-    /// Set to stop every loop and chain: shutdown, or a failure of one of them.
+    /// Set to stop every chain and (static member list) every queue loop: shutdown, or a
+    /// failure of one of them. With live membership each queue loop has its own stop, and a
+    /// failure reaches the membership loop as the queue loop's error instead.
     stop: watch::Sender<bool>,
     counters: Counters,
+}
+
+impl<H> Shared<H> {
+    pub(crate) fn new(
+        config: ConsumerConfig,
+        router: Router,
+        handler: H,
+        limiter: Option<RateLimiter>,
+        dead_letters: Option<Producer>,
+    ) -> Arc<Shared<H>> {
+        Arc::new(Shared {
+            topic: Arc::from(config.topic.as_str()),
+            limiter: limiter.map(Mutex::new),
+            dead_letters,
+            stop: watch::channel(false).0,
+            permits: Semaphore::new(config.max_in_flight),
+            config,
+            router,
+            handler,
+            counters: Counters::default(),
+        })
+    }
+
+    /// Copies the counters into `report`.
+    pub(crate) fn count_into(&self, report: &mut ConsumerReport) {
+        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        report.handled = read(&self.counters.handled);
+        report.retries = read(&self.counters.retries);
+        report.nacks = read(&self.counters.nacks);
+        report.timeouts = read(&self.counters.timeouts);
+        report.panics = read(&self.counters.panics);
+        report.dead_lettered = read(&self.counters.dead_lettered);
+        report.pulls = read(&self.counters.pulls);
+        report.commits = read(&self.counters.commits);
+    }
 }
 
 #[derive(Default)]
@@ -326,7 +351,7 @@ struct Counters {
 }
 
 /// A queue loop's result: its queue, its last committed cursor, how it ended.
-type QueueEnd = (QueueId, Option<Offset>, Result<(), ConsumerError>);
+pub(crate) type QueueEnd = (QueueId, Option<Offset>, Result<(), ConsumerError>);
 
 /// One queue's cursor: what is committed and what may be.
 struct Cursor {
@@ -350,7 +375,7 @@ impl Cursor {
 }
 
 /// Pulls, handles and commits queue `queue` until `stop`, then drains it.
-async fn run_queue<H: Handler>(
+pub(crate) async fn run_queue<H: Handler>(
     shared: Arc<Shared<H>>,
     queue: QueueId,
     group: GroupId,
@@ -944,7 +969,7 @@ async fn unless_stopped<T>(
 }
 
 /// Locks `mutex`; a poisoned lock still holds consistent data (single-step sections).
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -5,23 +5,18 @@
 //! same owner from the same list without talking to the others; each queue has exactly one
 //! owner; adding or removing a member moves only the queues it gains or loses. Pure.
 //!
-//! The member list is static (given in each consumer's config). Nothing here notices a member
-//! that died: its queues stay unread until the list changes. The scheduler with live
-//! membership and takeover is a later piece of work.
+//! With a static member list (given in each consumer's config) nothing notices a member that
+//! died: its queues stay unread until the list changes. With live membership
+//! ([`Membership`](crate::Membership)) the group coordinator hashes over the live members
+//! with this same function and hands queues over safely (`consumer_member.rs`).
 
 use phxq_types::QueueId;
 
-use crate::key::fnv1a_64;
-
 /// The member of `members` that reads queue `queue` of `topic`; `None` when `members` is
-/// empty. Ties (never seen in practice) go to the smallest name.
+/// empty. Ties (never seen in practice) go to the smallest name. The same function as the
+/// group coordinator's (`phxq_types::queue_owner`).
 pub fn queue_owner<'m>(topic: &str, queue: QueueId, members: &'m [String]) -> Option<&'m str> {
-    let queue_hash = mix(fnv1a_64(topic.as_bytes()) ^ mix(u64::from(queue)));
-    members
-        .iter()
-        .map(|member| (mix(queue_hash ^ fnv1a_64(member.as_bytes())), member))
-        .max_by(|(a, name_a), (b, name_b)| a.cmp(b).then_with(|| name_b.cmp(name_a)))
-        .map(|(_, member)| member.as_str())
+    phxq_types::queue_owner(topic, queue, members)
 }
 
 /// The queues of a `queues`-queue `topic` that `member` reads, ascending. With no members,
@@ -30,13 +25,6 @@ pub fn assigned_queues(topic: &str, queues: u32, members: &[String], member: &st
     (0..queues)
         .filter(|&queue| members.is_empty() || queue_owner(topic, queue, members) == Some(member))
         .collect()
-}
-
-/// SplitMix64's finaliser: spreads FNV's poorly mixed low bits over the whole word.
-fn mix(mut x: u64) -> u64 {
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use std::time::Duration;
 use phxq_types::validate_name;
 
 use crate::config::ProducerConfig;
+use crate::consumer_member::Membership;
 
 /// Default for [`ConsumerConfig::max_in_flight`]: messages handled at once.
 pub const MAX_IN_FLIGHT_DEFAULT: usize = 64;
@@ -104,10 +105,13 @@ pub struct ConsumerConfig {
     /// every queue. Queues are divided among them by consistent hashing
     /// ([`assigned_queues`](crate::assigned_queues)). The list is **static**: a member that
     /// stops keeps its queues (nobody reads them) until the list given to every member
-    /// changes. Live membership and takeover come with the scheduler, later.
+    /// changes. For live membership and takeover, leave it empty and set `membership`.
     pub members: Vec<String>,
     /// This consumer's name in `members` (ignored when `members` is empty).
     pub member: String,
+    /// Live membership through the group coordinator (`None`: the static `members` list,
+    /// which must then be empty when this is set). See [`Membership`].
+    pub membership: Option<Membership>,
     /// Most messages handled at once by this consumer, all queues and keys together.
     /// Default [`MAX_IN_FLIGHT_DEFAULT`].
     pub max_in_flight: usize,
@@ -180,6 +184,7 @@ impl ConsumerConfig {
             consumer_group: consumer_group.into(),
             members: Vec::new(),
             member: String::new(),
+            membership: None,
             max_in_flight: MAX_IN_FLIGHT_DEFAULT,
             pull_messages_max: PULL_MESSAGES_DEFAULT,
             pull_bytes_max: PULL_BYTES_DEFAULT,
@@ -218,6 +223,15 @@ impl ConsumerConfig {
         validate_name(&self.consumer_group)
             .map_err(|error| invalid("consumer_group", error.to_string()))?;
         self.validate_members()?;
+        if let Some(membership) = &self.membership {
+            membership.validate()?;
+            if !self.members.is_empty() {
+                return Err(invalid(
+                    "members",
+                    "a static member list and live membership exclude each other",
+                ));
+            }
+        }
         let within = |value: u64, limit: u64| (1..=limit).contains(&value);
         if !within(self.max_in_flight as u64, MAX_IN_FLIGHT_LIMIT as u64) {
             return Err(invalid(

@@ -46,6 +46,16 @@ impl Bucket {
     }
 }
 
+/// `bucket` at a new rate, keeping its tokens (capped to the new capacity).
+fn retune(bucket: Option<Bucket>, per_s: Option<f64>) -> Option<Bucket> {
+    let per_s = per_s?;
+    let mut new = Bucket::new(per_s);
+    if let Some(old) = bucket {
+        new.tokens = old.tokens.min(new.capacity);
+    }
+    Some(new)
+}
+
 /// The limits of one consumer.
 #[derive(Clone, Debug)]
 pub(crate) struct RateLimiter {
@@ -69,6 +79,29 @@ impl RateLimiter {
             bytes: bytes_per_s.map(|rate| Bucket::new(rate as f64)),
             last: now,
         })
+    }
+
+    /// Changes the rates (live membership re-divides a group's limit); the buckets keep
+    /// their debt, so a change never lets a burst through. A rate that goes away stops
+    /// limiting; one that appears starts with a full bucket.
+    pub(crate) fn set_rates(
+        &mut self,
+        messages_per_s: Option<u32>,
+        bytes_per_s: Option<u64>,
+        now: Instant,
+    ) {
+        self.reserve_nothing(now);
+        self.messages = retune(self.messages.take(), messages_per_s.map(f64::from));
+        self.bytes = retune(self.bytes.take(), bytes_per_s.map(|rate| rate as f64));
+    }
+
+    /// Refills the buckets up to `now`.
+    fn reserve_nothing(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.last);
+        self.last = self.last.max(now);
+        for bucket in [&mut self.messages, &mut self.bytes].into_iter().flatten() {
+            bucket.refill(elapsed);
+        }
     }
 
     /// Reserves one message of `bytes` at `now`; the caller waits the returned time before

@@ -34,7 +34,8 @@
 //!
 //! A [`Consumer`] reads a topic for a consumer group: one long-poll pull loop per queue it
 //! owns (queues divided among a static member list by consistent hashing,
-//! [`assigned_queues`]), routed like the producer's calls; a [`Handler`] called for
+//! [`assigned_queues`], or granted to the group's live members by the store's group
+//! coordinator with safe takeover, [`Membership`]), routed like the producer's calls; a [`Handler`] called for
 //! different keys in parallel (at most [`ConsumerConfig::max_in_flight`] at once, under an
 //! optional messages/s and bytes/s limit) but for one key's messages strictly in order; each
 //! queue's cursor committed, in batches, only up to its lowest unhandled offset (delivery is
@@ -70,6 +71,7 @@ mod config;
 mod consumer;
 mod consumer_assign;
 mod consumer_config;
+mod consumer_member;
 mod consumer_rate;
 mod consumer_retry;
 mod error;
@@ -91,6 +93,10 @@ pub use consumer_config::{
     MAX_IN_FLIGHT_DEFAULT, MAX_IN_FLIGHT_LIMIT, MEMBERS_MAX, PULL_BYTES_DEFAULT, PULL_BYTES_LIMIT,
     PULL_MESSAGES_DEFAULT, PULL_MESSAGES_LIMIT, RETRY_DELAY_MAX, RETRY_TIER_ATTEMPTS_MAX,
     RETRY_TIERS_MAX, RetryTier, retry_tiers_default,
+};
+pub use consumer_member::{
+    HEARTBEAT_INTERVAL_DEFAULT, HEARTBEAT_INTERVAL_MIN, HEARTBEATS_PER_SESSION_MIN, Membership,
+    SESSION_TIMEOUT_DEFAULT, SESSION_TIMEOUT_MAX, SESSION_TIMEOUT_MIN,
 };
 pub use consumer_rate::BURST as RATE_BURST;
 pub use error::{ErrorKind, ProduceError};

@@ -17,6 +17,7 @@
 
 #[cfg(feature = "server")]
 pub mod config;
+pub mod coordinator;
 mod node;
 mod replica;
 #[cfg(feature = "server")]

@@ -53,10 +53,13 @@ use phxq_types::{ErrorCode, GroupId, NodeId, validate_name};
 use tokio::sync::oneshot;
 
 use crate::config::ServerConfig;
+use crate::server::heartbeat::CoordinatorShell;
 use crate::transport::{Transport, TransportConfig};
 use crate::{
     Append, GroupStatus, Node, NodeError, NodeStatus, Output, Request, RequestId, Response,
 };
+
+mod heartbeat;
 
 /// Inputs queued for the event loop at most; beyond, clients get `BUSY` and peer frames are
 /// dropped.
@@ -245,6 +248,7 @@ impl RunningServer {
             config: config.clone(),
             handle: handle.clone(),
             transport: transport.clone(),
+            coordinator: CoordinatorShell::new(),
         };
         let grpc = tokio::spawn(serve_grpc(service, client_listener, grpc_stopped));
         tracing::info!(
@@ -471,6 +475,9 @@ async fn spawn_event_loop(
                             panic_message(&*panic)
                         )))
                     });
+            // Release the log (its directory lock) before saying the loop ended, so a caller
+            // that restarts on the same directory at once does not find it still locked.
+            drop(event_loop);
             let _ = exited_tx.send(outcome);
         });
     spawned
@@ -765,6 +772,8 @@ struct Service {
     config: Arc<ServerConfig>,
     handle: NodeHandle,
     transport: Transport,
+    /// The consumer group coordinator (`server/heartbeat.rs`).
+    coordinator: CoordinatorShell,
 }
 
 type GrpcResult<T> = Result<tonic::Response<T>, tonic::Status>;
@@ -1183,6 +1192,14 @@ impl phxq_server::Phxq for Service {
                 ..Default::default()
             },
         };
+        Ok(tonic::Response::new(answer))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: tonic::Request<api::HeartbeatRequest>,
+    ) -> GrpcResult<api::HeartbeatResponse> {
+        let answer = self.heartbeat_of(request.into_inner()).await;
         Ok(tonic::Response::new(answer))
     }
 }

@@ -267,6 +267,16 @@ mod tests {
                 error: Some(error(ErrorCode::NotMaster, "topics", "127.0.0.1:1")),
             }))
         }
+
+        async fn heartbeat(
+            &self,
+            _request: tonic::Request<HeartbeatRequest>,
+        ) -> Result<tonic::Response<HeartbeatResponse>, tonic::Status> {
+            Ok(tonic::Response::new(HeartbeatResponse {
+                error: Some(error(ErrorCode::NotMaster, "group 0", "127.0.0.1:1")),
+                ..HeartbeatResponse::default()
+            }))
+        }
     }
 
     #[tokio::test]

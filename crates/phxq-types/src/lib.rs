@@ -6,10 +6,12 @@
 
 use std::fmt;
 
+mod assign;
 mod code;
 mod name;
 mod rng;
 
+pub use assign::queue_owner;
 pub use code::ErrorCode;
 pub use name::{NameError, validate_name};
 pub use rng::Rng;

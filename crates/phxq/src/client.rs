@@ -1075,10 +1075,11 @@ struct QueuePosition {
 
 /// `phxq group describe`: per queue of a topic, where the group reads next, the queue's end
 /// and the lag between them (messages appended and not yet committed), each read from the
-/// queue's master.
+/// queue's master; and the live member handling it, from the group coordinator (`-`: none,
+/// or the group uses a static member list).
 pub fn group_describe(args: &GroupDescribeArgs) -> CommandResult {
     let runtime = client_runtime()?;
-    let positions = runtime.block_on(async {
+    let (positions, owners) = runtime.block_on(async {
         let (router, status) = Router::discover(&args.connection).await?;
         let queues = subscribed_queues(&status, &args.topic, &args.group, None)?;
         let mut positions = Vec::with_capacity(queues.len());
@@ -1086,13 +1087,18 @@ pub fn group_describe(args: &GroupDescribeArgs) -> CommandResult {
             let (next, end) = cursor_and_end(&router, &args.topic, &args.group, queue).await?;
             positions.push(QueuePosition { queue, next, end });
         }
-        Ok::<_, ClientError>(positions)
+        let owners = live_owners(&router, &args.topic, &args.group).await?;
+        Ok::<_, ClientError>((positions, owners))
     })?;
     let lag = |p: &QueuePosition| p.end.saturating_sub(p.next);
+    let owner = |p: &QueuePosition| owners.get(&p.queue).map_or("-", String::as_str);
     if args.json {
         let queues: Vec<serde_json::Value> = positions
             .iter()
-            .map(|p| json!({"queue": p.queue, "next": p.next, "end": p.end, "lag": lag(p)}))
+            .map(|p| {
+                json!({"queue": p.queue, "next": p.next, "end": p.end, "lag": lag(p),
+                       "member": owners.get(&p.queue)})
+            })
             .collect();
         let total: u64 = positions.iter().map(lag).sum();
         let document =
@@ -1107,6 +1113,7 @@ pub fn group_describe(args: &GroupDescribeArgs) -> CommandResult {
                     p.next.to_string(),
                     p.end.to_string(),
                     lag(p).to_string(),
+                    owner(p).to_string(),
                 ]
             })
             .collect();
@@ -1115,6 +1122,7 @@ pub fn group_describe(args: &GroupDescribeArgs) -> CommandResult {
             ("next", Align::Right),
             ("end", Align::Right),
             ("lag", Align::Right),
+            ("member", Align::Left),
         ];
         print_line(render(&columns, &rows).trim_end())?;
         let total: u64 = positions.iter().map(lag).sum();
@@ -1124,6 +1132,42 @@ pub fn group_describe(args: &GroupDescribeArgs) -> CommandResult {
         ))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The live member handling each queue of `topic` for `group`, as the group coordinator
+/// (group 0's master) knows them (`Heartbeat` with `describe_only`).
+async fn live_owners(
+    router: &Router,
+    topic: &str,
+    group: &str,
+) -> Result<std::collections::BTreeMap<u32, String>, ClientError> {
+    let request = api::HeartbeatRequest {
+        topic: topic.to_string(),
+        consumer_group: group.to_string(),
+        describe_only: true,
+        ..Default::default()
+    };
+    let view = router
+        .call(Some(0), |mut client| {
+            let request = request.clone();
+            async move {
+                let response = client.heartbeat(request).await?.into_inner();
+                let error = response.error.clone();
+                Ok((response, error))
+            }
+        })
+        .await?;
+    Ok(view
+        .member_queues
+        .into_iter()
+        .flat_map(|member| {
+            let name = member.member_id;
+            member
+                .queues
+                .into_iter()
+                .map(move |queue| (queue, name.clone()))
+        })
+        .collect())
 }
 
 /// Where a group reads `queue` next (its committed cursor, or the oldest retained message if

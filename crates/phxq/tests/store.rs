@@ -896,7 +896,7 @@ fn seek_moves_a_groups_cursor_to_latest_earliest_or_an_offset_and_refuses_past_t
     assert_eq!(described["lag"], 2, "{described:#}");
     assert_eq!(
         described["queues"][1],
-        serde_json::json!({"queue": 1, "next": 4, "end": 6, "lag": 2})
+        serde_json::json!({"queue": 1, "next": 4, "end": 6, "lag": 2, "member": null})
     );
     assert_eq!(values(store.consume_all("g1")), ["d", "e"]);
     let listed = run(&["group", "list", "--server", &server, "--json"], b"");
