@@ -55,6 +55,7 @@ use crate::consumer_config::{ConsumerConfig, ConsumerConfigError};
 use crate::consumer_member;
 use crate::consumer_rate::RateLimiter;
 use crate::consumer_retry::{Next, after_failure, dead_letter_id};
+use crate::consumer_settings::{EffectiveSettings, SettingsError, effective};
 use crate::error::{ErrorKind, ProduceError};
 use crate::producer::Producer;
 use crate::router::{Halt, Router};
@@ -134,6 +135,11 @@ pub enum ConsumerError {
         /// What the router reported.
         error: ProduceError,
     },
+    /// A setting the store holds for this (topic, consumer group) cannot be applied by this
+    /// library (a delay beyond [`RETRY_DELAY_MAX`](crate::RETRY_DELAY_MAX), ...): refused
+    /// when `run` starts, before anything is consumed.
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
     /// The dead-letter topic refused a message for good (`UNKNOWN_TOPIC`,
     /// `MESSAGE_TOO_LARGE`, ...): it stays unhandled, the cursor before it.
     #[error("queue {queue} offset {offset}: dead-lettering failed: {error}")]
@@ -171,6 +177,9 @@ pub struct ConsumerReport {
     pub pulls: u64,
     /// Commits acknowledged.
     pub commits: u64,
+    /// The settings it applied: the store's for its (topic, consumer group) over its
+    /// [`ConsumerConfig`] (see [`ConsumerConfig`]'s precedence rules).
+    pub settings: EffectiveSettings,
 }
 
 /// A consumer of one topic for one consumer group. Build it with [`Consumer::new`], then
@@ -196,6 +205,11 @@ impl Consumer {
     /// did. Returns early with an error when the store refuses for good (a pull, a commit,
     /// a dead-letter produce; after draining the other queues). A dead-letter topic the
     /// store does not have is refused at the start (`UNKNOWN_TOPIC`).
+    ///
+    /// At the start it reads the store's settings for its (topic, consumer group) and lays
+    /// them over its config (they win; see [`ConsumerConfig`]); one it cannot apply is
+    /// [`ConsumerError::Settings`]. They are read once: a later change applies from the next
+    /// `run`.
     pub async fn run<H: Handler>(
         self,
         handler: H,
@@ -214,7 +228,19 @@ impl Consumer {
             First::Left(Err(error)) => return Err(ConsumerError::Store { queue: None, error }),
             First::Right(()) => return Ok(ConsumerReport::default()),
         };
-        let config = &self.config;
+        let store_settings = layout.group_settings(&self.config.topic, &self.config.consumer_group);
+        let config = effective(&self.config, store_settings)?;
+        let settings = EffectiveSettings::of(&config, store_settings.is_some());
+        tracing::info!(topic = %config.topic, group = %config.consumer_group,
+            from_store = settings.from_store, retry_tiers = ?settings.retry_tiers,
+            dead_letter_topic = ?settings.dead_letter_topic,
+            max_in_flight = settings.max_in_flight,
+            messages_per_s_max = ?settings.messages_per_s_max,
+            bytes_per_s_max = ?settings.bytes_per_s_max,
+            group_messages_per_s_max = ?settings.group_messages_per_s_max,
+            group_bytes_per_s_max = ?settings.group_bytes_per_s_max,
+            "effective settings");
+        let config = &config;
         if let Some(topic) = &config.dead_letter_topic {
             router
                 .topic_queues(topic, &mut progress)
@@ -228,8 +254,9 @@ impl Consumer {
         if let Some(membership) = config.membership.clone() {
             // Live membership: queues come and go with the coordinator's grants.
             let limiter = consumer_member::limiter(config, &membership);
-            let shared = Shared::new(self.config, router, handler, limiter, dead_letters);
-            return consumer_member::run_live(shared, layout.groups, membership, shutdown).await;
+            let shared = Shared::new(config.clone(), router, handler, limiter, dead_letters);
+            let ran = consumer_member::run_live(shared, layout.groups, membership, shutdown).await;
+            return ran.map(|report| ConsumerReport { settings, ..report });
         }
         let mine = assigned_queues(&config.topic, queues, &config.members, &config.member);
         tracing::info!(topic = %config.topic, group = %config.consumer_group, queues = ?mine,
@@ -239,7 +266,7 @@ impl Consumer {
             config.bytes_per_s_max,
             Instant::now(),
         );
-        let shared = Shared::new(self.config.clone(), router, handler, limiter, dead_letters);
+        let shared = Shared::new(config.clone(), router, handler, limiter, dead_letters);
         let stop = &shared.stop;
         let mut loops = JoinSet::new();
         for &queue in &mine {
@@ -248,6 +275,7 @@ impl Consumer {
         }
         let mut report = ConsumerReport {
             queues: mine,
+            settings,
             ..ConsumerReport::default()
         };
         let mut failure = None;

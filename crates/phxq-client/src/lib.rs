@@ -74,6 +74,7 @@ mod consumer_config;
 mod consumer_member;
 mod consumer_rate;
 mod consumer_retry;
+mod consumer_settings;
 mod error;
 mod key;
 mod producer;
@@ -99,6 +100,7 @@ pub use consumer_member::{
     SESSION_TIMEOUT_DEFAULT, SESSION_TIMEOUT_MAX, SESSION_TIMEOUT_MIN,
 };
 pub use consumer_rate::BURST as RATE_BURST;
+pub use consumer_settings::{EffectiveSettings, SettingsError};
 pub use error::{ErrorKind, ProduceError};
 pub use key::{fnv1a_64, queue_of_key};
 pub use phxq_types::{ErrorCode, KEY_BYTES_MAX, MESSAGE_ID_BYTES_MAX, Offset, QueueId};

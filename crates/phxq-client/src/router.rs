@@ -52,10 +52,28 @@ pub(crate) struct Layout {
     pub(crate) groups: u32,
     /// Queue count per topic name.
     pub(crate) topics: HashMap<String, u32>,
+    /// Per topic name, the operator's per consumer group settings from the topic's config
+    /// (`TopicConfig::group_settings`; topics without any are absent). Consumers apply them
+    /// (`consumer_settings.rs`); the store only validates and replicates them.
+    pub(crate) group_settings: HashMap<String, Vec<api::ConsumerGroupSettings>>,
     /// Client addresses of the store's nodes, ordered by node id.
     pub(crate) nodes: Vec<String>,
     /// When it was learnt.
     pub(crate) learnt_at: Instant,
+}
+
+impl Layout {
+    /// The store's settings of `consumer_group` for `topic`, if the operator set any.
+    pub(crate) fn group_settings(
+        &self,
+        topic: &str,
+        consumer_group: &str,
+    ) -> Option<&api::ConsumerGroupSettings> {
+        self.group_settings
+            .get(topic)?
+            .iter()
+            .find(|settings| settings.consumer_group == consumer_group)
+    }
 }
 
 /// What the producer currently believes about the store.
@@ -306,6 +324,15 @@ impl Router {
                 .iter()
                 .filter(|topic| topic.queues > 0)
                 .map(|topic| (topic.name.clone(), topic.queues))
+                .collect(),
+            group_settings: status
+                .topics
+                .iter()
+                .filter(|topic| topic.queues > 0)
+                .filter_map(|topic| {
+                    let settings = &topic.config.as_ref()?.group_settings;
+                    (!settings.is_empty()).then(|| (topic.name.clone(), settings.clone()))
+                })
                 .collect(),
             nodes: status.nodes.iter().map(|n| n.client_addr.clone()).collect(),
             learnt_at: Instant::now(),
