@@ -91,6 +91,30 @@ pub fn retry_tiers_default() -> Vec<RetryTier> {
 
 /// A consumer's settings. Build one with [`ConsumerConfig::new`] and change the fields you
 /// need.
+///
+/// # The store's settings win
+///
+/// The operator may set, in the store, settings of a (topic, consumer group)
+/// (`phxq topic alter NAME --settings-for GROUP --retry 3x1s,5x1m --dead-letter T
+/// --rate-messages N --rate-bytes N --max-in-flight N`). [`Consumer::run`](crate::Consumer::run)
+/// reads them when it starts and, **field by field, a setting the store has replaces the value
+/// here**; a value here that the store also sets is ignored (not merged, not the lower of
+/// the two), and one the store does not set stays:
+///
+/// | store setting | replaces |
+/// |---|---|
+/// | retry tiers (non-empty) | [`retry_tiers`](Self::retry_tiers) |
+/// | dead-letter topic | [`dead_letter_topic`](Self::dead_letter_topic) |
+/// | max in flight | [`max_in_flight`](Self::max_in_flight) |
+/// | messages/s, bytes/s (**per consumer group**) | with a static list: [`messages_per_s_max`](Self::messages_per_s_max) / [`bytes_per_s_max`](Self::bytes_per_s_max) become the group's rate divided by the length of [`members`](Self::members) (an empty list counts as one; at least 1); with [`membership`](Self::membership): its `group_messages_per_s_max` / `group_bytes_per_s_max` (divided among the live members), and this consumer's own `messages_per_s_max` / `bytes_per_s_max` are dropped |
+///
+/// The result must pass [`validate`](Self::validate) like any config; a store setting the
+/// library cannot accept (a delay above [`RETRY_DELAY_MAX`], more than
+/// [`MAX_IN_FLIGHT_LIMIT`] in flight: the store allows more) makes `run` return
+/// [`ConsumerError::Settings`](crate::ConsumerError::Settings) naming it, before anything is
+/// consumed. The effective values are logged at start and reported in
+/// [`ConsumerReport::settings`](crate::ConsumerReport::settings). They are read once per
+/// `run`: a change in the store applies when the consumer is restarted.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConsumerConfig {
     /// Client addresses (`host:port`) of some nodes of **one** store; one is enough.

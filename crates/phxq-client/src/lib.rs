@@ -46,6 +46,13 @@
 //! [`Consumer::seek`]) moves a group's cursors to the earliest, the latest, an offset or a
 //! time, resolving every queue before moving any.
 //!
+//! **Operator settings win.** An operator can set, per topic and consumer group, retry tiers,
+//! a dead-letter topic, rate limits and a max in flight in the store (`phxq topic alter NAME
+//! --settings-for GROUP ...`). [`Consumer::run`] reads them at start and each one the store
+//! has replaces the matching [`ConsumerConfig`] value (rates are per group: divided among a
+//! static list's members, or among the live members); one the library cannot apply stops it
+//! at once ([`ConsumerError::Settings`]). [`ConsumerReport::settings`] says what applied.
+//!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 //! use phxq_client::{Consumer, ConsumerConfig, Delivery, Outcome};
