@@ -30,6 +30,10 @@
 //!   **delivery is at least once**, and what was handled after that offset is delivered
 //!   again. Commits are batched: at most one per [`ConsumerConfig::commit_interval`] per
 //!   queue while handling, and when the queue goes idle.
+//! * **Store settings.** At start, the operator's settings of the (topic, consumer group)
+//!   held in the store (retry tiers, dead-letter topic, rates per group, max in flight)
+//!   replace the matching [`ConsumerConfig`] values (`consumer_settings.rs`; precedence in
+//!   [`ConsumerConfig`]'s documentation); read once per [`Consumer::run`].
 //! * **Draining.** When `run`'s shutdown future completes, pulls stop, handlers already
 //!   running finish (no new one starts; a hung one is cut at its ack timeout; a dead-letter
 //!   produce under way finishes its attempt), every queue commits its lowest unhandled
