@@ -43,6 +43,8 @@ DATA=$OUT/phxq-data
 # shellcheck source=/dev/null
 source "$PEERS/common.sh"
 ensure_peerbench
+# nats/bench.sh asks `nats-server --version` before its start.sh installs the package.
+[ "$PEER" = nats ] && ensure_apt nats-server
 [ -x "$PHXQ" ] || (cd "$ROOT" && cargo build --release -p phxq)
 mkdir -p "$OUT"
 : > "$OUT/phxq.jsonl"
