@@ -10,17 +10,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use phxq_client::{
-    Consumer, ConsumerConfig, ConsumerReport, Delivery, Outcome, Producer, ProducerConfig,
-    assigned_queues,
+    Consumer, ConsumerConfig, Delivery, Outcome, Producer, ProducerConfig, assigned_queues,
 };
 use phxq_proto::api;
 use phxq_types::Rng;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 mod common;
 
-use common::{CONSUMER_GROUPS, POLL, QUEUES, SETTLE_TIMEOUT, Store, TOPIC, consume, lock, run};
+use common::{
+    CONSUMER_GROUPS, POLL, QUEUES, Running, SETTLE_TIMEOUT, Store, TOPIC, consume, lock, run,
+};
 
 /// What the consumer tests ask of a store.
 trait ConsumerStore {
@@ -140,31 +139,9 @@ fn recording_handler(
     }
 }
 
-/// A consumer running on its own task; `stop` asks it to drain.
-struct Running {
-    task: JoinHandle<Result<ConsumerReport, phxq_client::ConsumerError>>,
-    stop: oneshot::Sender<()>,
-}
-
+/// Runs `consumer` with a handler recording into `log`.
 fn spawn(consumer: Consumer, log: &Arc<Mutex<Log>>, sleep_ms_max: u64, seed: u64) -> Running {
-    let (stop, stopped) = oneshot::channel::<()>();
-    let handler = recording_handler(log.clone(), sleep_ms_max, seed);
-    let task = tokio::spawn(consumer.run(handler, async move {
-        let _ = stopped.await;
-    }));
-    Running { task, stop }
-}
-
-impl Running {
-    /// Drains the consumer and returns its report (bounded).
-    async fn drain(self) -> ConsumerReport {
-        let _ = self.stop.send(());
-        tokio::time::timeout(SETTLE_TIMEOUT, self.task)
-            .await
-            .expect("drained in time")
-            .expect("no panic")
-            .expect("no consumer error")
-    }
+    Running::spawn(consumer, recording_handler(log.clone(), sleep_ms_max, seed))
 }
 
 /// Waits until `done` holds of the log (bounded).
@@ -268,8 +245,7 @@ fn a_consumer_dropped_mid_batch_is_resumed_from_the_cursor_without_losing_a_mess
         let running = spawn(store.consumer("audit", slow), &first, 10, 1);
         wait_for(&first, "some handled", |log| log.handled.len() >= 120).await;
         // A crash: no drain, handlers cut short, nothing more committed.
-        running.task.abort();
-        let _ = running.task.await;
+        running.kill().await;
         // A commit sent just before the abort may still land.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let first = lock(&first).handled.clone();

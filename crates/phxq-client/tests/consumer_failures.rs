@@ -12,17 +12,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use phxq_client::{
-    Consumer, ConsumerConfig, ConsumerError, ConsumerReport, Delivery, ErrorCode, Outcome,
-    Producer, ProducerConfig, RetryTier, SeekError, SeekMove, SeekTo, queue_of_key, seek,
+    Consumer, ConsumerConfig, ConsumerError, Delivery, ErrorCode, Outcome, Producer,
+    ProducerConfig, RetryTier, SeekError, SeekMove, SeekTo, queue_of_key, seek,
 };
 use phxq_proto::api;
 use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 mod common;
 
 use common::{
-    CONSUMER_GROUPS, DEAD_LETTER_QUEUES, DEAD_LETTER_TOPIC, POLL, QUEUES, Store, TOPIC, lock, run,
+    CONSUMER_GROUPS, DEAD_LETTER_QUEUES, DEAD_LETTER_TOPIC, POLL, QUEUES, Running, Store, TOPIC,
+    lock, run,
 };
 
 /// The group the consumers of these tests read [`TOPIC`] with.
@@ -106,31 +106,6 @@ struct DropFlag(Arc<AtomicBool>);
 impl Drop for DropFlag {
     fn drop(&mut self) {
         self.0.store(true, Ordering::SeqCst);
-    }
-}
-
-/// A consumer running on its own task; `stop` asks it to drain.
-struct Running {
-    task: JoinHandle<Result<ConsumerReport, ConsumerError>>,
-    stop: oneshot::Sender<()>,
-}
-
-impl Running {
-    fn spawn<H: phxq_client::Handler>(consumer: Consumer, handler: H) -> Running {
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(consumer.run(handler, async move {
-            let _ = stopped.await;
-        }));
-        Running { task, stop }
-    }
-
-    async fn drain(self) -> ConsumerReport {
-        let _ = self.stop.send(());
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .expect("drained in time")
-            .expect("the consumer did not panic")
-            .expect("no consumer error")
     }
 }
 
@@ -260,7 +235,7 @@ fn a_handler_hung_past_the_ack_timeout_is_cancelled_and_the_message_redelivered_
                 .any(|seen| seen.attempt == 2 && seen.done.is_some())
         })
         .await;
-        let report = running.drain().await;
+        let report = running.drain_within(WAIT).await;
         let seen = of(&log, "hangs-once");
         assert_eq!(
             seen.iter()
@@ -331,7 +306,7 @@ fn a_panicking_handler_is_redelivered_and_the_consumer_keeps_running() {
         })
         .await;
         assert!(!running.task.is_finished(), "the consumer kept running");
-        let report = running.drain().await;
+        let report = running.drain_within(WAIT).await;
         let attempts: Vec<u32> = of(&log, "panics-once").iter().map(|s| s.attempt).collect();
         assert_eq!(attempts, [1, 2]);
         assert_eq!(of(&log, "fine").len(), 1);
@@ -385,7 +360,7 @@ fn retry_tiers_then_the_dead_letter_topic_receives_the_message_exactly_once() {
                 .any(|s| s.value == "after-poison" && s.done.is_some())
         })
         .await;
-        let report = running.drain().await;
+        let report = running.drain_within(WAIT).await;
         // Delivered 1 + 3 times, 150, 150 and 400 ms apart at least, then dead-lettered.
         let poison = of(&log, "poison");
         let attempts: Vec<u32> = poison.iter().map(|s| s.attempt).collect();
@@ -432,7 +407,7 @@ fn retry_tiers_then_the_dead_letter_topic_receives_the_message_exactly_once() {
                 .any(|s| s.value == "after-poison" && s.done.is_some())
         })
         .await;
-        let report = running.drain().await;
+        let report = running.drain_within(WAIT).await;
         assert_eq!(report.dead_lettered, 1, "{report:?}");
         assert_eq!(
             everything(&store, DEAD_LETTER_TOPIC, DEAD_LETTER_QUEUES).await,
@@ -486,7 +461,7 @@ fn a_key_waits_while_one_of_its_messages_is_retried_and_other_keys_go_on() {
                 .all(|v| log.iter().any(|s| s.value == *v && s.done.is_some()))
         })
         .await;
-        let report = running.drain().await;
+        let report = running.drain_within(WAIT).await;
         let a0 = of(&log, "a0");
         assert_eq!(a0.iter().map(|s| s.attempt).collect::<Vec<_>>(), [1, 2, 3]);
         assert!(a0[2].at - a0[0].at >= ms(600), "two explicit 300 ms delays");

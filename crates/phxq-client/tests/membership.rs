@@ -12,16 +12,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use phxq_client::{
-    Consumer, ConsumerConfig, ConsumerError, ConsumerReport, Delivery, ErrorCode, Membership,
-    Outcome, Producer, ProducerConfig,
+    Consumer, ConsumerConfig, ConsumerError, Delivery, ErrorCode, Membership, Outcome, Producer,
+    ProducerConfig,
 };
 use phxq_proto::api::{self, phxq_client::PhxqClient};
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 mod common;
 
-use common::{CONSUMER_GROUPS, POLL, QUEUES, SETTLE_TIMEOUT, Store, TOPIC, lock, run};
+use common::{CONSUMER_GROUPS, POLL, QUEUES, Running, SETTLE_TIMEOUT, Store, TOPIC, lock, run};
 
 /// The session timeout of the tests' members.
 const SESSION: Duration = Duration::from_secs(3);
@@ -141,31 +140,6 @@ fn journaling_handler(
     }
 }
 
-/// A consumer running on its own task.
-struct Running {
-    task: JoinHandle<Result<ConsumerReport, ConsumerError>>,
-    stop: oneshot::Sender<()>,
-}
-
-impl Running {
-    /// Drains the consumer (bounded) and returns its report.
-    async fn drain(self) -> ConsumerReport {
-        let _ = self.stop.send(());
-        tokio::time::timeout(SETTLE_TIMEOUT, self.task)
-            .await
-            .expect("drained in time")
-            .expect("no panic")
-            .expect("no consumer error")
-    }
-
-    /// Kills the consumer: its future is dropped where it stands (no drain, no commit, no
-    /// leaving heartbeat), as a crashed process would stop.
-    async fn kill(self) {
-        self.task.abort();
-        let _ = self.task.await;
-    }
-}
-
 /// Member `name` (consumer number `consumer`) of group `audit`, through `servers`.
 fn member(
     servers: &[String],
@@ -186,12 +160,10 @@ fn member(
     config.membership = Some(membership);
     change(&mut config);
     let consumer_handle = Consumer::new(config).expect("valid consumer config");
-    let (stop, stopped) = oneshot::channel::<()>();
-    let handler = journaling_handler(journal.clone(), consumer, sleep);
-    let task = tokio::spawn(consumer_handle.run(handler, async move {
-        let _ = stopped.await;
-    }));
-    Running { task, stop }
+    Running::spawn(
+        consumer_handle,
+        journaling_handler(journal.clone(), consumer, sleep),
+    )
 }
 
 /// Produces `key-i:seq` messages over 16 keys, `per_tick` every 50 ms, until `stop`; returns

@@ -11,18 +11,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use phxq_client::{
-    Consumer, ConsumerConfig, ConsumerError, ConsumerReport, Delivery, EffectiveSettings, Outcome,
-    Producer, ProducerConfig, RetryTier, queue_of_key,
+    Consumer, ConsumerConfig, ConsumerError, Delivery, EffectiveSettings, Outcome, Producer,
+    ProducerConfig, RetryTier, queue_of_key,
 };
 use phxq_proto::api::{self, phxq_client::PhxqClient};
 use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 mod common;
 
 use common::{
-    CONSUMER_GROUPS, DEAD_LETTER_QUEUES, DEAD_LETTER_TOPIC, GROUPS, POLL, QUEUES, SETTLE_TIMEOUT,
-    Store, TOPIC, cluster_status, lock, run,
+    CONSUMER_GROUPS, DEAD_LETTER_QUEUES, DEAD_LETTER_TOPIC, GROUPS, POLL, QUEUES, Running,
+    SETTLE_TIMEOUT, Store, TOPIC, cluster_status, lock, run,
 };
 
 /// The group the operator sets settings for.
@@ -134,31 +133,6 @@ async fn send(store: &Store, messages: &[(&str, &str)]) {
 /// Every delivery of a test: (value, delivery count).
 type Deliveries = Arc<Mutex<Vec<(String, u32)>>>;
 
-/// A consumer running on its own task; `stop` asks it to drain.
-struct Running {
-    task: JoinHandle<Result<ConsumerReport, ConsumerError>>,
-    stop: oneshot::Sender<()>,
-}
-
-impl Running {
-    fn spawn<H: phxq_client::Handler>(consumer: Consumer, handler: H) -> Running {
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(consumer.run(handler, async move {
-            let _ = stopped.await;
-        }));
-        Running { task, stop }
-    }
-
-    async fn drain(self) -> ConsumerReport {
-        let _ = self.stop.send(());
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .expect("drained in time")
-            .expect("the consumer did not panic")
-            .expect("no consumer error")
-    }
-}
-
 /// Waits until `done` holds of the deliveries (bounded by [`WAIT`]).
 async fn wait_for(log: &Deliveries, what: &str, done: impl Fn(&[(String, u32)]) -> bool) {
     let deadline = Instant::now() + WAIT;
@@ -234,7 +208,7 @@ fn the_stores_retry_tiers_and_dead_letter_topic_apply_to_a_consumer_configured_w
             log.iter().any(|(value, _)| value == "after-poison")
         })
         .await;
-        let report = running.drain().await;
+        let report = running.drain_within(WAIT).await;
         let poison: Vec<u32> = lock(&log)
             .iter()
             .filter(|(value, _)| value == "poison")
@@ -297,7 +271,7 @@ fn the_stores_max_in_flight_of_one_never_lets_two_handlers_run_at_once() {
         };
         let running = Running::spawn(consumer(&store, GROUP, |_| {}), handler);
         wait_for(&log, "every message", |log| log.len() >= keys.len()).await;
-        let report = running.drain().await;
+        let report = running.drain_within(WAIT).await;
         assert_eq!(most.load(Ordering::SeqCst), 1, "handlers at once");
         assert_eq!(report.handled, keys.len() as u64, "{report:?}");
         assert_eq!(report.settings.max_in_flight, 1);
@@ -337,7 +311,7 @@ fn a_group_without_store_settings_keeps_its_library_config() {
         let log = Deliveries::default();
         let running = Running::spawn(consumer(&store, OTHER_GROUP, library), nack_poison(&log));
         wait_for(&log, "the message", |log| !log.is_empty()).await;
-        let report = running.drain().await;
+        let report = running.drain_within(WAIT).await;
         assert_eq!(
             report.settings,
             EffectiveSettings {

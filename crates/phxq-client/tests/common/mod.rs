@@ -1,14 +1,18 @@
 //! The store the client tests run against: every node a full server (event loop, write-ahead
 //! log, peer TCP, gRPC) in the test process on 127.0.0.1, on ports picked by the kernel.
-//! Shared by `producer.rs` and `consumer.rs`; each uses part of it.
+//! Shared by the producer, consumer, failure, membership and settings tests (with one
+//! `Running` consumer task helper); each uses part of it.
 #![allow(dead_code)]
 
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use phxq_client::{Consumer, ConsumerError, ConsumerReport, Handler};
 use phxq_node::config::ServerConfig;
 use phxq_node::server::RunningServer;
 use phxq_proto::api::{self, phxq_client::PhxqClient};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
 /// Replication groups of the test stores.
 pub const GROUPS: u32 = 4;
@@ -242,4 +246,44 @@ pub async fn consume(addr: &str, request: api::ConsumeRequest) -> Option<api::Co
     let call = client.consume(request);
     let response = tokio::time::timeout(Duration::from_secs(5), call).await;
     Some(response.ok()?.ok()?.into_inner())
+}
+
+/// A consumer running on its own task until it is drained or killed.
+pub struct Running {
+    /// The consumer's `run`.
+    pub task: JoinHandle<Result<ConsumerReport, ConsumerError>>,
+    stop: oneshot::Sender<()>,
+}
+
+impl Running {
+    /// Runs `consumer` with `handler` on a task of its own.
+    pub fn spawn<H: Handler>(consumer: Consumer, handler: H) -> Running {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(consumer.run(handler, async move {
+            let _ = stopped.await;
+        }));
+        Running { task, stop }
+    }
+
+    /// Drains the consumer and returns its report (within [`SETTLE_TIMEOUT`]).
+    pub async fn drain(self) -> ConsumerReport {
+        self.drain_within(SETTLE_TIMEOUT).await
+    }
+
+    /// Drains the consumer and returns its report (within `within`).
+    pub async fn drain_within(self, within: Duration) -> ConsumerReport {
+        let _ = self.stop.send(());
+        tokio::time::timeout(within, self.task)
+            .await
+            .expect("drained in time")
+            .expect("the consumer did not panic")
+            .expect("no consumer error")
+    }
+
+    /// Kills the consumer: its future is dropped where it stands (no drain, no commit, no
+    /// leaving heartbeat), as a crashed process would stop.
+    pub async fn kill(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
 }
