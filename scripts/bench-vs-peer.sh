@@ -21,7 +21,9 @@
 # WARMUP (2 s), PRODUCERS ("16 64"), WINDOW (1: every message waits for its own ack; N > 1:
 # phxq producers send N messages per call (client batching, one ack per call) and the peer's
 # keep N publishes in flight (pipelining, one ack each) -- issue 4's "client batching or
-# pipelining on both sides").
+# pipelining on both sides"), PHXQ_BENCH_ARGS (extra arguments of `phxq bench produce`, e.g.
+# `--stream`: each producer's calls over one ProduceStream, still one message per call, each
+# waiting for its own acknowledgement).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PEER=${1:?usage: bench-vs-peer.sh rabbitmq|nats|redis [ROUNDS]}
@@ -66,7 +68,8 @@ for round in $(seq "$ROUNDS"); do
   DEV_PID=$!
   for P in $PRODUCERS; do
     wait_quiet > /dev/null
-    "$PHXQ" bench produce --producers "$P" --batch "$WINDOW" --duration-s "$DURATION" \
+    # shellcheck disable=SC2086 # PHXQ_BENCH_ARGS is a list of arguments
+    "$PHXQ" bench produce ${PHXQ_BENCH_ARGS:-} --producers "$P" --batch "$WINDOW" --duration-s "$DURATION" \
       --warmup-s "$WARMUP" --server-pids "$DEV_PID" --probe-dir "$OUT" --json |
       python3 -c "import json,sys; j=json.load(sys.stdin); j['round']=$round; print(json.dumps(j))" \
       >> "$OUT/phxq.jsonl"

@@ -754,7 +754,7 @@ impl QueueContext {
         stop: &AtomicBool,
     ) -> Option<std::result::Result<api::ConsumeResponse, &'static str>> {
         let policy = self.options.poll_policy();
-        let attempt = |mut client: PhxqClient<Channel>| {
+        let attempt = |mut client: PhxqClient<Channel>, _: &str| {
             let request = request.clone();
             async move {
                 let response = client.consume(request).await?.into_inner();
@@ -789,7 +789,7 @@ impl QueueContext {
             offset,
             store_id: self.store_id,
         };
-        let attempt = |mut client: PhxqClient<Channel>| {
+        let attempt = |mut client: PhxqClient<Channel>, _: &str| {
             let request = request.clone();
             async move {
                 let response = client.commit(request).await?.into_inner();
@@ -974,7 +974,7 @@ async fn producer(index: usize, context: QueueContext, until: Instant, stop: Arc
                 value: header.value(options.message_bytes),
             }],
         };
-        let produce = |mut client: PhxqClient<Channel>| {
+        let produce = |mut client: PhxqClient<Channel>, _: &str| {
             let request = request.clone();
             async move {
                 let response = client.produce(request).await?.into_inner();

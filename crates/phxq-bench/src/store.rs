@@ -126,6 +126,9 @@ pub struct Options {
     pub message_bytes: usize,
     /// Messages per call (1: no client batching).
     pub batch: usize,
+    /// Send the calls over one `ProduceStream` per producer and node instead of one unary
+    /// `Produce` each (still one call at a time, each waiting for its own answer).
+    pub stream: bool,
     /// Target calls/s over all producers; 0: as fast as acknowledgements come.
     pub qps: u64,
     /// Time before measuring starts (connections, masters learnt, caches warm).
@@ -150,6 +153,7 @@ impl Default for Options {
             producers: 16,
             message_bytes: 1024,
             batch: 1,
+            stream: false,
             qps: 0,
             warmup: Duration::from_secs(2),
             duration: Duration::from_secs(10),
@@ -485,7 +489,7 @@ pub(crate) async fn call<T, F, Fut>(
     mut attempt: F,
 ) -> Option<(Answer, Option<T>)>
 where
-    F: FnMut(PhxqClient<Channel>) -> Fut,
+    F: FnMut(PhxqClient<Channel>, &str) -> Fut,
     Fut: Future<Output = Attempt<T>>,
 {
     let deadline = Instant::now() + policy.timeout;
@@ -510,7 +514,7 @@ where
         };
         let remaining = deadline.saturating_duration_since(Instant::now());
         let wait = remaining.min(policy.attempt_timeout);
-        let (label, retryable) = match tokio::time::timeout(wait, attempt(client)).await {
+        let (label, retryable) = match tokio::time::timeout(wait, attempt(client, &node)).await {
             Ok(Ok((response, error))) => match api::check(error.as_ref()) {
                 Ok(()) => {
                     let answer = Answer {
@@ -1230,15 +1234,25 @@ async fn producer(
     let mut pacing = (options.qps > 0).then(|| pacing(options.producers, options.qps));
     let policy = CallPolicy::of(&options);
     let mut connections = Connections::new();
+    // This producer's open `ProduceStream`s, by node (with `options.stream`).
+    let streams = Arc::new(tokio::sync::Mutex::new(
+        HashMap::<String, ProduceStream>::new(),
+    ));
     while !stop.load(Ordering::Relaxed) {
         if let Some(interval) = &mut pacing {
             interval.tick().await;
         }
         let started = Instant::now();
-        let produce = |mut client: PhxqClient<Channel>| {
+        let produce = |mut client: PhxqClient<Channel>, node: &str| {
             let request = request.clone();
+            let (streams, node) = (streams.clone(), node.to_string());
+            let stream = options.stream;
             async move {
-                let response = client.produce(request).await?.into_inner();
+                let response = if stream {
+                    ProduceStream::produce(&streams, client, node, request).await?
+                } else {
+                    client.produce(request).await?.into_inner()
+                };
                 let error = response.error.clone();
                 Ok((response, error))
             }
@@ -1249,6 +1263,76 @@ async fn producer(
             break;
         };
         shared.record(group, started, &answer, options.batch as u64);
+    }
+}
+
+/// One producer's `ProduceStream` to one node: a request is sent, then its answer awaited.
+struct ProduceStream {
+    requests: tokio::sync::mpsc::Sender<api::ProduceStreamRequest>,
+    answers: tonic::Streaming<api::ProduceStreamResponse>,
+    next_id: u64,
+}
+
+impl ProduceStream {
+    /// Sends `request` on the producer's stream to `node` (opened first if need be) and waits
+    /// for its answer. A failed stream is dropped, so the next attempt opens a new one.
+    async fn produce(
+        streams: &tokio::sync::Mutex<HashMap<String, ProduceStream>>,
+        mut client: PhxqClient<Channel>,
+        node: String,
+        request: api::ProduceRequest,
+    ) -> std::result::Result<api::ProduceResponse, tonic::Status> {
+        let mut streams = streams.lock().await;
+        if !streams.contains_key(&node) {
+            let (requests, outgoing) = tokio::sync::mpsc::channel(1);
+            let outgoing = tokio_stream::wrappers::ReceiverStream::new(outgoing);
+            let answers = client.produce_stream(outgoing).await?.into_inner();
+            let stream = ProduceStream {
+                requests,
+                answers,
+                next_id: 1,
+            };
+            streams.insert(node.clone(), stream);
+        }
+        let stream = streams.get_mut(&node).expect("inserted above");
+        let answer = stream.round_trip(request).await;
+        if answer.is_err() {
+            streams.remove(&node);
+        }
+        answer
+    }
+
+    async fn round_trip(
+        &mut self,
+        request: api::ProduceRequest,
+    ) -> std::result::Result<api::ProduceResponse, tonic::Status> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let request = api::ProduceStreamRequest {
+            id,
+            request: Some(request),
+        };
+        if self.requests.send(request).await.is_err() {
+            return Err(tonic::Status::unavailable("the produce stream closed"));
+        }
+        loop {
+            match self.answers.message().await? {
+                // The answer to an attempt given up on (its time ran out): skipped.
+                Some(answer) if answer.id < id => continue,
+                Some(answer) if answer.id == id => {
+                    return answer
+                        .response
+                        .ok_or_else(|| tonic::Status::internal("an answer without a response"));
+                }
+                Some(answer) => {
+                    return Err(tonic::Status::internal(format!(
+                        "answer {} to request {id}",
+                        answer.id
+                    )));
+                }
+                None => return Err(tonic::Status::unavailable("the produce stream ended")),
+            }
+        }
     }
 }
 

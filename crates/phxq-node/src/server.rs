@@ -60,6 +60,7 @@ use crate::{
 };
 
 mod heartbeat;
+mod produce_stream;
 
 /// Inputs queued for the event loop at most; beyond, clients get `BUSY` and peer frames are
 /// dropped.
@@ -163,15 +164,28 @@ impl NodeHandle {
     /// Sends `request` to the node and waits for its answer. A full input queue answers
     /// `BUSY`, a stopped node `UNAVAILABLE`.
     pub async fn call(&self, request: Request) -> Response {
+        self.submit(request).await
+    }
+
+    /// Queues `request` for the node now, before the returned future is first polled, and
+    /// gives the future of its answer: requests submitted one after the other reach the node
+    /// in that order (a `ProduceStream` relies on it).
+    pub fn submit(&self, request: Request) -> impl Future<Output = Response> + Send + use<> {
         let (reply, answer) = oneshot::channel();
-        match self.inputs.try_send(Input::Client(request, reply)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                return Response::error(ErrorCode::Busy, "the node's input queue is full");
+        let refused = match self.inputs.try_send(Input::Client(request, reply)) {
+            Ok(()) => None,
+            Err(TrySendError::Full(_)) => Some(Response::error(
+                ErrorCode::Busy,
+                "the node's input queue is full",
+            )),
+            Err(TrySendError::Disconnected(_)) => Some(stopped_response()),
+        };
+        async move {
+            match refused {
+                Some(response) => response,
+                None => answer.await.unwrap_or_else(|_| stopped_response()),
             }
-            Err(TrySendError::Disconnected(_)) => return stopped_response(),
         }
-        answer.await.unwrap_or_else(|_| stopped_response())
     }
 
     /// This node's view of its groups.
@@ -781,53 +795,130 @@ type GrpcResult<T> = Result<tonic::Response<T>, tonic::Status>;
 impl Service {
     /// Asks the node, bounded by `wait_ms` plus [`CALL_TIMEOUT_MS`].
     async fn call(&self, request: Request, wait_ms: u64) -> Response {
-        let limit = Duration::from_millis(wait_ms + CALL_TIMEOUT_MS);
-        tokio::time::timeout(limit, self.handle.call(request))
-            .await
-            .unwrap_or_else(|_| {
-                Response::error(
-                    ErrorCode::Timeout,
-                    format!(
-                        "no answer within {} ms; a write may still commit",
-                        limit.as_millis()
-                    ),
-                )
-            })
+        bounded(self.handle.submit(request), wait_ms).await
     }
 
     /// The wire form of a refusal; `NOT_MASTER` carries the master's client address.
     fn wire_error(&self, code: ErrorCode, message: String, master: Option<NodeId>) -> api::Error {
-        let master_addr = master
-            .and_then(|id| self.config.member(id))
-            .map(|member| member.client_addr.to_string())
-            .unwrap_or_default();
-        api::error(code, message, master_addr)
+        wire_error(&self.config, code, message, master)
     }
 
     /// The error of an answer that is not the expected kind.
     fn failure(&self, response: Response) -> api::Error {
-        match response {
-            Response::Error {
-                code,
-                message,
-                master,
-            } => self.wire_error(code, message, master),
-            other => {
-                tracing::error!(
-                    ?other,
-                    "the node answered a call with the wrong kind of answer"
-                );
-                api::error(
-                    ErrorCode::Unavailable,
-                    "internal error: unexpected answer",
-                    "",
-                )
-            }
-        }
+        failure(&self.config, response)
     }
 
     fn wait_ticks(&self, wait_ms: u32) -> u64 {
         u64::from(wait_ms).div_ceil(self.config.timing.tick_ms)
+    }
+}
+
+/// `answer`, or `TIMEOUT` if it takes longer than `wait_ms` plus [`CALL_TIMEOUT_MS`].
+async fn bounded(answer: impl Future<Output = Response>, wait_ms: u64) -> Response {
+    let limit = Duration::from_millis(wait_ms + CALL_TIMEOUT_MS);
+    tokio::time::timeout(limit, answer)
+        .await
+        .unwrap_or_else(|_| {
+            Response::error(
+                ErrorCode::Timeout,
+                format!(
+                    "no answer within {} ms; a write may still commit",
+                    limit.as_millis()
+                ),
+            )
+        })
+}
+
+/// The wire form of a refusal; `NOT_MASTER` carries the master's client address.
+fn wire_error(
+    config: &ServerConfig,
+    code: ErrorCode,
+    message: String,
+    master: Option<NodeId>,
+) -> api::Error {
+    let master_addr = master
+        .and_then(|id| config.member(id))
+        .map(|member| member.client_addr.to_string())
+        .unwrap_or_default();
+    api::error(code, message, master_addr)
+}
+
+/// The error of an answer that is not the expected kind.
+fn failure(config: &ServerConfig, response: Response) -> api::Error {
+    match response {
+        Response::Error {
+            code,
+            message,
+            master,
+        } => wire_error(config, code, message, master),
+        other => {
+            tracing::error!(
+                ?other,
+                "the node answered a call with the wrong kind of answer"
+            );
+            api::error(
+                ErrorCode::Unavailable,
+                "internal error: unexpected answer",
+                "",
+            )
+        }
+    }
+}
+
+/// The node's request for a Produce call, or the refusal of its arguments (another store,
+/// a bad topic name, too many messages or bytes).
+fn produce_request(
+    config: &ServerConfig,
+    request: api::ProduceRequest,
+) -> Result<Request, api::Error> {
+    check_store(config, request.store_id)?;
+    check_produce(&request)?;
+    Ok(Request::Produce {
+        topic: request.topic,
+        queue: request.queue,
+        message_id: request.message_id,
+        messages: messages_of(request.messages),
+    })
+}
+
+/// The wire answer to a Produce from the node's answer.
+fn produce_response(config: &ServerConfig, response: Response) -> api::ProduceResponse {
+    match response {
+        Response::Produced {
+            first_offset,
+            count,
+            duplicate,
+        } => api::ProduceResponse {
+            error: None,
+            first_offset,
+            count: u32::try_from(count).expect("at most PRODUCE_MESSAGES_MAX"),
+            duplicate,
+        },
+        other => produce_refused(failure(config, other)),
+    }
+}
+
+/// A Produce answered with `error`.
+fn produce_refused(error: api::Error) -> api::ProduceResponse {
+    api::ProduceResponse {
+        error: Some(error),
+        ..Default::default()
+    }
+}
+
+/// A request addressed to another store changes nothing here.
+fn check_store(config: &ServerConfig, store_id: u64) -> Result<(), api::Error> {
+    if store_id == 0 || store_id == config.store_id {
+        Ok(())
+    } else {
+        Err(api::error(
+            ErrorCode::WrongStore,
+            format!(
+                "this node belongs to store {}, not store {store_id}",
+                config.store_id
+            ),
+            String::new(),
+        ))
     }
 }
 
@@ -943,41 +1034,25 @@ impl phxq_server::Phxq for Service {
         &self,
         request: tonic::Request<api::ProduceRequest>,
     ) -> GrpcResult<api::ProduceResponse> {
-        let request = request.into_inner();
-        let answer = match self
-            .check_store(request.store_id)
-            .and_then(|()| check_produce(&request))
-        {
-            Err(error) => api::ProduceResponse {
-                error: Some(error),
-                ..Default::default()
-            },
-            Ok(()) => {
-                let request = Request::Produce {
-                    topic: request.topic,
-                    queue: request.queue,
-                    message_id: request.message_id,
-                    messages: messages_of(request.messages),
-                };
-                match self.call(request, 0).await {
-                    Response::Produced {
-                        first_offset,
-                        count,
-                        duplicate,
-                    } => api::ProduceResponse {
-                        error: None,
-                        first_offset,
-                        count: u32::try_from(count).expect("at most PRODUCE_MESSAGES_MAX"),
-                        duplicate,
-                    },
-                    other => api::ProduceResponse {
-                        error: Some(self.failure(other)),
-                        ..Default::default()
-                    },
-                }
-            }
+        let answer = match produce_request(&self.config, request.into_inner()) {
+            Err(error) => produce_refused(error),
+            Ok(request) => produce_response(&self.config, self.call(request, 0).await),
         };
         Ok(tonic::Response::new(answer))
+    }
+
+    type ProduceStreamStream = produce_stream::Answers;
+
+    async fn produce_stream(
+        &self,
+        request: tonic::Request<tonic::Streaming<api::ProduceStreamRequest>>,
+    ) -> GrpcResult<Self::ProduceStreamStream> {
+        let answers = produce_stream::serve(
+            self.config.clone(),
+            self.handle.clone(),
+            request.into_inner(),
+        );
+        Ok(tonic::Response::new(answers))
     }
 
     async fn produce_many(
@@ -1207,18 +1282,7 @@ impl phxq_server::Phxq for Service {
 impl Service {
     /// A request addressed to another store changes nothing here.
     fn check_store(&self, store_id: u64) -> Result<(), api::Error> {
-        if store_id == 0 || store_id == self.config.store_id {
-            Ok(())
-        } else {
-            Err(api::error(
-                ErrorCode::WrongStore,
-                format!(
-                    "this node belongs to store {}, not store {store_id}",
-                    self.config.store_id
-                ),
-                String::new(),
-            ))
-        }
+        check_store(&self.config, store_id)
     }
 
     fn cluster_status_of(&self, status: &NodeStatus) -> api::ClusterStatusResponse {

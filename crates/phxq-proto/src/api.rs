@@ -197,6 +197,21 @@ mod tests {
             }))
         }
 
+        type ProduceStreamStream = std::pin::Pin<
+            Box<
+                dyn tonic::codegen::tokio_stream::Stream<
+                        Item = Result<ProduceStreamResponse, tonic::Status>,
+                    > + Send,
+            >,
+        >;
+
+        async fn produce_stream(
+            &self,
+            _request: tonic::Request<tonic::Streaming<ProduceStreamRequest>>,
+        ) -> Result<tonic::Response<Self::ProduceStreamStream>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not in this test"))
+        }
+
         async fn consume(
             &self,
             request: tonic::Request<ConsumeRequest>,

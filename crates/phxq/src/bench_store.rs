@@ -54,6 +54,10 @@ pub struct LoadArgs {
     /// Messages per Produce call (1: no client batching).
     #[arg(long, default_value_t = 1)]
     batch: usize,
+    /// Send each producer's calls over one ProduceStream per node instead of one unary
+    /// Produce call each (still one at a time, each waiting for its own acknowledgement).
+    #[arg(long)]
+    stream: bool,
     /// Target calls/s over all producers (0: unlimited).
     #[arg(long, default_value_t = 0)]
     qps: u64,
@@ -201,6 +205,7 @@ fn options(load: &LoadArgs, server: String, topic: String) -> CommandResult<Opti
         producers: load.producers.unwrap_or(16),
         message_bytes: load.bytes,
         batch: load.batch,
+        stream: load.stream,
         qps: load.qps,
         report_every: seconds("--report-every-s", load.report_every_s)?,
         retries: !load.no_retries,
@@ -305,6 +310,7 @@ pub fn produce(args: &ProduceArgs) -> CommandResult {
         "client_threads": client_threads(args.load.client_threads, options.producers),
         "message_bytes": options.message_bytes,
         "batch": options.batch,
+        "stream": options.stream,
         "qps_target": options.qps,
         "retries": options.retries,
         "warmup_s": options.warmup.as_secs_f64(),

@@ -1,7 +1,8 @@
 //! `phxq bench consume` against a real store (`phxq dev` on ports the kernel found free):
 //! every message produced is consumed exactly once, none is missing, the end-to-end and
 //! produce-ack latency figures are in the final JSON line, and what the queues held before
-//! the run is skipped. Bad options are refused before anything runs. Every wait is bounded.
+//! the run is skipped. Bad options are refused before anything runs. `phxq bench produce
+//! --stream` stores what it counts as acknowledged. Every wait is bounded.
 
 use std::io::BufRead;
 use std::process::{Child, Command, Output, Stdio};
@@ -285,4 +286,47 @@ fn bench_consume_refuses_options_that_make_no_sense_before_running() {
         assert!(stderr.contains(named), "{args:?}: {stderr}");
         assert!(output.stdout.is_empty(), "{args:?}: nothing ran");
     }
+}
+
+#[test]
+fn bench_produce_over_streams_stores_every_acknowledged_message() {
+    let dev = Dev::start();
+    let output = dev.run(
+        &[
+            "bench",
+            "produce",
+            "--stream",
+            "--producers",
+            "4",
+            "--bytes",
+            "64",
+            "--duration-s",
+            "1",
+            "--warmup-s",
+            "0.2",
+            "--fsync-probe-s",
+            "0",
+            "--json",
+        ],
+        b"",
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let line = last_json_line(&output);
+    assert_eq!(line["stream"], true, "{line:#}");
+    let report = &line["report"];
+    let acked = report["messages_acked"].as_u64().expect("messages_acked");
+    assert!(acked > 0, "{report:#}");
+    assert_eq!(report["return_codes"]["OK"], report["total"], "{report:#}");
+
+    // What the producers were told is stored is there (calls outside the measured second
+    // stored more).
+    let stored = dev.run(
+        &[
+            "consume", "--topic", "test", "--group", "g1", "--json", "--max", "100000",
+        ],
+        b"",
+    );
+    assert!(stored.status.success(), "{}", text(&stored.stderr));
+    let lines = text(&stored.stdout).lines().count() as u64;
+    assert!(lines >= acked, "{lines} stored, {acked} acknowledged");
 }

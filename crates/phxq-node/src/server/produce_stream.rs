@@ -1,0 +1,98 @@
+//! The `ProduceStream` call: many Produces over one HTTP/2 stream.
+//!
+//! A unary `Produce` costs an HTTP/2 stream per message: its headers (HPACK), a task on the
+//! server, the response's headers and trailers. On a two-core machine, with one message per
+//! call, that was the largest share of the node's CPU after the fsyncs. A stream pays it
+//! once; each message is then one DATA frame each way.
+//!
+//! Each request is checked and handed to the node as a unary Produce would be, **in stream
+//! order**: [`NodeHandle::submit`] queues it before the next request is read, so requests
+//! for one queue are admitted, proposed and appended in the order they were sent. Their
+//! answers are awaited concurrently ([`IN_FLIGHT_MAX`] at most; the stream is not read
+//! beyond that, which holds the client back through HTTP/2 flow control) and sent as they
+//! come. When the client closes its side, the call ends after the last answer; when it goes
+//! away, answers still owed are dropped (their writes may still commit: at least once, as a
+//! unary call cancelled mid-flight).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::stream::FuturesUnordered;
+use phxq_proto::api;
+use phxq_types::ErrorCode;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::{NodeHandle, bounded, produce_refused, produce_request, produce_response, refuse};
+use crate::config::ServerConfig;
+
+/// Requests of one stream awaiting their answers at most.
+pub const IN_FLIGHT_MAX: usize = 256;
+
+/// The answers of one `ProduceStream` call, as tonic sends them.
+pub(super) type Answers = ReceiverStream<Result<api::ProduceStreamResponse, tonic::Status>>;
+
+type Answer = Pin<Box<dyn Future<Output = api::ProduceStreamResponse> + Send>>;
+
+/// Serves `requests` on a task of its own; returns the stream of their answers.
+pub(super) fn serve(
+    config: Arc<ServerConfig>,
+    handle: NodeHandle,
+    mut requests: tonic::Streaming<api::ProduceStreamRequest>,
+) -> Answers {
+    let (answers_tx, answers_rx) = tokio::sync::mpsc::channel(IN_FLIGHT_MAX);
+    tokio::spawn(async move {
+        let mut in_flight: FuturesUnordered<Answer> = FuturesUnordered::new();
+        let mut reading = true;
+        loop {
+            tokio::select! {
+                next = requests.next(), if reading && in_flight.len() < IN_FLIGHT_MAX => {
+                    match next {
+                        Some(Ok(request)) => in_flight.push(admit(&config, &handle, request)),
+                        // A malformed frame or a reset ends the reading, not the answers
+                        // still owed.
+                        Some(Err(_)) | None => reading = false,
+                    }
+                }
+                Some(answer) = in_flight.next(), if !in_flight.is_empty() => {
+                    if answers_tx.send(Ok(answer)).await.is_err() {
+                        return; // The client went away.
+                    }
+                }
+                else => return,
+            }
+        }
+    });
+    ReceiverStream::new(answers_rx)
+}
+
+/// Checks `request` and, when it passes, hands it to the node now; the future of its answer.
+fn admit(
+    config: &Arc<ServerConfig>,
+    handle: &NodeHandle,
+    request: api::ProduceStreamRequest,
+) -> Answer {
+    let id = request.id;
+    let checked = match request.request {
+        None => Err(refuse(
+            ErrorCode::InvalidArgument,
+            "a ProduceStreamRequest without its request",
+        )),
+        Some(produce) => produce_request(config, produce),
+    };
+    match checked {
+        Err(error) => {
+            let response = Some(produce_refused(error));
+            Box::pin(async move { api::ProduceStreamResponse { id, response } })
+        }
+        Ok(request) => {
+            let answer = handle.submit(request);
+            let config = config.clone();
+            Box::pin(async move {
+                let response = Some(produce_response(&config, bounded(answer, 0).await));
+                api::ProduceStreamResponse { id, response }
+            })
+        }
+    }
+}
