@@ -66,6 +66,11 @@ pub struct ProducerConfig {
     /// `dedup_window` newest ids). A queue-change retry moves messages to another queue, where
     /// the id is new: those may still be stored twice. Off by default.
     pub message_ids: bool,
+    /// Send single-queue produces (a `send`, or a `send_batch` group with one queue) over
+    /// one `ProduceStream` per node instead of one unary `Produce` call each: same answers,
+    /// routing and retries, less CPU per message on both sides. Nodes that do not serve
+    /// streams are called unary. On by default.
+    pub produce_streams: bool,
 }
 
 impl ProducerConfig {
@@ -80,6 +85,7 @@ impl ProducerConfig {
             backoff_max: BACKOFF_MAX_DEFAULT,
             queue_change_retry: false,
             message_ids: false,
+            produce_streams: true,
         }
     }
 

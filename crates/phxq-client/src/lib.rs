@@ -84,6 +84,7 @@ mod consumer_retry;
 mod consumer_settings;
 mod error;
 mod key;
+mod produce_stream;
 mod producer;
 mod router;
 mod seek;

@@ -448,11 +448,17 @@ async fn produce(
             store_id,
             message_id: append.message_id.clone(),
         };
+        let streams = router.config().produce_streams;
         let response = router
-            .call(Some(group), progress, |mut client| {
+            .call_at(Some(group), progress, |mut client, addr| {
                 let request = request.clone();
+                let addr = addr.to_string();
                 async move {
-                    let response = client.produce(request).await?.into_inner();
+                    let response = if streams {
+                        router.streams.produce(client, &addr, request).await?
+                    } else {
+                        client.produce(request).await?.into_inner()
+                    };
                     let error = response.error.clone();
                     Ok((response, error))
                 }

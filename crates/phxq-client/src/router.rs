@@ -196,6 +196,8 @@ pub(crate) struct Router {
     /// Seeds each request's backoff jitter.
     rng: Mutex<Rng>,
     pub(crate) counters: Counters,
+    /// Single-queue produces over `ProduceStream` (with `ProducerConfig::produce_streams`).
+    pub(crate) streams: crate::produce_stream::Streams,
 }
 
 impl Router {
@@ -211,6 +213,7 @@ impl Router {
             next_node: AtomicUsize::new(next_node),
             rng: Mutex::new(rng),
             counters: Counters::default(),
+            streams: crate::produce_stream::Streams::default(),
         }
     }
 
@@ -481,6 +484,21 @@ impl Router {
         F: FnMut(PhxqClient<Channel>) -> Fut,
         Fut: Future<Output = Attempt<T>>,
     {
+        self.call_at(group, progress, |client, _| attempt(client))
+            .await
+    }
+
+    /// [`Router::call`] with an `attempt` that is also told the node's address.
+    pub(crate) async fn call_at<T, F, Fut>(
+        &self,
+        group: Option<GroupId>,
+        progress: &mut Progress,
+        mut attempt: F,
+    ) -> Result<T, Halt>
+    where
+        F: FnMut(PhxqClient<Channel>, &str) -> Fut,
+        Fut: Future<Output = Attempt<T>>,
+    {
         let write = group.is_some();
         let halt_when_masterless = write && self.config.queue_change_retry;
         loop {
@@ -493,7 +511,7 @@ impl Router {
                 &self.counters.status_calls
             });
             let outcome = match self.client(&addr) {
-                Ok(client) => tokio::time::timeout(timeout, attempt(client)).await,
+                Ok(client) => tokio::time::timeout(timeout, attempt(client, &addr)).await,
                 Err(detail) => Ok(Err(tonic::Status::unavailable(detail))),
             };
             let verdict = match outcome {
