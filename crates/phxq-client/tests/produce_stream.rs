@@ -143,3 +143,50 @@ fn a_stream_appends_in_order_answers_every_request_once_and_refuses_bad_ones_alo
         store.stop().await;
     });
 }
+
+#[test]
+fn a_graceful_stop_ends_an_idle_stream_instead_of_waiting_for_its_client() {
+    run(async {
+        let mut store = Store::start(1, true).await;
+        let node = &store.client_addrs[0];
+        let mut client = PhxqClient::connect(format!("http://{node}"))
+            .await
+            .expect("connect");
+        let (requests, outgoing) = tokio::sync::mpsc::channel(1);
+        let mut answers = client
+            .produce_stream(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+            .await
+            .expect("stream opened")
+            .into_inner();
+        let request = api::ProduceStreamRequest {
+            id: 7,
+            request: Some(produce(0, "before the stop".to_string())),
+        };
+        requests.send(request).await.expect("sent");
+        let answer = answers
+            .message()
+            .await
+            .expect("answered")
+            .expect("an answer");
+        assert_eq!(answer.id, 7);
+        assert_eq!(code(&answer.response.expect("response")), None);
+
+        // The client keeps its side open and idle; the node must still stop promptly (the
+        // drain limit is 5 s) and end the stream.
+        let started = std::time::Instant::now();
+        store.stop_node(1).await;
+        let took = started.elapsed();
+        assert!(
+            took < std::time::Duration::from_secs(3),
+            "stop took {took:?}"
+        );
+        let end = tokio::time::timeout(std::time::Duration::from_secs(5), answers.message())
+            .await
+            .expect("the stream ends");
+        assert!(
+            !matches!(end, Ok(Some(_))),
+            "no answer after the stop: {end:?}"
+        );
+        drop(requests);
+    });
+}

@@ -216,7 +216,8 @@ pub struct RunningServer {
     client_addr: SocketAddr,
     transport: Transport,
     stopping: Arc<AtomicBool>,
-    grpc_stop: Option<oneshot::Sender<()>>,
+    /// Raised to stop the gRPC service and end its `ProduceStream`s.
+    grpc_stop: Option<tokio::sync::watch::Sender<bool>>,
     grpc: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     exited: oneshot::Receiver<Result<(), ServerError>>,
     /// The log, for tests that inject faults.
@@ -257,10 +258,11 @@ impl RunningServer {
         let wal_for_tests = wal.clone();
         let exited =
             spawn_event_loop(&config, wal, receiver, transport.clone(), stopping.clone()).await?;
-        let (grpc_stop, grpc_stopped) = oneshot::channel::<()>();
+        let (grpc_stop, grpc_stopped) = tokio::sync::watch::channel(false);
         let service = Service {
             config: config.clone(),
             handle: handle.clone(),
+            stopping: grpc_stopped.clone(),
             transport: transport.clone(),
             coordinator: CoordinatorShell::new(),
         };
@@ -323,7 +325,7 @@ impl RunningServer {
         self.stopping.store(true, Ordering::SeqCst);
         self.handle.wake();
         if let Some(stop) = self.grpc_stop.take() {
-            let _ = stop.send(());
+            let _ = stop.send(true);
         }
         let outcome = match early {
             Some(exited) => exited,
@@ -763,7 +765,7 @@ impl EventLoop {
 async fn serve_grpc(
     service: Service,
     listener: tokio::net::TcpListener,
-    stop: oneshot::Receiver<()>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
     let message_bytes_max = service.config.layout.message_bytes_max;
     let server = phxq_server::PhxqServer::new(service)
@@ -776,7 +778,8 @@ async fn serve_grpc(
         .max_concurrent_streams(CALLS_PER_CONNECTION_MAX)
         .add_service(server)
         .serve_with_incoming_shutdown(incoming, async {
-            let _ = stop.await;
+            // Raised, or its sender dropped: either way, stop.
+            let _ = stop.wait_for(|stopping| *stopping).await;
         })
         .await
 }
@@ -785,6 +788,8 @@ async fn serve_grpc(
 struct Service {
     config: Arc<ServerConfig>,
     handle: NodeHandle,
+    /// Raised when the node stops: open `ProduceStream`s stop reading and end.
+    stopping: tokio::sync::watch::Receiver<bool>,
     transport: Transport,
     /// The consumer group coordinator (`server/heartbeat.rs`).
     coordinator: CoordinatorShell,
@@ -1050,6 +1055,7 @@ impl phxq_server::Phxq for Service {
         let answers = produce_stream::serve(
             self.config.clone(),
             self.handle.clone(),
+            self.stopping.clone(),
             request.into_inner(),
         );
         Ok(tonic::Response::new(answers))

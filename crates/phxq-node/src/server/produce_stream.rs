@@ -12,7 +12,10 @@
 //! beyond that, which holds the client back through HTTP/2 flow control) and sent as they
 //! come. When the client closes its side, the call ends after the last answer; when it goes
 //! away, answers still owed are dropped (their writes may still commit: at least once, as a
-//! unary call cancelled mid-flight).
+//! unary call cancelled mid-flight). A malformed request frame stops the reading too, and
+//! the call ends with its error status after the answers owed. When the node stops, open
+//! streams stop reading and end once their answers are sent, so a graceful stop does not
+//! wait for idle streams to be closed by their clients.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -39,12 +42,14 @@ type Answer = Pin<Box<dyn Future<Output = api::ProduceStreamResponse> + Send>>;
 pub(super) fn serve(
     config: Arc<ServerConfig>,
     handle: NodeHandle,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
     mut requests: tonic::Streaming<api::ProduceStreamRequest>,
 ) -> Answers {
     let (answers_tx, answers_rx) = tokio::sync::mpsc::channel(IN_FLIGHT_MAX);
     tokio::spawn(async move {
         let mut in_flight: FuturesUnordered<Answer> = FuturesUnordered::new();
         let mut reading = true;
+        let mut failed = None;
         loop {
             tokio::select! {
                 next = requests.next(), if reading && in_flight.len() < IN_FLIGHT_MAX => {
@@ -52,16 +57,24 @@ pub(super) fn serve(
                         Some(Ok(request)) => in_flight.push(admit(&config, &handle, request)),
                         // A malformed frame or a reset ends the reading, not the answers
                         // still owed.
-                        Some(Err(_)) | None => reading = false,
+                        Some(Err(status)) => (reading, failed) = (false, Some(status)),
+                        None => reading = false,
                     }
                 }
+                // Raised (or its sender gone): the node is stopping. The receiver is a clone
+                // of one that never marks values seen, so a stop raised before this stream
+                // began counts as a change too.
+                _ = stopping.changed(), if reading => reading = false,
                 Some(answer) = in_flight.next(), if !in_flight.is_empty() => {
                     if answers_tx.send(Ok(answer)).await.is_err() {
                         return; // The client went away.
                     }
                 }
-                else => return,
+                else => break,
             }
+        }
+        if let Some(status) = failed {
+            let _ = answers_tx.send(Err(status)).await;
         }
     });
     ReceiverStream::new(answers_rx)
