@@ -101,7 +101,8 @@ pub struct Outgoing {
     /// The message.
     pub value: Vec<u8>,
     /// 1 to [`MESSAGE_ID_BYTES_MAX`] bytes: the message is an append of its own that the
-    /// store deduplicates by this id. `None`: the producer's own id if
+    /// store deduplicates by this id; without a key it is routed by the id (see
+    /// [`Producer::send_with_id`]). `None`: the producer's own id if
     /// [`ProducerConfig::message_ids`], else none.
     pub message_id: Option<Vec<u8>>,
 }
@@ -291,8 +292,10 @@ impl Producer {
     /// the message first stored with it ([`ProducerStats::duplicates`] counts those). Derive
     /// the id from what makes the message unique (an order number, a source offset) to make
     /// a produce idempotent across retries, restarts and processes. An id of bad length is
-    /// refused (`INVALID_ARGUMENT`) before sending. (A store-change retry takes the message
-    /// to a store whose window does not hold the id.)
+    /// refused (`INVALID_ARGUMENT`) before sending. Without a key, the message is routed by
+    /// its id instead (store and queue, as a key would be), so that the same id always meets
+    /// the same dedup window. (A store-change retry takes the message to a store whose window
+    /// does not hold the id.)
     pub async fn send_with_id(
         &self,
         topic: &str,
@@ -408,7 +411,7 @@ impl Producer {
             .enumerate()
             .map(|(position, (message, message_id))| Item {
                 position,
-                stores: self.shared.stores_of(&message.key),
+                stores: self.shared.stores_of(route_key(&message, &message_id)),
                 message,
                 message_id,
             })
@@ -545,6 +548,16 @@ impl fmt::Debug for Producer {
     }
 }
 
+/// What routes a message: its key; without one, the caller's message id, so that sending
+/// the same id again (a retry, a re-run after a crash) reaches the same store and queue,
+/// whose dedup window holds it; without either, nothing (empty: spread).
+fn route_key<'a>(message: &'a api::Message, message_id: &'a Option<Vec<u8>>) -> &'a [u8] {
+    match message_id {
+        Some(id) if message.key.is_empty() => id,
+        _ => &message.key,
+    }
+}
+
 /// Whether `error` says the store had no reachable master (what store-change retry is for),
 /// rather than a refusal or an overloaded master.
 fn masterless(error: &ProduceError) -> bool {
@@ -647,7 +660,7 @@ async fn visit_store(
     };
     let mut by_queue: BTreeMap<QueueId, Vec<Routed>> = BTreeMap::new();
     for item in items {
-        let queue = shared.choose_queue(&item.message.key, queues);
+        let queue = shared.choose_queue(route_key(&item.message, &item.message_id), queues);
         let appends = by_queue.entry(queue).or_default();
         match appends.last_mut() {
             Some(last) if !last.callers_id && item.message_id.is_none() => last.items.push(item),

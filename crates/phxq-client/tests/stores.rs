@@ -46,7 +46,7 @@ async fn start_stores() -> Vec<Store> {
     stores
 }
 
-fn producer(stores: &[Store], change: impl FnOnce(&mut ProducerConfig)) -> Producer {
+fn producer_of(stores: &[Store], change: impl FnOnce(&mut ProducerConfig)) -> Producer {
     let mut config =
         ProducerConfig::with_stores(stores.iter().zip(STORES).map(|(store, (name, weight, _))| {
             StoreConfig::new(name, store.client_addrs.clone(), weight)
@@ -99,7 +99,7 @@ async fn locate(stores: &[Store]) -> HashMap<Vec<u8>, (usize, u32, u64)> {
 fn every_key_lives_in_the_store_its_hash_names_in_order_split_by_weight() {
     run(async {
         let stores = start_stores().await;
-        let producer = producer(&stores, |_| {});
+        let producer = producer_of(&stores, |_| {});
         let key = |k: usize| format!("user-{k}");
         // Round `n` sends every key's n-th message; each batch spans both stores.
         for n in 0..MESSAGES_PER_KEY {
@@ -128,11 +128,38 @@ fn every_key_lives_in_the_store_its_hash_names_in_order_split_by_weight() {
         let results = producer.send_batch(TOPIC, keyless).await;
         assert!(results.iter().all(Result::is_ok));
 
+        // Keyless messages with ids are routed by their ids: sent again (by any producer),
+        // each meets its first copy's dedup window and is answered as a duplicate.
+        let with_ids =
+            || (0..40).map(|i| Outgoing::new("", format!("id/{i}")).with_id(format!("id-{i}")));
+        let first: Vec<Stored> = producer
+            .send_messages(TOPIC, with_ids())
+            .await
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+        let again = producer_of(&stores, |_| {});
+        let second: Vec<Stored> = again
+            .send_messages(TOPIC, with_ids())
+            .await
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+        assert!(first.iter().all(|s| !s.duplicate));
+        for (one, two) in first.iter().zip(&second) {
+            assert!(two.duplicate, "{two:?}");
+            assert_eq!(
+                (&one.store, one.queue, one.offset),
+                (&two.store, two.queue, two.offset)
+            );
+        }
+        assert!(first.iter().any(|s| &*s.store == "a") && first.iter().any(|s| &*s.store == "b"));
+
         let found = locate(&stores).await;
         assert_eq!(
             found.len(),
-            KEYS * MESSAGES_PER_KEY + 1 + 1_000,
-            "all stored"
+            KEYS * MESSAGES_PER_KEY + 1 + 1_000 + 40,
+            "all stored, once"
         );
         let mut keys_in = [0usize; 2];
         for k in 0..KEYS {
@@ -200,7 +227,7 @@ fn a_stopped_store_fails_its_keys_naming_it_unless_store_change_retry_moves_them
         let mut stores = start_stores().await;
         let [keys_a, keys_b] = keys_by_store(20);
         // A producer that knew store a's master before it stopped, and one that never did.
-        let warm = producer(&stores, |config| {
+        let warm = producer_of(&stores, |config| {
             config.store_change_retry = true;
             config.store_change_after = Duration::from_millis(300);
             config.deadline = Duration::from_secs(5);
@@ -209,12 +236,12 @@ fn a_stopped_store_fails_its_keys_naming_it_unless_store_change_retry_moves_them
             .await
             .unwrap();
         stores[0].stop_node(1).await;
-        let cold = producer(&stores, |config| {
+        let cold = producer_of(&stores, |config| {
             config.store_change_retry = true;
             config.store_change_after = Duration::from_millis(300);
             config.deadline = Duration::from_secs(5);
         });
-        let plain = producer(&stores, |config| {
+        let plain = producer_of(&stores, |config| {
             config.deadline = Duration::from_millis(1_500)
         });
 
