@@ -23,7 +23,7 @@ use common::{CONSUMER_GROUPS, Store, TOPIC, run};
 const STORES: [(&str, u32, u32); 2] = [("a", 1, 8), ("b", 3, 5)];
 /// Keys sent in the spread test, and messages per key.
 const KEYS: usize = 1_000;
-const MESSAGES_PER_KEY: usize = 3;
+const MESSAGES_PER_KEY: usize = 4;
 
 fn weights() -> Vec<StoreWeight<'static>> {
     STORES
@@ -101,15 +101,19 @@ fn every_key_lives_in_the_store_its_hash_names_in_order_split_by_weight() {
         let stores = start_stores().await;
         let producer = producer_of(&stores, |_| {});
         let key = |k: usize| format!("user-{k}");
-        // Round `n` sends every key's n-th message; each batch spans both stores.
-        for n in 0..MESSAGES_PER_KEY {
+        // Round `r` sends every key's messages 2r and 2r + 1, both in one batch; each batch
+        // spans both stores.
+        for round in 0..MESSAGES_PER_KEY / 2 {
             for chunk in (0..KEYS).collect::<Vec<_>>().chunks(250) {
-                let batch: Vec<Outgoing> = chunk
-                    .iter()
-                    .map(|&k| Outgoing::new(key(k), format!("{}/{n}", key(k))))
+                let messages: Vec<(usize, usize)> = [2 * round, 2 * round + 1]
+                    .into_iter()
+                    .flat_map(|n| chunk.iter().map(move |&k| (k, n)))
                     .collect();
+                let batch = messages
+                    .iter()
+                    .map(|&(k, n)| Outgoing::new(key(k), format!("{}/{n}", key(k))));
                 let results = producer.send_messages(TOPIC, batch).await;
-                for (&k, result) in chunk.iter().zip(results) {
+                for (&(k, _), result) in messages.iter().zip(results) {
                     let stored: Stored = result.expect("stored");
                     let (name, _, queues) = STORES[store_index(&key(k))];
                     assert_eq!(&*stored.store, name, "{}", key(k));
@@ -118,7 +122,7 @@ fn every_key_lives_in_the_store_its_hash_names_in_order_split_by_weight() {
             }
         }
         // A single send of a key goes the same way.
-        let receipt = producer.send(TOPIC, b"user-0", "user-0/3").await.unwrap();
+        let receipt = producer.send(TOPIC, b"user-0", "user-0/4").await.unwrap();
         let queues = STORES[store_index("user-0")].2;
         assert_eq!(receipt.queue, queue_of_key(b"user-0", queues));
         // Keyless messages spread by weight.
@@ -166,7 +170,7 @@ fn every_key_lives_in_the_store_its_hash_names_in_order_split_by_weight() {
             let index = store_index(&key(k));
             keys_in[index] += 1;
             let queues = STORES[index].2;
-            let count = if k == 0 { 4 } else { MESSAGES_PER_KEY };
+            let count = MESSAGES_PER_KEY + usize::from(k == 0);
             let places: Vec<(usize, u32, u64)> = (0..count)
                 .map(|n| found[format!("{}/{n}", key(k)).as_bytes()])
                 .collect();
