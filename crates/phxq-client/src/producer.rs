@@ -500,10 +500,9 @@ impl Shared {
         id
     }
 
-    /// After `store` failed `items` with `error`: each item moves on to its next store if
-    /// store-change retry allows (the store had no reachable master, the request has time
-    /// left, the item has a store left), else fails with `error` (naming the store when there
-    /// are several).
+    /// After `store` failed `items` with `error`: each item fails with `error` (naming the
+    /// store when there are several), moves on to its next store, or visits this store again
+    /// ([`after_failure`]).
     fn give_up_or_move(
         &self,
         store: usize,
@@ -518,24 +517,76 @@ impl Shared {
         } else {
             error
         };
-        let may_move = self.config.store_change_retry && masterless(&error) && progress.time_left();
-        let (mut going, staying): (Vec<Item>, Vec<Item>) = items
-            .into_iter()
-            .partition(|item| may_move && item.stores.len() > 1);
-        for item in staying {
-            outcomes.push((item.position, Err(error.clone())));
+        let (mut going, mut again) = (Vec::new(), Vec::new());
+        for item in items {
+            let failure = Failure {
+                store_change_retry: self.config.store_change_retry,
+                retryable: !matches!(error.kind(), ErrorKind::Refused | ErrorKind::Protocol),
+                masterless: masterless(&error),
+                time_left: progress.time_left(),
+                stores_left: item.stores.len() - 1,
+            };
+            match after_failure(failure) {
+                Next::Fail => outcomes.push((item.position, Err(error.clone()))),
+                Next::NextStore => going.push(item),
+                Next::SameStore => again.push(item),
+            }
         }
-        if going.is_empty() {
-            return;
-        }
-        tracing::debug!(store = %self.stores[store].name, %error, "changing store");
-        for item in &mut going {
-            debug_assert_eq!(item.stores[0], store);
-            item.stores.remove(0);
-        }
-        self.store_changes.fetch_add(1, Ordering::Relaxed);
         progress.unlimit();
-        moved.push((going, progress));
+        if !going.is_empty() {
+            tracing::debug!(store = %self.stores[store].name, %error, "changing store");
+            for item in &mut going {
+                debug_assert_eq!(item.stores[0], store);
+                item.stores.remove(0);
+            }
+            self.store_changes.fetch_add(1, Ordering::Relaxed);
+            moved.push((going, progress.clone()));
+        }
+        if !again.is_empty() {
+            moved.push((again, progress));
+        }
+    }
+}
+
+/// What a failed visit to a store knows, for [`after_failure`].
+#[derive(Clone, Copy, Debug)]
+struct Failure {
+    /// [`ProducerConfig::store_change_retry`].
+    store_change_retry: bool,
+    /// Retrying could change the outcome (not a refusal, not a protocol error).
+    retryable: bool,
+    /// The store had no reachable master ([`masterless`]).
+    masterless: bool,
+    /// The request's own deadline is still ahead.
+    time_left: bool,
+    /// Stores of the message's ranking after this one.
+    stores_left: usize,
+}
+
+/// Where a message goes after its store failed it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Next {
+    /// Return the error.
+    Fail,
+    /// The next store of its ranking (store-change retry).
+    NextStore,
+    /// This store again, with a new visit's budget: it failed only because the visit's time
+    /// ran out, not the request's, and store-change retry has nowhere better to go (the store
+    /// has a master but is busy, or it is the last of the ranking).
+    SameStore,
+}
+
+/// The store-change retry rule. Without it a store's visit has the request's whole deadline,
+/// so every failure is final; with it, a refusal is final, a masterless store is left for
+/// the next one, and anything else retryable is retried in the same store until the
+/// request's deadline.
+fn after_failure(failure: Failure) -> Next {
+    if !failure.store_change_retry || !failure.retryable || !failure.time_left {
+        Next::Fail
+    } else if failure.masterless && failure.stores_left > 0 {
+        Next::NextStore
+    } else {
+        Next::SameStore
     }
 }
 
@@ -1021,6 +1072,43 @@ mod tests {
         let error = check_batch(&[message(1, 1), message(KEY_BYTES_MAX + 1, 1)]).unwrap_err();
         assert!(error.message().starts_with("message 1: "), "{error}");
         assert_eq!((error.kind(), error.attempts()), (ErrorKind::Refused, 0));
+    }
+
+    #[test]
+    fn store_change_retry_moves_only_masterless_failures_and_never_refusals() {
+        let base = Failure {
+            store_change_retry: true,
+            retryable: true,
+            masterless: true,
+            time_left: true,
+            stores_left: 1,
+        };
+        let next = |change: fn(&mut Failure)| {
+            let mut failure = base;
+            change(&mut failure);
+            after_failure(failure)
+        };
+        assert_eq!(next(|_| {}), Next::NextStore);
+        assert_eq!(next(|f| f.store_change_retry = false), Next::Fail);
+        assert_eq!(next(|f| f.retryable = false), Next::Fail);
+        assert_eq!(next(|f| f.time_left = false), Next::Fail);
+        // A busy store with a master, or the last store of the ranking: try it again.
+        assert_eq!(next(|f| f.masterless = false), Next::SameStore);
+        assert_eq!(next(|f| f.stores_left = 0), Next::SameStore);
+        let error = |kind, code| ProduceError::new(kind, code, "why");
+        assert!(masterless(&error(ErrorKind::Unreachable, None)));
+        assert!(masterless(&error(
+            ErrorKind::DeadlineExceeded,
+            Some(ErrorCode::NoMaster)
+        )));
+        assert!(!masterless(&error(
+            ErrorKind::DeadlineExceeded,
+            Some(ErrorCode::Busy)
+        )));
+        assert!(!masterless(&error(
+            ErrorKind::Refused,
+            Some(ErrorCode::UnknownTopic)
+        )));
     }
 
     #[tokio::test]

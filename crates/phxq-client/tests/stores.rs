@@ -7,7 +7,7 @@
 //! queue count lands in the wrong queue.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use phxq_client::{
     ErrorKind, Outgoing, Producer, ProducerConfig, StoreConfig, StoreWeight, Stored, queue_of_key,
@@ -269,8 +269,10 @@ fn a_stopped_store_fails_its_keys_naming_it_unless_store_change_retry_moves_them
         }
         assert_eq!(plain.stats().store_changes, 0);
 
-        // With it: every key is stored, a's keys in b (the rest of their ranking).
+        // With it: every key is stored, a's keys in b (the rest of their ranking), a's
+        // keys after a's budget of 300 ms, well before the 5 s deadline.
         for (name, producer) in [("warm", &warm), ("cold", &cold)] {
+            let started = Instant::now();
             let batch: Vec<Outgoing> = keys_a
                 .iter()
                 .chain(&keys_b)
@@ -288,6 +290,8 @@ fn a_stopped_store_fails_its_keys_naming_it_unless_store_change_retry_moves_them
                 queue_of_key(keys_a[1].as_bytes(), STORES[1].2)
             );
             assert!(producer.stats().store_changes >= 2, "{name}");
+            let took = started.elapsed();
+            assert!(took < Duration::from_secs(3), "{name}: {took:?}");
         }
 
         let found = locate(&stores[1..]).await;
