@@ -1,7 +1,8 @@
 //! The Rust client library of phxq: a [`Producer`] and a [`Consumer`].
 //!
-//! A producer is given a few nodes of one store ([`ProducerConfig::servers`]); it learns the
-//! rest from the `ClusterStatus` call of the client protocol (`phxq-proto`'s
+//! A producer is given a few nodes of one store ([`ProducerConfig::servers`]), or of each of
+//! several stores ([`ProducerConfig::with_stores`], below); it learns the rest of each store
+//! from the `ClusterStatus` call of the client protocol (`phxq-proto`'s
 //! `proto/phxq/v1/phxq.proto`): how many replication groups the store has, its topics and
 //! their queue counts, every node's client address and each group's master. Then:
 //!

@@ -527,9 +527,9 @@ impl Shared {
                 stores_left: item.stores.len() - 1,
             };
             match after_failure(failure) {
-                Next::Fail => outcomes.push((item.position, Err(error.clone()))),
-                Next::NextStore => going.push(item),
-                Next::SameStore => again.push(item),
+                AfterFailure::Fail => outcomes.push((item.position, Err(error.clone()))),
+                AfterFailure::NextStore => going.push(item),
+                AfterFailure::SameStore => again.push(item),
             }
         }
         progress.unlimit();
@@ -565,7 +565,7 @@ struct Failure {
 
 /// Where a message goes after its store failed it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Next {
+enum AfterFailure {
     /// Return the error.
     Fail,
     /// The next store of its ranking (store-change retry).
@@ -580,13 +580,13 @@ enum Next {
 /// so every failure is final; with it, a refusal is final, a masterless store is left for
 /// the next one, and anything else retryable is retried in the same store until the
 /// request's deadline.
-fn after_failure(failure: Failure) -> Next {
+fn after_failure(failure: Failure) -> AfterFailure {
     if !failure.store_change_retry || !failure.retryable || !failure.time_left {
-        Next::Fail
+        AfterFailure::Fail
     } else if failure.masterless && failure.stores_left > 0 {
-        Next::NextStore
+        AfterFailure::NextStore
     } else {
-        Next::SameStore
+        AfterFailure::SameStore
     }
 }
 
@@ -1088,13 +1088,13 @@ mod tests {
             change(&mut failure);
             after_failure(failure)
         };
-        assert_eq!(next(|_| {}), Next::NextStore);
-        assert_eq!(next(|f| f.store_change_retry = false), Next::Fail);
-        assert_eq!(next(|f| f.retryable = false), Next::Fail);
-        assert_eq!(next(|f| f.time_left = false), Next::Fail);
+        assert_eq!(next(|_| {}), AfterFailure::NextStore);
+        assert_eq!(next(|f| f.store_change_retry = false), AfterFailure::Fail);
+        assert_eq!(next(|f| f.retryable = false), AfterFailure::Fail);
+        assert_eq!(next(|f| f.time_left = false), AfterFailure::Fail);
         // A busy store with a master, or the last store of the ranking: try it again.
-        assert_eq!(next(|f| f.masterless = false), Next::SameStore);
-        assert_eq!(next(|f| f.stores_left = 0), Next::SameStore);
+        assert_eq!(next(|f| f.masterless = false), AfterFailure::SameStore);
+        assert_eq!(next(|f| f.stores_left = 0), AfterFailure::SameStore);
         let error = |kind, code| ProduceError::new(kind, code, "why");
         assert!(masterless(&error(ErrorKind::Unreachable, None)));
         assert!(masterless(&error(
