@@ -10,6 +10,9 @@
 //! `TIMEOUT` or a lost connection may store its messages twice: delivery is at least once, and
 //! the summary counts such batches. Anything else is a typed error (`CODE(number): why`) and a
 //! non-zero exit.
+//!
+//! `phxq produce` (except with `--queue`) runs on the producer library instead, with several
+//! stores if asked: `client/produce.rs`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, Write};
@@ -667,9 +670,9 @@ struct ProduceTally {
 }
 
 pub fn produce(args: &ProduceArgs) -> CommandResult {
-    let Some(_) = args.queue else {
+    if args.queue.is_none() {
         return produce::produce(args);
-    };
+    }
     if !args.store.is_empty() || args.store_change_retry || args.id_prefix.is_some() {
         return Err(ClientError::Usage(
             "--queue names a queue of one store (--server): it takes neither --store, \
