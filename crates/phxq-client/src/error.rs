@@ -8,6 +8,7 @@
 //! [`ErrorKind::Protocol`].
 
 use std::fmt;
+use std::sync::Arc;
 
 use phxq_proto::api::Failure;
 use phxq_types::ErrorCode;
@@ -54,6 +55,8 @@ pub struct ProduceError {
     message: String,
     attempts: u32,
     maybe_stored: bool,
+    /// The store the failure happened in, for a producer of several stores.
+    store: Option<Arc<str>>,
 }
 
 impl ProduceError {
@@ -69,6 +72,7 @@ impl ProduceError {
             message: message.into(),
             attempts: 0,
             maybe_stored: false,
+            store: None,
         }
     }
 
@@ -97,6 +101,18 @@ impl ProduceError {
         self.attempts = attempts;
         self.maybe_stored = maybe_stored;
         self
+    }
+
+    /// Names the store the failure happened in (producers of several stores).
+    pub(crate) fn in_store(mut self, store: Arc<str>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// The store the failure happened in, when the producer writes to several stores
+    /// (`None` with one store: there is no other).
+    pub fn store(&self) -> Option<&str> {
+        self.store.as_deref()
     }
 
     /// What kind of failure this is.
@@ -133,6 +149,9 @@ impl ProduceError {
 
 impl fmt::Display for ProduceError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(store) = &self.store {
+            write!(f, "store {store:?}: ")?;
+        }
         write!(f, "{}", self.kind)?;
         if let Some(code) = self.code {
             write!(f, ": {code}")?;
@@ -195,6 +214,14 @@ mod tests {
             error.to_string(),
             "store unreachable: connection refused (after 7 attempt(s); \
              the messages may have been stored)"
+        );
+        let error = error.in_store(Arc::from("eu-2"));
+        assert_eq!(error.store(), Some("eu-2"));
+        assert!(
+            error
+                .to_string()
+                .starts_with("store \"eu-2\": store unreachable: "),
+            "{error}"
         );
     }
 }

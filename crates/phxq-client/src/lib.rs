@@ -1,7 +1,8 @@
 //! The Rust client library of phxq: a [`Producer`] and a [`Consumer`].
 //!
-//! A producer is given a few nodes of one store ([`ProducerConfig::servers`]); it learns the
-//! rest from the `ClusterStatus` call of the client protocol (`phxq-proto`'s
+//! A producer is given a few nodes of one store ([`ProducerConfig::servers`]), or of each of
+//! several stores ([`ProducerConfig::with_stores`], below); it learns the rest of each store
+//! from the `ClusterStatus` call of the client protocol (`phxq-proto`'s
 //! `proto/phxq/v1/phxq.proto`): how many replication groups the store has, its topics and
 //! their queue counts, every node's client address and each group's master. Then:
 //!
@@ -17,6 +18,14 @@
 //!   back at once as a [`ProduceError`] carrying the stable [`ErrorCode`].
 //! * Opt-in queue-change retry ([`ProducerConfig::queue_change_retry`]) trades per-key order
 //!   for availability while a group has no master.
+//! * **Several stores** ([`ProducerConfig::with_stores`], each a [`StoreConfig`] with a name,
+//!   servers and a weight): a key first picks its store by weighted rendezvous hashing
+//!   ([`store_of_key`], fixed forever like the queue mapping; adding a store moves only
+//!   the keys it wins), then its queue there; keyless messages spread by weight. One router
+//!   (layout, masters cache) per store; a batch makes one call per (store, group), all at
+//!   once; errors name the store ([`ProduceError::store`]). Opt-in store-change retry
+//!   ([`ProducerConfig::store_change_retry`]) moves a message to the next store of its key's
+//!   ranking when its store has no reachable master, giving up per-key order.
 //!
 //! A success ([`Receipt`]) means the message is durable: committed to a majority of the
 //! store, fsynced there. Delivery is at least once (see [`ProduceError::maybe_stored`]).
@@ -91,7 +100,9 @@ mod seek;
 
 pub use config::{
     ATTEMPT_TIMEOUT_DEFAULT, BACKOFF_INITIAL_DEFAULT, BACKOFF_MAX_DEFAULT, BACKOFF_MAX_LIMIT,
-    BACKOFF_MIN_LIMIT, ConfigError, DEADLINE_DEFAULT, DEADLINE_MAX, ProducerConfig, SERVERS_MAX,
+    BACKOFF_MIN_LIMIT, ConfigError, DEADLINE_DEFAULT, DEADLINE_MAX, DEFAULT_STORE_NAME,
+    ProducerConfig, SERVERS_MAX, STORE_CHANGE_AFTER_DEFAULT, STORE_WEIGHT_MAX, STORES_MAX,
+    StoreConfig,
 };
 pub use consumer::{Consumer, ConsumerError, ConsumerReport, Delivery, Handler, Outcome};
 pub use consumer_assign::{assigned_queues, queue_owner};
@@ -110,10 +121,13 @@ pub use consumer_member::{
 pub use consumer_rate::BURST as RATE_BURST;
 pub use consumer_settings::{EffectiveSettings, SettingsError};
 pub use error::{ErrorKind, ProduceError};
-pub use key::{fnv1a_64, queue_of_key};
+pub use key::{
+    StoreWeight, fnv1a_64, queue_of_key, store_hash, store_of_key, store_ranking, store_score,
+};
 pub use phxq_types::{ErrorCode, KEY_BYTES_MAX, MESSAGE_ID_BYTES_MAX, Offset, QueueId};
 pub use producer::{
-    BATCH_BYTES_MAX, BATCH_MESSAGES_MAX, Producer, ProducerStats, Receipt, VALUE_BYTES_MAX,
+    BATCH_BYTES_MAX, BATCH_MESSAGES_MAX, Outgoing, Producer, ProducerStats, Receipt, Stored,
+    VALUE_BYTES_MAX,
 };
 pub use router::{CHANNELS_MAX, CONNECT_TIMEOUT, REDIRECTS_IN_A_ROW_MAX};
 pub use seek::{SeekError, SeekMove, SeekTo, seek};

@@ -29,6 +29,7 @@
 //! failed send may still commit later.
 
 use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,8 +43,8 @@ use tokio::task::JoinSet;
 
 use crate::config::{ConfigError, ProducerConfig};
 use crate::error::{ErrorKind, ProduceError};
-use crate::key::queue_of_key;
-use crate::router::{Halt, Layout, Progress, Router};
+use crate::key::{StoreWeight, queue_of_key, store_of_key, store_ranking};
+use crate::router::{Counters, Halt, Progress, Router};
 
 /// Most messages in one [`Producer::send_batch`]: the server's limit for one call, so that
 /// every group's call fits whatever the routing.
@@ -56,7 +57,8 @@ pub const BATCH_BYTES_MAX: usize = 32 << 20;
 /// lower (1 MiB by default): its nodes refuse with `MESSAGE_TOO_LARGE`.
 pub const VALUE_BYTES_MAX: usize = 16 << 20;
 
-/// Where an acknowledged message is stored: `(topic, queue, offset)` is its stable id.
+/// Where an acknowledged message is stored: `(topic, queue, offset)` is its stable id (in its
+/// store, for a producer of several stores: see [`Stored`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Receipt {
     /// The queue it went to.
@@ -65,7 +67,64 @@ pub struct Receipt {
     pub offset: Offset,
 }
 
-/// What a producer has done since it was created (all its clones together).
+/// Where an acknowledged message is stored, with its store, and whether the store answered
+/// it as a duplicate of an earlier append with the same message id (then `offset` is the
+/// original's and nothing was stored again). [`Producer::send_messages`] returns these.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Stored {
+    /// The store's name ([`crate::StoreConfig::name`], or [`crate::DEFAULT_STORE_NAME`]).
+    pub store: Arc<str>,
+    /// The queue it went to, in that store.
+    pub queue: QueueId,
+    /// Its offset in that queue (dense, from 1).
+    pub offset: Offset,
+    /// The store already held this message id: nothing was appended.
+    pub duplicate: bool,
+}
+
+impl Stored {
+    /// The queue and offset, without the store.
+    pub fn receipt(&self) -> Receipt {
+        Receipt {
+            queue: self.queue,
+            offset: self.offset,
+        }
+    }
+}
+
+/// A message for [`Producer::send_messages`]: a key (empty: none), a value, and optionally a
+/// message id of the caller's (see [`Producer::send_with_id`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Outgoing {
+    /// Picks the store and the queue; empty: none (spread by weight, then round-robin).
+    pub key: Vec<u8>,
+    /// The message.
+    pub value: Vec<u8>,
+    /// 1 to [`MESSAGE_ID_BYTES_MAX`] bytes: the message is an append of its own that the
+    /// store deduplicates by this id; without a key it is routed by the id (see
+    /// [`Producer::send_with_id`]). `None`: the producer's own id if
+    /// [`ProducerConfig::message_ids`], else none.
+    pub message_id: Option<Vec<u8>>,
+}
+
+impl Outgoing {
+    /// A message of `key` and `value`, without an id of the caller's.
+    pub fn new(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Outgoing {
+        Outgoing {
+            key: key.into(),
+            value: value.into(),
+            message_id: None,
+        }
+    }
+
+    /// The same message with the caller's message id `id`.
+    pub fn with_id(mut self, id: impl Into<Vec<u8>>) -> Outgoing {
+        self.message_id = Some(id.into());
+        self
+    }
+}
+
+/// What a producer has done since it was created (all its clones together, all its stores).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProducerStats {
     /// `Produce` and `ProduceMany` calls made, every attempt and redirect included.
@@ -78,6 +137,8 @@ pub struct ProducerStats {
     pub retries: u64,
     /// Calls moved to the next queue by queue-change retry.
     pub queue_changes: u64,
+    /// Calls whose messages moved to their next store by store-change retry.
+    pub store_changes: u64,
     /// Write attempts that ended without a known outcome; each retry after one may have
     /// stored messages twice.
     pub uncertain_attempts: u64,
@@ -86,97 +147,143 @@ pub struct ProducerStats {
     pub duplicates: u64,
 }
 
-/// A producer for one store: cheap to clone (clones share channels, the cached layout and
-/// masters, and statistics) and safe to use from many tasks at once. Needs a tokio runtime.
+/// A producer for one store or several: cheap to clone (clones share channels, the cached
+/// layouts and masters, and statistics) and safe to use from many tasks at once. Needs a
+/// tokio runtime.
 #[derive(Clone)]
 pub struct Producer {
     shared: Arc<Shared>,
 }
 
-struct Shared {
+/// One store of the producer: its own router (layout, masters cache, channels).
+struct Store {
+    name: Arc<str>,
+    weight: u32,
     router: Router,
+}
+
+struct Shared {
+    config: ProducerConfig,
+    /// The stores, in config order (routing depends on their names, not on this order).
+    stores: Vec<Store>,
     /// The next queue for a message without a key (taken modulo the topic's queue count).
     next_queue: AtomicU64,
+    /// The next spread token of a message without a key (hashed to pick its store).
+    next_spread: AtomicU64,
     /// This producer's half of its message ids: random, drawn once.
     id_token: u64,
     /// The sequence half of the next message id.
     next_id: AtomicU64,
     /// Appends answered as duplicates.
     duplicates: AtomicU64,
+    /// Calls moved on by store-change retry.
+    store_changes: AtomicU64,
 }
 
-/// Messages routed to one queue, with their positions in the caller's input.
+/// One message on its way, with the stores it may still go to.
+struct Item {
+    /// Its position in the caller's input.
+    position: usize,
+    message: api::Message,
+    /// The caller's message id: the message is an append of its own.
+    message_id: Option<Vec<u8>>,
+    /// Stores still to try, the current one first (indices into `Shared::stores`): the
+    /// key's rendezvous ranking with store-change retry, else its one store.
+    stores: Vec<usize>,
+}
+
+/// Messages routed to one queue, as one append.
 struct Routed {
     queue: QueueId,
-    positions: Vec<usize>,
-    messages: Vec<api::Message>,
+    items: Vec<Item>,
     /// The append's message id (empty: none), the same on every attempt.
     message_id: Vec<u8>,
+    /// The id is the caller's: no other message may join this append.
+    callers_id: bool,
 }
 
-type Outcomes = Vec<(usize, Result<Receipt, ProduceError>)>;
+type Outcomes = Vec<(usize, Result<Stored, ProduceError>)>;
+/// Messages sent on to their next store, with their request's progress so far.
+type Moved = Vec<(Vec<Item>, Progress)>;
 
 impl Producer {
     /// A producer with `config` (validated here). It connects to nothing yet: the first send
-    /// learns the store's layout.
+    /// to a store learns its layout.
     pub fn new(config: ProducerConfig) -> Result<Producer, ConfigError> {
         config.validate()?;
-        let router = Router::new(config);
-        let next_queue = AtomicU64::new(router.random());
-        let id_token = router.random();
+        let stores: Vec<Store> = config
+            .store_list()
+            .iter()
+            .map(|store| Store {
+                name: Arc::from(store.name.as_str()),
+                weight: store.weight,
+                router: Router::new(config.for_store(store)),
+            })
+            .collect();
+        let first = &stores[0].router;
+        let next_queue = AtomicU64::new(first.random());
+        let id_token = first.random();
+        let next_spread = AtomicU64::new(first.random());
         Ok(Producer {
             shared: Arc::new(Shared {
-                router,
+                config,
+                stores,
                 next_queue,
+                next_spread,
                 id_token,
                 next_id: AtomicU64::new(1),
                 duplicates: AtomicU64::new(0),
+                store_changes: AtomicU64::new(0),
             }),
         })
     }
 
     /// The producer's configuration.
     pub fn config(&self) -> &ProducerConfig {
-        self.shared.router.config()
+        &self.shared.config
     }
 
     /// What the producer (with all its clones) has done so far.
     pub fn stats(&self) -> ProducerStats {
-        let counters = &self.shared.router.counters;
         let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let sum = |counter: fn(&Counters) -> &AtomicU64| {
+            let stores = &self.shared.stores;
+            stores
+                .iter()
+                .map(|s| read(counter(&s.router.counters)))
+                .sum()
+        };
         ProducerStats {
-            produce_calls: read(&counters.produce_calls),
-            status_calls: read(&counters.status_calls),
-            redirects: read(&counters.redirects),
-            retries: read(&counters.retries),
-            queue_changes: read(&counters.queue_changes),
-            uncertain_attempts: read(&counters.uncertain_attempts),
+            produce_calls: sum(|c| &c.produce_calls),
+            status_calls: sum(|c| &c.status_calls),
+            redirects: sum(|c| &c.redirects),
+            retries: sum(|c| &c.retries),
+            queue_changes: sum(|c| &c.queue_changes),
+            store_changes: read(&self.shared.store_changes),
+            uncertain_attempts: sum(|c| &c.uncertain_attempts),
             duplicates: read(&self.shared.duplicates),
         }
     }
 
-    /// A new message id for one append if the config asks for ids, else none (empty).
-    fn new_message_id(&self) -> Vec<u8> {
-        if !self.config().message_ids {
-            return Vec::new();
-        }
-        let sequence = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut id = self.shared.id_token.to_be_bytes().to_vec();
-        id.extend_from_slice(&sequence.to_be_bytes());
-        id
+    /// The name of the store a message with `key` goes to ([`crate::store_of_key`] over the
+    /// configured stores; the first store of its ranking, before any store-change retry).
+    /// `key` must not be empty (keyless messages spread over the stores).
+    pub fn store_of_key(&self, key: &[u8]) -> &str {
+        let weights = self.shared.weights();
+        &self.shared.stores[store_of_key(&weights, key)].name
     }
 
     /// Sends one message to `topic` and waits until it is durable (committed on a majority
-    /// of the store) or the deadline passes. `key` picks the queue ([`queue_of_key`]); an
-    /// empty key means none (round-robin).
+    /// of the store) or the deadline passes. `key` picks the store and the queue
+    /// ([`crate::store_of_key`], [`queue_of_key`]); an empty key means none (spread over the
+    /// stores by weight, round-robin over the queues).
     pub async fn send(
         &self,
         topic: &str,
         key: &[u8],
         value: impl Into<Vec<u8>>,
     ) -> Result<Receipt, ProduceError> {
-        let message_id = self.new_message_id();
-        self.send_one(topic, key, value.into(), message_id).await
+        self.send_one(topic, key, value.into(), None).await
     }
 
     /// Sends one message like [`send`](Self::send), with a message id of the caller's (1 to
@@ -185,7 +292,10 @@ impl Producer {
     /// the message first stored with it ([`ProducerStats::duplicates`] counts those). Derive
     /// the id from what makes the message unique (an order number, a source offset) to make
     /// a produce idempotent across retries, restarts and processes. An id of bad length is
-    /// refused (`INVALID_ARGUMENT`) before sending.
+    /// refused (`INVALID_ARGUMENT`) before sending. Without a key, the message is routed by
+    /// its id instead (store and queue, as a key would be), so that the same id always meets
+    /// the same dedup window. (A store-change retry takes the message to a store whose window
+    /// does not hold the id.)
     pub async fn send_with_id(
         &self,
         topic: &str,
@@ -194,56 +304,34 @@ impl Producer {
         message_id: impl Into<Vec<u8>>,
     ) -> Result<Receipt, ProduceError> {
         let message_id = message_id.into();
-        if message_id.is_empty() || message_id.len() > MESSAGE_ID_BYTES_MAX {
-            return Err(ProduceError::refused(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "a message id of {} bytes; 1 to {MESSAGE_ID_BYTES_MAX}",
-                    message_id.len()
-                ),
-            ));
-        }
-        self.send_one(topic, key, value.into(), message_id).await
+        check_message_id(&message_id, None)?;
+        self.send_one(topic, key, value.into(), Some(message_id))
+            .await
     }
 
-    /// [`send`](Self::send) with `message_id` (empty: none).
+    /// [`send`](Self::send) with the caller's `message_id`, if any.
     async fn send_one(
         &self,
         topic: &str,
         key: &[u8],
         value: Vec<u8>,
-        message_id: Vec<u8>,
+        message_id: Option<Vec<u8>>,
     ) -> Result<Receipt, ProduceError> {
         let message = api::Message {
             key: key.to_vec(),
             value,
         };
         check_message(&message, None)?;
-        let mut progress = self.shared.router.start_request();
-        let (layout, queues) = self.topic(topic, &mut progress).await?;
-        let routed = Routed {
-            queue: self.choose_queue(key, queues),
-            positions: vec![0],
-            messages: vec![message],
-            message_id,
-        };
-        let mut outcomes = deliver(
-            self.shared.clone(),
-            Arc::from(topic),
-            (layout.groups, queues),
-            vec![routed],
-            progress,
-        )
-        .await;
-        debug_assert_eq!(outcomes.len(), 1, "one outcome per message");
-        match outcomes.pop() {
-            Some((_, outcome)) => outcome,
-            None => unreachable!("deliver answers every message"),
+        let mut results = self.send_checked(topic, vec![(message, message_id)]).await;
+        debug_assert_eq!(results.len(), 1, "one result per message");
+        match results.pop() {
+            Some(result) => result.map(|stored| stored.receipt()),
+            None => unreachable!("send_checked answers every message"),
         }
     }
 
-    /// Sends `messages` (key, value) to `topic`, one call per replication group, the groups
-    /// concurrently; returns one result per message, in input order.
+    /// Sends `messages` (key, value) to `topic`, one call per (store, replication group),
+    /// all at once; returns one result per message, in input order.
     ///
     /// Messages of one queue are appended in input order, at consecutive offsets. A group's
     /// call succeeds or fails as a whole (so do its retries); different groups' calls succeed
@@ -262,60 +350,78 @@ impl Producer {
         K: Into<Vec<u8>>,
         V: Into<Vec<u8>>,
     {
-        let messages: Vec<api::Message> = messages
+        let outgoing = messages
             .into_iter()
-            .map(|(key, value)| api::Message {
-                key: key.into(),
-                value: value.into(),
+            .map(|(key, value)| Outgoing::new(key, value));
+        self.send_messages(topic, outgoing)
+            .await
+            .into_iter()
+            .map(|result| result.map(|stored| stored.receipt()))
+            .collect()
+    }
+
+    /// [`send_batch`](Self::send_batch) with a message id per message if wanted, and the
+    /// store and duplicate flag in each result ([`Stored`]). A message with the caller's id
+    /// is an append of its own (the store deduplicates appends), in the same call as the
+    /// other messages of its group. An id of bad length refuses the whole batch
+    /// (`INVALID_ARGUMENT`) before sending.
+    pub async fn send_messages(
+        &self,
+        topic: &str,
+        messages: impl IntoIterator<Item = Outgoing>,
+    ) -> Vec<Result<Stored, ProduceError>> {
+        let (messages, ids): (Vec<api::Message>, Vec<Option<Vec<u8>>>) = messages
+            .into_iter()
+            .map(|outgoing| {
+                let message = api::Message {
+                    key: outgoing.key,
+                    value: outgoing.value,
+                };
+                (message, outgoing.message_id)
+            })
+            .unzip();
+        let count = messages.len();
+        let checked = check_batch(&messages).and_then(|()| {
+            ids.iter().enumerate().try_for_each(|(i, id)| match id {
+                Some(id) => check_message_id(id, Some(i)),
+                None => Ok(()),
+            })
+        });
+        if let Err(error) = checked {
+            return vec![Err(error); count];
+        }
+        self.send_checked(topic, messages.into_iter().zip(ids).collect())
+            .await
+    }
+
+    /// Routes and delivers checked messages; one result per message, in input order.
+    async fn send_checked(
+        &self,
+        topic: &str,
+        messages: Vec<(api::Message, Option<Vec<u8>>)>,
+    ) -> Vec<Result<Stored, ProduceError>> {
+        let count = messages.len();
+        let progress = self.shared.stores[0].router.start_request();
+        if let Err(error) = validate_name(topic) {
+            let error = ProduceError::refused(ErrorCode::InvalidName, format!("topic: {error}"));
+            return vec![Err(error); count];
+        }
+        let items = messages
+            .into_iter()
+            .enumerate()
+            .map(|(position, (message, message_id))| Item {
+                position,
+                stores: self.shared.stores_of(route_key(&message, &message_id)),
+                message,
+                message_id,
             })
             .collect();
-        let count = messages.len();
-        let whole = |error: ProduceError| vec![Err(error); count];
-        if let Err(error) = check_batch(&messages) {
-            return whole(error);
+        let outcomes = deliver_all(self.shared.clone(), Arc::from(topic), items, &progress).await;
+        let mut results: Vec<Option<Result<Stored, ProduceError>>> = vec![None; count];
+        for (position, outcome) in outcomes {
+            results[position] = Some(outcome);
         }
-        let mut progress = self.shared.router.start_request();
-        let (layout, queues) = match self.topic(topic, &mut progress).await {
-            Ok(found) => found,
-            Err(error) => return whole(error),
-        };
-        let mut by_queue: BTreeMap<QueueId, Routed> = BTreeMap::new();
-        for (position, message) in messages.into_iter().enumerate() {
-            let queue = self.choose_queue(&message.key, queues);
-            let routed = by_queue.entry(queue).or_insert_with(|| Routed {
-                queue,
-                positions: Vec::new(),
-                messages: Vec::new(),
-                message_id: self.new_message_id(),
-            });
-            routed.positions.push(position);
-            routed.messages.push(message);
-        }
-        let topic: Arc<str> = Arc::from(topic);
-        let mut calls = JoinSet::new();
-        for appends in by_group(by_queue.into_values(), layout.groups) {
-            calls.spawn(deliver(
-                self.shared.clone(),
-                topic.clone(),
-                (layout.groups, queues),
-                appends,
-                progress.clone(),
-            ));
-        }
-        let mut results: Vec<Option<Result<Receipt, ProduceError>>> = vec![None; count];
-        while let Some(joined) = calls.join_next().await {
-            match joined {
-                Ok(outcomes) => {
-                    for (position, outcome) in outcomes {
-                        results[position] = Some(outcome);
-                    }
-                }
-                Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-                // Cancelled: the runtime is shutting down; its messages get the error below.
-                Err(_) => {}
-            }
-        }
-        // A call abandoned mid-flight may still commit.
+        // A call abandoned mid-flight (the runtime shutting down) may still commit.
         let cancelled = ProduceError::new(
             ErrorKind::Unreachable,
             None,
@@ -328,27 +434,159 @@ impl Producer {
             .collect()
     }
 
-    /// The layout and queue count of `topic`, after checking its name.
-    async fn topic(
-        &self,
-        topic: &str,
-        progress: &mut Progress,
-    ) -> Result<(Arc<Layout>, u32), ProduceError> {
-        validate_name(topic).map_err(|error| {
-            ProduceError::refused(ErrorCode::InvalidName, format!("topic: {error}"))
-        })?;
-        self.shared.router.topic_queues(topic, progress).await
+    /// The queue of a message: by key, or round-robin without one.
+    #[cfg(test)]
+    fn choose_queue(&self, key: &[u8], queues: u32) -> QueueId {
+        self.shared.choose_queue(key, queues)
+    }
+}
+
+impl Shared {
+    /// The stores' names and weights, as the routing functions take them.
+    fn weights(&self) -> Vec<StoreWeight<'_>> {
+        self.stores
+            .iter()
+            .map(|store| StoreWeight {
+                name: &store.name,
+                weight: store.weight,
+            })
+            .collect()
+    }
+
+    /// The stores a message with `key` tries, in order: its store, then (store-change retry
+    /// only) the rest of its ranking. Without a key, a spread token stands for it, so keyless
+    /// messages spread over the stores by weight.
+    fn stores_of(&self, key: &[u8]) -> Vec<usize> {
+        if self.stores.len() == 1 {
+            return vec![0];
+        }
+        let spread;
+        let route_key = if key.is_empty() {
+            spread = self
+                .next_spread
+                .fetch_add(1, Ordering::Relaxed)
+                .to_be_bytes();
+            &spread[..]
+        } else {
+            key
+        };
+        let weights = self.weights();
+        if self.config.store_change_retry {
+            store_ranking(&weights, route_key)
+        } else {
+            vec![store_of_key(&weights, route_key)]
+        }
     }
 
     /// The queue of a message: by key, or round-robin without one.
     fn choose_queue(&self, key: &[u8], queues: u32) -> QueueId {
         if key.is_empty() {
-            let turn = self.shared.next_queue.fetch_add(1, Ordering::Relaxed);
+            let turn = self.next_queue.fetch_add(1, Ordering::Relaxed);
             // The remainder is below `queues`, a u32.
             (turn % u64::from(queues)) as QueueId
         } else {
             queue_of_key(key, queues)
         }
+    }
+
+    /// A new message id for one append if the config asks for ids, else none (empty).
+    fn new_message_id(&self) -> Vec<u8> {
+        if !self.config.message_ids {
+            return Vec::new();
+        }
+        let sequence = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut id = self.id_token.to_be_bytes().to_vec();
+        id.extend_from_slice(&sequence.to_be_bytes());
+        id
+    }
+
+    /// After `store` failed `items` with `error`: each item fails with `error` (naming the
+    /// store when there are several), moves on to its next store, or visits this store again
+    /// ([`after_failure`]).
+    fn give_up_or_move(
+        &self,
+        store: usize,
+        items: Vec<Item>,
+        error: ProduceError,
+        mut progress: Progress,
+        outcomes: &mut Outcomes,
+        moved: &mut Moved,
+    ) {
+        let error = if self.stores.len() > 1 {
+            error.in_store(self.stores[store].name.clone())
+        } else {
+            error
+        };
+        let (mut going, mut again) = (Vec::new(), Vec::new());
+        for item in items {
+            let failure = Failure {
+                store_change_retry: self.config.store_change_retry,
+                retryable: !matches!(error.kind(), ErrorKind::Refused | ErrorKind::Protocol),
+                masterless: masterless(&error),
+                time_left: progress.time_left(),
+                stores_left: item.stores.len() - 1,
+            };
+            match after_failure(failure) {
+                AfterFailure::Fail => outcomes.push((item.position, Err(error.clone()))),
+                AfterFailure::NextStore => going.push(item),
+                AfterFailure::SameStore => again.push(item),
+            }
+        }
+        progress.unlimit();
+        if !going.is_empty() {
+            tracing::debug!(store = %self.stores[store].name, %error, "changing store");
+            for item in &mut going {
+                debug_assert_eq!(item.stores[0], store);
+                item.stores.remove(0);
+            }
+            self.store_changes.fetch_add(1, Ordering::Relaxed);
+            moved.push((going, progress.clone()));
+        }
+        if !again.is_empty() {
+            moved.push((again, progress));
+        }
+    }
+}
+
+/// What a failed visit to a store knows, for [`after_failure`].
+#[derive(Clone, Copy, Debug)]
+struct Failure {
+    /// [`ProducerConfig::store_change_retry`].
+    store_change_retry: bool,
+    /// Retrying could change the outcome (not a refusal, not a protocol error).
+    retryable: bool,
+    /// The store had no reachable master ([`masterless`]).
+    masterless: bool,
+    /// The request's own deadline is still ahead.
+    time_left: bool,
+    /// Stores of the message's ranking after this one.
+    stores_left: usize,
+}
+
+/// Where a message goes after its store failed it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AfterFailure {
+    /// Return the error.
+    Fail,
+    /// The next store of its ranking (store-change retry).
+    NextStore,
+    /// This store again, with a new visit's budget: it failed only because the visit's time
+    /// ran out, not the request's, and store-change retry has nowhere better to go (the store
+    /// has a master but is busy, or it is the last of the ranking).
+    SameStore,
+}
+
+/// The store-change retry rule. Without it a store's visit has the request's whole deadline,
+/// so every failure is final; with it, a refusal is final, a masterless store is left for
+/// the next one, and anything else retryable is retried in the same store until the
+/// request's deadline.
+fn after_failure(failure: Failure) -> AfterFailure {
+    if !failure.store_change_retry || !failure.retryable || !failure.time_left {
+        AfterFailure::Fail
+    } else if failure.masterless && failure.stores_left > 0 {
+        AfterFailure::NextStore
+    } else {
+        AfterFailure::SameStore
     }
 }
 
@@ -361,19 +599,178 @@ impl fmt::Debug for Producer {
     }
 }
 
-/// Delivers `appends` (all of one group), moving them on by queue-change retry when asked;
-/// returns the outcome of every message, by its position in the caller's input. `shape` is
-/// the store's group count and the topic's queue count.
+/// What routes a message: its key; without one, the caller's message id, so that sending
+/// the same id again (a retry, a re-run after a crash) reaches the same store and queue,
+/// whose dedup window holds it; without either, nothing (empty: spread).
+fn route_key<'a>(message: &'a api::Message, message_id: &'a Option<Vec<u8>>) -> &'a [u8] {
+    match message_id {
+        Some(id) if message.key.is_empty() => id,
+        _ => &message.key,
+    }
+}
+
+/// Whether `error` says the store had no reachable master (what store-change retry is for),
+/// rather than a refusal or an overloaded master.
+fn masterless(error: &ProduceError) -> bool {
+    match error.kind() {
+        ErrorKind::Unreachable => true,
+        ErrorKind::DeadlineExceeded => matches!(
+            error.code(),
+            Some(ErrorCode::NoMaster | ErrorCode::Unavailable | ErrorCode::NotMaster)
+        ),
+        ErrorKind::Refused | ErrorKind::Protocol => false,
+    }
+}
+
+/// Delivers `items` to their stores, all stores at once, then the items store-change retry
+/// moved on to their next stores, round after round (each round takes every item one store
+/// further down its ranking, so there are at most as many rounds as stores). Returns the
+/// outcome of every item not lost to a cancelled task.
+async fn deliver_all(
+    shared: Arc<Shared>,
+    topic: Arc<str>,
+    items: Vec<Item>,
+    progress: &Progress,
+) -> Outcomes {
+    let mut outcomes = Vec::new();
+    let mut pending: BTreeMap<usize, (Vec<Item>, Progress)> = BTreeMap::new();
+    add_by_store(&mut pending, items, progress);
+    while !pending.is_empty() {
+        let mut visits = JoinSet::new();
+        for (store, (items, progress)) in std::mem::take(&mut pending) {
+            visits.spawn(visit_store(
+                shared.clone(),
+                store,
+                topic.clone(),
+                items,
+                progress,
+            ));
+        }
+        while let Some(joined) = visits.join_next().await {
+            match joined {
+                Ok((done, moved)) => {
+                    outcomes.extend(done);
+                    for (items, progress) in moved {
+                        add_by_store(&mut pending, items, &progress);
+                    }
+                }
+                Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+                // Cancelled: the runtime is shutting down; the caller reports the messages.
+                Err(_) => {}
+            }
+        }
+    }
+    outcomes
+}
+
+/// Adds `items` to `pending` by their current store; items joining others take in their
+/// progress (attempts, uncertainty).
+fn add_by_store(
+    pending: &mut BTreeMap<usize, (Vec<Item>, Progress)>,
+    items: Vec<Item>,
+    progress: &Progress,
+) {
+    for item in items {
+        match pending.entry(item.stores[0]) {
+            Entry::Occupied(mut entry) => {
+                let (items, joined) = entry.get_mut();
+                joined.absorb(progress);
+                items.push(item);
+            }
+            Entry::Vacant(entry) => {
+                entry.insert((vec![item], progress.clone()));
+            }
+        }
+    }
+    for (items, _) in pending.values_mut() {
+        items.sort_by_key(|item| item.position);
+    }
+}
+
+/// Sends `items` to `store`: learns the topic's queue count there, routes each item to its
+/// queue, and makes one call per replication group, the groups at once. With store-change
+/// retry the store gets [`ProducerConfig::store_change_after`] before its items move on.
+async fn visit_store(
+    shared: Arc<Shared>,
+    store: usize,
+    topic: Arc<str>,
+    items: Vec<Item>,
+    mut progress: Progress,
+) -> (Outcomes, Moved) {
+    let (mut outcomes, mut moved) = (Vec::new(), Vec::new());
+    if shared.config.store_change_retry {
+        progress.limit_to(shared.config.store_change_after);
+    }
+    let router = &shared.stores[store].router;
+    let (layout, queues) = match router.topic_queues(&topic, &mut progress).await {
+        Ok(found) => found,
+        Err(error) => {
+            shared.give_up_or_move(store, items, error, progress, &mut outcomes, &mut moved);
+            return (outcomes, moved);
+        }
+    };
+    let mut by_queue: BTreeMap<QueueId, Vec<Routed>> = BTreeMap::new();
+    for item in items {
+        let queue = shared.choose_queue(route_key(&item.message, &item.message_id), queues);
+        let appends = by_queue.entry(queue).or_default();
+        match appends.last_mut() {
+            Some(last) if !last.callers_id && item.message_id.is_none() => last.items.push(item),
+            _ => {
+                let callers_id = item.message_id.is_some();
+                let message_id = match &item.message_id {
+                    Some(id) => id.clone(),
+                    None => shared.new_message_id(),
+                };
+                appends.push(Routed {
+                    queue,
+                    items: vec![item],
+                    message_id,
+                    callers_id,
+                });
+            }
+        }
+    }
+    let mut calls = JoinSet::new();
+    for appends in by_group(by_queue.into_values().flatten(), layout.groups) {
+        calls.spawn(deliver(
+            shared.clone(),
+            store,
+            topic.clone(),
+            (layout.groups, queues),
+            appends,
+            progress.clone(),
+        ));
+    }
+    while let Some(joined) = calls.join_next().await {
+        match joined {
+            Ok((done, gone)) => {
+                outcomes.extend(done);
+                moved.extend(gone);
+            }
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            // Cancelled: the runtime is shutting down; the caller reports the messages.
+            Err(_) => {}
+        }
+    }
+    (outcomes, moved)
+}
+
+/// Delivers `appends` (all of one group of `store`), moving them on by queue-change retry
+/// when asked; returns the outcome of every message, by its position in the caller's input,
+/// and the messages store-change retry moves on. `shape` is the store's group count and the
+/// topic's queue count there.
 async fn deliver(
     shared: Arc<Shared>,
+    store: usize,
     topic: Arc<str>,
     shape: (u32, u32),
     appends: Vec<Routed>,
     progress: Progress,
-) -> Outcomes {
+) -> (Outcomes, Moved) {
     let (groups, queues) = shape;
-    let router = &shared.router;
-    let mut outcomes = Vec::new();
+    let router = &shared.stores[store].router;
+    let name = &shared.stores[store].name;
+    let (mut outcomes, mut moved) = (Vec::new(), Vec::new());
     // Work left: a split of a moved call (a queue that wrapped around to 0 lands in group 0)
     // is delivered after the rest. Each item costs an attempt and a backoff within the
     // deadline, so the loop is bounded by it.
@@ -385,66 +782,74 @@ async fn deliver(
                 .iter()
                 .all(|a| group_of_queue(a.queue, groups) == group)
         );
-        match produce(router, group, &topic, &appends, &mut progress).await {
-            Ok((first_offsets, duplicates)) => {
-                (shared.duplicates).fetch_add(duplicates, Ordering::Relaxed);
-                for (append, first) in appends.iter().zip(first_offsets) {
-                    for (i, &position) in append.positions.iter().enumerate() {
-                        let offset = first + i as Offset;
-                        let receipt = Receipt {
+        let failure = match produce(router, group, &topic, &appends, &mut progress).await {
+            Ok(ranges) => {
+                for (append, (first, duplicate)) in appends.iter().zip(ranges) {
+                    if duplicate {
+                        shared.duplicates.fetch_add(1, Ordering::Relaxed);
+                    }
+                    for (i, item) in append.items.iter().enumerate() {
+                        let stored = Stored {
+                            store: name.clone(),
                             queue: append.queue,
-                            offset,
+                            offset: first + i as Offset,
+                            duplicate,
                         };
-                        outcomes.push((position, Ok(receipt)));
+                        outcomes.push((item.position, Ok(stored)));
                     }
                 }
+                continue;
             }
-            Err(Halt::Error(error)) => fail_all(&mut outcomes, &appends, &error),
-            Err(Halt::MasterMissing) => {
-                if let Err(error) = progress.pause().await {
-                    fail_all(&mut outcomes, &appends, &error);
+            Err(Halt::Error(error)) => error,
+            Err(Halt::MasterMissing) => match progress.pause().await {
+                Err(error) => error,
+                Ok(()) => {
+                    router
+                        .counters
+                        .queue_changes
+                        .fetch_add(1, Ordering::Relaxed);
+                    let moved = appends.into_iter().map(|mut append| {
+                        append.queue = (append.queue + 1) % queues;
+                        append
+                    });
+                    for part in by_group(moved, groups) {
+                        work.push((part, progress.clone()));
+                    }
                     continue;
                 }
-                router
-                    .counters
-                    .queue_changes
-                    .fetch_add(1, Ordering::Relaxed);
-                let moved = appends.into_iter().map(|mut append| {
-                    append.queue = (append.queue + 1) % queues;
-                    append
-                });
-                for part in by_group(moved, groups) {
-                    work.push((part, progress.clone()));
-                }
-            }
-        }
+            },
+        };
+        let items = appends
+            .into_iter()
+            .flat_map(|append| append.items)
+            .collect();
+        shared.give_up_or_move(store, items, failure, progress, &mut outcomes, &mut moved);
     }
-    outcomes
-}
-
-fn fail_all(outcomes: &mut Outcomes, appends: &[Routed], error: &ProduceError) {
-    for append in appends {
-        for &position in &append.positions {
-            outcomes.push((position, Err(error.clone())));
-        }
-    }
+    (outcomes, moved)
 }
 
 /// Sends one group's appends: `Produce` for one, `ProduceMany` for several. Returns the first
-/// offset of each append and how many the server answered as duplicates.
+/// offset of each append and whether the server answered it as a duplicate.
 async fn produce(
     router: &Router,
     group: GroupId,
     topic: &str,
     appends: &[Routed],
     progress: &mut Progress,
-) -> Result<(Vec<Offset>, u64), Halt> {
+) -> Result<Vec<(Offset, bool)>, Halt> {
     let store_id = router.config().store_id;
+    let messages = |append: &Routed| -> Vec<api::Message> {
+        append
+            .items
+            .iter()
+            .map(|item| item.message.clone())
+            .collect()
+    };
     let ranges: Vec<(Offset, u32, bool)> = if let [append] = appends {
         let request = &api::ProduceRequest {
             topic: topic.to_string(),
             queue: append.queue,
-            messages: append.messages.clone(),
+            messages: messages(append),
             store_id,
             message_id: append.message_id.clone(),
         };
@@ -472,7 +877,7 @@ async fn produce(
                 .map(|append| api::Append {
                     topic: topic.to_string(),
                     queue: append.queue,
-                    messages: append.messages.clone(),
+                    messages: messages(append),
                     message_id: append.message_id.clone(),
                 })
                 .collect(),
@@ -494,15 +899,16 @@ async fn produce(
             .map(|result| (result.first_offset, result.count, result.duplicate))
             .collect()
     };
-    let duplicates = ranges.iter().filter(|range| range.2).count() as u64;
-    let ranges: Vec<(Offset, u32)> = ranges.into_iter().map(|(f, c, _)| (f, c)).collect();
-    check_ranges(appends, &ranges).map_err(|message| {
+    let counts: Vec<(Offset, u32)> = ranges.iter().map(|&(f, c, _)| (f, c)).collect();
+    check_ranges(appends, &counts).map_err(|message| {
         // The node said success: the messages are stored somewhere, at offsets unknown.
         progress.set_maybe_stored();
         Halt::Error(progress.fail(ProduceError::new(ErrorKind::Protocol, None, message)))
     })?;
-    let first_offsets = ranges.into_iter().map(|(first, _)| first).collect();
-    Ok((first_offsets, duplicates))
+    Ok(ranges
+        .into_iter()
+        .map(|(first, _, dup)| (first, dup))
+        .collect())
 }
 
 /// Checks that a successful answer gives each append a range of its size, from offset 1 on.
@@ -515,11 +921,11 @@ fn check_ranges(appends: &[Routed], ranges: &[(Offset, u32)]) -> Result<(), Stri
         ));
     }
     for (append, &(first, count)) in appends.iter().zip(ranges) {
-        if first == 0 || count as usize != append.messages.len() {
+        if first == 0 || count as usize != append.items.len() {
             return Err(format!(
                 "the node stored {count} messages at offset {first} for an append of {} to \
                  queue {}",
-                append.messages.len(),
+                append.items.len(),
                 append.queue
             ));
         }
@@ -564,6 +970,21 @@ fn check_message(message: &api::Message, position: Option<usize>) -> Result<(), 
     Ok(())
 }
 
+/// `INVALID_ARGUMENT` for a message id of bad length; `position` names the message in a batch.
+fn check_message_id(id: &[u8], position: Option<usize>) -> Result<(), ProduceError> {
+    if id.is_empty() || id.len() > MESSAGE_ID_BYTES_MAX {
+        let which = position.map_or(String::new(), |i| format!("message {i}: "));
+        return Err(ProduceError::refused(
+            ErrorCode::InvalidArgument,
+            format!(
+                "{which}a message id of {} bytes; 1 to {MESSAGE_ID_BYTES_MAX}",
+                id.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The batch limits, then every message's.
 fn check_batch(messages: &[api::Message]) -> Result<(), ProduceError> {
     if messages.len() > BATCH_MESSAGES_MAX {
@@ -593,11 +1014,17 @@ mod tests {
     use super::*;
 
     fn routed(queue: QueueId, count: usize) -> Routed {
+        let item = |position| Item {
+            position,
+            message: api::Message::default(),
+            message_id: None,
+            stores: vec![0],
+        };
         Routed {
             queue,
-            positions: (0..count).collect(),
-            messages: vec![api::Message::default(); count],
+            items: (0..count).map(item).collect(),
             message_id: Vec::new(),
+            callers_id: false,
         }
     }
 
@@ -651,6 +1078,43 @@ mod tests {
         let error = check_batch(&[message(1, 1), message(KEY_BYTES_MAX + 1, 1)]).unwrap_err();
         assert!(error.message().starts_with("message 1: "), "{error}");
         assert_eq!((error.kind(), error.attempts()), (ErrorKind::Refused, 0));
+    }
+
+    #[test]
+    fn store_change_retry_moves_only_masterless_failures_and_never_refusals() {
+        let base = Failure {
+            store_change_retry: true,
+            retryable: true,
+            masterless: true,
+            time_left: true,
+            stores_left: 1,
+        };
+        let next = |change: fn(&mut Failure)| {
+            let mut failure = base;
+            change(&mut failure);
+            after_failure(failure)
+        };
+        assert_eq!(next(|_| {}), AfterFailure::NextStore);
+        assert_eq!(next(|f| f.store_change_retry = false), AfterFailure::Fail);
+        assert_eq!(next(|f| f.retryable = false), AfterFailure::Fail);
+        assert_eq!(next(|f| f.time_left = false), AfterFailure::Fail);
+        // A busy store with a master, or the last store of the ranking: try it again.
+        assert_eq!(next(|f| f.masterless = false), AfterFailure::SameStore);
+        assert_eq!(next(|f| f.stores_left = 0), AfterFailure::SameStore);
+        let error = |kind, code| ProduceError::new(kind, code, "why");
+        assert!(masterless(&error(ErrorKind::Unreachable, None)));
+        assert!(masterless(&error(
+            ErrorKind::DeadlineExceeded,
+            Some(ErrorCode::NoMaster)
+        )));
+        assert!(!masterless(&error(
+            ErrorKind::DeadlineExceeded,
+            Some(ErrorCode::Busy)
+        )));
+        assert!(!masterless(&error(
+            ErrorKind::Refused,
+            Some(ErrorCode::UnknownTopic)
+        )));
     }
 
     #[tokio::test]

@@ -129,7 +129,11 @@ enum Trouble {
 #[derive(Clone, Debug)]
 pub(crate) struct Progress {
     started: Instant,
+    /// When this attempt series gives up: the request's deadline, or earlier while a
+    /// store-change retry limits the time spent in one store ([`Progress::limit_to`]).
     deadline: Instant,
+    /// The request's own deadline.
+    request_deadline: Instant,
     attempts: u32,
     backoff: Backoff,
     /// An attempt to write ended without a known outcome.
@@ -141,6 +145,32 @@ pub(crate) struct Progress {
 impl Progress {
     pub(crate) fn attempts(&self) -> u32 {
         self.attempts
+    }
+
+    /// Gives up `budget` from now at the latest (never after the request's deadline): the
+    /// time one store gets before store-change retry moves on.
+    pub(crate) fn limit_to(&mut self, budget: Duration) {
+        self.deadline = self.request_deadline.min(Instant::now() + budget);
+    }
+
+    /// Back to the request's own deadline, after [`Progress::limit_to`].
+    pub(crate) fn unlimit(&mut self) {
+        self.deadline = self.request_deadline;
+    }
+
+    /// Whether the request's own deadline is still ahead.
+    pub(crate) fn time_left(&self) -> bool {
+        Instant::now() < self.request_deadline
+    }
+
+    /// Takes in what `other`, a copy of this request's progress that went its own way (to
+    /// another store), met: its attempts (the larger count), its uncertainty, its trouble.
+    pub(crate) fn absorb(&mut self, other: &Progress) {
+        self.attempts = self.attempts.max(other.attempts);
+        self.maybe_stored |= other.maybe_stored;
+        if other.last.is_some() {
+            self.last.clone_from(&other.last);
+        }
     }
 
     /// Notes that a write's outcome is unknown (the node answered success but made no sense).
@@ -233,6 +263,7 @@ impl Router {
         Progress {
             started,
             deadline: started + self.config.deadline,
+            request_deadline: started + self.config.deadline,
             attempts: 0,
             backoff: Backoff::new(self.config.backoff_initial, self.config.backoff_max, rng),
             maybe_stored: false,

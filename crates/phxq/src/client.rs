@@ -10,6 +10,9 @@
 //! `TIMEOUT` or a lost connection may store its messages twice: delivery is at least once, and
 //! the summary counts such batches. Anything else is a typed error (`CODE(number): why`) and a
 //! non-zero exit.
+//!
+//! `phxq produce` (except with `--queue`) runs on the producer library instead, with several
+//! stores if asked: `client/produce.rs`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, Write};
@@ -18,9 +21,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod produce;
 pub mod topic;
 
-use phxq_client::{ErrorKind, ProducerConfig, SeekError, SeekTo, fnv1a_64};
+use phxq_client::{ErrorKind, ProducerConfig, SeekError, SeekTo, StoreConfig, fnv1a_64};
 use phxq_proto::api::phxq_client::PhxqClient;
 use phxq_proto::api::{self, Failure};
 use phxq_types::{ErrorCode, MESSAGE_ID_BYTES_MAX, TIME_MS_MAX, validate_name};
@@ -76,12 +80,13 @@ pub struct ProduceArgs {
     /// The topic.
     #[arg(long)]
     topic: String,
-    /// The key of every message: messages with one key go to one queue, in order (queue =
-    /// FNV-1a 64 of the key mod the topic's queue count). Without a key, lines are spread
-    /// round-robin over the queues.
+    /// The key of every message: messages with one key go to one store and one queue, in
+    /// order (store by weighted rendezvous hashing of the key over the stores' names, then
+    /// queue = FNV-1a 64 of the key mod the topic's queue count in that store). Without a
+    /// key, lines are spread over the stores by weight and round-robin over the queues.
     #[arg(long)]
     key: Option<String>,
-    /// Send every message to this queue instead.
+    /// Send every message to this queue instead (one store only: `--server`).
     #[arg(long)]
     queue: Option<u32>,
     /// A message id (1 to 64 bytes) for the one message on standard input (more lines are
@@ -90,6 +95,23 @@ pub struct ProduceArgs {
     /// duplicate with the offset first stored.
     #[arg(long, value_name = "ID")]
     message_id: Option<String>,
+    /// Give line i (from 1) of standard input the message id `P-<i>` (P: 1 to 43 bytes), so
+    /// that running the same input again after a crash or a timeout stores no line twice
+    /// (within the queues' dedup windows); duplicates are reported, not counted as
+    /// acknowledged.
+    #[arg(long, value_name = "P")]
+    id_prefix: Option<String>,
+    /// Write to several stores instead of `--server`'s one (repeat the flag, one per store):
+    /// NAME=HOST:PORT[,HOST:PORT]...[@WEIGHT], weight 1 to 1000 (default 1). A key's store
+    /// is chosen by weighted rendezvous hashing of the key with the store's NAME, so keep
+    /// names stable: renaming a store moves its keys, reordering the flags does not.
+    #[arg(long, value_name = "NAME=HOST:PORT[,HOST:PORT]...[@WEIGHT]", value_parser = produce::parse_store)]
+    store: Vec<StoreConfig>,
+    /// With several stores: when a line's store has no reachable master for a second, send
+    /// it to the next store of its key's ranking. Gives up per-key order (and message-id
+    /// deduplication, which is per store) for availability.
+    #[arg(long)]
+    store_change_retry: bool,
 }
 
 /// Arguments of `phxq consume`.
@@ -648,6 +670,17 @@ struct ProduceTally {
 }
 
 pub fn produce(args: &ProduceArgs) -> CommandResult {
+    if args.queue.is_none() {
+        return produce::produce(args);
+    }
+    if !args.store.is_empty() || args.store_change_retry || args.id_prefix.is_some() {
+        return Err(ClientError::Usage(
+            "--queue names a queue of one store (--server): it takes neither --store, \
+             --store-change-retry nor --id-prefix; nothing was produced"
+                .to_string(),
+        )
+        .into());
+    }
     let runtime = client_runtime()?;
     let started = Instant::now();
     let mut tally = ProduceTally::default();

@@ -1739,3 +1739,209 @@ fn topics_created_through_the_api_survive_a_restart_of_every_node_from_snapshots
         "the cursors survived too: nothing is read twice"
     );
 }
+
+/// `--store` for `store`: NAME=its three nodes@WEIGHT.
+fn store_flag(name: &str, store: &Store, weight: u32) -> String {
+    let servers: Vec<String> = (1..=3).map(|id| store.server(id)).collect();
+    format!("{name}={}@{weight}", servers.join(","))
+}
+
+#[test]
+fn produce_to_two_stores_puts_each_key_in_its_hashed_store_and_spreads_lines_by_weight() {
+    use phxq_client::{StoreWeight, store_of_key};
+
+    let stores = [Store::start(), Store::start()];
+    let flags = [
+        store_flag("a", &stores[0], 1),
+        store_flag("b", &stores[1], 3),
+    ];
+    let produce = |extra: &[&str], input: &[u8]| {
+        let mut args = vec![
+            "produce", "--topic", "test", "--store", &flags[0], "--store", &flags[1],
+        ];
+        args.extend_from_slice(extra);
+        run(&args, input)
+    };
+    let weights = [
+        StoreWeight {
+            name: "a",
+            weight: 1,
+        },
+        StoreWeight {
+            name: "b",
+            weight: 3,
+        },
+    ];
+    // One key of each store.
+    let key_of = |store: usize| {
+        (0..)
+            .map(|i| format!("user-{i}"))
+            .find(|key| store_of_key(&weights, key.as_bytes()) == store)
+            .expect("some key")
+    };
+    let keys = [key_of(0), key_of(1)];
+
+    let lines: String = (1..=400).map(|i| format!("m{i:03}\n")).collect();
+    let produced = produce(&[], lines.as_bytes());
+    let said = text(&produced.stderr);
+    assert!(produced.status.success(), "{said}");
+    assert!(
+        said.contains("400 message(s) acknowledged")
+            && said.contains("a/q")
+            && said.contains("b/q"),
+        "{said}"
+    );
+    for (store, key) in keys.iter().enumerate() {
+        let input: String = (1..=20).map(|i| format!("{key}/{i:02}\n")).collect();
+        let produced = produce(&["--key", key], input.as_bytes());
+        assert!(produced.status.success(), "{}", text(&produced.stderr));
+        let flag = ["a/q", "b/q"][store];
+        assert!(
+            text(&produced.stderr).contains(flag),
+            "{}",
+            text(&produced.stderr)
+        );
+    }
+
+    let consumed = [stores[0].consume_all("g1"), stores[1].consume_all("g1")];
+    let mut unkeyed = Vec::new();
+    for (store, messages) in consumed.iter().enumerate() {
+        let queues = values_by_queue(messages);
+        for values in queues.values() {
+            let plain: Vec<&String> = values.iter().filter(|v| v.starts_with('m')).collect();
+            assert!(plain.windows(2).all(|w| w[0] < w[1]), "{plain:?}");
+            unkeyed.extend(plain.into_iter().map(|v| (store, v.clone())));
+        }
+        // The key of this store: all its lines here, in one queue, in order; the other
+        // store's key: none.
+        let keyed: Vec<(u64, String)> = messages
+            .iter()
+            .filter(|m| m["key"].as_str().is_some_and(|k| !k.is_empty()))
+            .map(|m| {
+                (
+                    m["queue"].as_u64().unwrap(),
+                    m["value"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        let expected: Vec<String> = (1..=20)
+            .map(|i| format!("{}/{i:02}", keys[store]))
+            .collect();
+        assert_eq!(
+            keyed.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>(),
+            expected,
+            "store {store}"
+        );
+        assert!(
+            keyed.iter().all(|(q, _)| *q == keyed[0].0),
+            "one queue per key"
+        );
+    }
+    unkeyed.sort_by(|x, y| x.1.cmp(&y.1));
+    let expected: Vec<String> = (1..=400).map(|i| format!("m{i:03}")).collect();
+    assert_eq!(
+        unkeyed.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>(),
+        expected,
+        "every line once, in one store"
+    );
+    let in_b = unkeyed.iter().filter(|(store, _)| *store == 1).count() as f64 / 400.0;
+    assert!((in_b - 0.75).abs() < 0.1, "store b has {in_b} of the lines");
+
+    // Bad stores: a typed error, a non-zero exit, nothing stored.
+    let server = stores[0].server(1);
+    for bad in [
+        vec!["--store", "c=127.0.0.1:1@0"],
+        vec!["--store", "a=127.0.0.1:1@2"],
+        vec!["--store", "c=127.0.0.1:1@1001"],
+        vec!["--queue", "1"],
+        vec!["--store-change-retry", "--server", &server],
+    ] {
+        let output = if bad[0] == "--store-change-retry" {
+            run(
+                &["produce", "--topic", "test", bad[0], bad[1], bad[2]],
+                b"x\n",
+            )
+        } else {
+            produce(&bad, b"x\n")
+        };
+        assert_eq!(
+            output.status.code(),
+            Some(1),
+            "{bad:?}: {}",
+            text(&output.stderr)
+        );
+    }
+    let malformed = produce(&["--store", "no-equals"], b"x\n");
+    refused(&malformed, "no '='");
+    assert!(stores[0].consume_all("audit").len() + stores[1].consume_all("audit").len() == 440);
+}
+
+#[test]
+fn produce_with_an_id_prefix_run_again_after_a_crash_stores_no_line_twice() {
+    let store = Store::start();
+    let lines = |count: usize| -> String { (1..=count).map(|i| format!("line-{i}\n")).collect() };
+    // The first run "crashed" after 30 of the 50 lines.
+    let first = store.produce(&["--id-prefix", "import-7"], lines(30).as_bytes());
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    assert!(
+        !text(&first.stderr).contains("duplicate"),
+        "{}",
+        text(&first.stderr)
+    );
+    let again = store.produce(&["--id-prefix", "import-7"], lines(50).as_bytes());
+    let said = text(&again.stderr);
+    assert!(again.status.success(), "{said}");
+    assert!(
+        said.contains("20 message(s) acknowledged") && said.contains("30 duplicate(s)"),
+        "{said}"
+    );
+    assert!(
+        said.contains("line 1 (message id \"import-7-1\") is a duplicate")
+            && said.contains(" offset "),
+        "{said}"
+    );
+    let third = store.produce(&["--id-prefix", "import-7"], lines(50).as_bytes());
+    assert!(
+        text(&third.stderr).contains("0 message(s) acknowledged"),
+        "{}",
+        text(&third.stderr)
+    );
+    // Another prefix is another set of ids.
+    let other = store.produce(&["--id-prefix", "import-8"], lines(2).as_bytes());
+    assert!(
+        text(&other.stderr).contains("2 message(s) acknowledged"),
+        "{}",
+        text(&other.stderr)
+    );
+
+    let mut values: Vec<String> = store
+        .consume_all("g1")
+        .iter()
+        .map(|m| m["value"].as_str().expect("value").to_string())
+        .collect();
+    values.sort();
+    let mut expected: Vec<String> = (1..=50).map(|i| format!("line-{i}")).collect();
+    expected.extend(["line-1".to_string(), "line-2".to_string()]);
+    expected.sort();
+    assert_eq!(
+        values, expected,
+        "every line of import-7 once, import-8's two"
+    );
+
+    // Bad prefixes and combinations: typed errors, nothing stored.
+    for bad in [
+        vec!["--id-prefix", ""],
+        vec!["--id-prefix", &"p".repeat(44)],
+        vec!["--id-prefix", "x", "--message-id", "y"],
+        vec!["--id-prefix", "x", "--queue", "1"],
+    ] {
+        let output = store.produce(&bad, b"bad\n");
+        assert_eq!(
+            output.status.code(),
+            Some(1),
+            "{bad:?}: {}",
+            text(&output.stderr)
+        );
+    }
+    assert!(store.consume_all("g1").is_empty(), "nothing more stored");
+}

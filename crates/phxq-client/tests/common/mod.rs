@@ -74,6 +74,8 @@ pub struct Store {
     pub client_addrs: Vec<String>,
     peer_addrs: Vec<String>,
     servers: Vec<Option<RunningServer>>,
+    /// Queues of [`TOPIC`] in this store ([`QUEUES`] unless [`Store::start_with_queues`]).
+    pub queues: u32,
 }
 
 impl Store {
@@ -86,7 +88,20 @@ impl Store {
             client_addrs: ports[..nodes].iter().map(addr).collect(),
             peer_addrs: ports[nodes..].iter().map(addr).collect(),
             servers: (0..nodes).map(|_| None).collect(),
+            queues: QUEUES,
         }
+    }
+
+    /// [`Store::start`] with `queues` queues of [`TOPIC`] (stores of a multi-store producer
+    /// differ).
+    pub async fn start_with_queues(nodes: usize, placed: bool, queues: u32) -> Store {
+        let mut store = Store::new(nodes);
+        store.queues = queues;
+        for id in 1..=nodes {
+            store.start_node(id).await;
+        }
+        store.wait_masters(placed).await;
+        store
     }
 
     /// Starts every node and waits until every group has a master all of them agree on (its
@@ -114,11 +129,11 @@ impl Store {
             );
         }
         text += &format!(
-            "[[store.topics]]\nname = \"{TOPIC}\"\nqueues = {QUEUES}\n\
+            "[[store.topics]]\nname = \"{TOPIC}\"\nqueues = {}\n\
              consumer_groups = {CONSUMER_GROUPS:?}\n\n\
              [[store.topics]]\nname = \"{DEAD_LETTER_TOPIC}\"\nqueues = {DEAD_LETTER_QUEUES}\n\
              consumer_groups = [{:?}]\n",
-            CONSUMER_GROUPS[0]
+            self.queues, CONSUMER_GROUPS[0]
         );
         ServerConfig::parse(&text).expect("valid config")
     }
