@@ -281,6 +281,15 @@ impl Router {
         }
     }
 
+    /// The store's layout asked of a node now, whatever is cached (a consumer re-reading its
+    /// group's settings).
+    pub(crate) async fn relearn_layout(
+        &self,
+        progress: &mut Progress,
+    ) -> Result<Arc<Layout>, ProduceError> {
+        self.learn_layout(progress).await
+    }
+
     /// Asks `ClusterStatus` of any node (retrying until the deadline) and installs it.
     async fn learn_layout(&self, progress: &mut Progress) -> Result<Arc<Layout>, ProduceError> {
         let status =
