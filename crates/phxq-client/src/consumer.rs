@@ -266,7 +266,21 @@ impl Consumer {
             First::Right(()) => return Ok(ConsumerReport::default()),
         };
         let store_settings = layout.group_settings(&self.config.topic, &self.config.consumer_group);
-        let config = effective(&self.config, store_settings)?;
+        let mut config = effective(&self.config, store_settings)?;
+        // A dead-letter topic the store names but lacks: the library's value stays until the
+        // topic exists (a reload then applies it), as for a change made while running.
+        let mut refused_at_start = None;
+        if let Some(topic) = store_settings.and_then(|s| s.dead_letter_topic.as_ref())
+            && !layout.topics.contains_key(topic)
+        {
+            tracing::warn!(topic = %config.topic, group = %config.consumer_group,
+                dead_letter_topic = %topic,
+                "the store's dead-letter topic does not exist: not used until it does");
+            config
+                .dead_letter_topic
+                .clone_from(&self.config.dead_letter_topic);
+            refused_at_start = Some(store_settings.cloned());
+        }
         let settings = EffectiveSettings::of(&config, store_settings.is_some());
         tracing::info!(topic = %config.topic, group = %config.consumer_group,
             from_store = settings.from_store, retry_tiers = ?settings.retry_tiers,
@@ -293,8 +307,15 @@ impl Consumer {
             dead_letters,
         };
         let shared = Shared::new(router, handler, tunables, self.progress.clone());
+        if refused_at_start.is_some() {
+            shared
+                .counters
+                .settings_refused
+                .fetch_add(1, Ordering::Relaxed);
+        }
         // Ends with `run` (aborted when dropped).
-        let _refresh = AbortOnDrop(tokio::spawn(refresh_settings(shared.clone(), self.config)));
+        let refresh = refresh_settings(shared.clone(), self.config, refused_at_start);
+        let _refresh = AbortOnDrop(tokio::spawn(refresh));
         if let Some(membership) = config.membership.clone() {
             // Live membership: queues come and go with the coordinator's grants.
             return consumer_member::run_live(shared, layout.groups, membership, shutdown).await;
@@ -302,6 +323,9 @@ impl Consumer {
         tracing::info!(topic = %config.topic, group = %config.consumer_group, queues = ?mine,
             "consuming");
         let stop = &shared.stop;
+        // Every queue counts as running from now, so a watcher never sees some caught up
+        // before the others started.
+        self.progress.send_modify(|progress| progress.queues.extend(&mine));
         let mut loops = JoinSet::new();
         for &queue in &mine {
             let group = group_of_queue(queue, layout.groups);
@@ -558,8 +582,12 @@ fn rates(config: &ConsumerConfig, members: usize) -> (Option<u32>, Option<u64>) 
 
 /// Re-reads the store's settings of the consumer's (topic, consumer group) every
 /// `settings_refresh` and applies a change (see [`Shared::reload`]); runs until aborted.
-async fn refresh_settings<H: Handler>(shared: Arc<Shared<H>>, library: ConsumerConfig) {
-    let mut last_refused = None;
+/// `last_refused`: a change refused at start, not to be reported again.
+async fn refresh_settings<H: Handler>(
+    shared: Arc<Shared<H>>,
+    library: ConsumerConfig,
+    mut last_refused: Option<Option<api::ConsumerGroupSettings>>,
+) {
     loop {
         tokio::time::sleep(library.settings_refresh).await;
         let mut progress = shared.router.start_request();
@@ -1318,6 +1346,37 @@ mod tests {
             value: Vec::new(),
             attempt: 1,
         }
+    }
+
+    #[tokio::test]
+    async fn a_smaller_max_in_flight_takes_free_permits_at_once_and_the_rest_as_they_return() {
+        let in_flight = InFlight::new(4);
+        let held = [
+            in_flight.acquire().await,
+            in_flight.acquire().await,
+            in_flight.acquire().await,
+        ];
+        in_flight.resize(1);
+        assert_eq!(in_flight.permits.available_permits(), 0, "the free one taken");
+        let [first, second, third] = held;
+        drop(first);
+        drop(second);
+        assert_eq!(in_flight.permits.available_permits(), 0, "two owed, forgotten");
+        drop(third);
+        assert_eq!(in_flight.permits.available_permits(), 1, "the new limit");
+        // Growing while permits are owed repays them first.
+        let held = [in_flight.acquire().await];
+        in_flight.resize(3);
+        assert_eq!(in_flight.permits.available_permits(), 2);
+        let more = [in_flight.acquire().await, in_flight.acquire().await];
+        in_flight.resize(2);
+        assert_eq!(lock(&in_flight.limit).owed, 1);
+        in_flight.resize(4);
+        assert_eq!(lock(&in_flight.limit).owed, 0);
+        assert_eq!(in_flight.permits.available_permits(), 1);
+        drop(held);
+        drop(more);
+        assert_eq!(in_flight.permits.available_permits(), 4);
     }
 
     #[test]

@@ -148,6 +148,9 @@ pub struct ConsumerConfig {
     pub servers: Vec<String>,
     /// The store to read; 0 accepts whichever store `servers` belong to.
     pub store_id: u64,
+    /// Where to dial nodes not reachable at their advertised address, as
+    /// [`ProducerConfig::connect_via`]. Every call goes there: pulls, commits, heartbeats.
+    pub connect_via: Vec<(String, String)>,
     /// The topic to read.
     pub topic: String,
     /// The consumer group reading it: its cursors are the ones read from and committed.
@@ -241,6 +244,7 @@ impl ConsumerConfig {
         ConsumerConfig {
             servers: producer.servers,
             store_id: 0,
+            connect_via: Vec::new(),
             topic: topic.into(),
             consumer_group: consumer_group.into(),
             members: Vec::new(),
@@ -269,6 +273,7 @@ impl ConsumerConfig {
     pub(crate) fn router_config(&self) -> ProducerConfig {
         let mut config = ProducerConfig::new(self.servers.clone());
         config.store_id = self.store_id;
+        config.connect_via.clone_from(&self.connect_via);
         config.deadline = self.deadline;
         config.attempt_timeout = self.long_poll + LONG_POLL_MARGIN;
         config.backoff_initial = self.backoff_initial;

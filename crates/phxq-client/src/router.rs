@@ -461,8 +461,9 @@ impl Router {
             return Ok(client.clone());
         }
         check_address(addr)?;
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|error| format!("{addr:?}: {error}"))?
+        let dial = self.config.dial(addr);
+        let endpoint = Endpoint::from_shared(format!("http://{dial}"))
+            .map_err(|error| format!("{dial:?}: {error}"))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true);
         let client = PhxqClient::new(endpoint.connect_lazy());
