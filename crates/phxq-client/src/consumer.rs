@@ -238,8 +238,9 @@ impl Consumer {
     /// Reads the topic's assigned queues and hands their messages to `handler` until
     /// `shutdown` completes, then drains (see the module documentation) and returns what it
     /// did. Returns early with an error when the store refuses for good (a pull, a commit,
-    /// a dead-letter produce; after draining the other queues). A dead-letter topic the
-    /// store does not have is refused at the start (`UNKNOWN_TOPIC`).
+    /// a dead-letter produce; after draining the other queues). A dead-letter topic of the
+    /// config that the store does not have is refused at the start (`UNKNOWN_TOPIC`); one
+    /// the store's settings name is used only once it exists.
     ///
     /// At the start it reads the store's settings for its (topic, consumer group) and lays
     /// them over its config (they win; see [`ConsumerConfig`]); one it cannot apply is
