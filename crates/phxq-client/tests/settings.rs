@@ -455,18 +455,28 @@ fn a_running_consumer_applies_changed_store_settings_without_losing_or_repeating
         );
         wait_for(&log, "the first 40 messages", |log| log.len() >= 40).await;
 
-        // Narrower: one at a time, 5 a second. Applied within a refresh (and the handlers
-        // running then finish within 100 ms).
-        let narrow = api::ConsumerGroupSettings {
+        // One at a time. Applied within a refresh (and the handlers running then finish
+        // within 100 ms).
+        let one = api::ConsumerGroupSettings {
             max_in_flight: Some(1),
+            ..settings()
+        };
+        put_settings(&store, vec![one]).await;
+        let one_from = began.elapsed() + Duration::from_millis(600);
+        tokio::time::sleep(Duration::from_millis(600 + 1_000)).await;
+        let one_to = one_from + Duration::from_secs(1);
+        // 8 at once again, but 5 a second: the rate binds.
+        let narrow = api::ConsumerGroupSettings {
+            max_in_flight: Some(8),
             rate_messages_per_s: Some(5),
             ..settings()
         };
-        put_settings(&store, vec![narrow.clone()]).await;
+        put_settings(&store, vec![narrow]).await;
         let applied = began.elapsed() + Duration::from_millis(600);
         tokio::time::sleep(Duration::from_millis(600 + 2_000)).await;
         let window_end = applied + Duration::from_secs(2);
-        // A change the library cannot apply (a 2 h delay): ignored, the narrow settings stay.
+        // A change the library cannot apply (a 2 h delay): ignored, the narrow settings stay
+        // (applied, it would lift the rate).
         let refused = api::ConsumerGroupSettings {
             retry_tiers: vec![tier(1, 2 * 3600 * 1000)],
             max_in_flight: Some(8),
@@ -482,18 +492,23 @@ fn a_running_consumer_applies_changed_store_settings_without_losing_or_repeating
         let report = running.drain_within(WAIT).await;
 
         let runs = lock(&runs).clone();
-        let before = most_at_once(&runs, Duration::ZERO, applied - Duration::from_millis(700));
+        let before = most_at_once(&runs, Duration::ZERO, one_from - Duration::from_millis(700));
         assert!(before >= 4, "max in flight 8 at first: {before} at once");
-        assert_eq!(
-            most_at_once(&runs, applied, refused_to),
-            1,
-            "max in flight 1 once reloaded, and after the refused change"
-        );
         let started = |from: Duration, to: Duration| {
             runs.iter()
                 .filter(|(start, _)| (from..to).contains(start))
                 .count()
         };
+        assert_eq!(
+            most_at_once(&runs, one_from, one_to),
+            1,
+            "max in flight 1 once reloaded"
+        );
+        let one_count = started(one_from, one_to);
+        assert!(
+            (5..=11).contains(&one_count),
+            "{one_count} handled in 1 s one at a time, 100 ms each"
+        );
         // 5/s over 2 s, plus a burst of one and the message that was waiting.
         let narrow_count = started(applied, window_end);
         assert!(
@@ -511,8 +526,8 @@ fn a_running_consumer_applies_changed_store_settings_without_losing_or_repeating
         assert_eq!(report.handled, values.len() as u64, "{report:?}");
         assert_eq!(
             (report.settings_reloads, report.settings_refused),
-            (2, 1),
-            "narrow and wide applied, the 2 h delay refused: {report:?}"
+            (3, 1),
+            "one, narrow and wide applied, the 2 h delay refused: {report:?}"
         );
         assert_eq!(report.settings.max_in_flight, 8, "{report:?}");
         assert_eq!(report.settings.messages_per_s_max, None, "{report:?}");
