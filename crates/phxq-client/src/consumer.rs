@@ -299,7 +299,10 @@ impl Consumer {
                 .await
                 .map_err(|error| ConsumerError::Store { queue: None, error })?;
         }
-        let dead_letters = config.dead_letter_topic.as_ref().map(|_| dead_letter_producer(config));
+        let dead_letters = config
+            .dead_letter_topic
+            .as_ref()
+            .map(|_| dead_letter_producer(config));
         let mine = assigned_queues(&config.topic, queues, &config.members, &config.member);
         let mine = only_listed(config, mine, queues)?;
         let tunables = Tunables {
@@ -326,7 +329,8 @@ impl Consumer {
         let stop = &shared.stop;
         // Every queue counts as running from now, so a watcher never sees some caught up
         // before the others started.
-        self.progress.send_modify(|progress| progress.queues.extend(&mine));
+        self.progress
+            .send_modify(|progress| progress.queues.extend(&mine));
         let mut loops = JoinSet::new();
         for &queue in &mine {
             let group = group_of_queue(queue, layout.groups);
@@ -511,7 +515,9 @@ impl<H> Shared<H> {
         let refuse = |why: String, last_refused: &mut Option<Option<_>>| {
             if last_refused.as_ref() != Some(&store.cloned()) {
                 *last_refused = Some(store.cloned());
-                self.counters.settings_refused.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .settings_refused
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(topic = %library.topic, group = %library.consumer_group,
                     reason = %why, "ignoring changed store settings; the previous stay");
             }
@@ -553,7 +559,9 @@ impl<H> Shared<H> {
         });
         self.retune();
         *last_refused = None;
-        self.counters.settings_reloads.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .settings_reloads
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Copies the counters and the settings in force into `report`.
@@ -1358,11 +1366,19 @@ mod tests {
             in_flight.acquire().await,
         ];
         in_flight.resize(1);
-        assert_eq!(in_flight.permits.available_permits(), 0, "the free one taken");
+        assert_eq!(
+            in_flight.permits.available_permits(),
+            0,
+            "the free one taken"
+        );
         let [first, second, third] = held;
         drop(first);
         drop(second);
-        assert_eq!(in_flight.permits.available_permits(), 0, "two owed, forgotten");
+        assert_eq!(
+            in_flight.permits.available_permits(),
+            0,
+            "two owed, forgotten"
+        );
         drop(third);
         assert_eq!(in_flight.permits.available_permits(), 1, "the new limit");
         // Growing while permits are owed repays them first.

@@ -436,7 +436,10 @@ impl ConsumerConfig {
         let mut seen = std::collections::HashSet::new();
         for (i, queue) in queues.iter().enumerate() {
             if !seen.insert(queue) {
-                return Err(invalid(format!("queues[{i}]"), format!("queue {queue} twice")));
+                return Err(invalid(
+                    format!("queues[{i}]"),
+                    format!("queue {queue} twice"),
+                ));
             }
         }
         Ok(())

@@ -137,7 +137,11 @@ impl Membership {
     }
 
     /// The member's rate limits with `members` live members.
-    pub(crate) fn rates(&self, config: &ConsumerConfig, members: usize) -> (Option<u32>, Option<u64>) {
+    pub(crate) fn rates(
+        &self,
+        config: &ConsumerConfig,
+        members: usize,
+    ) -> (Option<u32>, Option<u64>) {
         let members = members.max(1);
         let share_messages = self
             .group_messages_per_s_max

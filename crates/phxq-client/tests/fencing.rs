@@ -15,7 +15,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use phxq_client::{Consumer, ConsumerConfig, Delivery, Membership, Outcome, Producer, ProducerConfig};
+use phxq_client::{
+    Consumer, ConsumerConfig, Delivery, Membership, Outcome, Producer, ProducerConfig,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -168,7 +170,9 @@ fn journaling(
         Box::pin(async move {
             let index = {
                 let mut journal = lock(&journal);
-                journal.intervals.push((queue, member, Instant::now(), None));
+                journal
+                    .intervals
+                    .push((queue, member, Instant::now(), None));
                 journal.intervals.len() - 1
             };
             let _end = IntervalEnd {
@@ -217,14 +221,18 @@ fn a_member_cut_off_from_the_coordinator_stops_its_queues_before_they_are_grante
         let sent: Arc<Mutex<Vec<String>>> = Arc::default();
         let producer_task = {
             let (producing, sent) = (producing.clone(), sent.clone());
-            let producer = Producer::new(ProducerConfig::new(store.client_addrs.clone()))
-                .expect("producer");
+            let producer =
+                Producer::new(ProducerConfig::new(store.client_addrs.clone())).expect("producer");
             tokio::spawn(async move {
                 let mut seq = 0u64;
                 while producing.load(Ordering::SeqCst) {
                     let value = format!("v{seq}");
                     let key = format!("key-{}", seq % 32);
-                    if producer.send(TOPIC, key.as_bytes(), value.clone()).await.is_ok() {
+                    if producer
+                        .send(TOPIC, key.as_bytes(), value.clone())
+                        .await
+                        .is_ok()
+                    {
                         lock(&sent).push(value);
                     }
                     seq += 1;
@@ -284,7 +292,7 @@ fn a_member_cut_off_from_the_coordinator_stops_its_queues_before_they_are_grante
         let report = b.drain_within(WAIT).await;
         a.kill().await;
 
-        let journal = lock(&journal);
+        let journal = std::mem::take(&mut *lock(&journal));
         assert_eq!(journal.overlaps(), Vec::<String>::new(), "{report:?}");
         // The case fencing is for: a went on handling after the cut...
         let after_cut = journal.queues_since("a", cut_at);
@@ -307,7 +315,6 @@ fn a_member_cut_off_from_the_coordinator_stops_its_queues_before_they_are_grante
             a_last - cut_at
         );
         assert!(report.queues.len() >= a_reachable.len(), "{report:?}");
-        drop(journal);
         store.stop().await;
     });
 }

@@ -522,7 +522,10 @@ fn a_running_consumer_applies_changed_store_settings_without_losing_or_repeating
         );
         let mut handled: Vec<String> = lock(&log).iter().map(|(v, _)| v.clone()).collect();
         handled.sort();
-        assert_eq!(handled, values, "every message once: nothing lost or repeated");
+        assert_eq!(
+            handled, values,
+            "every message once: nothing lost or repeated"
+        );
         assert_eq!(report.handled, values.len() as u64, "{report:?}");
         assert_eq!(
             (report.settings_reloads, report.settings_refused),

@@ -183,7 +183,10 @@ fn read_until(
             Err(_) => panic!(
                 "timed out waiting for {what}; {} lines: {:?}",
                 printed.len(),
-                printed.iter().map(|p| (&p.member, p.queue, p.offset)).collect::<Vec<_>>()
+                printed
+                    .iter()
+                    .map(|p| (&p.member, p.queue, p.offset))
+                    .collect::<Vec<_>>()
             ),
         }
     }
@@ -284,7 +287,10 @@ fn a_consumer_killed_mid_batch_has_its_queues_taken_over_after_its_session_and_n
         .status()
         .expect("run kill");
     assert!(status.success());
-    assert!(b.wait().expect("b exits").success(), "b exits 0 after SIGTERM");
+    assert!(
+        b.wait().expect("b exits").success(),
+        "b exits 0 after SIGTERM"
+    );
     drop(lines);
     reading.join().expect("reader");
 
@@ -304,7 +310,10 @@ fn a_consumer_killed_mid_batch_has_its_queues_taken_over_after_its_session_and_n
             assert!(
                 lines[first_b..].iter().all(|p| p.member == "b"),
                 "queue {queue} printed by a after b started on it: {:?}",
-                lines.iter().map(|p| (&p.member, p.offset)).collect::<Vec<_>>()
+                lines
+                    .iter()
+                    .map(|p| (&p.member, p.offset))
+                    .collect::<Vec<_>>()
             );
         }
         // Each member prints a queue in offset order, densely; b starts where a's commit was,

@@ -30,9 +30,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use phxq_client::{
-    Consumer, ConsumerConfig, ConsumerError, ConsumerProgress, Delivery, HEARTBEAT_INTERVAL_DEFAULT,
-    HEARTBEAT_INTERVAL_MIN, Handler, HandlingOrder, LONG_POLL_DEFAULT, LONG_POLL_MARGIN,
-    Membership, Outcome, PULL_MESSAGES_DEFAULT, RETRY_DELAY_MAX,
+    Consumer, ConsumerConfig, ConsumerError, ConsumerProgress, Delivery,
+    HEARTBEAT_INTERVAL_DEFAULT, HEARTBEAT_INTERVAL_MIN, Handler, HandlingOrder, LONG_POLL_DEFAULT,
+    LONG_POLL_MARGIN, Membership, Outcome, PULL_MESSAGES_DEFAULT, RETRY_DELAY_MAX,
 };
 use phxq_types::ErrorCode;
 use serde_json::json;
