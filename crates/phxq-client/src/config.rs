@@ -131,6 +131,12 @@ pub struct ProducerConfig {
     /// routing and retries, less CPU per message on both sides. Nodes that do not serve
     /// streams are called unary. On by default.
     pub produce_streams: bool,
+    /// Where to dial nodes that are not reachable at the address the store gives for them
+    /// (NAT, port forwards, tunnels, a proxy): `(advertised, dial)` pairs, both `host:port`;
+    /// a node the store names `advertised` (in `ClusterStatus` or a `NOT_MASTER` answer) is
+    /// called at `dial`. At most [`SERVERS_MAX`] pairs, each advertised address once. Empty
+    /// by default.
+    pub connect_via: Vec<(String, String)>,
 }
 
 impl ProducerConfig {
@@ -149,6 +155,7 @@ impl ProducerConfig {
             store_change_after: STORE_CHANGE_AFTER_DEFAULT,
             message_ids: false,
             produce_streams: true,
+            connect_via: Vec::new(),
         }
     }
 
@@ -236,7 +243,37 @@ impl ProducerConfig {
                 ));
             }
         }
+        self.validate_connect_via()
+    }
+
+    fn validate_connect_via(&self) -> Result<(), ConfigError> {
+        if self.connect_via.len() > SERVERS_MAX {
+            return Err(invalid(
+                "connect_via",
+                format!("{} pairs; at most {SERVERS_MAX}", self.connect_via.len()),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, (advertised, dial)) in self.connect_via.iter().enumerate() {
+            check_address(advertised)
+                .and_then(|()| check_address(dial))
+                .map_err(|reason| invalid(format!("connect_via[{i}]"), reason))?;
+            if !seen.insert(advertised) {
+                return Err(invalid(
+                    format!("connect_via[{i}]"),
+                    format!("{advertised:?} twice"),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The address to dial for node address `addr`.
+    pub(crate) fn dial<'a>(&'a self, addr: &'a str) -> &'a str {
+        self.connect_via
+            .iter()
+            .find(|(advertised, _)| advertised == addr)
+            .map_or(addr, |(_, dial)| dial.as_str())
     }
 
     /// The checks of [`stores`](Self::stores): bounded, each valid, no store twice (by name,
@@ -357,6 +394,7 @@ mod tests {
         assert_eq!(config.backoff_max, Duration::from_millis(100));
         assert!(!config.queue_change_retry);
         assert!(!config.message_ids);
+        assert!(config.connect_via.is_empty());
         assert_eq!(config.store_id, 0);
     }
 
@@ -395,6 +433,28 @@ mod tests {
             field(|c| c.backoff_max = Duration::from_millis(5)),
             Err("backoff_max".to_string())
         );
+        fn pair(a: &str, b: &str) -> (String, String) {
+            (a.to_string(), b.to_string())
+        }
+        assert_eq!(
+            field(|c| c.connect_via = vec![pair("10.0.0.1:7100", "nohost")]),
+            Err("connect_via[0]".to_string())
+        );
+        assert_eq!(
+            field(|c| {
+                c.connect_via = vec![pair("h:1", "127.0.0.1:1"), pair("h:1", "127.0.0.1:2")];
+            }),
+            Err("connect_via[1]".to_string())
+        );
+    }
+
+    #[test]
+    fn a_node_named_in_connect_via_is_dialled_at_its_pair() {
+        let mut config = ProducerConfig::new(["127.0.0.1:7100"]);
+        config.connect_via = vec![("10.0.0.1:7100".into(), "127.0.0.1:9100".into())];
+        assert_eq!(config.validate(), Ok(()));
+        assert_eq!(config.dial("10.0.0.1:7100"), "127.0.0.1:9100");
+        assert_eq!(config.dial("10.0.0.2:7100"), "10.0.0.2:7100");
     }
 
     fn two_stores() -> ProducerConfig {

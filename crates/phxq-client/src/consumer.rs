@@ -33,36 +33,41 @@
 //! * **Store settings.** At start, the operator's settings of the (topic, consumer group)
 //!   held in the store (retry tiers, dead-letter topic, rates per group, max in flight)
 //!   replace the matching [`ConsumerConfig`] values (`consumer_settings.rs`; precedence in
-//!   [`ConsumerConfig`]'s documentation); read once per [`Consumer::run`].
+//!   [`ConsumerConfig`]'s documentation). A task re-reads them every
+//!   [`ConsumerConfig::settings_refresh`] and applies a change in place, between two
+//!   deliveries: new rates to the token buckets (their debt kept), a new max in flight to
+//!   the permits (a lower one takes effect as running handlers finish), new tiers and
+//!   dead-letter topic to the next failure. No queue loop restarts, so a reload neither
+//!   loses nor repeats a handled message. A change it cannot apply is logged and ignored.
 //! * **Draining.** When `run`'s shutdown future completes, pulls stop, handlers already
 //!   running finish (no new one starts; a hung one is cut at its ack timeout; a dead-letter
 //!   produce under way finishes its attempt), every queue commits its lowest unhandled
 //!   offset, and `run` returns. Dropping `run`'s future instead aborts everything at once: handled but
 //!   uncommitted messages are delivered again to the next consumer.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::poll_fn;
 use std::panic::AssertUnwindSafe;
 use std::pin::pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use phxq_proto::api;
-use phxq_types::{GroupId, Offset, QueueId, group_of_queue};
-use tokio::sync::{Semaphore, watch};
+use phxq_types::{ErrorCode, GroupId, Offset, QueueId, group_of_queue};
+use tokio::sync::{Semaphore, SemaphorePermit, watch};
 use tokio::task::JoinSet;
 
 use crate::consumer_assign::assigned_queues;
-use crate::consumer_config::{ConsumerConfig, ConsumerConfigError};
-use crate::consumer_member;
+use crate::consumer_config::{ConsumerConfig, ConsumerConfigError, HandlingOrder};
+use crate::consumer_member::{self, AbortOnDrop};
 use crate::consumer_rate::RateLimiter;
 use crate::consumer_retry::{Next, after_failure, dead_letter_id};
 use crate::consumer_settings::{EffectiveSettings, SettingsError, effective};
 use crate::error::{ErrorKind, ProduceError};
 use crate::producer::Producer;
-use crate::router::{Halt, Router};
+use crate::router::{Halt, Layout, Router};
 
 /// A message given to a [`Handler`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -181,22 +186,48 @@ pub struct ConsumerReport {
     pub pulls: u64,
     /// Commits acknowledged.
     pub commits: u64,
-    /// The settings it applied: the store's for its (topic, consumer group) over its
-    /// [`ConsumerConfig`] (see [`ConsumerConfig`]'s precedence rules).
+    /// The settings in force when it stopped: the store's for its (topic, consumer group)
+    /// over its [`ConsumerConfig`] (see [`ConsumerConfig`]'s precedence rules), as last
+    /// reloaded.
     pub settings: EffectiveSettings,
+    /// Changes of the store's settings applied while running.
+    pub settings_reloads: u64,
+    /// Changes of the store's settings it could not apply (each distinct one counted once;
+    /// the previous settings stayed in force).
+    pub settings_refused: u64,
+}
+
+/// Where a running consumer stands, for a caller that watches it ([`Consumer::progress`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConsumerProgress {
+    /// The queues it has a pull loop for now.
+    pub queues: BTreeSet<QueueId>,
+    /// Those whose latest pull waited its whole long poll ([`ConsumerConfig::long_poll`]) and
+    /// found nothing past what was pulled before: caught up with the queue's end.
+    pub caught_up: BTreeSet<QueueId>,
 }
 
 /// A consumer of one topic for one consumer group. Build it with [`Consumer::new`], then
 /// [`Consumer::run`] it.
 pub struct Consumer {
     config: ConsumerConfig,
+    progress: watch::Sender<ConsumerProgress>,
 }
 
 impl Consumer {
     /// A consumer with `config` (validated here). Connects to nothing yet.
     pub fn new(config: ConsumerConfig) -> Result<Consumer, ConsumerConfigError> {
         config.validate()?;
-        Ok(Consumer { config })
+        Ok(Consumer {
+            config,
+            progress: watch::channel(ConsumerProgress::default()).0,
+        })
+    }
+
+    /// Watches where the consumer stands once running: its queues and which are caught up
+    /// (a caller can stop it when all are, as `phxq consume` does).
+    pub fn progress(&self) -> watch::Receiver<ConsumerProgress> {
+        self.progress.subscribe()
     }
 
     /// The consumer's configuration.
@@ -207,13 +238,16 @@ impl Consumer {
     /// Reads the topic's assigned queues and hands their messages to `handler` until
     /// `shutdown` completes, then drains (see the module documentation) and returns what it
     /// did. Returns early with an error when the store refuses for good (a pull, a commit,
-    /// a dead-letter produce; after draining the other queues). A dead-letter topic the
-    /// store does not have is refused at the start (`UNKNOWN_TOPIC`).
+    /// a dead-letter produce; after draining the other queues). A dead-letter topic of the
+    /// config that the store does not have is refused at the start (`UNKNOWN_TOPIC`); one
+    /// the store's settings name is used only once it exists.
     ///
     /// At the start it reads the store's settings for its (topic, consumer group) and lays
     /// them over its config (they win; see [`ConsumerConfig`]); one it cannot apply is
-    /// [`ConsumerError::Settings`]. They are read once: a later change applies from the next
-    /// `run`.
+    /// [`ConsumerError::Settings`]. It re-reads them every
+    /// [`ConsumerConfig::settings_refresh`] and applies a change without stopping; one it
+    /// cannot apply then is logged and ignored (counted in
+    /// [`ConsumerReport::settings_refused`]).
     pub async fn run<H: Handler>(
         self,
         handler: H,
@@ -233,7 +267,21 @@ impl Consumer {
             First::Right(()) => return Ok(ConsumerReport::default()),
         };
         let store_settings = layout.group_settings(&self.config.topic, &self.config.consumer_group);
-        let config = effective(&self.config, store_settings)?;
+        let mut config = effective(&self.config, store_settings)?;
+        // A dead-letter topic the store names but lacks: the library's value stays until the
+        // topic exists (a reload then applies it), as for a change made while running.
+        let mut refused_at_start = None;
+        if let Some(topic) = store_settings.and_then(|s| s.dead_letter_topic.as_ref())
+            && !layout.topics.contains_key(topic)
+        {
+            tracing::warn!(topic = %config.topic, group = %config.consumer_group,
+                dead_letter_topic = %topic,
+                "the store's dead-letter topic does not exist: not used until it does");
+            config
+                .dead_letter_topic
+                .clone_from(&self.config.dead_letter_topic);
+            refused_at_start = Some(store_settings.cloned());
+        }
         let settings = EffectiveSettings::of(&config, store_settings.is_some());
         tracing::info!(topic = %config.topic, group = %config.consumer_group,
             from_store = settings.from_store, retry_tiers = ?settings.retry_tiers,
@@ -251,27 +299,38 @@ impl Consumer {
                 .await
                 .map_err(|error| ConsumerError::Store { queue: None, error })?;
         }
-        let dead_letters = config.dead_letter_topic.as_ref().map(|_| {
-            Producer::new(config.dead_letter_producer_config())
-                .expect("a validated consumer config makes a valid producer config")
-        });
+        let dead_letters = config
+            .dead_letter_topic
+            .as_ref()
+            .map(|_| dead_letter_producer(config));
+        let mine = assigned_queues(&config.topic, queues, &config.members, &config.member);
+        let mine = only_listed(config, mine, queues)?;
+        let tunables = Tunables {
+            config: config.clone(),
+            settings,
+            dead_letters,
+        };
+        let shared = Shared::new(router, handler, tunables, self.progress.clone());
+        if refused_at_start.is_some() {
+            shared
+                .counters
+                .settings_refused
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        // Ends with `run` (aborted when dropped).
+        let refresh = refresh_settings(shared.clone(), self.config, refused_at_start);
+        let _refresh = AbortOnDrop(tokio::spawn(refresh));
         if let Some(membership) = config.membership.clone() {
             // Live membership: queues come and go with the coordinator's grants.
-            let limiter = consumer_member::limiter(config, &membership);
-            let shared = Shared::new(config.clone(), router, handler, limiter, dead_letters);
-            let ran = consumer_member::run_live(shared, layout.groups, membership, shutdown).await;
-            return ran.map(|report| ConsumerReport { settings, ..report });
+            return consumer_member::run_live(shared, layout.groups, membership, shutdown).await;
         }
-        let mine = assigned_queues(&config.topic, queues, &config.members, &config.member);
         tracing::info!(topic = %config.topic, group = %config.consumer_group, queues = ?mine,
             "consuming");
-        let limiter = RateLimiter::new(
-            config.messages_per_s_max,
-            config.bytes_per_s_max,
-            Instant::now(),
-        );
-        let shared = Shared::new(config.clone(), router, handler, limiter, dead_letters);
         let stop = &shared.stop;
+        // Every queue counts as running from now, so a watcher never sees some caught up
+        // before the others started.
+        self.progress
+            .send_modify(|progress| progress.queues.extend(&mine));
         let mut loops = JoinSet::new();
         for &queue in &mine {
             let group = group_of_queue(queue, layout.groups);
@@ -279,7 +338,6 @@ impl Consumer {
         }
         let mut report = ConsumerReport {
             queues: mine,
-            settings,
             ..ConsumerReport::default()
         };
         let mut failure = None;
@@ -317,38 +375,84 @@ impl Consumer {
     }
 }
 
+/// The dead-letter producer of a validated `config`.
+fn dead_letter_producer(config: &ConsumerConfig) -> Producer {
+    Producer::new(config.dead_letter_producer_config())
+        .expect("a validated consumer config makes a valid producer config")
+}
+
+/// `mine` cut to [`ConsumerConfig::queues`], each checked against the topic's `queues`.
+fn only_listed(
+    config: &ConsumerConfig,
+    mut mine: Vec<QueueId>,
+    queues: u32,
+) -> Result<Vec<QueueId>, ConsumerError> {
+    let Some(listed) = &config.queues else {
+        return Ok(mine);
+    };
+    if let Some(&queue) = listed.iter().find(|&&queue| queue >= queues) {
+        let message = format!(
+            "topic {:?} has {queues} queue(s): no queue {queue}",
+            config.topic
+        );
+        return Err(ConsumerError::Store {
+            queue: Some(queue),
+            error: ProduceError::refused(ErrorCode::UnknownQueue, message),
+        });
+    }
+    mine.retain(|queue| listed.contains(queue));
+    Ok(mine)
+}
+
+/// The settings that may change while the consumer runs, replaced as a whole on a reload.
+pub(crate) struct Tunables {
+    /// The effective config: the store's settings over the library's.
+    pub(crate) config: ConsumerConfig,
+    pub(crate) settings: EffectiveSettings,
+    /// Produces dead letters (with a dead-letter topic only).
+    pub(crate) dead_letters: Option<Producer>,
+}
+
 /// What every loop and handler task of one running consumer shares.
 pub(crate) struct Shared<H> {
+    /// The effective config at start. Its settings fields ([`Tunables`]) may be stale: read
+    /// those through [`Shared::tunables`]; the others never change.
     pub(crate) config: ConsumerConfig,
     topic: Arc<str>,
     router: Router,
     handler: H,
-    /// One permit per message being handled: [`ConsumerConfig::max_in_flight`].
-    permits: Semaphore,
-    pub(crate) limiter: Option<Mutex<RateLimiter>>,
-    /// Produces dead letters (with a dead-letter topic only).
-    dead_letters: Option<Producer>,
+    /// One permit per message being handled: the max in flight.
+    in_flight: InFlight,
+    limiter: Mutex<Option<RateLimiter>>,
+    tunables: Mutex<Arc<Tunables>>,
+    /// Live members of the group as last heard (1 with a static list: its division is in
+    /// the config already).
+    members: AtomicUsize,
     /// Set to stop every chain and (static member list) every queue loop: shutdown, or a
     /// failure of one of them. With live membership each queue loop has its own stop, and a
     /// failure reaches the membership loop as the queue loop's error instead.
     stop: watch::Sender<bool>,
+    progress: watch::Sender<ConsumerProgress>,
     counters: Counters,
 }
 
 impl<H> Shared<H> {
     pub(crate) fn new(
-        config: ConsumerConfig,
         router: Router,
         handler: H,
-        limiter: Option<RateLimiter>,
-        dead_letters: Option<Producer>,
+        tunables: Tunables,
+        progress: watch::Sender<ConsumerProgress>,
     ) -> Arc<Shared<H>> {
+        let config = tunables.config.clone();
+        let (messages, bytes) = rates(&config, 1);
         Arc::new(Shared {
             topic: Arc::from(config.topic.as_str()),
-            limiter: limiter.map(Mutex::new),
-            dead_letters,
+            limiter: Mutex::new(RateLimiter::new(messages, bytes, Instant::now())),
+            in_flight: InFlight::new(config.max_in_flight),
+            tunables: Mutex::new(Arc::new(tunables)),
+            members: AtomicUsize::new(1),
             stop: watch::channel(false).0,
-            permits: Semaphore::new(config.max_in_flight),
+            progress,
             config,
             router,
             handler,
@@ -356,7 +460,111 @@ impl<H> Shared<H> {
         })
     }
 
-    /// Copies the counters into `report`.
+    /// The settings in force now.
+    pub(crate) fn tunables(&self) -> Arc<Tunables> {
+        lock(&self.tunables).clone()
+    }
+
+    /// The group has `members` live members now: re-divides its rates.
+    pub(crate) fn set_members(&self, members: usize) {
+        self.members.store(members.max(1), Ordering::Relaxed);
+        self.retune();
+    }
+
+    /// Sets the rate limiter to the rates of the settings in force and the live members.
+    fn retune(&self) {
+        let tunables = self.tunables();
+        let (messages, bytes) = rates(&tunables.config, self.members.load(Ordering::Relaxed));
+        let now = Instant::now();
+        let mut limiter = lock(&self.limiter);
+        match limiter.as_mut() {
+            Some(limiter) => limiter.set_rates(messages, bytes, now),
+            None => *limiter = RateLimiter::new(messages, bytes, now),
+        }
+    }
+
+    /// Marks `queue` as running (or not), and caught up (or not).
+    fn set_progress(&self, queue: QueueId, running: bool, caught_up: bool) {
+        self.progress.send_if_modified(|progress| {
+            let changed = if running {
+                progress.queues.insert(queue)
+            } else {
+                progress.queues.remove(&queue)
+            };
+            let caught_up = running && caught_up;
+            changed
+                | if caught_up {
+                    progress.caught_up.insert(queue)
+                } else {
+                    progress.caught_up.remove(&queue)
+                }
+        });
+    }
+
+    /// Applies the store's `store` settings (laid over the `library` config) if they differ
+    /// from those in force and can be applied; else logs why not (once per distinct
+    /// refused change: `last_refused` remembers it).
+    fn reload(
+        &self,
+        library: &ConsumerConfig,
+        store: Option<&api::ConsumerGroupSettings>,
+        layout: &Layout,
+        last_refused: &mut Option<Option<api::ConsumerGroupSettings>>,
+    ) {
+        let current = self.tunables();
+        let refuse = |why: String, last_refused: &mut Option<Option<_>>| {
+            if last_refused.as_ref() != Some(&store.cloned()) {
+                *last_refused = Some(store.cloned());
+                self.counters
+                    .settings_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(topic = %library.topic, group = %library.consumer_group,
+                    reason = %why, "ignoring changed store settings; the previous stay");
+            }
+        };
+        let config = match effective(library, store) {
+            Ok(config) => config,
+            Err(error) => return refuse(error.to_string(), last_refused),
+        };
+        let settings = EffectiveSettings::of(&config, store.is_some());
+        if settings == current.settings {
+            *last_refused = None;
+            return;
+        }
+        if let Some(topic) = &config.dead_letter_topic
+            && !layout.topics.contains_key(topic)
+        {
+            let why = format!("dead-letter topic {topic:?}: no such topic in the store");
+            return refuse(why, last_refused);
+        }
+        let dead_letters = match (&config.dead_letter_topic, &current.dead_letters) {
+            (None, _) => None,
+            (Some(_), Some(producer)) => Some(producer.clone()),
+            (Some(_), None) => Some(dead_letter_producer(&config)),
+        };
+        tracing::info!(topic = %config.topic, group = %config.consumer_group,
+            from_store = settings.from_store, retry_tiers = ?settings.retry_tiers,
+            dead_letter_topic = ?settings.dead_letter_topic,
+            max_in_flight = settings.max_in_flight,
+            messages_per_s_max = ?settings.messages_per_s_max,
+            bytes_per_s_max = ?settings.bytes_per_s_max,
+            group_messages_per_s_max = ?settings.group_messages_per_s_max,
+            group_bytes_per_s_max = ?settings.group_bytes_per_s_max,
+            "settings changed in the store: applied");
+        self.in_flight.resize(config.max_in_flight);
+        *lock(&self.tunables) = Arc::new(Tunables {
+            config,
+            settings,
+            dead_letters,
+        });
+        self.retune();
+        *last_refused = None;
+        self.counters
+            .settings_reloads
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Copies the counters and the settings in force into `report`.
     pub(crate) fn count_into(&self, report: &mut ConsumerReport) {
         let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         report.handled = read(&self.counters.handled);
@@ -367,6 +575,111 @@ impl<H> Shared<H> {
         report.dead_lettered = read(&self.counters.dead_lettered);
         report.pulls = read(&self.counters.pulls);
         report.commits = read(&self.counters.commits);
+        report.settings_reloads = read(&self.counters.settings_reloads);
+        report.settings_refused = read(&self.counters.settings_refused);
+        report.settings = self.tunables().settings.clone();
+    }
+}
+
+/// The rate limits of one consumer under `config` with `members` live members.
+fn rates(config: &ConsumerConfig, members: usize) -> (Option<u32>, Option<u64>) {
+    match &config.membership {
+        Some(membership) => membership.rates(config, members),
+        None => (config.messages_per_s_max, config.bytes_per_s_max),
+    }
+}
+
+/// Re-reads the store's settings of the consumer's (topic, consumer group) every
+/// `settings_refresh` and applies a change (see [`Shared::reload`]); runs until aborted.
+/// `last_refused`: a change refused at start, not to be reported again.
+async fn refresh_settings<H: Handler>(
+    shared: Arc<Shared<H>>,
+    library: ConsumerConfig,
+    mut last_refused: Option<Option<api::ConsumerGroupSettings>>,
+) {
+    loop {
+        tokio::time::sleep(library.settings_refresh).await;
+        let mut progress = shared.router.start_request();
+        let layout = match shared.router.relearn_layout(&mut progress).await {
+            Ok(layout) => layout,
+            Err(error) => {
+                tracing::debug!(%error, "re-reading the store's settings failed; next time");
+                continue;
+            }
+        };
+        let store = layout.group_settings(&library.topic, &library.consumer_group);
+        shared.reload(&library, store, &layout, &mut last_refused);
+    }
+}
+
+/// The max in flight: a semaphore whose size can change while permits are out. A shrink
+/// takes the free permits at once and the rest as they come back (`owed`), so the number of
+/// handlers running reaches the new limit as soon as enough of them finish.
+struct InFlight {
+    permits: Semaphore,
+    limit: Mutex<InFlightLimit>,
+}
+
+struct InFlightLimit {
+    max: usize,
+    /// Permits to forget when they come back.
+    owed: usize,
+}
+
+/// A permit of [`InFlight`]; forgotten on drop while a shrink is owed one.
+struct InFlightPermit<'a> {
+    permit: Option<SemaphorePermit<'a>>,
+    owner: &'a InFlight,
+}
+
+impl Drop for InFlightPermit<'_> {
+    fn drop(&mut self) {
+        let Some(permit) = self.permit.take() else {
+            return;
+        };
+        let mut limit = lock(&self.owner.limit);
+        if limit.owed > 0 {
+            limit.owed -= 1;
+            permit.forget();
+        }
+    }
+}
+
+impl InFlight {
+    fn new(max: usize) -> InFlight {
+        InFlight {
+            permits: Semaphore::new(max),
+            limit: Mutex::new(InFlightLimit { max, owed: 0 }),
+        }
+    }
+
+    async fn acquire(&self) -> InFlightPermit<'_> {
+        let permit = self
+            .permits
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        InFlightPermit {
+            permit: Some(permit),
+            owner: self,
+        }
+    }
+
+    /// Makes the limit `max`.
+    fn resize(&self, max: usize) {
+        assert!(max > 0, "validated: at least one in flight");
+        let mut limit = lock(&self.limit);
+        if max > limit.max {
+            let more = max - limit.max;
+            let repaid = more.min(limit.owed);
+            limit.owed -= repaid;
+            self.permits.add_permits(more - repaid);
+        } else {
+            let fewer = limit.max - max;
+            let taken = self.permits.forget_permits(fewer);
+            limit.owed += fewer - taken;
+        }
+        limit.max = max;
     }
 }
 
@@ -380,6 +693,8 @@ struct Counters {
     dead_lettered: AtomicU64,
     pulls: AtomicU64,
     commits: AtomicU64,
+    settings_reloads: AtomicU64,
+    settings_refused: AtomicU64,
 }
 
 /// A queue loop's result: its queue, its last committed cursor, how it ended.
@@ -420,7 +735,9 @@ pub(crate) async fn run_queue<H: Handler>(
         handled_to: None,
         last_commit: Instant::now(),
     };
+    shared.set_progress(queue, true, false);
     let outcome = pull_and_handle(&shared, &mut cursor, &mut stop).await;
+    shared.set_progress(queue, false, false);
     // Drain: commit what was handled, whatever stopped us.
     let committed = if cursor.pending() {
         shared.commit(&mut cursor).await
@@ -461,6 +778,8 @@ async fn pull_and_handle<H: Handler>(
             cursor.committed = Some(batch.start);
             cursor.handled_to = Some(batch.start);
         }
+        let caught_up = batch.deliveries.is_empty() && wait == config.long_poll;
+        shared.set_progress(cursor.queue, true, caught_up);
         if batch.deliveries.is_empty() {
             next = Some(batch.start);
         } else {
@@ -614,7 +933,7 @@ impl<H: Handler> Shared<H> {
             deliveries.len(),
         )));
         let mut chains = JoinSet::new();
-        for chain in chains_by_key(deliveries) {
+        for chain in chains_of(deliveries, self.config.order) {
             chains.spawn(run_chain(
                 self.clone(),
                 chain,
@@ -663,17 +982,18 @@ impl<H: Handler> Shared<H> {
         delivery: &Delivery,
         stop: &mut watch::Receiver<bool>,
     ) -> Option<Answer> {
-        let permit = unless_stopped(self.permits.acquire(), stop).await?;
-        let _permit = permit.expect("the semaphore is never closed");
+        let _permit = unless_stopped(self.in_flight.acquire(), stop).await?;
         if *stop.borrow() {
             return None;
         }
-        if let Some(limiter) = &self.limiter {
-            let bytes = delivery.key.len() + delivery.value.len();
-            let wait = lock(limiter).reserve(bytes, Instant::now());
-            if !wait.is_zero() {
-                unless_stopped(tokio::time::sleep(wait), stop).await?;
-            }
+        let bytes = delivery.key.len() + delivery.value.len();
+        let wait = lock(&self.limiter)
+            .as_mut()
+            .map(|limiter| limiter.reserve(bytes, Instant::now()));
+        if let Some(wait) = wait
+            && !wait.is_zero()
+        {
+            unless_stopped(tokio::time::sleep(wait), stop).await?;
         }
         let handled = catch_panic(|| self.handler.handle(delivery));
         // The handler's future is dropped at the timeout: cancelled at its next `.await`.
@@ -687,8 +1007,10 @@ impl<H: Handler> Shared<H> {
         Some(answer)
     }
 
-    /// Counts a failed delivery of `delivery` and says what comes next.
-    fn failed(&self, delivery: &Delivery, failure: Failure) -> Next {
+    /// Counts a failed delivery of `delivery` and says what comes next, under the settings in
+    /// force (returned: a dead letter goes where they say).
+    fn failed(&self, delivery: &Delivery, failure: Failure) -> (Next, Arc<Tunables>) {
+        let tunables = self.tunables();
         let counters = &self.counters;
         let (counter, explicit) = match failure {
             Failure::Nacked(delay) => (&counters.nacks, delay),
@@ -697,10 +1019,10 @@ impl<H: Handler> Shared<H> {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         let next = after_failure(
-            &self.config.retry_tiers,
+            &tunables.config.retry_tiers,
             delivery.attempt,
             explicit,
-            self.dead_letters.is_some(),
+            tunables.dead_letters.is_some(),
         );
         // A nack is the handler's own answer; a timeout, a panic or a dead letter is news.
         if !matches!(failure, Failure::Nacked(_)) || next == Next::DeadLetter {
@@ -713,7 +1035,7 @@ impl<H: Handler> Shared<H> {
                 "delivery failed"
             );
         }
-        next
+        (next, tunables)
     }
 
     /// Produces `delivery` to the dead-letter topic with its derived message id, retrying
@@ -722,9 +1044,11 @@ impl<H: Handler> Shared<H> {
     async fn dead_letter(
         &self,
         delivery: &Delivery,
+        tunables: &Tunables,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<bool, ConsumerError> {
-        let (Some(producer), Some(topic)) = (&self.dead_letters, &self.config.dead_letter_topic)
+        let (Some(producer), Some(topic)) =
+            (&tunables.dead_letters, &tunables.config.dead_letter_topic)
         else {
             unreachable!("dead-lettering needs a dead-letter topic");
         };
@@ -808,7 +1132,8 @@ async fn run_chain<H: Handler>(
                 Answer::Handled => break &shared.counters.handled,
                 Answer::Failed(failure) => failure,
             };
-            match shared.failed(&delivery, failure) {
+            let (next, tunables) = shared.failed(&delivery, failure);
+            match next {
                 Next::Redeliver(delay) => {
                     shared.counters.retries.fetch_add(1, Ordering::Relaxed);
                     let slept = unless_stopped(tokio::time::sleep(delay), &mut stop).await;
@@ -818,7 +1143,7 @@ async fn run_chain<H: Handler>(
                     delivery.attempt = delivery.attempt.saturating_add(1);
                 }
                 Next::DeadLetter => {
-                    if !shared.dead_letter(&delivery, &mut stop).await? {
+                    if !shared.dead_letter(&delivery, &tunables, &mut stop).await? {
                         return Ok(());
                     }
                     break &shared.counters.dead_lettered;
@@ -844,6 +1169,15 @@ async fn catch_panic<W: Future>(make: impl FnOnce() -> W) -> Result<W::Output, (
         },
     )
     .await
+}
+
+/// Splits a batch into the chains `order` asks for: the whole batch as one, or
+/// [`chains_by_key`].
+fn chains_of(deliveries: Vec<Delivery>, order: HandlingOrder) -> Vec<Vec<Delivery>> {
+    match order {
+        HandlingOrder::PerKey => chains_by_key(deliveries),
+        HandlingOrder::PerQueue => vec![deliveries],
+    }
 }
 
 /// Splits a batch into chains: one per key, in offset order; each keyless message alone.
@@ -1021,6 +1355,45 @@ mod tests {
             value: Vec::new(),
             attempt: 1,
         }
+    }
+
+    #[tokio::test]
+    async fn a_smaller_max_in_flight_takes_free_permits_at_once_and_the_rest_as_they_return() {
+        let in_flight = InFlight::new(4);
+        let held = [
+            in_flight.acquire().await,
+            in_flight.acquire().await,
+            in_flight.acquire().await,
+        ];
+        in_flight.resize(1);
+        assert_eq!(
+            in_flight.permits.available_permits(),
+            0,
+            "the free one taken"
+        );
+        let [first, second, third] = held;
+        drop(first);
+        drop(second);
+        assert_eq!(
+            in_flight.permits.available_permits(),
+            0,
+            "two owed, forgotten"
+        );
+        drop(third);
+        assert_eq!(in_flight.permits.available_permits(), 1, "the new limit");
+        // Growing while permits are owed repays them first.
+        let held = [in_flight.acquire().await];
+        in_flight.resize(3);
+        assert_eq!(in_flight.permits.available_permits(), 2);
+        let more = [in_flight.acquire().await, in_flight.acquire().await];
+        in_flight.resize(2);
+        assert_eq!(lock(&in_flight.limit).owed, 1);
+        in_flight.resize(4);
+        assert_eq!(lock(&in_flight.limit).owed, 0);
+        assert_eq!(in_flight.permits.available_permits(), 1);
+        drop(held);
+        drop(more);
+        assert_eq!(in_flight.permits.available_permits(), 4);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use phxq_types::validate_name;
+use phxq_types::{QueueId, validate_name};
 
 use crate::config::ProducerConfig;
 use crate::consumer_member::Membership;
@@ -59,6 +59,28 @@ pub const RETRY_TIER_ATTEMPTS_MAX: u32 = 10_000;
 ///
 /// [`Outcome::Retry`]: crate::Outcome::Retry
 pub const RETRY_DELAY_MAX: Duration = Duration::from_secs(3600);
+/// Default for [`ConsumerConfig::settings_refresh`]: how often a running consumer re-reads
+/// the store's settings of its (topic, consumer group).
+pub const SETTINGS_REFRESH_DEFAULT: Duration = Duration::from_secs(5);
+/// Shortest [`ConsumerConfig::settings_refresh`] accepted (each refresh is one
+/// `ClusterStatus` call).
+pub const SETTINGS_REFRESH_MIN: Duration = Duration::from_millis(100);
+/// Longest [`ConsumerConfig::settings_refresh`] accepted.
+pub const SETTINGS_REFRESH_MAX: Duration = Duration::from_secs(3600);
+/// Most queues in [`ConsumerConfig::queues`] (a topic's most queues).
+pub const QUEUES_LISTED_MAX: usize = 4096;
+
+/// Which messages of a queue may be handled at once ([`ConsumerConfig::order`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HandlingOrder {
+    /// One key's messages one at a time in offset order; different keys (and keyless
+    /// messages) in parallel. The default.
+    #[default]
+    PerKey,
+    /// A queue's messages one at a time in offset order, whatever their keys (queues still
+    /// run in parallel): for handlers whose effects must follow the queue, as a printer's.
+    PerQueue,
+}
 
 /// One step of the redelivery schedule ([`ConsumerConfig::retry_tiers`]): the next `attempts`
 /// failed deliveries of a message are each followed by a wait of `delay`, then it is
@@ -113,14 +135,22 @@ pub fn retry_tiers_default() -> Vec<RetryTier> {
 /// [`MAX_IN_FLIGHT_LIMIT`] in flight: the store allows more) makes `run` return
 /// [`ConsumerError::Settings`](crate::ConsumerError::Settings) naming it, before anything is
 /// consumed. The effective values are logged at start and reported in
-/// [`ConsumerReport::settings`](crate::ConsumerReport::settings). They are read once per
-/// `run`: a change in the store applies when the consumer is restarted.
+/// [`ConsumerReport::settings`](crate::ConsumerReport::settings).
+///
+/// A running consumer re-reads them every [`settings_refresh`](Self::settings_refresh) and
+/// applies a change in place (rates, max in flight, retry tiers, dead-letter topic; no queue
+/// restarts, so nothing handled is lost or handled again); a change it cannot apply (the
+/// same reasons, or a dead-letter topic the store lacks) is logged and ignored as a whole,
+/// the previous values staying in force.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConsumerConfig {
     /// Client addresses (`host:port`) of some nodes of **one** store; one is enough.
     pub servers: Vec<String>,
     /// The store to read; 0 accepts whichever store `servers` belong to.
     pub store_id: u64,
+    /// Where to dial nodes not reachable at their advertised address, as
+    /// [`ProducerConfig::connect_via`]. Every call goes there: pulls, commits, heartbeats.
+    pub connect_via: Vec<(String, String)>,
     /// The topic to read.
     pub topic: String,
     /// The consumer group reading it: its cursors are the ones read from and committed.
@@ -133,6 +163,16 @@ pub struct ConsumerConfig {
     pub members: Vec<String>,
     /// This consumer's name in `members` (ignored when `members` is empty).
     pub member: String,
+    /// Read only these queues of the topic (`None`: the queues `members` assigns, all with an
+    /// empty list). With a static list, the queues both name. Not with `membership` (the
+    /// coordinator assigns). A queue the topic lacks makes `run` return `UNKNOWN_QUEUE`.
+    pub queues: Option<Vec<QueueId>>,
+    /// What may be handled at once within a queue. Default [`HandlingOrder::PerKey`].
+    pub order: HandlingOrder,
+    /// How often a running consumer re-reads the store's settings of its (topic, consumer
+    /// group) and applies a change. Default [`SETTINGS_REFRESH_DEFAULT`],
+    /// [`SETTINGS_REFRESH_MIN`] to [`SETTINGS_REFRESH_MAX`].
+    pub settings_refresh: Duration,
     /// Live membership through the group coordinator (`None`: the static `members` list,
     /// which must then be empty when this is set). See [`Membership`].
     pub membership: Option<Membership>,
@@ -204,10 +244,14 @@ impl ConsumerConfig {
         ConsumerConfig {
             servers: producer.servers,
             store_id: 0,
+            connect_via: Vec::new(),
             topic: topic.into(),
             consumer_group: consumer_group.into(),
             members: Vec::new(),
             member: String::new(),
+            queues: None,
+            order: HandlingOrder::PerKey,
+            settings_refresh: SETTINGS_REFRESH_DEFAULT,
             membership: None,
             max_in_flight: MAX_IN_FLIGHT_DEFAULT,
             pull_messages_max: PULL_MESSAGES_DEFAULT,
@@ -229,6 +273,7 @@ impl ConsumerConfig {
     pub(crate) fn router_config(&self) -> ProducerConfig {
         let mut config = ProducerConfig::new(self.servers.clone());
         config.store_id = self.store_id;
+        config.connect_via.clone_from(&self.connect_via);
         config.deadline = self.deadline;
         config.attempt_timeout = self.long_poll + LONG_POLL_MARGIN;
         config.backoff_initial = self.backoff_initial;
@@ -255,6 +300,16 @@ impl ConsumerConfig {
                     "a static member list and live membership exclude each other",
                 ));
             }
+        }
+        self.validate_queues()?;
+        if !(SETTINGS_REFRESH_MIN..=SETTINGS_REFRESH_MAX).contains(&self.settings_refresh) {
+            return Err(invalid(
+                "settings_refresh",
+                format!(
+                    "{:?}; {SETTINGS_REFRESH_MIN:?} to {SETTINGS_REFRESH_MAX:?}",
+                    self.settings_refresh
+                ),
+            ));
         }
         let within = |value: u64, limit: u64| (1..=limit).contains(&value);
         if !within(self.max_in_flight as u64, MAX_IN_FLIGHT_LIMIT as u64) {
@@ -362,6 +417,34 @@ impl ConsumerConfig {
         config
     }
 
+    fn validate_queues(&self) -> Result<(), ConsumerConfigError> {
+        let Some(queues) = &self.queues else {
+            return Ok(());
+        };
+        if self.membership.is_some() {
+            return Err(invalid(
+                "queues",
+                "a fixed queue list and live membership exclude each other",
+            ));
+        }
+        if queues.is_empty() || queues.len() > QUEUES_LISTED_MAX {
+            return Err(invalid(
+                "queues",
+                format!("{} queues; 1 to {QUEUES_LISTED_MAX}", queues.len()),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, queue) in queues.iter().enumerate() {
+            if !seen.insert(queue) {
+                return Err(invalid(
+                    format!("queues[{i}]"),
+                    format!("queue {queue} twice"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn validate_members(&self) -> Result<(), ConsumerConfigError> {
         if self.members.is_empty() {
             return Ok(());
@@ -464,6 +547,20 @@ mod tests {
             field(|c| c.ack_timeout = Duration::from_secs(3601)),
             err("ack_timeout")
         );
+        assert_eq!(
+            field(|c| c.settings_refresh = Duration::from_millis(99)),
+            err("settings_refresh")
+        );
+        assert_eq!(field(|c| c.queues = Some(Vec::new())), err("queues"));
+        assert_eq!(field(|c| c.queues = Some(vec![3, 1, 3])), err("queues[2]"));
+        assert_eq!(
+            field(|c| {
+                c.queues = Some(vec![1]);
+                c.membership = Some(Membership::new("m"));
+            }),
+            err("queues")
+        );
+        assert_eq!(field(|c| c.queues = Some(vec![3, 1])), Ok(()));
     }
 
     #[test]

@@ -39,7 +39,6 @@ use tokio::task::JoinSet;
 
 use crate::consumer::{ConsumerError, ConsumerReport, Handler, QueueEnd, Shared, run_queue};
 use crate::consumer_config::{ConsumerConfig, ConsumerConfigError};
-use crate::consumer_rate::RateLimiter;
 use crate::error::{ErrorKind, ProduceError};
 use crate::router::{Halt, Router};
 
@@ -138,7 +137,11 @@ impl Membership {
     }
 
     /// The member's rate limits with `members` live members.
-    fn rates(&self, config: &ConsumerConfig, members: usize) -> (Option<u32>, Option<u64>) {
+    pub(crate) fn rates(
+        &self,
+        config: &ConsumerConfig,
+        members: usize,
+    ) -> (Option<u32>, Option<u64>) {
         let members = members.max(1);
         let share_messages = self
             .group_messages_per_s_max
@@ -190,18 +193,12 @@ impl Reported {
 
 /// Aborts a task when dropped (a consumer dropped without draining takes its heartbeats
 /// with it, as a crashed process would).
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+pub(crate) struct AbortOnDrop<T>(pub(crate) tokio::task::JoinHandle<T>);
 
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-/// A limiter for this member's share of the group's rates, with one member assumed.
-pub(crate) fn limiter(config: &ConsumerConfig, membership: &Membership) -> Option<RateLimiter> {
-    let (messages, bytes) = membership.rates(config, 1);
-    RateLimiter::new(messages, bytes, Instant::now())
 }
 
 /// The consumer's main loop under live membership: starts and stops queue loops as the
@@ -221,7 +218,7 @@ pub(crate) async fn run_live<H: Handler>(
         heartbeats,
         reported,
     };
-    drive(shared, groups, &membership, inputs, shutdown).await
+    drive(shared, groups, inputs, shutdown).await
 }
 
 /// What drives [`drive`]: the heartbeat loop's grants and its end, and what it reports.
@@ -235,7 +232,6 @@ struct Inputs {
 async fn drive<H: Handler>(
     shared: Arc<Shared<H>>,
     groups: u32,
-    membership: &Membership,
     inputs: Inputs,
     shutdown: impl Future<Output = ()>,
 ) -> Result<ConsumerReport, ConsumerError> {
@@ -248,7 +244,6 @@ async fn drive<H: Handler>(
     let mut live = Live {
         shared: &shared,
         groups,
-        membership,
         reported: &reported,
         loops: JoinSet::new(),
         running: BTreeMap::new(),
@@ -315,7 +310,6 @@ async fn sleep_until_some(at: Option<Instant>) {
 struct Live<'a, H> {
     shared: &'a Arc<Shared<H>>,
     groups: u32,
-    membership: &'a Membership,
     reported: &'a Reported,
     loops: JoinSet<QueueEnd>,
     /// Queues with a loop, running or draining, and the sender that stops it.
@@ -336,10 +330,7 @@ impl<H: Handler> Live<'_, H> {
         };
         if lease.members != self.members {
             self.members = lease.members;
-            let (messages, bytes) = self.membership.rates(&self.shared.config, lease.members);
-            if let Some(limiter) = &self.shared.limiter {
-                crate::consumer::lock(limiter).set_rates(messages, bytes, Instant::now());
-            }
+            self.shared.set_members(lease.members);
         }
         for (&queue, stop) in &self.running {
             if !lease.granted.contains(&queue) && !*stop.borrow() {
@@ -548,7 +539,8 @@ impl HeartbeatLoop {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::consumer::{Delivery, Outcome};
+    use crate::consumer::{Delivery, Outcome, Tunables};
+    use crate::consumer_settings::EffectiveSettings;
 
     /// The grants a test sends, what the member reports, and the member's task.
     type Driven = (
@@ -563,7 +555,13 @@ mod tests {
         config.membership = Some(membership.clone());
         let router = Router::new(config.router_config());
         let handler = |_: &Delivery| async { Outcome::Handled };
-        let shared = Shared::new(config, router, handler, None, None);
+        let tunables = Tunables {
+            settings: EffectiveSettings::of(&config, false),
+            config,
+            dead_letters: None,
+        };
+        let progress = watch::channel(Default::default()).0;
+        let shared = Shared::new(router, handler, tunables, progress);
         let (sender, lease) = watch::channel(None);
         let reported = Arc::new(Reported::default());
         let inputs = Inputs {
@@ -571,10 +569,7 @@ mod tests {
             heartbeats: AbortOnDrop(tokio::spawn(std::future::pending())),
             reported: reported.clone(),
         };
-        let membership = membership.clone();
-        let task = tokio::spawn(async move {
-            drive(shared, 4, &membership, inputs, std::future::pending()).await
-        });
+        let task = tokio::spawn(drive(shared, 4, inputs, std::future::pending()));
         (sender, reported, task)
     }
 

@@ -4,7 +4,8 @@
 //! A topic's config carries, per consumer group, retry tiers, a dead-letter topic, rate limits
 //! and a max in flight (`phxq topic alter NAME --settings-for GROUP ...`). The store validates
 //! and replicates them but does not act on them; a consumer reads them from `ClusterStatus`
-//! when [`Consumer::run`](crate::Consumer::run) starts and applies them here. Pure: a function
+//! when [`Consumer::run`](crate::Consumer::run) starts, and again every
+//! [`ConsumerConfig::settings_refresh`] while it runs, and computes what to apply here. Pure: a function
 //! of the library config and the store's settings.
 //!
 //! **Precedence, field by field: the store's setting wins when it has one**, else the library
@@ -26,8 +27,8 @@
 //! cannot accept (the store allows delays up to a week and 1,000,000 in flight, the library
 //! [`RETRY_DELAY_MAX`](crate::RETRY_DELAY_MAX) and
 //! [`MAX_IN_FLIGHT_LIMIT`](crate::MAX_IN_FLIGHT_LIMIT)) is a [`SettingsError`] naming it,
-//! before anything is consumed. Settings are read at start only: a change takes effect when
-//! the consumer is restarted.
+//! before anything is consumed. While running, a changed setting that fails the same way is
+//! logged and ignored (the consumer keeps the settings in force).
 //!
 //! [`ConsumerReport::settings`]: crate::ConsumerReport::settings
 //! [`Membership::group_messages_per_s_max`]: crate::Membership::group_messages_per_s_max

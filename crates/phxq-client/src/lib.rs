@@ -104,15 +104,18 @@ pub use config::{
     ProducerConfig, SERVERS_MAX, STORE_CHANGE_AFTER_DEFAULT, STORE_WEIGHT_MAX, STORES_MAX,
     StoreConfig,
 };
-pub use consumer::{Consumer, ConsumerError, ConsumerReport, Delivery, Handler, Outcome};
+pub use consumer::{
+    Consumer, ConsumerError, ConsumerProgress, ConsumerReport, Delivery, Handler, Outcome,
+};
 pub use consumer_assign::{assigned_queues, queue_owner};
 pub use consumer_config::{
     ACK_TIMEOUT_DEFAULT, ACK_TIMEOUT_MAX, ACK_TIMEOUT_MIN, COMMIT_INTERVAL_DEFAULT,
     COMMIT_INTERVAL_MAX, COMMIT_INTERVAL_MIN, CONSUMER_DEADLINE_DEFAULT, ConsumerConfig,
-    ConsumerConfigError, LONG_POLL_DEFAULT, LONG_POLL_LIMIT, LONG_POLL_MARGIN,
+    ConsumerConfigError, HandlingOrder, LONG_POLL_DEFAULT, LONG_POLL_LIMIT, LONG_POLL_MARGIN,
     MAX_IN_FLIGHT_DEFAULT, MAX_IN_FLIGHT_LIMIT, MEMBERS_MAX, PULL_BYTES_DEFAULT, PULL_BYTES_LIMIT,
-    PULL_MESSAGES_DEFAULT, PULL_MESSAGES_LIMIT, RETRY_DELAY_MAX, RETRY_TIER_ATTEMPTS_MAX,
-    RETRY_TIERS_MAX, RetryTier, retry_tiers_default,
+    PULL_MESSAGES_DEFAULT, PULL_MESSAGES_LIMIT, QUEUES_LISTED_MAX, RETRY_DELAY_MAX,
+    RETRY_TIER_ATTEMPTS_MAX, RETRY_TIERS_MAX, RetryTier, SETTINGS_REFRESH_DEFAULT,
+    SETTINGS_REFRESH_MAX, SETTINGS_REFRESH_MIN, retry_tiers_default,
 };
 pub use consumer_member::{
     HEARTBEAT_INTERVAL_DEFAULT, HEARTBEAT_INTERVAL_MIN, HEARTBEATS_PER_SESSION_MIN, Membership,

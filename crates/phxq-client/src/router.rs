@@ -315,6 +315,15 @@ impl Router {
         }
     }
 
+    /// The store's layout asked of a node now, whatever is cached (a consumer re-reading its
+    /// group's settings).
+    pub(crate) async fn relearn_layout(
+        &self,
+        progress: &mut Progress,
+    ) -> Result<Arc<Layout>, ProduceError> {
+        self.learn_layout(progress).await
+    }
+
     /// Asks `ClusterStatus` of any node (retrying until the deadline) and installs it.
     async fn learn_layout(&self, progress: &mut Progress) -> Result<Arc<Layout>, ProduceError> {
         let status =
@@ -486,8 +495,9 @@ impl Router {
             return Ok(client.clone());
         }
         check_address(addr)?;
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|error| format!("{addr:?}: {error}"))?
+        let dial = self.config.dial(addr);
+        let endpoint = Endpoint::from_shared(format!("http://{dial}"))
+            .map_err(|error| format!("{dial:?}: {error}"))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true);
         let client = PhxqClient::new(endpoint.connect_lazy());

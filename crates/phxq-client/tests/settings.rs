@@ -388,3 +388,153 @@ fn a_store_setting_the_library_cannot_apply_is_refused_at_start_and_nothing_cons
         store.stop().await;
     });
 }
+
+/// One handler run: when it started and ended, relative to the test's start.
+type Interval = (Duration, Duration);
+
+/// Most intervals of `runs` open at once among those starting in `from..to`.
+fn most_at_once(runs: &[Interval], from: Duration, to: Duration) -> usize {
+    let inside: Vec<&Interval> = runs
+        .iter()
+        .filter(|(start, _)| (from..to).contains(start))
+        .collect();
+    inside
+        .iter()
+        .map(|(start, _)| {
+            inside
+                .iter()
+                .filter(|(other_start, other_end)| other_start <= start && start < other_end)
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_running_consumer_applies_changed_store_settings_without_losing_or_repeating_a_message() {
+    run(async {
+        let store = Store::start(3, false).await;
+        let wide = api::ConsumerGroupSettings {
+            max_in_flight: Some(8),
+            ..settings()
+        };
+        put_settings(&store, vec![wide.clone()]).await;
+        // 64 keys over every queue, so up to 64 handlers could run at once.
+        let values: Vec<String> = (0..300).map(|i| format!("m{i:03}")).collect();
+        let keyed: Vec<(String, &str)> = values
+            .iter()
+            .enumerate()
+            .map(|(i, value)| (format!("key-{}", i % 64), value.as_str()))
+            .collect();
+        let messages: Vec<(&str, &str)> = keyed.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        send(&store, &messages).await;
+
+        let began = Instant::now();
+        let runs: Arc<Mutex<Vec<Interval>>> = Arc::default();
+        let log = Deliveries::default();
+        let handler = {
+            let (runs, log) = (runs.clone(), log.clone());
+            move |msg: &Delivery| {
+                let (runs, log) = (runs.clone(), log.clone());
+                let value = String::from_utf8(msg.value.clone()).expect("utf-8");
+                let attempt = msg.attempt;
+                async move {
+                    let start = began.elapsed();
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    lock(&runs).push((start, began.elapsed()));
+                    lock(&log).push((value, attempt));
+                    Outcome::Handled
+                }
+            }
+        };
+        let running = Running::spawn(
+            consumer(&store, GROUP, |config| {
+                config.settings_refresh = Duration::from_millis(200);
+            }),
+            handler,
+        );
+        wait_for(&log, "the first 40 messages", |log| log.len() >= 40).await;
+
+        // One at a time. Applied within a refresh (and the handlers running then finish
+        // within 100 ms).
+        let one = api::ConsumerGroupSettings {
+            max_in_flight: Some(1),
+            ..settings()
+        };
+        put_settings(&store, vec![one]).await;
+        let one_from = began.elapsed() + Duration::from_millis(600);
+        tokio::time::sleep(Duration::from_millis(600 + 1_000)).await;
+        let one_to = one_from + Duration::from_secs(1);
+        // 8 at once again, but 5 a second: the rate binds.
+        let narrow = api::ConsumerGroupSettings {
+            max_in_flight: Some(8),
+            rate_messages_per_s: Some(5),
+            ..settings()
+        };
+        put_settings(&store, vec![narrow]).await;
+        let applied = began.elapsed() + Duration::from_millis(600);
+        tokio::time::sleep(Duration::from_millis(600 + 2_000)).await;
+        let window_end = applied + Duration::from_secs(2);
+        // A change the library cannot apply (a 2 h delay): ignored, the narrow settings stay
+        // (applied, it would lift the rate).
+        let refused = api::ConsumerGroupSettings {
+            retry_tiers: vec![tier(1, 2 * 3600 * 1000)],
+            max_in_flight: Some(8),
+            ..settings()
+        };
+        put_settings(&store, vec![refused]).await;
+        let refused_from = began.elapsed() + Duration::from_millis(600);
+        tokio::time::sleep(Duration::from_millis(600 + 1_000)).await;
+        let refused_to = refused_from + Duration::from_secs(1);
+        // Wide again: the rest flows.
+        put_settings(&store, vec![wide.clone()]).await;
+        wait_for(&log, "every message", |log| log.len() >= values.len()).await;
+        let report = running.drain_within(WAIT).await;
+
+        let runs = lock(&runs).clone();
+        let before = most_at_once(&runs, Duration::ZERO, one_from - Duration::from_millis(700));
+        assert!(before >= 4, "max in flight 8 at first: {before} at once");
+        let started = |from: Duration, to: Duration| {
+            runs.iter()
+                .filter(|(start, _)| (from..to).contains(start))
+                .count()
+        };
+        assert_eq!(
+            most_at_once(&runs, one_from, one_to),
+            1,
+            "max in flight 1 once reloaded"
+        );
+        let one_count = started(one_from, one_to);
+        assert!(
+            (5..=11).contains(&one_count),
+            "{one_count} handled in 1 s one at a time, 100 ms each"
+        );
+        // 5/s over 2 s, plus a burst of one and the message that was waiting.
+        let narrow_count = started(applied, window_end);
+        assert!(
+            (5..=12).contains(&narrow_count),
+            "{narrow_count} started in 2 s at 5/s"
+        );
+        let refused_count = started(refused_from, refused_to);
+        assert!(
+            refused_count <= 7,
+            "{refused_count} started in 1 s after the refused change: the rate still holds"
+        );
+        let mut handled: Vec<String> = lock(&log).iter().map(|(v, _)| v.clone()).collect();
+        handled.sort();
+        assert_eq!(
+            handled, values,
+            "every message once: nothing lost or repeated"
+        );
+        assert_eq!(report.handled, values.len() as u64, "{report:?}");
+        assert_eq!(
+            (report.settings_reloads, report.settings_refused),
+            (3, 1),
+            "one, narrow and wide applied, the 2 h delay refused: {report:?}"
+        );
+        assert_eq!(report.settings.max_in_flight, 8, "{report:?}");
+        assert_eq!(report.settings.messages_per_s_max, None, "{report:?}");
+        assert!(report.settings.from_store, "{report:?}");
+        store.stop().await;
+    });
+}

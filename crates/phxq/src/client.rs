@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod consume;
 pub mod produce;
 pub mod topic;
 
@@ -123,20 +124,33 @@ pub struct ConsumeArgs {
     #[arg(long)]
     topic: String,
     /// The consumer group: reading starts at its cursor, and the cursor is committed after
-    /// the messages are printed.
+    /// the messages are printed. Its settings in the store (rate, max in flight) apply.
     #[arg(long)]
     group: String,
-    /// Read only this queue (default: every queue of the topic).
+    /// Read only this queue (default: every queue of the topic; not with `--member`).
     #[arg(long)]
     queue: Option<u32>,
-    /// Stop after this many messages (default: when every queue is read to its end).
+    /// Join the group as live member ID: read the queues the group coordinator grants it
+    /// among the group's live members, take over those of members that die, hand them over
+    /// when others join or it stops.
+    #[arg(long, value_name = "ID")]
+    member: Option<String>,
+    /// With `--member`: how long the coordinator keeps this member without a heartbeat, and
+    /// how long it keeps reading its queues when no heartbeat is answered (1000 to 60000).
+    #[arg(long, value_name = "MS", default_value_t = 6_000)]
+    session_timeout_ms: u64,
+    /// Stop after this many messages (default: when every queue is read to its end; with
+    /// `--member`, when stopped or idle for `--wait-ms`).
     #[arg(long, value_name = "N")]
     max: Option<u64>,
     /// When every queue is at its end, wait this long for more before exiting (at most 60000).
+    /// With `--member`: exit once its queues are at their end and nothing came for this long
+    /// (0, the default: run until SIGINT or SIGTERM).
     #[arg(long, value_name = "W", default_value_t = 0)]
     wait_ms: u32,
-    /// One JSON object per message (queue, offset, time_ms, key, value) instead of the raw
-    /// values. A key or value that is not UTF-8 comes as `key_hex` / `value_hex`.
+    /// One JSON object per message (queue, offset, time_ms, key, value, and member with
+    /// `--member`) instead of the raw values. A key or value that is not UTF-8 comes as
+    /// `key_hex` / `value_hex`.
     #[arg(long)]
     json: bool,
 }
@@ -892,25 +906,9 @@ async fn send_batch(
 // ---------------------------------------------------------------------------------------------
 // consume
 
+/// `phxq consume`: the library consumer with a printing handler (`client/consume.rs`).
 pub fn consume(args: &ConsumeArgs) -> CommandResult {
-    if args.wait_ms > phxq_node::server::CONSUME_WAIT_MS_MAX {
-        return Err(refused(
-            ErrorCode::InvalidArgument,
-            format!(
-                "--wait-ms {} is over {}",
-                args.wait_ms,
-                phxq_node::server::CONSUME_WAIT_MS_MAX
-            ),
-        )
-        .into());
-    }
-    if args.max == Some(0) {
-        return Err(refused(ErrorCode::InvalidArgument, "--max must be at least 1").into());
-    }
-    let runtime = client_runtime()?;
-    let printed = runtime.block_on(consume_all(args))?;
-    eprintln!("phxq consume: {printed} message(s)");
-    Ok(ExitCode::SUCCESS)
+    consume::consume(args)
 }
 
 /// How long each of `phxq tail`'s reads waits for a message, in milliseconds.
@@ -1287,142 +1285,6 @@ async fn consume_once(
             }
         })
         .await
-}
-
-/// What one queue's read returned.
-struct QueueRead {
-    queue: u32,
-    messages: Vec<api::StoredMessage>,
-}
-
-async fn consume_all(args: &ConsumeArgs) -> Result<u64, ClientError> {
-    check_name("topic", &args.topic)?;
-    check_name("consumer group", &args.group)?;
-    let (router, status) = Router::discover(&args.connection).await?;
-    let queues = subscribed_queues(&status, &args.topic, &args.group, args.queue)?;
-    let mut printed = 0u64;
-    let mut wait_ms = 0;
-    loop {
-        let remaining = args.max.map_or(u64::MAX, |max| max - printed);
-        let reads = read_queues(&router, args, &queues, remaining, wait_ms).await?;
-        if reads.iter().all(|read| read.messages.is_empty()) {
-            if wait_ms > 0 || args.wait_ms == 0 {
-                return Ok(printed);
-            }
-            wait_ms = args.wait_ms; // at the end of every queue: one long poll, then stop
-            continue;
-        }
-        wait_ms = 0;
-        printed += print_and_commit(&router, args, reads, remaining).await?;
-        if args.max.is_some_and(|max| printed >= max) {
-            return Ok(printed);
-        }
-    }
-}
-
-/// Reads every queue at once from the group's cursor.
-async fn read_queues(
-    router: &Router,
-    args: &ConsumeArgs,
-    queues: &[u32],
-    remaining: u64,
-    wait_ms: u32,
-) -> Result<Vec<QueueRead>, ClientError> {
-    let mut calls = JoinSet::new();
-    for &queue in queues {
-        let router = router.clone();
-        let request = api::ConsumeRequest {
-            store_id: 0,
-            topic: args.topic.clone(),
-            queue,
-            consumer_group: args.group.clone(),
-            from_offset: None,
-            max_messages: remaining.min(u64::from(CONSUME_BATCH_MESSAGES)) as u32,
-            max_bytes: CONSUME_BATCH_BYTES,
-            wait_ms,
-        };
-        calls.spawn(async move {
-            let read = consume_once(&router, queue, request).await?;
-            Ok::<_, ClientError>(QueueRead {
-                queue,
-                messages: read.messages,
-            })
-        });
-    }
-    let mut reads = Vec::with_capacity(queues.len());
-    while let Some(joined) = calls.join_next().await {
-        reads.push(joined.map_err(|error| ClientError::Usage(error.to_string()))??);
-    }
-    reads.sort_by_key(|read| read.queue);
-    Ok(reads)
-}
-
-/// Prints the messages read (queue by queue, at most `remaining`), then commits each queue's
-/// cursor past what was printed. Returns how many were printed.
-async fn print_and_commit(
-    router: &Router,
-    args: &ConsumeArgs,
-    reads: Vec<QueueRead>,
-    remaining: u64,
-) -> Result<u64, ClientError> {
-    let mut printed = 0u64;
-    let mut commits = Vec::new();
-    {
-        let mut out = std::io::stdout().lock();
-        for read in reads {
-            let mut last = None;
-            for message in read.messages {
-                if printed == remaining {
-                    break;
-                }
-                write_message(&mut out, args.json, read.queue, &message)
-                    .map_err(ClientError::Output)?;
-                last = Some(message.offset);
-                printed += 1;
-            }
-            if let Some(offset) = last {
-                commits.push((read.queue, offset + 1));
-            }
-        }
-        out.flush().map_err(ClientError::Output)?;
-    }
-    commit_offsets(router, &args.topic, &args.group, commits).await?;
-    Ok(printed)
-}
-
-/// Commits `(queue, offset)` cursors of `group` on `topic`, all queues at once.
-async fn commit_offsets(
-    router: &Router,
-    topic: &str,
-    group: &str,
-    commits: Vec<(u32, u64)>,
-) -> Result<(), ClientError> {
-    let mut calls = JoinSet::new();
-    for (queue, offset) in commits {
-        let router = router.clone();
-        let request = api::CommitRequest {
-            store_id: 0,
-            topic: topic.to_string(),
-            queue,
-            consumer_group: group.to_string(),
-            offset,
-        };
-        calls.spawn(async move {
-            router
-                .call(Some(router.group_of(queue)), |mut client| {
-                    let request = request.clone();
-                    async move {
-                        let response = client.commit(request).await?.into_inner();
-                        Ok(((), response.error))
-                    }
-                })
-                .await
-        });
-    }
-    while let Some(joined) = calls.join_next().await {
-        joined.map_err(|error| ClientError::Usage(error.to_string()))??;
-    }
-    Ok(())
 }
 
 fn write_message(
