@@ -35,6 +35,11 @@
 //! redelivery's deadline is stamped by its own clock). The master selects with the same
 //! clock it stamps the batch with, so a selection is not undone at apply.
 //!
+//! Offsets a retention cap released before they were acked are skipped: the master commits
+//! the cursor to the oldest retained offset in the entry of its next `Deliver`
+//! ([`GroupMachine::released_below`]); replicas may hold different oldest offsets (each
+//! compacts on its own), so only the master's selection looks at them, never apply.
+//!
 //! The in-flight limit of a (topic, consumer group) is its `max_in_flight` setting, else
 //! [`IN_FLIGHT_TRACKED_DEFAULT`], never above [`IN_FLIGHT_TRACKED_MAX`]; it bounds fresh
 //! deliveries only (a redelivery adds nothing).
@@ -234,8 +239,10 @@ impl GroupMachine {
 
     /// The offsets a `Deliver` for `consumer_group` would deliver at batch time `now_ms`, at
     /// most `count_max`, ascending: the due offsets in flight, then fresh ones from the highest
-    /// delivered upward, under the in-flight limit and below the queue's end. `None` if the
-    /// queue is not hosted here or the group does not read it.
+    /// delivered upward, under the in-flight limit and below the queue's end. Offsets this
+    /// replica no longer holds (a retention cap released them) are left out: see
+    /// [`GroupMachine::released_below`]. `None` if the queue is not hosted here or the group
+    /// does not read it.
     pub fn deliverable(
         &self,
         consumer_group: &str,
@@ -249,20 +256,41 @@ impl GroupMachine {
         let config = &self.topics[topic_position].config;
         let queue_state = &self.topics[topic_position].queues[slot];
         let deliveries = &queue_state.deliveries[member];
+        let held = deliveries.in_flight.range(queue_state.oldest_offset..);
         let count_max = count_max.min(DELIVERY_OFFSETS_MAX);
-        let mut offsets: Vec<Offset> = (deliveries.in_flight.iter())
+        let mut offsets: Vec<Offset> = held
+            .clone()
             .filter(|(_, flight)| is_due(flight.deadline_ms, now_ms))
             .map(|(&offset, _)| offset)
             .take(count_max)
             .collect();
         let room = (in_flight_limit(config, consumer_group) as usize)
-            .saturating_sub(deliveries.in_flight.len())
+            .saturating_sub(held.count())
             .min(count_max - offsets.len());
+        let fresh = deliveries.next_fresh.max(queue_state.oldest_offset);
         let fresh_end = queue_state
             .next_offset
-            .min(deliveries.next_fresh.saturating_add(room as u64));
-        offsets.extend(deliveries.next_fresh..fresh_end);
+            .min(fresh.saturating_add(room as u64));
+        offsets.extend(fresh..fresh_end);
         Some(offsets)
+    }
+
+    /// The oldest offset this replica holds of a queue, if the consumer group's cursor is
+    /// below it: a retention cap (max age or bytes) released messages the group had not acked.
+    /// The master then commits the cursor there in the entry of its next `Deliver` (a commit
+    /// forward drops the tracking below it), so those offsets are skipped and hold nothing
+    /// back.
+    pub fn released_below(
+        &self,
+        consumer_group: &str,
+        topic: &str,
+        queue: QueueId,
+    ) -> Option<Offset> {
+        let (topic_position, slot) = self.slot(topic, queue).ok()?;
+        let member = self.member(topic_position, consumer_group)?;
+        let queue_state = &self.topics[topic_position].queues[slot];
+        (queue_state.cursors[member] < queue_state.oldest_offset)
+            .then_some(queue_state.oldest_offset)
     }
 
     /// A consumer group's in-flight offsets on a queue, in order (for status and tests).
