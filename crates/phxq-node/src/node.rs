@@ -625,6 +625,7 @@ impl Node {
         check_arguments(&request)?;
         self.check_pending()?;
         let group = group_of_queue(queue, self.config.layout.groups);
+        let tick_ms = self.config.timing.tick_ms;
         let replica = &mut self.replicas[group.0 as usize];
         replica.check_master(self.now_tick)?;
         // Against the group's topic table as applied here, under the lease: every topic
@@ -697,7 +698,7 @@ impl Node {
                     count_max,
                     bytes_max,
                     deadline: self.now_tick + wait_ticks,
-                    ack_timeout_ms,
+                    ack_timeout_ms: stretched(ack_timeout_ms, ACK_TIMEOUT_MS_MAX, tick_ms),
                 };
                 replica.admit_receive(id, receive);
                 Ok(())
@@ -730,7 +731,7 @@ impl Node {
                     topic,
                     queue,
                     offsets,
-                    delay_ms,
+                    delay_ms: stretched(delay_ms, NACK_DELAY_MS_MAX, tick_ms),
                 };
                 replica.admit_commands(id, vec![command], AnswerAs::One)
             }
@@ -937,6 +938,13 @@ pub(crate) fn push_message(out: &mut Output, group: GroupId, message: eraftpb::M
         .entry(NodeId(message.to))
         .or_default()
         .push((group, message));
+}
+
+/// An ack timeout or nack delay (at most `max`) stretched by one tick, as far as `max`
+/// allows: batches are stamped with the clock read at the last tick, up to a tick before the
+/// request arrived, so without it a message could come back up to a tick early.
+fn stretched(ms: u64, max: u64, tick_ms: u64) -> u64 {
+    ms.saturating_add(tick_ms).min(max.max(ms))
 }
 
 /// The checks of a request's arguments that need no topic table.
