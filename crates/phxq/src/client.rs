@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod receive;
 pub mod topic;
 
 use phxq_client::{ErrorKind, ProducerConfig, SeekError, SeekTo, fnv1a_64};
