@@ -77,6 +77,7 @@ fn acks_move_the_cursor_over_the_acked_prefix_only() {
     // Acking again is an idempotent success; the other group is untouched.
     let got = apply(&mut machine, 1040, vec![ack("billing", 0, &[1, 2, 3])]);
     assert_eq!(got, [Applied::Acked { cursor: 4 }]);
+    assert_eq!(machine.cursor("billing", "orders", 0), Some(4));
     assert_eq!(machine.cursor("audit", "orders", 0), Some(1));
     assert_eq!(machine.in_flight("billing", "orders", 0), Some(vec![]));
 }

@@ -658,6 +658,29 @@ fn apply_step(run: &mut Run, batch: Option<&Batch>) {
     assert_eq!(applied, expected, "entry {index}");
     run.log.push(data);
     run.machine.validate();
+    check_consumers(&run.machine, &run.model);
+}
+
+/// Every cursor and every in-flight offset (count and deadline) is the model's.
+fn check_consumers(machine: &GroupMachine, model: &Model) {
+    for ((topic, queue), state) in &model.queues {
+        for (group, &cursor) in &state.cursors {
+            assert_eq!(
+                machine.cursor(group, topic, *queue),
+                Some(cursor),
+                "{group} {topic}/{queue}"
+            );
+            let in_flight: Vec<(u64, u32, u64)> =
+                (machine.in_flight(group, topic, *queue).unwrap())
+                    .into_iter()
+                    .map(|(offset, f)| (offset, f.delivery_count, f.deadline_ms))
+                    .collect();
+            let expected: Vec<(u64, u32, u64)> = (state.deliveries[group].in_flight.iter())
+                .map(|(&offset, &(count, deadline))| (offset, count, deadline))
+                .collect();
+            assert_eq!(in_flight, expected, "{group} {topic}/{queue}");
+        }
+    }
 }
 
 /// Checks the deletable index against the per-message rules, then compacts there.
