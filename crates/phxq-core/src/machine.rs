@@ -295,10 +295,10 @@ impl GroupMachine {
         commands: &[Command],
     ) -> Applied {
         let command = &commands[position];
-        if index <= self.consumer_state_index {
-            if let Some(replayed) = self.replayed(command) {
-                return replayed;
-            }
+        if index <= self.consumer_state_index
+            && let Some(replayed) = self.replayed(command)
+        {
+            return replayed;
         }
         if let Err(code) = self.check(command) {
             return Applied::Rejected(code);

@@ -39,9 +39,12 @@ pub(crate) struct Receive {
     pub ack_timeout_ms: u64,
 }
 
+/// (consumer group, topic, queue): what at most one proposed `Deliver` at a time is for.
+type DeliveryKey = (String, String, QueueId);
+
 impl Receive {
     /// What at most one proposed `Deliver` at a time may be for.
-    fn key(&self) -> (String, String, QueueId) {
+    fn key(&self) -> DeliveryKey {
         (self.consumer_group.clone(), self.topic.clone(), self.queue)
     }
 }
@@ -88,7 +91,7 @@ pub(crate) struct Replica {
     /// Receives whose `Deliver` is proposed: for what, and the messages read for it (offsets
     /// below a queue's end never change, so they are read before proposing). At most one
     /// per (consumer group, topic, queue), so a selection is not raced by another one.
-    delivering: BTreeMap<RequestId, ((String, String, QueueId), Vec<StoredMessage>)>,
+    delivering: BTreeMap<RequestId, (DeliveryKey, Vec<StoredMessage>)>,
     /// Per peer, the tick of the last answer received in the current term (lease).
     acks: BTreeMap<u64, u64>,
     /// The term of the last entry applied: a master serves only once it applied an entry of

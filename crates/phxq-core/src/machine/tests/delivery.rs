@@ -370,3 +370,42 @@ fn a_snapshot_keeps_counts_and_deadlines_and_replay_does_not_count_twice() {
         );
     }
 }
+
+#[test]
+fn offsets_a_retention_cap_released_are_skipped_by_committing_past_them() {
+    let mut machine = machine();
+    apply(&mut machine, 900, vec![enqueue("orders", 0, &["old"])]);
+    apply(&mut machine, 950, vec![enqueue("orders", 0, &["new"])]);
+    apply(&mut machine, 1000, vec![deliver("billing", 0, &[1], 10)]);
+    assert_eq!(machine.released_below("billing", "orders", 0), None);
+    // As if an age cap released entry 1 (this replica compacted it away).
+    machine.forget_through(1);
+    assert_eq!(machine.released_below("billing", "orders", 0), Some(2));
+    assert_eq!(machine.released_below("audit", "orders", 0), Some(2));
+    // Offset 1 is due but gone: only 2 is selected, and the master commits past 1 first.
+    assert_eq!(
+        machine.deliverable("billing", "orders", 0, 2000, 10),
+        Some(vec![2])
+    );
+    let got = apply(
+        &mut machine,
+        2000,
+        vec![
+            commit("billing", "orders", 0, 2),
+            deliver("billing", 0, &[2], 10),
+        ],
+    );
+    assert_eq!(
+        got[1],
+        Applied::Delivered {
+            deliveries: vec![Delivery {
+                offset: 2,
+                delivery_count: 1,
+                deadline_ms: 2010
+            }]
+        }
+    );
+    let in_flight = machine.in_flight("billing", "orders", 0).unwrap();
+    assert_eq!(in_flight.iter().map(|(o, _)| *o).collect::<Vec<_>>(), [2]);
+    assert_eq!(machine.released_below("billing", "orders", 0), None);
+}
