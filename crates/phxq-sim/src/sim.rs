@@ -878,9 +878,7 @@ impl Sim {
                     .deliveries
                     .entry((consumer_group, queue))
                     .or_default();
-                log.extend(
-                    (messages.iter()).map(|r| (r.message.offset, r.message.value.clone())),
-                );
+                log.extend((messages.iter()).map(|r| (r.message.offset, r.message.value.clone())));
                 self.clients[c].received = messages.iter().map(|r| r.message.offset).collect();
             }
             (Response::Acked { .. } | Response::Nacked, _) => {}
