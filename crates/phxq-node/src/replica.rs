@@ -691,7 +691,18 @@ impl Replica {
                 continue;
             }
             match self.read_deliverable(wal, &receive, now_ms) {
-                Ok(messages) if messages.is_empty() => self.receivers.push((id, receive)),
+                // Nothing yet: wait, unless the wait is over (zero: answer at once).
+                Ok(messages) if messages.is_empty() && receive.deadline > now_tick => {
+                    self.receivers.push((id, receive));
+                }
+                Ok(messages) if messages.is_empty() => {
+                    responses.push((
+                        id,
+                        Response::Received {
+                            messages: Vec::new(),
+                        },
+                    ));
+                }
                 Ok(messages) => {
                     let mut commands = Vec::with_capacity(2);
                     let (group, topic, queue) =
@@ -741,7 +752,7 @@ impl Replica {
                 now_ms,
                 count_max,
             )
-            .ok_or_else(|| Response::error(ErrorCode::UnknownQueue, "queue not hosted here"))?;
+            .ok_or_else(|| gone(&self.machine, receive))?;
         let mut messages: Vec<StoredMessage> = Vec::new();
         let mut bytes_left = receive.bytes_max;
         let mut rest = offsets.as_slice();
@@ -1027,6 +1038,24 @@ fn answer_applied(answer: AnswerAs, applied: Vec<Applied>) -> Response {
                 .collect(),
         },
         (AnswerAs::One | AnswerAs::Deliver, other) => unreachable!("one command gave {other:?}"),
+    }
+}
+
+/// Why a parked receive's topic or consumer group is no longer there (a topic change applied
+/// while it waited).
+fn gone(machine: &GroupMachine, receive: &Receive) -> Response {
+    match machine.topic(&receive.topic) {
+        None => Response::error(
+            ErrorCode::UnknownTopic,
+            format!("topic {:?} was deleted", receive.topic),
+        ),
+        Some(_) => Response::error(
+            ErrorCode::UnknownConsumerGroup,
+            format!(
+                "consumer group {:?} no longer reads topic {:?}",
+                receive.consumer_group, receive.topic
+            ),
+        ),
     }
 }
 
