@@ -1840,4 +1840,19 @@ fn receive_prints_delivery_counts_ack_moves_the_cursor_and_unacked_messages_come
         b"",
     );
     refused_with(&stranger, "UNKNOWN_CONSUMER_GROUP");
+    let long_wait = run(
+        &[
+            "receive",
+            "--server",
+            &server,
+            "--topic",
+            "test",
+            "--group",
+            "g1",
+            "--wait-ms",
+            "60001",
+        ],
+        b"",
+    );
+    refused_with(&long_wait, "INVALID_ARGUMENT");
 }

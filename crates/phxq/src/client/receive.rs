@@ -14,6 +14,8 @@ use serde_json::json;
 use super::{ClientError, Connection, Router, client_runtime, insert_bytes, parse_server};
 use crate::{CommandResult, print_line};
 
+/// Longest `--wait-ms` (the store's longest long poll).
+const WAIT_MS_MAX: u32 = 60_000;
 /// Pause between two passes over the queues while `receive --wait-ms` waits.
 const PASS_PAUSE_MS: u64 = 100;
 
@@ -79,6 +81,12 @@ pub fn receive(args: &ReceiveArgs) -> CommandResult {
 }
 
 async fn receive_all(args: &ReceiveArgs) -> Result<(), ClientError> {
+    if args.wait_ms > WAIT_MS_MAX {
+        return Err(super::refused(
+            phxq_types::ErrorCode::InvalidArgument,
+            format!("--wait-ms {}; at most {WAIT_MS_MAX}", args.wait_ms),
+        ));
+    }
     let (_, status) = Router::discover(&args.connection).await?;
     let queues = super::subscribed_queues(&status, &args.topic, &args.group, args.queue)?;
     let (mut receiver, server) = receiver(&args.connection, &args.topic, &args.group)?;
