@@ -218,6 +218,11 @@ fn bad_receives_acks_and_nacks_are_refused_and_change_nothing() {
             invalid
         );
         assert_eq!(
+            code(good.receive(QUEUE, 1, Duration::MAX).await),
+            invalid,
+            "an absurd wait"
+        );
+        assert_eq!(
             code(good.receive(QUEUE + QUEUES, 1, wait).await),
             Some(ErrorCode::UnknownQueue)
         );
