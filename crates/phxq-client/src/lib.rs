@@ -79,6 +79,11 @@
 //! # }
 //! ```
 //!
+//! A [`Receiver`] is the store's per-message acknowledgement instead: `receive` a queue's
+//! messages, each with its **stored** delivery count, then `ack` or `nack` (with a delay)
+//! each one; an unacked message comes back after its ack timeout, counted again, even after
+//! a master change.
+//!
 //! The crate holds no server code: it depends on the wire types (`phxq-proto`) and the
 //! shared vocabulary (`phxq-types`) only, and needs a tokio runtime (tonic's).
 
@@ -95,6 +100,7 @@ mod error;
 mod key;
 mod produce_stream;
 mod producer;
+mod receiver;
 mod router;
 mod seek;
 
@@ -132,5 +138,6 @@ pub use producer::{
     BATCH_BYTES_MAX, BATCH_MESSAGES_MAX, Outgoing, Producer, ProducerStats, Receipt, Stored,
     VALUE_BYTES_MAX,
 };
+pub use receiver::{RECEIVE_ACK_TIMEOUT_DEFAULT, Received, Receiver};
 pub use router::{CHANNELS_MAX, CONNECT_TIMEOUT, REDIRECTS_IN_A_ROW_MAX};
 pub use seek::{SeekError, SeekMove, SeekTo, seek};

@@ -140,9 +140,19 @@ pub(crate) struct Progress {
     maybe_stored: bool,
     redirects_in_a_row: u32,
     last: Option<Trouble>,
+    /// How long the server may hold each attempt before answering (a long poll), added to
+    /// the attempt timeout.
+    server_wait: Duration,
 }
 
 impl Progress {
+    /// Lets each attempt wait `wait` longer for its answer (a long poll), and the request as
+    /// much longer for its deadline.
+    pub(crate) fn allow_server_wait(&mut self, wait: Duration) {
+        self.server_wait = wait;
+        self.deadline += wait;
+    }
+
     pub(crate) fn attempts(&self) -> u32 {
         self.attempts
     }
@@ -187,7 +197,7 @@ impl Progress {
     fn attempt_timeout(&self, limit: Duration) -> Duration {
         self.deadline
             .saturating_duration_since(Instant::now())
-            .min(limit)
+            .min(limit + self.server_wait)
     }
 
     /// Waits the next backoff delay; fails (with the last trouble met) instead when the
@@ -269,6 +279,7 @@ impl Router {
             maybe_stored: false,
             redirects_in_a_row: 0,
             last: None,
+            server_wait: Duration::ZERO,
         }
     }
 

@@ -60,6 +60,47 @@ pub enum Command {
         /// Topic name.
         name: String,
     },
+    /// Delivers offsets of one queue to a consumer group for per-message acknowledgement
+    /// (`machine::delivery`): each offset that is due (in flight past its deadline) or the
+    /// next fresh one gets its delivery count incremented and the deadline
+    /// `batch.time_ms + ack_timeout_ms`; any other is skipped (a race the master lost).
+    Deliver {
+        /// Consumer group name.
+        consumer_group: String,
+        /// Topic name.
+        topic: String,
+        /// Queue number.
+        queue: QueueId,
+        /// The offsets, strictly ascending, 1 to `DELIVERY_OFFSETS_MAX` of them.
+        offsets: Vec<Offset>,
+        /// Ms after the batch's time before an unacked offset is due again (1 to
+        /// `ACK_TIMEOUT_MS_MAX`).
+        ack_timeout_ms: u64,
+    },
+    /// Acknowledges delivered offsets: they are done; the cursor moves over the acked prefix.
+    Ack {
+        /// Consumer group name.
+        consumer_group: String,
+        /// Topic name.
+        topic: String,
+        /// Queue number.
+        queue: QueueId,
+        /// The offsets, strictly ascending, 1 to `DELIVERY_OFFSETS_MAX` of them.
+        offsets: Vec<Offset>,
+    },
+    /// Gives delivered offsets back: each is due again `delay_ms` after the batch's time.
+    Nack {
+        /// Consumer group name.
+        consumer_group: String,
+        /// Topic name.
+        topic: String,
+        /// Queue number.
+        queue: QueueId,
+        /// The offsets (each in flight), strictly ascending, 1 to `DELIVERY_OFFSETS_MAX`.
+        offsets: Vec<Offset>,
+        /// Ms after the batch's time before they are due (0 to `NACK_DELAY_MS_MAX`).
+        delay_ms: u64,
+    },
 }
 
 /// How a [`Command::PutTopic`] treats an existing topic of that name.
@@ -102,6 +143,12 @@ const TAG_ENQUEUE_WITH_ID: u8 = 3;
 const TAG_PUT_TOPIC: u8 = 4;
 /// Tag of [`Command::DeleteTopic`].
 const TAG_DELETE_TOPIC: u8 = 5;
+/// Tag of [`Command::Deliver`].
+const TAG_DELIVER: u8 = 6;
+/// Tag of [`Command::Ack`].
+const TAG_ACK: u8 = 7;
+/// Tag of [`Command::Nack`].
+const TAG_NACK: u8 = 8;
 
 /// Encodes a batch.
 ///
@@ -113,6 +160,10 @@ const TAG_DELETE_TOPIC: u8 = 5;
 ///                                                    Enqueue with a (non-empty) message id
 ///         | 4 mode(1: create, 2: alter) topic_config                               PutTopic
 ///         | 5 topic:bytes                                                       DeleteTopic
+///         | 6 delivery ack_timeout_ms:varint                                    Deliver
+///         | 7 delivery                                                          Ack
+///         | 8 delivery delay_ms:varint                                          Nack
+/// delivery = consumer_group:bytes topic:bytes queue:varint count:varint offset:varint*
 /// topic_config = name:bytes queues:varint group_count:varint group:bytes*
 ///                replay_count:varint replay_age_ms:varint max_age_ms:option max_bytes:option
 ///                dedup_window:varint settings_count:varint settings*
@@ -184,6 +235,24 @@ fn encoded_bytes_hint(batch: &Batch) -> usize {
             2 + config.name.len() + groups + (8 + config.consumer_groups.len()) * VARINT_BYTES_MAX
         }
         Command::DeleteTopic { name } => 1 + name.len() + VARINT_BYTES_MAX,
+        Command::Deliver {
+            consumer_group,
+            topic,
+            offsets,
+            ..
+        }
+        | Command::Ack {
+            consumer_group,
+            topic,
+            offsets,
+            ..
+        }
+        | Command::Nack {
+            consumer_group,
+            topic,
+            offsets,
+            ..
+        } => 1 + consumer_group.len() + topic.len() + (5 + offsets.len()) * VARINT_BYTES_MAX,
     };
     1 + 2 * VARINT_BYTES_MAX + batch.commands.iter().map(command_bytes).sum::<usize>()
 }
@@ -236,7 +305,70 @@ fn encode_command(out: &mut Vec<u8>, command: &Command) {
             out.push(TAG_DELETE_TOPIC);
             put_bytes(out, name.as_bytes());
         }
+        Command::Deliver {
+            consumer_group,
+            topic,
+            queue,
+            offsets,
+            ack_timeout_ms,
+        } => {
+            out.push(TAG_DELIVER);
+            put_delivery(out, consumer_group, topic, *queue, offsets);
+            put_varint(out, *ack_timeout_ms);
+        }
+        Command::Ack {
+            consumer_group,
+            topic,
+            queue,
+            offsets,
+        } => {
+            out.push(TAG_ACK);
+            put_delivery(out, consumer_group, topic, *queue, offsets);
+        }
+        Command::Nack {
+            consumer_group,
+            topic,
+            queue,
+            offsets,
+            delay_ms,
+        } => {
+            out.push(TAG_NACK);
+            put_delivery(out, consumer_group, topic, *queue, offsets);
+            put_varint(out, *delay_ms);
+        }
     }
+}
+
+/// Appends the `delivery` part of [`encode_batch`]'s grammar.
+fn put_delivery(
+    out: &mut Vec<u8>,
+    consumer_group: &str,
+    topic: &str,
+    queue: QueueId,
+    offsets: &[Offset],
+) {
+    put_bytes(out, consumer_group.as_bytes());
+    put_bytes(out, topic.as_bytes());
+    put_varint(out, u64::from(queue));
+    put_varint(out, offsets.len() as u64);
+    for &offset in offsets {
+        put_varint(out, offset);
+    }
+}
+
+/// Reads the `delivery` part: consumer group, topic, queue, offsets.
+fn read_delivery(
+    reader: &mut Reader<'_>,
+) -> Result<(String, String, QueueId, Vec<Offset>), DecodeError> {
+    let consumer_group = reader.string("consumer group")?;
+    let topic = reader.string("topic")?;
+    let queue = reader.varint_u32("queue")?;
+    let count = reader.count("offset count")?;
+    let mut offsets = Vec::with_capacity(count);
+    for _ in 0..count {
+        offsets.push(reader.varint("offset")?);
+    }
+    Ok((consumer_group, topic, queue, offsets))
 }
 
 /// Appends a topic's configuration (`topic_config` in [`encode_batch`]'s grammar; snapshots
@@ -434,6 +566,35 @@ fn decode_command(reader: &mut Reader<'_>) -> Result<Command, DecodeError> {
         TAG_DELETE_TOPIC => Ok(Command::DeleteTopic {
             name: reader.string("topic")?,
         }),
+        TAG_DELIVER => {
+            let (consumer_group, topic, queue, offsets) = read_delivery(reader)?;
+            Ok(Command::Deliver {
+                consumer_group,
+                topic,
+                queue,
+                offsets,
+                ack_timeout_ms: reader.varint("ack timeout")?,
+            })
+        }
+        TAG_ACK => {
+            let (consumer_group, topic, queue, offsets) = read_delivery(reader)?;
+            Ok(Command::Ack {
+                consumer_group,
+                topic,
+                queue,
+                offsets,
+            })
+        }
+        TAG_NACK => {
+            let (consumer_group, topic, queue, offsets) = read_delivery(reader)?;
+            Ok(Command::Nack {
+                consumer_group,
+                topic,
+                queue,
+                offsets,
+                delay_ms: reader.varint("nack delay")?,
+            })
+        }
         tag => Err(DecodeError::Invalid(format!("unknown command tag {tag}"))),
     }
 }
@@ -486,9 +647,9 @@ mod tests {
         let mut version_2 = good.clone();
         version_2[0] = 2;
         assert!(decode_batch(&version_2).is_err());
-        let mut tag_6 = good.clone();
-        tag_6[4] = 6;
-        assert!(decode_batch(&tag_6).is_err());
+        let mut tag_9 = good.clone();
+        tag_9[4] = 9;
+        assert!(decode_batch(&tag_9).is_err());
         let mut trailing = good.clone();
         trailing.push(0);
         assert!(decode_batch(&trailing).is_err());
@@ -555,6 +716,48 @@ mod tests {
     }
 
     #[test]
+    fn delivery_commands_are_pinned_byte_for_byte() {
+        let command = |kind| {
+            let (consumer_group, topic, offsets) = ("g".to_string(), "t".to_string(), vec![3, 300]);
+            match kind {
+                6 => Command::Deliver {
+                    consumer_group,
+                    topic,
+                    queue: 2,
+                    offsets,
+                    ack_timeout_ms: 5,
+                },
+                7 => Command::Ack {
+                    consumer_group,
+                    topic,
+                    queue: 2,
+                    offsets,
+                },
+                _ => Command::Nack {
+                    consumer_group,
+                    topic,
+                    queue: 2,
+                    offsets,
+                    delay_ms: 0,
+                },
+            }
+        };
+        let batch = Batch {
+            time_ms: 1,
+            commands: vec![command(6), command(7), command(8)],
+        };
+        #[rustfmt::skip]
+        let expected = [
+            1, 1, 3,                                                 // version, time 1, 3 commands
+            6, 1, b'g', 1, b't', 2, 2, 3, 0xac, 0x02, 5,             // deliver g t/2 [3, 300] 5 ms
+            7, 1, b'g', 1, b't', 2, 2, 3, 0xac, 0x02,                // ack g t/2 [3, 300]
+            8, 1, b'g', 1, b't', 2, 2, 3, 0xac, 0x02, 0,             // nack g t/2 [3, 300] 0 ms
+        ];
+        assert_eq!(encode_batch(&batch), expected);
+        assert_eq!(decode_batch(&expected), Ok(batch));
+    }
+
+    #[test]
     fn names_must_be_utf8_and_queues_must_fit_u32() {
         let mut bad_name = encode_batch(&sample());
         bad_name[6] = 0xff;
@@ -601,6 +804,38 @@ mod tests {
                     offset
                 }
             ),
+            (
+                name(),
+                name(),
+                any::<u32>(),
+                prop::collection::vec(any::<u64>(), 0..4),
+                any::<u64>(),
+                0..3u8
+            )
+                .prop_map(|(consumer_group, topic, queue, offsets, ms, kind)| {
+                    match kind {
+                        0 => Command::Deliver {
+                            consumer_group,
+                            topic,
+                            queue,
+                            offsets,
+                            ack_timeout_ms: ms,
+                        },
+                        1 => Command::Ack {
+                            consumer_group,
+                            topic,
+                            queue,
+                            offsets,
+                        },
+                        _ => Command::Nack {
+                            consumer_group,
+                            topic,
+                            queue,
+                            offsets,
+                            delay_ms: ms,
+                        },
+                    }
+                }),
         ]
     }
 

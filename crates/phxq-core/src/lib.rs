@@ -18,4 +18,7 @@ pub use command::{Batch, Command, DecodeError, Message, PutMode, decode_batch, e
 pub use layout::{
     ConsumerGroupSettings, LayoutError, Retention, RetryTier, StoreLayout, TopicConfig,
 };
-pub use machine::{Applied, EntryRef, GroupMachine, ReadPlan, StoredMessage};
+pub use machine::{
+    Applied, Delivery, EntryRef, GroupMachine, InFlight, ReadPlan, StoredMessage, in_flight_limit,
+    is_due,
+};

@@ -17,6 +17,9 @@
 //!   ([`EntryRef::skipped`]). The window is replicated state, in snapshots as of their index;
 //! - per consumer group and queue, a cursor: the next offset the group reads (1 until it
 //!   commits). Commits set absolute values and may move a cursor back (replay);
+//! - per consumer group and queue, above the cursor, the offsets delivered for per-message
+//!   acknowledgement and not yet acked, with their delivery counts and deadlines; acks move
+//!   the cursor over the acked prefix ([`delivery`](self::delivery) module);
 //! - a topic table: the layout's (bootstrap) topics at first, then changed only by applying
 //!   `PutTopic` and `DeleteTopic` ([`topics`](self::topics) module). Each topic holds the
 //!   state of its queues hosted here; a deleted topic's state is gone, so it pins no log;
@@ -27,6 +30,7 @@
 //!   if no change came after it.
 
 mod dedup;
+mod delivery;
 mod extract;
 mod queue;
 mod retention;
@@ -42,6 +46,7 @@ use phxq_types::{
 };
 
 use self::dedup::Original;
+pub use self::delivery::{Delivery, InFlight, in_flight_limit, is_due};
 use self::queue::QueueState;
 use crate::{Command, DecodeError, Message, StoreLayout, TopicConfig, decode_batch};
 
@@ -72,6 +77,18 @@ pub enum Applied {
     },
     /// A `DeleteTopic` removed the topic and its queues.
     TopicDeleted,
+    /// A `Deliver` delivered these offsets (the others it named were no longer deliverable).
+    Delivered {
+        /// In offset order.
+        deliveries: Vec<Delivery>,
+    },
+    /// An `Ack` was applied; the consumer group's cursor now stands at `cursor`.
+    Acked {
+        /// The next offset the group reads.
+        cursor: Offset,
+    },
+    /// A `Nack` was applied.
+    Nacked,
     /// Refused, deterministically on every replica; nothing changed.
     Rejected(ErrorCode),
 }
@@ -127,6 +144,10 @@ pub struct GroupMachine {
     /// The index of the last entry that changed the topic table (0: none since the state
     /// this machine started from). Compaction never goes below it.
     topics_changed_index: u64,
+    /// The index the cursors and delivery state are as of, when a snapshot restored them
+    /// newer than its own index: replaying entries up to here leaves them alone (their
+    /// cursor commits, deliveries, acks and nacks are in that state already).
+    consumer_state_index: u64,
 }
 
 /// One topic and the queues of it that this group hosts.
@@ -170,6 +191,7 @@ impl GroupMachine {
             applied_index: 0,
             topics,
             topics_changed_index: 0,
+            consumer_state_index: 0,
         }
     }
 
@@ -236,6 +258,9 @@ impl GroupMachine {
                 .check_topic_change(command)
                 .map(|_| ())
                 .map_err(|(code, _)| code),
+            Command::Deliver { .. } | Command::Ack { .. } | Command::Nack { .. } => {
+                self.check_delivery(command).map_err(|(code, _)| code)
+            }
         }
     }
 
@@ -270,6 +295,11 @@ impl GroupMachine {
         commands: &[Command],
     ) -> Applied {
         let command = &commands[position];
+        if index <= self.consumer_state_index
+            && let Some(replayed) = self.replayed(command)
+        {
+            return replayed;
+        }
         if let Err(code) = self.check(command) {
             return Applied::Rejected(code);
         }
@@ -307,8 +337,13 @@ impl GroupMachine {
                 let member = self
                     .member(topic_position, consumer_group)
                     .expect("checked");
-                self.topics[topic_position].queues[slot].cursors[member] = *offset;
+                let state = &mut self.topics[topic_position].queues[slot];
+                let old = std::mem::replace(&mut state.cursors[member], *offset);
+                state.deliveries[member].on_commit(old, *offset);
                 Applied::CursorCommitted { offset: *offset }
+            }
+            Command::Deliver { .. } | Command::Ack { .. } | Command::Nack { .. } => {
+                self.apply_delivery(time_ms, command)
             }
             Command::PutTopic { config, .. } => {
                 let changed = self.put_topic(index, config, &commands[..position]);
@@ -319,6 +354,31 @@ impl GroupMachine {
                 Applied::TopicDeleted
             }
         }
+    }
+
+    /// What a consumer-state command (cursor commit, delivery, ack, nack) of an entry at or
+    /// below `consumer_state_index` answers: its effect is in the restored state already, so
+    /// it changes nothing. `None` for other commands, which replay as usual. Nobody waits for
+    /// these answers (a replaying replica has no clients of those entries).
+    fn replayed(&self, command: &Command) -> Option<Applied> {
+        Some(match command {
+            Command::CommitCursor { offset, .. } => Applied::CursorCommitted { offset: *offset },
+            Command::Deliver { .. } => Applied::Delivered {
+                deliveries: Vec::new(),
+            },
+            Command::Ack {
+                consumer_group,
+                topic,
+                queue,
+                ..
+            } => Applied::Acked {
+                cursor: self.cursor(consumer_group, topic, *queue).unwrap_or(1),
+            },
+            Command::Nack { .. } => Applied::Nacked,
+            Command::Enqueue { .. } | Command::PutTopic { .. } | Command::DeleteTopic { .. } => {
+                return None;
+            }
+        })
     }
 
     /// The next offset `queue` of `topic` will assign, if the queue lives here.
@@ -451,6 +511,9 @@ impl GroupMachine {
             "too many topics"
         );
         assert!(self.topics_changed_index <= self.applied_index);
+        // While a restored machine replays up to its consumer state's index, that state is
+        // newer than its queues: deliveries may then stand past a queue's end.
+        let consumer_state_current = self.consumer_state_index <= self.applied_index;
         for (position, topic) in self.topics.iter().enumerate() {
             let config = &topic.config;
             assert_eq!(config.check(), Ok(()), "a table topic is valid");
@@ -471,7 +534,11 @@ impl GroupMachine {
                 config.name
             );
             for queue in &topic.queues {
-                queue.validate(self.applied_index, config.consumer_groups.len());
+                queue.validate(
+                    self.applied_index,
+                    config.consumer_groups.len(),
+                    consumer_state_current,
+                );
             }
         }
     }

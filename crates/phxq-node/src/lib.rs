@@ -26,6 +26,6 @@ pub mod server;
 pub mod transport;
 
 pub use node::{
-    Append, GroupStatus, Node, NodeConfig, NodeCounters, NodeError, NodeStatus, Output, Request,
-    RequestId, Response, Timing,
+    Append, GroupStatus, Node, NodeConfig, NodeCounters, NodeError, NodeStatus, Output, Received,
+    Request, RequestId, Response, Timing,
 };

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use phxq_core::{Command, GroupMachine, Message, PutMode, StoredMessage, TopicConfig};
 use phxq_storage::{Lsn, Wal, WriteBatch};
 use phxq_types::{
-    ErrorCode, GroupId, KEY_BYTES_MAX, MESSAGE_ID_BYTES_MAX, NodeId, Offset, QueueId, Rng,
-    TIME_MS_MAX, group_of_queue,
+    ACK_TIMEOUT_MS_MAX, DELIVERY_OFFSETS_MAX, ErrorCode, GroupId, KEY_BYTES_MAX,
+    MESSAGE_ID_BYTES_MAX, NACK_DELAY_MS_MAX, NodeId, Offset, QueueId, Rng, TIME_MS_MAX,
+    group_of_queue,
 };
 use raft::eraftpb;
 
@@ -181,8 +182,66 @@ pub enum Request {
         /// The topic.
         name: String,
     },
+    /// Receive messages of a queue for per-message acknowledgement (see
+    /// `phxq_core::machine::delivery`): the master picks the due offsets, then fresh ones,
+    /// proposes one `Deliver` and answers once it is applied; waits up to `wait_ticks` for
+    /// something to deliver (long poll).
+    Receive {
+        /// Topic.
+        topic: String,
+        /// Queue.
+        queue: QueueId,
+        /// Consumer group.
+        consumer_group: String,
+        /// Most messages returned (at most `DELIVERY_OFFSETS_MAX` are delivered at once).
+        count_max: u64,
+        /// Most bytes of keys and values returned (at least one message is).
+        bytes_max: u64,
+        /// Ticks to wait for a message if there is none to deliver yet (long poll).
+        wait_ticks: u64,
+        /// Ms after delivery before an unacked message is delivered again: 1 to
+        /// `ACK_TIMEOUT_MS_MAX`.
+        ack_timeout_ms: u64,
+    },
+    /// Acknowledge delivered offsets; answered once committed.
+    Ack {
+        /// Topic.
+        topic: String,
+        /// Queue.
+        queue: QueueId,
+        /// Consumer group.
+        consumer_group: String,
+        /// The offsets, in any order (duplicates are merged), 1 to `DELIVERY_OFFSETS_MAX`.
+        offsets: Vec<Offset>,
+    },
+    /// Give delivered offsets back, to be delivered again after `delay_ms`; answered once
+    /// committed.
+    Nack {
+        /// Topic.
+        topic: String,
+        /// Queue.
+        queue: QueueId,
+        /// Consumer group.
+        consumer_group: String,
+        /// The offsets, in any order (duplicates are merged), 1 to `DELIVERY_OFFSETS_MAX`.
+        offsets: Vec<Offset>,
+        /// 0 to `NACK_DELAY_MS_MAX`.
+        delay_ms: u64,
+    },
     /// This node's view of its groups.
     Status,
+}
+
+/// A message delivered by a [`Request::Receive`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Received {
+    /// The message.
+    pub message: StoredMessage,
+    /// How many times it has been delivered to the consumer group, this time included.
+    pub delivery_count: u32,
+    /// When it will be delivered again unless acked, ms since the Unix epoch (the master's
+    /// clock).
+    pub deadline_ms: u64,
 }
 
 /// Messages for one queue, part of a [`Request::ProduceMany`].
@@ -228,6 +287,19 @@ pub enum Response {
     },
     /// The cursor was committed.
     Committed,
+    /// Messages delivered by a [`Request::Receive`], in offset order (empty when the wait
+    /// ended with nothing to deliver).
+    Received {
+        /// The messages with their delivery counts.
+        messages: Vec<Received>,
+    },
+    /// An ack was applied; the consumer group's cursor now stands at `cursor`.
+    Acked {
+        /// The next offset the group reads.
+        cursor: Offset,
+    },
+    /// A nack was applied.
+    Nacked,
     /// A `PutTopic` or `DeleteTopic` was applied; `changed` is false when the group already
     /// had that configuration.
     TopicChanged {
@@ -545,11 +617,15 @@ impl Node {
             Request::Produce { topic, queue, .. }
             | Request::Consume { topic, queue, .. }
             | Request::Commit { topic, queue, .. }
+            | Request::Receive { topic, queue, .. }
+            | Request::Ack { topic, queue, .. }
+            | Request::Nack { topic, queue, .. }
             | Request::OffsetForTime { topic, queue, .. } => (topic.clone(), *queue),
         };
         check_arguments(&request)?;
         self.check_pending()?;
         let group = group_of_queue(queue, self.config.layout.groups);
+        let tick_ms = self.config.timing.tick_ms;
         let replica = &mut self.replicas[group.0 as usize];
         replica.check_master(self.now_tick)?;
         // Against the group's topic table as applied here, under the lease: every topic
@@ -606,6 +682,58 @@ impl Node {
                     },
                 );
                 Ok(())
+            }
+            Request::Receive {
+                consumer_group,
+                count_max,
+                bytes_max,
+                wait_ticks,
+                ack_timeout_ms,
+                ..
+            } => {
+                let receive = crate::replica::Receive {
+                    topic,
+                    queue,
+                    consumer_group,
+                    count_max,
+                    bytes_max,
+                    deadline: self.now_tick + wait_ticks,
+                    ack_timeout_ms: stretched(ack_timeout_ms, ACK_TIMEOUT_MS_MAX, tick_ms),
+                };
+                replica.admit_receive(id, receive);
+                Ok(())
+            }
+            Request::Ack {
+                consumer_group,
+                mut offsets,
+                ..
+            } => {
+                offsets.sort_unstable();
+                offsets.dedup();
+                let command = Command::Ack {
+                    consumer_group,
+                    topic,
+                    queue,
+                    offsets,
+                };
+                replica.admit_commands(id, vec![command], AnswerAs::One)
+            }
+            Request::Nack {
+                consumer_group,
+                mut offsets,
+                delay_ms,
+                ..
+            } => {
+                offsets.sort_unstable();
+                offsets.dedup();
+                let command = Command::Nack {
+                    consumer_group,
+                    topic,
+                    queue,
+                    offsets,
+                    delay_ms: stretched(delay_ms, NACK_DELAY_MS_MAX, tick_ms),
+                };
+                replica.admit_commands(id, vec![command], AnswerAs::One)
             }
             Request::OffsetForTime { time_ms, .. } => {
                 // A read of the applied state under the lease, like a Consume that finds
@@ -756,6 +884,12 @@ impl Node {
         }
         for replica in &mut self.replicas {
             replica.serve_waiters(&self.wal, self.now_tick, &mut self.out.responses);
+            replica.serve_receivers(
+                &self.wal,
+                self.now_tick,
+                self.now_ms,
+                &mut self.out.responses,
+            );
         }
         Ok(std::mem::take(&mut self.out))
     }
@@ -806,6 +940,13 @@ pub(crate) fn push_message(out: &mut Output, group: GroupId, message: eraftpb::M
         .push((group, message));
 }
 
+/// An ack timeout or nack delay (at most `max`) stretched by one tick, as far as `max`
+/// allows: batches are stamped with the clock read at the last tick, up to a tick before the
+/// request arrived, so without it a message could come back up to a tick early.
+fn stretched(ms: u64, max: u64, tick_ms: u64) -> u64 {
+    ms.saturating_add(tick_ms).min(max.max(ms))
+}
+
 /// The checks of a request's arguments that need no topic table.
 fn check_arguments(request: &Request) -> Result<(), Response> {
     let refusal = match request {
@@ -818,6 +959,34 @@ fn check_arguments(request: &Request) -> Result<(), Response> {
             "count and bytes limits must be positive and offsets start at 1".to_string()
         }
         Request::Commit { offset: 0, .. } => "offsets start at 1".to_string(),
+        Request::Receive {
+            count_max,
+            bytes_max,
+            ..
+        } if *count_max == 0 || *bytes_max == 0 => {
+            "count and bytes limits must be positive".to_string()
+        }
+        Request::Receive { ack_timeout_ms, .. }
+            if !(1..=ACK_TIMEOUT_MS_MAX).contains(ack_timeout_ms) =>
+        {
+            format!(
+                "ack timeout {ack_timeout_ms} ms; it must be 1 to {ACK_TIMEOUT_MS_MAX} ms (a day)"
+            )
+        }
+        Request::Ack { offsets, .. } | Request::Nack { offsets, .. }
+            if offsets.is_empty() || offsets.len() > DELIVERY_OFFSETS_MAX =>
+        {
+            format!(
+                "{} offsets; name 1 to {DELIVERY_OFFSETS_MAX}",
+                offsets.len()
+            )
+        }
+        Request::Ack { offsets, .. } | Request::Nack { offsets, .. } if offsets.contains(&0) => {
+            "offsets start at 1".to_string()
+        }
+        Request::Nack { delay_ms, .. } if *delay_ms > NACK_DELAY_MS_MAX => {
+            format!("nack delay {delay_ms} ms; at most {NACK_DELAY_MS_MAX} ms (a week)")
+        }
         Request::OffsetForTime { time_ms, .. } if *time_ms > TIME_MS_MAX => format!(
             "time {time_ms} ms is after 9999-12-31T23:59:59.999Z ({TIME_MS_MAX} ms); times \
              are milliseconds since the Unix epoch"
@@ -845,6 +1014,24 @@ fn check_request(machine: &GroupMachine, request: &Request) -> Result<(), Respon
             ..
         }
         | Request::Commit {
+            topic,
+            queue,
+            consumer_group,
+            ..
+        }
+        | Request::Receive {
+            topic,
+            queue,
+            consumer_group,
+            ..
+        }
+        | Request::Ack {
+            topic,
+            queue,
+            consumer_group,
+            ..
+        }
+        | Request::Nack {
             topic,
             queue,
             consumer_group,

@@ -26,6 +26,29 @@ pub(crate) struct Consume {
     pub deadline: u64,
 }
 
+/// A receive request parked until something is deliverable or its deadline passes.
+#[derive(Clone, Debug)]
+pub(crate) struct Receive {
+    pub topic: String,
+    pub queue: QueueId,
+    pub consumer_group: String,
+    pub count_max: u64,
+    pub bytes_max: u64,
+    /// The tick the long poll ends at.
+    pub deadline: u64,
+    pub ack_timeout_ms: u64,
+}
+
+/// (consumer group, topic, queue): what at most one proposed `Deliver` at a time is for.
+type DeliveryKey = (String, String, QueueId);
+
+impl Receive {
+    /// What at most one proposed `Deliver` at a time may be for.
+    fn key(&self) -> DeliveryKey {
+        (self.consumer_group.clone(), self.topic.clone(), self.queue)
+    }
+}
+
 /// An admitted request's commands, proposed together in one entry (never split: a request
 /// for several queues is applied all at once or not at all).
 struct Proposal {
@@ -42,6 +65,8 @@ pub(crate) enum AnswerAs {
     One,
     /// Enqueues to several queues: `ProducedMany`, one range per command.
     Many,
+    /// One `Deliver` of a receive: `Received`, with the messages read before proposing.
+    Deliver,
 }
 
 /// Requests proposed in one entry, in command order: whose, how many commands, how answered.
@@ -61,6 +86,12 @@ pub(crate) struct Replica {
     /// Proposed entries by raft index.
     in_flight: BTreeMap<u64, InFlight>,
     waiters: Vec<(RequestId, Consume)>,
+    /// Receives waiting for something to deliver.
+    receivers: Vec<(RequestId, Receive)>,
+    /// Receives whose `Deliver` is proposed: for what, and the messages read for it (offsets
+    /// below a queue's end never change, so they are read before proposing). At most one
+    /// per (consumer group, topic, queue), so a selection is not raced by another one.
+    delivering: BTreeMap<RequestId, (DeliveryKey, Vec<StoredMessage>)>,
     /// Per peer, the tick of the last answer received in the current term (lease).
     acks: BTreeMap<u64, u64>,
     /// The term of the last entry applied: a master serves only once it applied an entry of
@@ -134,6 +165,8 @@ impl Replica {
             proposals: VecDeque::new(),
             in_flight: BTreeMap::new(),
             waiters: Vec::new(),
+            receivers: Vec::new(),
+            delivering: BTreeMap::new(),
             acks: BTreeMap::new(),
             applied_term: 0,
             leader_since: 0,
@@ -193,6 +226,7 @@ impl Replica {
                 .map(|f| f.requests.len())
                 .sum::<usize>()
             + self.waiters.len()
+            + self.receivers.len()
     }
 
     pub(crate) fn has_work(&self) -> bool {
@@ -277,6 +311,11 @@ impl Replica {
                     .map_err(|(code, reason)| Response::error(code, reason))?;
                 continue;
             }
+            if let Command::Deliver { .. } | Command::Ack { .. } | Command::Nack { .. } = command {
+                (self.machine.check_delivery(command))
+                    .map_err(|(code, reason)| Response::error(code, reason))?;
+                continue;
+            }
             self.machine
                 .check(command)
                 .map_err(|code| Response::error(code, describe_refusal(code, command)))?;
@@ -293,6 +332,10 @@ impl Replica {
 
     pub(crate) fn admit_consume(&mut self, id: RequestId, consume: Consume) {
         self.waiters.push((id, consume));
+    }
+
+    pub(crate) fn admit_receive(&mut self, id: RequestId, receive: Receive) {
+        self.receivers.push((id, receive));
     }
 
     /// Where `queue` of `topic` reaches `time_ms`, from the applied state. The caller checked
@@ -362,7 +405,10 @@ impl Replica {
                     Command::Enqueue { messages, .. } => messages.len() as u64,
                     Command::CommitCursor { .. }
                     | Command::PutTopic { .. }
-                    | Command::DeleteTopic { .. } => 0,
+                    | Command::DeleteTopic { .. }
+                    | Command::Deliver { .. }
+                    | Command::Ack { .. }
+                    | Command::Nack { .. } => 0,
                 })
                 .sum();
             match self.raw.propose(Vec::new(), encode_batch(&batch)) {
@@ -379,7 +425,10 @@ impl Replica {
                         ErrorCode::NoMaster,
                         format!("{} dropped the proposal: {error}", self.group),
                     );
-                    responses.extend(requests.into_iter().map(|(id, ..)| (id, response.clone())));
+                    for (id, ..) in requests {
+                        self.delivering.remove(&id);
+                        responses.push((id, response.clone()));
+                    }
                 }
             }
         }
@@ -493,6 +542,8 @@ impl Replica {
             }));
         }
         responses.extend(self.waiters.drain(..).map(|(id, _)| (id, hint.clone())));
+        responses.extend(self.receivers.drain(..).map(|(id, _)| (id, hint.clone())));
+        self.delivering.clear();
     }
 
     fn note_snapshot_sent(&mut self, message: &eraftpb::Message) {
@@ -556,12 +607,10 @@ impl Replica {
                     ErrorCode::NotMaster,
                     "the entry was replaced by a new master's; it was not applied",
                 );
-                responses.extend(
-                    flight
-                        .requests
-                        .into_iter()
-                        .map(|(id, ..)| (id, response.clone())),
-                );
+                for (id, ..) in flight.requests {
+                    self.delivering.remove(&id);
+                    responses.push((id, response.clone()));
+                }
                 continue;
             }
             assert_eq!(
@@ -572,7 +621,14 @@ impl Replica {
             let mut results = results.into_iter();
             for (id, commands, answer) in flight.requests {
                 let applied: Vec<Applied> = results.by_ref().take(commands).collect();
-                responses.push((id, answer_applied(answer, applied)));
+                let response = match answer {
+                    AnswerAs::Deliver => {
+                        let (_, messages) = self.delivering.remove(&id).expect("read before");
+                        answer_delivered(applied, messages)
+                    }
+                    _ => answer_applied(answer, applied),
+                };
+                responses.push((id, response));
             }
         }
         Ok(())
@@ -610,11 +666,146 @@ impl Replica {
         }
     }
 
+    /// Proposes a `Deliver` for each parked receive that has something to deliver at
+    /// `now_ms` (the time the next batch is stamped with, so the selection holds at apply)
+    /// and no `Deliver` of its (consumer group, queue) in flight; the others keep waiting.
+    pub(crate) fn serve_receivers(
+        &mut self,
+        wal: &Wal,
+        now_tick: u64,
+        now_ms: u64,
+        responses: &mut Vec<(RequestId, Response)>,
+    ) {
+        if self.receivers.is_empty() {
+            return;
+        }
+        if self.check_master(now_tick).is_err() {
+            let hint = self.master_hint();
+            responses.extend(self.receivers.drain(..).map(|(id, _)| (id, hint.clone())));
+            return;
+        }
+        for (id, receive) in std::mem::take(&mut self.receivers) {
+            let key = receive.key();
+            if self.delivering.values().any(|(busy, _)| *busy == key) {
+                self.receivers.push((id, receive));
+                continue;
+            }
+            match self.read_deliverable(wal, &receive, now_ms) {
+                // Nothing yet: wait, unless the wait is over (zero: answer at once).
+                Ok(messages) if messages.is_empty() && receive.deadline > now_tick => {
+                    self.receivers.push((id, receive));
+                }
+                Ok(messages) if messages.is_empty() => {
+                    responses.push((
+                        id,
+                        Response::Received {
+                            messages: Vec::new(),
+                        },
+                    ));
+                }
+                Ok(messages) => {
+                    let mut commands = Vec::with_capacity(2);
+                    let (group, topic, queue) =
+                        (&receive.consumer_group, &receive.topic, receive.queue);
+                    if let Some(oldest) = self.machine.released_below(group, topic, queue) {
+                        commands.push(Command::CommitCursor {
+                            consumer_group: group.clone(),
+                            topic: topic.clone(),
+                            queue,
+                            offset: oldest,
+                        });
+                    }
+                    commands.push(Command::Deliver {
+                        consumer_group: receive.consumer_group,
+                        topic: receive.topic,
+                        queue: receive.queue,
+                        offsets: messages.iter().map(|m| m.offset).collect(),
+                        ack_timeout_ms: receive.ack_timeout_ms,
+                    });
+                    self.proposals.push_back(Proposal {
+                        id,
+                        bytes: commands.iter().map(command_bytes).sum(),
+                        commands,
+                        answer: AnswerAs::Deliver,
+                    });
+                    self.delivering.insert(id, (key, messages));
+                }
+                Err(response) => responses.push((id, response)),
+            }
+        }
+    }
+
+    /// The messages a `Deliver` for `receive` would deliver at `now_ms`, read from the log:
+    /// in offset order, within the count and bytes limits (at least one).
+    fn read_deliverable(
+        &self,
+        wal: &Wal,
+        receive: &Receive,
+        now_ms: u64,
+    ) -> Result<Vec<StoredMessage>, Response> {
+        let count_max = usize::try_from(receive.count_max).unwrap_or(usize::MAX);
+        let offsets = (self.machine)
+            .deliverable(
+                &receive.consumer_group,
+                &receive.topic,
+                receive.queue,
+                now_ms,
+                count_max,
+            )
+            .ok_or_else(|| gone(&self.machine, receive))?;
+        let mut messages: Vec<StoredMessage> = Vec::new();
+        let mut bytes_left = receive.bytes_max;
+        let mut rest = offsets.as_slice();
+        while let Some(&first) = rest.first() {
+            if bytes_left == 0 {
+                break;
+            }
+            // A run of consecutive offsets is one read.
+            let run = 1 + rest.windows(2).take_while(|w| w[1] == w[0] + 1).count();
+            let consume = Consume {
+                topic: receive.topic.clone(),
+                queue: receive.queue,
+                consumer_group: String::new(),
+                from: Some(first),
+                count_max: run as u64,
+                bytes_max: bytes_left,
+                deadline: 0,
+            };
+            let Response::Consumed { messages: got, .. } = self.read(wal, &consume)? else {
+                unreachable!("a read answers Consumed");
+            };
+            let wanted = first..first + run as u64;
+            // Offsets below the oldest retained are not selected (`released_below`).
+            for message in got.into_iter().filter(|m| wanted.contains(&m.offset)) {
+                let bytes = (message.key.len() + message.value.len()) as u64;
+                if !messages.is_empty() && bytes > bytes_left {
+                    return Ok(messages);
+                }
+                bytes_left = bytes_left.saturating_sub(bytes);
+                messages.push(message);
+            }
+            rest = &rest[run..];
+        }
+        Ok(messages)
+    }
+
     pub(crate) fn expire_waiters(
         &mut self,
         now_tick: u64,
         responses: &mut Vec<(RequestId, Response)>,
     ) {
+        self.receivers.retain(|(id, receive)| {
+            if receive.deadline > now_tick {
+                return true;
+            }
+            responses.push((
+                *id,
+                Response::Received {
+                    messages: Vec::new(),
+                },
+            ));
+            false
+        });
         let machine = &self.machine;
         self.waiters.retain(|(id, consume)| {
             if consume.deadline > now_tick {
@@ -831,6 +1022,8 @@ fn answer_applied(answer: AnswerAs, applied: Vec<Applied>) -> Response {
             Response::TopicChanged { changed: *changed }
         }
         (AnswerAs::One, [Applied::TopicDeleted]) => Response::TopicChanged { changed: true },
+        (AnswerAs::One, [Applied::Acked { cursor }]) => Response::Acked { cursor: *cursor },
+        (AnswerAs::One, [Applied::Nacked]) => Response::Nacked,
         (AnswerAs::Many, _) => Response::ProducedMany {
             ranges: applied
                 .iter()
@@ -844,8 +1037,59 @@ fn answer_applied(answer: AnswerAs, applied: Vec<Applied>) -> Response {
                 })
                 .collect(),
         },
-        (AnswerAs::One, other) => unreachable!("one command gave {other:?}"),
+        (AnswerAs::One | AnswerAs::Deliver, other) => unreachable!("one command gave {other:?}"),
     }
+}
+
+/// Why a parked receive's topic or consumer group is no longer there (a topic change applied
+/// while it waited).
+fn gone(machine: &GroupMachine, receive: &Receive) -> Response {
+    match machine.topic(&receive.topic) {
+        None => Response::error(
+            ErrorCode::UnknownTopic,
+            format!("topic {:?} was deleted", receive.topic),
+        ),
+        Some(_) => Response::error(
+            ErrorCode::UnknownConsumerGroup,
+            format!(
+                "consumer group {:?} no longer reads topic {:?}",
+                receive.consumer_group, receive.topic
+            ),
+        ),
+    }
+}
+
+/// The answer to a receive whose `Deliver` was applied: the messages read for it that it
+/// delivered (an ack or commit applied first may have taken some), with their counts.
+fn answer_delivered(applied: Vec<Applied>, messages: Vec<StoredMessage>) -> Response {
+    if let Some(code) = applied.iter().find_map(|a| match a {
+        Applied::Rejected(code) => Some(*code),
+        _ => None,
+    }) {
+        return Response::error(code, "refused when applied".to_string());
+    }
+    // A commit past released offsets may come first.
+    let deliveries = match applied.as_slice() {
+        [Applied::Delivered { deliveries }]
+        | [
+            Applied::CursorCommitted { .. },
+            Applied::Delivered { deliveries },
+        ] => deliveries,
+        other => unreachable!("a Deliver gave {other:?}"),
+    };
+    let mut deliveries = deliveries.iter().peekable();
+    let mut received = Vec::with_capacity(messages.len());
+    for message in messages {
+        if let Some(delivery) = deliveries.next_if(|d| d.offset == message.offset) {
+            received.push(node::Received {
+                message,
+                delivery_count: delivery.delivery_count,
+                deadline_ms: delivery.deadline_ms,
+            });
+        }
+    }
+    assert!(deliveries.next().is_none(), "delivered only what was read");
+    Response::Received { messages: received }
 }
 
 fn command_bytes(command: &Command) -> usize {
@@ -863,6 +1107,9 @@ fn command_bytes(command: &Command) -> usize {
                 .sum::<usize>()
         }
         Command::DeleteTopic { name } => 16 + name.len(),
+        Command::Deliver { offsets, .. }
+        | Command::Ack { offsets, .. }
+        | Command::Nack { offsets, .. } => 64 + 10 * offsets.len(),
     }
 }
 
@@ -877,5 +1124,8 @@ fn describe_refusal(code: ErrorCode, command: &Command) -> String {
         } => format!("commit {consumer_group} on {topic}/{queue} at {offset}: {code}"),
         Command::PutTopic { config, .. } => format!("put topic {}: {code}", config.name),
         Command::DeleteTopic { name } => format!("delete topic {name}: {code}"),
+        Command::Deliver { topic, queue, .. }
+        | Command::Ack { topic, queue, .. }
+        | Command::Nack { topic, queue, .. } => format!("delivery on {topic}/{queue}: {code}"),
     }
 }

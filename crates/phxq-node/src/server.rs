@@ -59,6 +59,7 @@ use crate::{
     Append, GroupStatus, Node, NodeError, NodeStatus, Output, Request, RequestId, Response,
 };
 
+mod delivery;
 mod heartbeat;
 mod produce_stream;
 
@@ -654,6 +655,9 @@ impl EventLoop {
                     Request::Produce { .. }
                         | Request::ProduceMany { .. }
                         | Request::Commit { .. }
+                        | Request::Receive { .. }
+                        | Request::Ack { .. }
+                        | Request::Nack { .. }
                         | Request::PutTopic { .. }
                         | Request::DeleteTopic { .. }
                 );
@@ -1282,6 +1286,30 @@ impl phxq_server::Phxq for Service {
     ) -> GrpcResult<api::HeartbeatResponse> {
         let answer = self.heartbeat_of(request.into_inner()).await;
         Ok(tonic::Response::new(answer))
+    }
+
+    async fn receive(
+        &self,
+        request: tonic::Request<api::ReceiveRequest>,
+    ) -> GrpcResult<api::ReceiveResponse> {
+        Ok(tonic::Response::new(
+            self.receive_of(request.into_inner()).await,
+        ))
+    }
+
+    async fn ack(&self, request: tonic::Request<api::AckRequest>) -> GrpcResult<api::AckResponse> {
+        Ok(tonic::Response::new(
+            self.ack_of(request.into_inner()).await,
+        ))
+    }
+
+    async fn nack(
+        &self,
+        request: tonic::Request<api::NackRequest>,
+    ) -> GrpcResult<api::NackResponse> {
+        Ok(tonic::Response::new(
+            self.nack_of(request.into_inner()).await,
+        ))
     }
 }
 

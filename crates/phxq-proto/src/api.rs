@@ -237,6 +237,35 @@ mod tests {
             Ok(tonic::Response::new(CommitResponse::default()))
         }
 
+        async fn receive(
+            &self,
+            _request: tonic::Request<ReceiveRequest>,
+        ) -> Result<tonic::Response<ReceiveResponse>, tonic::Status> {
+            Ok(tonic::Response::new(ReceiveResponse {
+                error: Some(error(ErrorCode::NotMaster, "receive", "127.0.0.1:1")),
+                ..ReceiveResponse::default()
+            }))
+        }
+
+        async fn ack(
+            &self,
+            _request: tonic::Request<AckRequest>,
+        ) -> Result<tonic::Response<AckResponse>, tonic::Status> {
+            Ok(tonic::Response::new(AckResponse {
+                error: Some(error(ErrorCode::NotMaster, "ack", "127.0.0.1:1")),
+                ..AckResponse::default()
+            }))
+        }
+
+        async fn nack(
+            &self,
+            _request: tonic::Request<NackRequest>,
+        ) -> Result<tonic::Response<NackResponse>, tonic::Status> {
+            Ok(tonic::Response::new(NackResponse {
+                error: Some(error(ErrorCode::NotMaster, "nack", "127.0.0.1:1")),
+            }))
+        }
+
         async fn offset_for_time(
             &self,
             request: tonic::Request<OffsetForTimeRequest>,

@@ -18,6 +18,9 @@ const TOPIC: &str = "t";
 const TICK_US: u64 = 50_000;
 /// A client gives up on an answer after this long and retries (the outcome is unknown).
 const CLIENT_TIMEOUT_US: u64 = 1_500_000;
+/// The ack timeout of the simulated receivers (ms): what a receiver does not ack (a lost
+/// answer, a nack, a crash of its node) comes back after it.
+const RECEIVE_ACK_TIMEOUT_MS: u64 = 400;
 /// Rounds one input may cause before the node is considered live-locked.
 const ROUNDS_PER_INPUT_MAX: usize = 1_000;
 /// Events one run may process (a bound on everything).
@@ -170,6 +173,12 @@ enum ClientKind {
         group: String,
         queue: QueueId,
     },
+    /// Reads with per-message acknowledgement (`Receive`, then `Ack` or now and then `Nack`);
+    /// what it leaves unacked comes back after the ack timeout.
+    Receiver {
+        group: String,
+        queue: QueueId,
+    },
 }
 
 struct Client {
@@ -180,6 +189,8 @@ struct Client {
     waiting: Option<RequestId>,
     /// A consumer that read messages commits `next_offset` next.
     commit: Option<u64>,
+    /// A receiver that received messages acks (or nacks) these next.
+    received: Vec<u64>,
 }
 
 struct Sim {
@@ -315,18 +326,22 @@ impl Sim {
                 target: rng.below(config.nodes as u64) as usize,
                 waiting: None,
                 commit: None,
+                received: Vec::new(),
             });
         }
-        for group in &consumer_groups {
+        for (g, group) in consumer_groups.iter().enumerate() {
             for queue in 0..config.queues {
+                // The first group reads with cursors, the second with per-message acks.
+                let group = group.clone();
                 clients.push(Client {
-                    kind: ClientKind::Consumer {
-                        group: group.clone(),
-                        queue,
+                    kind: match g {
+                        0 => ClientKind::Consumer { group, queue },
+                        _ => ClientKind::Receiver { group, queue },
                     },
                     target: rng.below(config.nodes as u64) as usize,
                     waiting: None,
                     commit: None,
+                    received: Vec::new(),
                 });
             }
         }
@@ -729,6 +744,33 @@ impl Sim {
                     wait_ticks: 4,
                 },
             },
+            ClientKind::Receiver { group, queue } => {
+                let offsets = std::mem::take(&mut self.clients[c].received);
+                match (offsets.is_empty(), self.rng.below(8)) {
+                    (true, _) => Request::Receive {
+                        topic: TOPIC.to_string(),
+                        queue,
+                        consumer_group: group,
+                        count_max: 16,
+                        bytes_max: 1 << 20,
+                        wait_ticks: 4,
+                        ack_timeout_ms: RECEIVE_ACK_TIMEOUT_MS,
+                    },
+                    (false, 0) => Request::Nack {
+                        topic: TOPIC.to_string(),
+                        queue,
+                        consumer_group: group,
+                        offsets,
+                        delay_ms: 100,
+                    },
+                    (false, _) => Request::Ack {
+                        topic: TOPIC.to_string(),
+                        queue,
+                        consumer_group: group,
+                        offsets,
+                    },
+                }
+            }
         };
         let id = self.next_request;
         self.next_request += 1;
@@ -823,6 +865,23 @@ impl Sim {
                 }
             }
             (Response::Committed, _) => self.clients[c].commit = None,
+            (
+                Response::Received { messages },
+                Request::Receive {
+                    queue,
+                    consumer_group,
+                    ..
+                },
+            ) => {
+                let log = self
+                    .history
+                    .deliveries
+                    .entry((consumer_group, queue))
+                    .or_default();
+                log.extend((messages.iter()).map(|r| (r.message.offset, r.message.value.clone())));
+                self.clients[c].received = messages.iter().map(|r| r.message.offset).collect();
+            }
+            (Response::Acked { .. } | Response::Nacked, _) => {}
             (Response::Error { code, master, .. }, _) => {
                 if code == ErrorCode::Indeterminate {
                     self.history.indeterminate += 1;

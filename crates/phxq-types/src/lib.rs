@@ -82,6 +82,24 @@ pub const CONSUMER_GROUPS_PER_TOPIC_MAX: usize = 256;
 /// mistake, refused.
 pub const RETENTION_AGE_MS_MAX: u64 = 100 * 365 * 24 * 3600 * 1000;
 
+/// Most offsets one delivery, ack or nack command names (per-message acknowledgements).
+pub const DELIVERY_OFFSETS_MAX: usize = 1000;
+
+/// Longest ack timeout a receive may ask for, in ms (one day): a message received and not
+/// acked within it is delivered again.
+pub const ACK_TIMEOUT_MS_MAX: u64 = 24 * 3600 * 1000;
+
+/// Longest delay a nack may ask for before the message is delivered again, in ms (one week).
+pub const NACK_DELAY_MS_MAX: u64 = 7 * 24 * 3600 * 1000;
+
+/// How many delivered, unacknowledged offsets a queue tracks per consumer group unless the
+/// topic's consumer group settings say `max_in_flight`.
+pub const IN_FLIGHT_TRACKED_DEFAULT: u32 = 1000;
+
+/// Most delivered, unacknowledged offsets a queue tracks per consumer group, whatever the
+/// settings say (bounds the replicated state of per-message acknowledgements).
+pub const IN_FLIGHT_TRACKED_MAX: u32 = 100_000;
+
 /// The latest time a request may name, in ms since the Unix epoch: 9999-12-31T23:59:59.999Z.
 /// Message times are the master's clock, so a later one is a mistake (seconds or
 /// microseconds taken for milliseconds), refused rather than answered with "the end".

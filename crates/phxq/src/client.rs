@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 mod consume;
 pub mod produce;
+pub mod receive;
 pub mod topic;
 
 use phxq_client::{ErrorKind, ProducerConfig, SeekError, SeekTo, StoreConfig, fnv1a_64};

@@ -72,6 +72,14 @@ enum Command {
     /// new messages are read), to an offset, or to the first message at or after a time; on
     /// one queue or every queue of a topic.
     Seek(client::SeekArgs),
+    /// Receive messages for per-message acknowledgement: each printed with its delivery
+    /// count (stored in the store); one not acked within the ack timeout comes back.
+    Receive(client::receive::ReceiveArgs),
+    /// Acknowledge received messages of a queue by offset (the group's cursor moves over the
+    /// acked prefix).
+    Ack(client::receive::AckArgs),
+    /// Give received messages of a queue back, to be delivered again after `--delay-ms`.
+    Nack(client::receive::AckArgs),
     /// The store as its nodes see it.
     Cluster {
         #[command(subcommand)]
@@ -184,6 +192,9 @@ fn main() -> ExitCode {
         Command::Consume(args) => client::consume(args),
         Command::Tail(args) => client::tail(args),
         Command::Seek(args) => client::seek(args),
+        Command::Receive(args) => client::receive::receive(args),
+        Command::Ack(args) => client::receive::ack(args),
+        Command::Nack(args) => client::receive::nack(args),
         Command::Cluster {
             command: ClusterCommand::Status(args),
         } => client::status(args),

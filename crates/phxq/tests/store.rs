@@ -1945,3 +1945,120 @@ fn produce_with_an_id_prefix_run_again_after_a_crash_stores_no_line_twice() {
     }
     assert!(store.consume_all("g1").is_empty(), "nothing more stored");
 }
+
+#[test]
+fn receive_prints_delivery_counts_ack_moves_the_cursor_and_unacked_messages_come_back() {
+    let store = Store::start();
+    let produced = store.produce(&["--queue", "2"], b"m1\nm2\n");
+    assert!(produced.status.success(), "{}", text(&produced.stderr));
+    let server = store.server(1);
+    let receive = |ack_timeout_ms: &str, wait_ms: &str| {
+        let args = [
+            "receive",
+            "--server",
+            &server,
+            "--topic",
+            "test",
+            "--group",
+            "g1",
+            "--queue",
+            "2",
+            "--ack-timeout-ms",
+            ack_timeout_ms,
+            "--wait-ms",
+            wait_ms,
+            "--json",
+        ];
+        let output = run(&args, b"");
+        assert!(output.status.success(), "receive: {}", text(&output.stderr));
+        text(&output.stdout)
+            .lines()
+            .map(|line| {
+                let m: Value = serde_json::from_str(line).expect("a JSON line");
+                (
+                    m["offset"].as_u64().unwrap(),
+                    m["value"].as_str().unwrap().to_string(),
+                    m["delivery_count"].as_u64().unwrap(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let deliver = |verb: &str, offsets: &[&str], extra: &[&str]| {
+        let mut args = vec![
+            verb, "--server", &server, "--topic", "test", "--group", "g1", "--queue", "2",
+        ];
+        args.extend_from_slice(offsets);
+        args.extend_from_slice(extra);
+        run(&args, b"")
+    };
+    assert_eq!(
+        receive("500", "2000"),
+        [(1, "m1".to_string(), 1), (2, "m2".to_string(), 1)]
+    );
+    let acked = deliver("ack", &["2"], &["--json"]);
+    assert!(acked.status.success(), "{}", text(&acked.stderr));
+    assert_eq!(
+        serde_json::from_str::<Value>(&text(&acked.stdout)).expect("JSON"),
+        serde_json::json!({"queue": 2, "cursor": 1}),
+        "1 still in flight"
+    );
+    // Offset 1 was not acked: it comes back, counted twice.
+    assert_eq!(receive("60000", "5000"), [(1, "m1".to_string(), 2)]);
+    let nacked = deliver("nack", &["1"], &["--delay-ms", "0"]);
+    assert!(nacked.status.success(), "{}", text(&nacked.stderr));
+    assert_eq!(receive("60000", "5000"), [(1, "m1".to_string(), 3)]);
+    let acked = deliver("ack", &["1"], &[]);
+    assert!(acked.status.success(), "{}", text(&acked.stderr));
+    assert!(
+        text(&acked.stdout).contains("cursor 3"),
+        "{}",
+        text(&acked.stdout)
+    );
+    // The cursor is the group's: consume reads nothing more, the other group everything.
+    assert!(store.consume_all("g1").is_empty());
+    assert_eq!(store.consume_all("audit").len(), 2);
+    // Bad input: typed errors, non-zero exits.
+    refused_with(&deliver("ack", &["3"], &[]), "INVALID_ARGUMENT");
+    refused_with(&deliver("nack", &["1"], &[]), "INVALID_ARGUMENT");
+    refused_with(
+        &deliver("ack", &["1"], &["--delay-ms", "5"]),
+        "--delay-ms is for nack",
+    );
+    let zero_timeout = run(
+        &[
+            "receive",
+            "--server",
+            &server,
+            "--topic",
+            "test",
+            "--group",
+            "g1",
+            "--ack-timeout-ms",
+            "0",
+        ],
+        b"",
+    );
+    refused_with(&zero_timeout, "INVALID_ARGUMENT");
+    let stranger = run(
+        &[
+            "receive", "--server", &server, "--topic", "test", "--group", "nobody",
+        ],
+        b"",
+    );
+    refused_with(&stranger, "UNKNOWN_CONSUMER_GROUP");
+    let long_wait = run(
+        &[
+            "receive",
+            "--server",
+            &server,
+            "--topic",
+            "test",
+            "--group",
+            "g1",
+            "--wait-ms",
+            "60001",
+        ],
+        b"",
+    );
+    refused_with(&long_wait, "INVALID_ARGUMENT");
+}

@@ -19,6 +19,7 @@ use std::collections::VecDeque;
 use phxq_types::Offset;
 
 use super::dedup::DedupTable;
+use super::delivery::Deliveries;
 use super::{EntryRef, ReadPlan};
 use crate::Message;
 
@@ -68,6 +69,8 @@ pub(super) struct QueueState {
     pub(super) retained_bytes: u64,
     /// The next offset each consumer group of the topic reads, in the topic's order.
     pub(super) cursors: Vec<Offset>,
+    /// Each consumer group's per-message deliveries above its cursor, in the topic's order.
+    pub(super) deliveries: Vec<Deliveries>,
     /// The producer message ids in the dedup window.
     pub(super) dedup: DedupTable,
     /// `(raft index, command position)` of each enqueue of this queue that applying answered
@@ -86,9 +89,12 @@ impl QueueState {
         QueueState::restored(1, vec![1; consumer_groups])
     }
 
-    /// A queue whose messages before `next_offset` are all forgotten.
+    /// A queue whose messages before `next_offset` are all forgotten, nothing delivered above
+    /// its cursors.
     pub(super) fn restored(next_offset: Offset, cursors: Vec<Offset>) -> QueueState {
+        let deliveries = cursors.iter().map(|&c| Deliveries::at(c)).collect();
         QueueState {
+            deliveries,
             next_offset,
             oldest_offset: next_offset,
             runs: VecDeque::new(),
@@ -232,7 +238,12 @@ impl QueueState {
     }
 
     /// Panics if an invariant of the module doc does not hold.
-    pub(super) fn validate(&self, applied_index: u64, consumer_groups: usize) {
+    pub(super) fn validate(
+        &self,
+        applied_index: u64,
+        consumer_groups: usize,
+        consumer_state_current: bool,
+    ) {
         assert!(self.oldest_offset >= 1, "offsets start at 1");
         let mut offset = self.oldest_offset;
         let mut previous_index = 0;
@@ -253,6 +264,15 @@ impl QueueState {
         assert_eq!(bytes, self.retained_bytes, "retained bytes out of step");
         assert_eq!(self.cursors.len(), consumer_groups, "one cursor per group");
         assert!(self.cursors.iter().all(|&c| c >= 1), "cursors start at 1");
+        assert_eq!(
+            self.deliveries.len(),
+            consumer_groups,
+            "one delivery state per group"
+        );
+        let end = consumer_state_current.then_some(self.next_offset);
+        for (deliveries, &cursor) in self.deliveries.iter().zip(&self.cursors) {
+            deliveries.validate(cursor, end);
+        }
         assert!(
             (self.skipped.iter().zip(self.skipped.iter().skip(1))).all(|(a, b)| a.0 <= b.0),
             "skipped duplicates out of order"

@@ -2,12 +2,15 @@
 //! snapshot's index.
 //!
 //! ```text
-//! snapshot = version(1) group:varint applied_index:varint topic_count:varint topic*
+//! snapshot = version(1) group:varint applied_index:varint [state_index:varint (version 4)]
+//!            topic_count:varint topic*
 //! topic    = name:bytes queue_count:varint queue*                     (versions 1 and 2)
-//!          | topic_config queue_count:varint queue*                   (version 3)
+//!          | topic_config queue_count:varint queue*                   (versions 3 and 4)
 //! queue    = queue:varint next_offset:varint cursor_count:varint cursor*
 //!            record_count:varint record*                      (record_count: version 2 on)
-//! cursor   = consumer_group:bytes offset:varint
+//! cursor   = consumer_group:bytes offset:varint [deliveries (version 4)]
+//! deliveries = next_fresh:varint in_flight_count:varint
+//!              (offset:varint delivery_count:varint deadline_ms:varint)*   (ascending offsets)
 //! record   = message_id:bytes index:varint first_offset:varint count:varint
 //! ```
 //!
@@ -17,21 +20,27 @@
 //! because a snapshot is never taken below the last topic change
 //! ([`GroupMachine::deletable_index`]).
 //!
-//! Versions 1 (before message ids: empty dedup windows) and 2 (before topic tables: the
-//! layout's topics) are still read.
+//! Versions 1 (before message ids: empty dedup windows), 2 (before topic tables: the
+//! layout's topics) and 3 (before per-message deliveries: nothing in flight, `state_index` the
+//! snapshot's index) are still read.
 //!
 //! Messages are not in it: every message at or below the snapshot's index is forgotten, so a
 //! queue is only its next offset (which is also its oldest retained offset) and its cursors.
-//! Cursors are the newest ones, not those as of the index: a commit sets an absolute value,
-//! so replaying older commits and then the newer ones ends in the same place. The dedup
+//! Cursors and deliveries are the newest ones, not those as of the index: they are as of
+//! `state_index`, the machine's applied index when it was encoded (version 4), and the
+//! restored machine leaves them alone while it replays entries up to there (a delivery
+//! increments a count, so replaying it on the newer state would count it twice). Versions
+//! 1 to 3 held cursors only, which commits set to absolute values, so replaying them ended in
+//! the same place. The dedup
 //! window, unlike cursors, is the one as of the index (oldest id first): a replayed enqueue
 //! must meet the window it met when first applied.
 
 use std::collections::BTreeSet;
 
-use phxq_types::{GroupId, MESSAGE_ID_BYTES_MAX};
+use phxq_types::{GroupId, IN_FLIGHT_TRACKED_MAX, MESSAGE_ID_BYTES_MAX, Offset};
 
 use super::dedup::Original;
+use super::delivery::{Deliveries, InFlight};
 use super::queue::QueueState;
 use super::{GroupMachine, TopicState};
 use crate::DecodeError;
@@ -39,7 +48,9 @@ use crate::codec::{Reader, put_bytes, put_varint};
 use crate::command::{put_topic_config, read_topic_config};
 
 /// The format version this build writes.
-const FORMAT_VERSION: u8 = 3;
+const FORMAT_VERSION: u8 = 4;
+/// The version before per-message deliveries, still read.
+const FORMAT_VERSION_NO_DELIVERIES: u8 = 3;
 /// The version before topic tables, still read.
 const FORMAT_VERSION_NO_TOPICS: u8 = 2;
 /// The version before dedup windows, still read.
@@ -50,6 +61,7 @@ pub(super) fn encode(machine: &GroupMachine, index: u64) -> Vec<u8> {
     let mut out = vec![FORMAT_VERSION];
     put_varint(&mut out, machine.group.0);
     put_varint(&mut out, index);
+    put_varint(&mut out, machine.applied_index);
     put_varint(&mut out, machine.topics.len() as u64);
     for topic in &machine.topics {
         let config = &topic.config;
@@ -59,9 +71,17 @@ pub(super) fn encode(machine: &GroupMachine, index: u64) -> Vec<u8> {
             put_varint(&mut out, u64::from(machine.queue_of_slot(slot)));
             put_varint(&mut out, queue.next_offset_after(index));
             put_varint(&mut out, queue.cursors.len() as u64);
-            for (name, &cursor) in config.consumer_groups.iter().zip(&queue.cursors) {
+            let groups = config.consumer_groups.iter().zip(&queue.cursors);
+            for ((name, &cursor), deliveries) in groups.zip(&queue.deliveries) {
                 put_bytes(&mut out, name.as_bytes());
                 put_varint(&mut out, cursor);
+                put_varint(&mut out, deliveries.next_fresh);
+                put_varint(&mut out, deliveries.in_flight.len() as u64);
+                for (&offset, flight) in &deliveries.in_flight {
+                    put_varint(&mut out, offset);
+                    put_varint(&mut out, u64::from(flight.delivery_count));
+                    put_varint(&mut out, flight.deadline_ms);
+                }
             }
             let records: Vec<_> = queue.dedup.as_of(index).collect();
             put_varint(&mut out, records.len() as u64);
@@ -85,6 +105,7 @@ pub(super) fn decode_into(machine: &mut GroupMachine, snapshot: &[u8]) -> Result
     let version = reader.u8("version")?;
     if ![
         FORMAT_VERSION,
+        FORMAT_VERSION_NO_DELIVERIES,
         FORMAT_VERSION_NO_TOPICS,
         FORMAT_VERSION_NO_DEDUP,
     ]
@@ -103,11 +124,22 @@ pub(super) fn decode_into(machine: &mut GroupMachine, snapshot: &[u8]) -> Result
         )));
     }
     machine.applied_index = reader.varint("applied index")?;
+    machine.consumer_state_index = machine.applied_index;
+    if version >= FORMAT_VERSION {
+        machine.consumer_state_index = reader.varint("state index")?;
+        if machine.consumer_state_index < machine.applied_index {
+            return Err(invalid(format!(
+                "state index {} below the snapshot's index {}",
+                machine.consumer_state_index, machine.applied_index
+            )));
+        }
+    }
     let mut seen = Seen {
         dedup: version >= FORMAT_VERSION_NO_TOPICS,
+        deliveries: version >= FORMAT_VERSION,
         ..Seen::default()
     };
-    let with_table = version >= FORMAT_VERSION;
+    let with_table = version >= FORMAT_VERSION_NO_DELIVERIES;
     if with_table {
         machine.topics.clear();
     }
@@ -149,6 +181,8 @@ struct Seen {
     queues: BTreeSet<(usize, usize)>,
     /// Whether queues carry their dedup window (version 2).
     dedup: bool,
+    /// Whether cursors carry their deliveries (version 4).
+    deliveries: bool,
 }
 
 fn decode_topic(
@@ -165,7 +199,7 @@ fn decode_topic(
         if !seen.queues.insert((topic, slot)) {
             return Err(invalid(format!("queue {name}/{queue} appears twice")));
         }
-        let state = decode_queue(machine, topic, reader, seen.dedup)?;
+        let state = decode_queue(machine, topic, reader, seen)?;
         machine.topics[topic].queues[slot] = state;
     }
     Ok(())
@@ -175,7 +209,7 @@ fn decode_queue(
     machine: &GroupMachine,
     topic: usize,
     reader: &mut Reader<'_>,
-    with_dedup: bool,
+    seen: &Seen,
 ) -> Result<QueueState, DecodeError> {
     let next_offset = reader.varint("next offset")?;
     if next_offset == 0 {
@@ -183,9 +217,14 @@ fn decode_queue(
     }
     let config = &machine.topics[topic].config;
     let mut cursors = vec![None; config.consumer_groups.len()];
+    let mut deliveries: Vec<Option<Deliveries>> = vec![None; config.consumer_groups.len()];
     for _ in 0..reader.count("cursor count")? {
         let name = reader.string("consumer group")?;
         let offset = reader.varint("cursor")?;
+        let delivered = match seen.deliveries {
+            true => decode_deliveries(reader, offset)?,
+            false => Deliveries::at(offset),
+        };
         let member = machine.member(topic, &name).ok_or_else(|| {
             invalid(format!(
                 "consumer group {name:?} does not read {}",
@@ -195,10 +234,16 @@ fn decode_queue(
         if offset == 0 || cursors[member].replace(offset).is_some() {
             return Err(invalid(format!("bad or repeated cursor of {name:?}")));
         }
+        deliveries[member] = Some(delivered);
     }
     let cursors = cursors.into_iter().map(|c| c.unwrap_or(1)).collect();
     let mut state = QueueState::restored(next_offset, cursors);
-    if with_dedup {
+    for (member, delivered) in deliveries.into_iter().enumerate() {
+        if let Some(delivered) = delivered {
+            state.deliveries[member] = delivered;
+        }
+    }
+    if seen.dedup {
         decode_dedup(&mut state, machine.applied_index, reader)?;
     }
     Ok(state)
@@ -235,6 +280,34 @@ fn decode_dedup(
         }
     }
     Ok(())
+}
+
+/// Reads a consumer group's deliveries above its cursor `cursor` (version 4).
+fn decode_deliveries(reader: &mut Reader<'_>, cursor: Offset) -> Result<Deliveries, DecodeError> {
+    let next_fresh = reader.varint("next fresh")?;
+    let count = reader.count("in-flight count")?;
+    if next_fresh < cursor || count > IN_FLIGHT_TRACKED_MAX as usize {
+        return Err(invalid(format!(
+            "next fresh {next_fresh} below cursor {cursor}, or {count} in flight"
+        )));
+    }
+    let mut deliveries = Deliveries::at(next_fresh);
+    let mut previous = cursor.checked_sub(1);
+    for _ in 0..count {
+        let offset = reader.varint("in-flight offset")?;
+        let delivery_count = reader.varint_u32("delivery count")?;
+        let deadline_ms = reader.varint("deadline")?;
+        if previous.is_none_or(|p| offset <= p) || offset >= next_fresh || delivery_count == 0 {
+            return Err(invalid(format!("bad in-flight offset {offset}")));
+        }
+        previous = Some(offset);
+        let flight = InFlight {
+            delivery_count,
+            deadline_ms,
+        };
+        deliveries.in_flight.insert(offset, flight);
+    }
+    Ok(deliveries)
 }
 
 fn invalid(message: String) -> DecodeError {

@@ -4,9 +4,10 @@ use std::sync::Arc;
 
 use phxq_types::{ErrorCode, GroupId, KEY_BYTES_MAX, MESSAGE_ID_BYTES_MAX};
 
-use super::{Applied, EntryRef, GroupMachine, ReadPlan, StoredMessage};
+use super::{Applied, Delivery, EntryRef, GroupMachine, ReadPlan, StoredMessage};
 use crate::{Batch, Command, Message, Retention, StoreLayout, TopicConfig, encode_batch};
 
+mod delivery;
 mod model;
 mod topics;
 
@@ -32,7 +33,7 @@ fn layout(orders: Retention, logs: Retention) -> Arc<StoreLayout> {
                 consumer_groups: vec!["billing".into(), "audit".into()],
                 retention: orders,
                 dedup_window: ORDERS_DEDUP_WINDOW,
-                group_settings: Default::default(),
+                group_settings: [("audit".to_string(), audit_settings())].into(),
             },
             TopicConfig {
                 name: "logs".into(),
@@ -46,6 +47,17 @@ fn layout(orders: Retention, logs: Retention) -> Arc<StoreLayout> {
         message_bytes_max: 16,
     })
 }
+
+/// "audit" tracks at most [`AUDIT_IN_FLIGHT_MAX`] offsets in flight per queue.
+fn audit_settings() -> crate::ConsumerGroupSettings {
+    crate::ConsumerGroupSettings {
+        max_in_flight: Some(AUDIT_IN_FLIGHT_MAX),
+        ..Default::default()
+    }
+}
+
+/// The in-flight limit of "audit" on "orders" ("billing" has the default).
+const AUDIT_IN_FLIGHT_MAX: u32 = 2;
 
 fn machine() -> GroupMachine {
     GroupMachine::new(GroupId(0), layout(NO_RETENTION, NO_RETENTION))
@@ -865,7 +877,7 @@ mod snapshots {
         assert!(GroupMachine::restore(GroupId(1), layout.clone(), &snapshot).is_err());
         assert!(GroupMachine::restore(GroupId(0), layout.clone(), &[]).is_err());
         let mut unknown_version = snapshot.clone();
-        unknown_version[0] = 4;
+        unknown_version[0] = 5;
         assert!(GroupMachine::restore(GroupId(0), layout.clone(), &unknown_version).is_err());
         for length in 0..snapshot.len() {
             let layout = layout.clone();

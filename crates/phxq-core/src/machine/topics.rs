@@ -11,7 +11,7 @@
 //!   config changes nothing;
 //! - a queue that appears (new topic, or grown) starts empty with every cursor at 1; a consumer
 //!   group added by an alter starts at 1 on every queue (the oldest retained message), one
-//!   removed loses its cursors, the others keep theirs;
+//!   removed loses its cursors and deliveries, the others keep theirs;
 //! - delete: the topic must exist; its queues' state is dropped, so their runs no longer hold
 //!   back [`GroupMachine::deletable_index`].
 //!
@@ -21,6 +21,7 @@
 
 use phxq_types::{ErrorCode, TOPICS_MAX, group_of_queue};
 
+use super::delivery::Deliveries;
 use super::queue::QueueState;
 use super::{GroupMachine, TopicState};
 use crate::{Command, PutMode, TopicConfig};
@@ -147,6 +148,16 @@ fn alter(topic: &mut TopicState, config: &TopicConfig, group: phxq_types::GroupI
         queue.cursors = moves
             .iter()
             .map(|old| old.map_or(1, |old| queue.cursors[old]))
+            .collect();
+        let mut deliveries = std::mem::take(&mut queue.deliveries);
+        queue.deliveries = moves
+            .iter()
+            .map(|old| {
+                old.map_or_else(
+                    || Deliveries::at(1),
+                    |old| std::mem::replace(&mut deliveries[old], Deliveries::at(1)),
+                )
+            })
             .collect();
     }
     let hosted = hosted_count(config.queues, group, groups);

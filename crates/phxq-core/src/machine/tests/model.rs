@@ -4,7 +4,9 @@
 //! change), deduplication by producer message id (ids drawn from a few, so retries inside
 //! and outside the window and duplicates inside one entry all happen), and snapshots.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+
+use phxq_types::{ACK_TIMEOUT_MS_MAX, DELIVERY_OFFSETS_MAX, NACK_DELAY_MS_MAX};
 
 use proptest::prelude::*;
 
@@ -35,6 +37,30 @@ struct ModelQueue {
     /// Every enqueue that carried an id and appended, oldest first: `(id, first offset,
     /// count)`. Its window is the last `dedup_window` of them.
     originals: Vec<(Vec<u8>, u64, u64)>,
+    /// Per consumer group, the per-message deliveries above its cursor.
+    deliveries: BTreeMap<String, ModelDeliveries>,
+}
+
+/// Deliveries as the rules say, with the acked offsets listed (the machine keeps only the
+/// in-flight ones and infers the acked).
+#[derive(Clone, Debug)]
+struct ModelDeliveries {
+    /// offset → (delivery count, deadline).
+    in_flight: BTreeMap<u64, (u32, u64)>,
+    /// Acked above the cursor.
+    acked: BTreeSet<u64>,
+    /// The next fresh offset to deliver.
+    next_fresh: u64,
+}
+
+impl ModelDeliveries {
+    fn at(cursor: u64) -> ModelDeliveries {
+        ModelDeliveries {
+            in_flight: BTreeMap::new(),
+            acked: BTreeSet::new(),
+            next_fresh: cursor,
+        }
+    }
 }
 
 /// Group 0 of [`layout`], written from the rules rather than from the machine's code.
@@ -54,11 +80,17 @@ impl Model {
                     .iter()
                     .map(|g| (g.clone(), 1))
                     .collect();
+                let deliveries = topic
+                    .consumer_groups
+                    .iter()
+                    .map(|g| (g.clone(), ModelDeliveries::at(1)))
+                    .collect();
                 let state = ModelQueue {
                     next_offset: 1,
                     messages: Vec::new(),
                     cursors,
                     originals: Vec::new(),
+                    deliveries,
                 };
                 queues.insert((topic.name.clone(), queue), state);
             }
@@ -91,6 +123,9 @@ impl Model {
                     queue,
                     offset,
                 } => self.commit(consumer_group, topic, *queue, *offset),
+                Command::Deliver { .. } | Command::Ack { .. } | Command::Nack { .. } => {
+                    self.delivery(time_ms, command)
+                }
                 Command::PutTopic { .. } | Command::DeleteTopic { .. } => {
                     unreachable!("the model's logs change no topic (see tests/topics.rs)")
                 }
@@ -172,8 +207,135 @@ impl Model {
             return Err(ErrorCode::InvalidArgument);
         }
         let state = self.queues.get_mut(&(topic.to_string(), queue)).unwrap();
-        state.cursors.insert(consumer_group.to_string(), offset);
+        let old = state
+            .cursors
+            .insert(consumer_group.to_string(), offset)
+            .unwrap();
+        let deliveries = state.deliveries.get_mut(consumer_group).unwrap();
+        if offset >= old {
+            deliveries.in_flight.retain(|&o, _| o >= offset);
+            deliveries.acked.retain(|&o| o >= offset);
+            deliveries.next_fresh = deliveries.next_fresh.max(offset);
+        } else {
+            *deliveries = ModelDeliveries::at(offset);
+        }
         Ok(Applied::CursorCommitted { offset })
+    }
+
+    /// A `Deliver`, `Ack` or `Nack`, by the rules of the `delivery` module doc.
+    fn delivery(&mut self, time_ms: u64, command: &Command) -> Result<Applied, ErrorCode> {
+        let (Command::Deliver {
+            consumer_group,
+            topic,
+            queue,
+            offsets,
+            ..
+        }
+        | Command::Ack {
+            consumer_group,
+            topic,
+            queue,
+            offsets,
+        }
+        | Command::Nack {
+            consumer_group,
+            topic,
+            queue,
+            offsets,
+            ..
+        }) = command
+        else {
+            unreachable!()
+        };
+        let state = self.hosted(topic, *queue)?;
+        if !state.cursors.contains_key(consumer_group.as_str()) {
+            return Err(ErrorCode::UnknownConsumerGroup);
+        }
+        let sorted = offsets.windows(2).all(|w| w[0] < w[1]);
+        if offsets.is_empty()
+            || offsets.len() > DELIVERY_OFFSETS_MAX
+            || offsets.contains(&0)
+            || !sorted
+        {
+            return Err(ErrorCode::InvalidArgument);
+        }
+        let limit = match self
+            .layout
+            .topic(topic)
+            .unwrap()
+            .group_settings
+            .get(consumer_group.as_str())
+        {
+            Some(settings) => settings.max_in_flight.unwrap() as usize,
+            None => 1000,
+        };
+        let state = self.queues.get_mut(&(topic.to_string(), *queue)).unwrap();
+        let end = state.next_offset;
+        let cursor = state.cursors.get_mut(consumer_group.as_str()).unwrap();
+        let deliveries = state.deliveries.get_mut(consumer_group.as_str()).unwrap();
+        match command {
+            Command::Deliver { ack_timeout_ms, .. } => {
+                if *ack_timeout_ms == 0 || *ack_timeout_ms > ACK_TIMEOUT_MS_MAX {
+                    return Err(ErrorCode::InvalidArgument);
+                }
+                let deadline = time_ms + ack_timeout_ms;
+                let mut delivered = Vec::new();
+                for &offset in offsets {
+                    let full = deliveries.in_flight.len() >= limit;
+                    if let Some((count, due)) = deliveries.in_flight.get_mut(&offset) {
+                        // Batch times here are far below a week apart.
+                        if *due <= time_ms {
+                            *count += 1;
+                            *due = deadline;
+                            delivered.push(Delivery {
+                                offset,
+                                delivery_count: *count,
+                                deadline_ms: deadline,
+                            });
+                        }
+                    } else if offset == deliveries.next_fresh && offset < end && !full {
+                        deliveries.in_flight.insert(offset, (1, deadline));
+                        deliveries.next_fresh += 1;
+                        delivered.push(Delivery {
+                            offset,
+                            delivery_count: 1,
+                            deadline_ms: deadline,
+                        });
+                    }
+                }
+                Ok(Applied::Delivered {
+                    deliveries: delivered,
+                })
+            }
+            Command::Ack { .. } => {
+                if offsets.iter().any(|&o| o >= deliveries.next_fresh) {
+                    return Err(ErrorCode::InvalidArgument);
+                }
+                for offset in offsets {
+                    if deliveries.in_flight.remove(offset).is_some() {
+                        deliveries.acked.insert(*offset);
+                    }
+                }
+                while deliveries.acked.remove(cursor) {
+                    *cursor += 1;
+                }
+                Ok(Applied::Acked { cursor: *cursor })
+            }
+            Command::Nack { delay_ms, .. } => {
+                if *delay_ms > NACK_DELAY_MS_MAX
+                    || offsets
+                        .iter()
+                        .any(|o| !deliveries.in_flight.contains_key(o))
+                {
+                    return Err(ErrorCode::InvalidArgument);
+                }
+                for offset in offsets {
+                    deliveries.in_flight.get_mut(offset).unwrap().1 = time_ms + delay_ms;
+                }
+                Ok(Applied::Nacked)
+            }
+            _ => unreachable!(),
+        }
     }
 
     fn forget_through(&mut self, index: u64) {
@@ -377,7 +539,7 @@ fn command() -> impl Strategy<Value = Command> {
                 messages,
             }
         ),
-        1 => (consumer_group, topic(), queue(), 0..12u64).prop_map(
+        1 => (consumer_group.clone(), topic(), queue(), 0..12u64).prop_map(
             |(consumer_group, topic, queue, offset)| Command::CommitCursor {
                 consumer_group: consumer_group.to_string(),
                 topic,
@@ -385,7 +547,35 @@ fn command() -> impl Strategy<Value = Command> {
                 offset,
             }
         ),
+        3 => (consumer_group, queue(), offsets(), ms(ACK_TIMEOUT_MS_MAX), 0..3u8).prop_map(
+            |(consumer_group, queue, offsets, ms, kind)| {
+                let (consumer_group, topic) = (consumer_group.to_string(), "orders".to_string());
+                match kind {
+                    0 => Command::Deliver { consumer_group, topic, queue, offsets, ack_timeout_ms: ms },
+                    1 => Command::Ack { consumer_group, topic, queue, offsets },
+                    _ => Command::Nack { consumer_group, topic, queue, offsets, delay_ms: ms },
+                }
+            }
+        ),
     ]
+}
+
+/// Offsets of a delivery command: mostly ascending and small (so they meet the queue's
+/// messages), sometimes unsorted, empty or with a 0.
+fn offsets() -> impl Strategy<Value = Vec<u64>> {
+    prop::collection::vec(0..12u64, 0..5).prop_map(|mut offsets| {
+        if offsets.len() % 4 != 3 {
+            offsets.sort_unstable();
+            offsets.dedup();
+        }
+        offsets
+    })
+}
+
+/// An ack timeout or nack delay: short against the batch times (1000..3000), so deadlines
+/// pass during a run; sometimes 0 or over `max`.
+fn ms(max: u64) -> impl Strategy<Value = u64> {
+    prop_oneof![8 => 0..1500u64, 1 => Just(max), 1 => Just(max + 1)]
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -468,6 +658,29 @@ fn apply_step(run: &mut Run, batch: Option<&Batch>) {
     assert_eq!(applied, expected, "entry {index}");
     run.log.push(data);
     run.machine.validate();
+    check_consumers(&run.machine, &run.model);
+}
+
+/// Every cursor and every in-flight offset (count and deadline) is the model's.
+fn check_consumers(machine: &GroupMachine, model: &Model) {
+    for ((topic, queue), state) in &model.queues {
+        for (group, &cursor) in &state.cursors {
+            assert_eq!(
+                machine.cursor(group, topic, *queue),
+                Some(cursor),
+                "{group} {topic}/{queue}"
+            );
+            let in_flight: Vec<(u64, u32, u64)> =
+                (machine.in_flight(group, topic, *queue).unwrap())
+                    .into_iter()
+                    .map(|(offset, f)| (offset, f.delivery_count, f.deadline_ms))
+                    .collect();
+            let expected: Vec<(u64, u32, u64)> = (state.deliveries[group].in_flight.iter())
+                .map(|(&offset, &(count, deadline))| (offset, count, deadline))
+                .collect();
+            assert_eq!(in_flight, expected, "{group} {topic}/{queue}");
+        }
+    }
 }
 
 /// Checks the deletable index against the per-message rules, then compacts there.
