@@ -176,6 +176,10 @@ fn spawn_producer(
     tokio::spawn(async move {
         let mut config = ProducerConfig::new(servers);
         config.deadline = Duration::from_secs(30);
+        // A node stopped under load answers writes in flight INDETERMINATE; their retries
+        // must not store a message twice, or "every message handled, nothing phantom"
+        // would count the producer's at-least-once against the consumers.
+        config.message_ids = true;
         let producer = Producer::new(config).expect("producer");
         let mut sent = 0;
         while !stop.load(Ordering::Relaxed) {
