@@ -1021,6 +1021,14 @@ fn check_consume(request: &api::ConsumeRequest) -> Result<(), api::Error> {
         ("max_bytes", request.max_bytes, 1, CONSUME_BYTES_MAX),
         ("wait_ms", request.wait_ms, 0, CONSUME_WAIT_MS_MAX),
     ];
+    check_limits(limits)
+}
+
+/// `INVALID_ARGUMENT` naming the first `(name, value, min, max)` whose value is outside
+/// `min..=max`.
+fn check_limits<T: Copy + PartialOrd + std::fmt::Display>(
+    limits: impl IntoIterator<Item = (&'static str, T, T, T)>,
+) -> Result<(), api::Error> {
     for (name, value, min, max) in limits {
         if !(min..=max).contains(&value) {
             return Err(refuse(

@@ -6,7 +6,7 @@
 use phxq_proto::api;
 use phxq_types::{ACK_TIMEOUT_MS_MAX, DELIVERY_OFFSETS_MAX, ErrorCode, NACK_DELAY_MS_MAX};
 
-use super::{CONSUME_BYTES_MAX, CONSUME_WAIT_MS_MAX, Service, check_name, refuse};
+use super::{CONSUME_BYTES_MAX, CONSUME_WAIT_MS_MAX, Service, check_limits, check_name, refuse};
 use crate::{Request, Response};
 
 impl Service {
@@ -135,15 +135,7 @@ fn check_receive(request: &api::ReceiveRequest) -> Result<(), api::Error> {
             ACK_TIMEOUT_MS_MAX,
         ),
     ];
-    for (name, value, min, max) in limits {
-        if !(min..=max).contains(&value) {
-            return Err(refuse(
-                ErrorCode::InvalidArgument,
-                format!("{name} is {value}; it must be {min} to {max}"),
-            ));
-        }
-    }
-    Ok(())
+    check_limits(limits)
 }
 
 fn check_offsets(topic: &str, consumer_group: &str, offsets: &[u64]) -> Result<(), api::Error> {
