@@ -96,6 +96,7 @@ mod consumer_member;
 mod consumer_rate;
 mod consumer_retry;
 mod consumer_settings;
+mod consumer_types;
 mod error;
 mod key;
 mod produce_stream;
@@ -129,6 +130,7 @@ pub use consumer_member::{
 };
 pub use consumer_rate::BURST as RATE_BURST;
 pub use consumer_settings::{EffectiveSettings, SettingsError};
+pub use consumer_types::ByType;
 pub use error::{ErrorKind, ProduceError};
 pub use key::{
     StoreWeight, fnv1a_64, queue_of_key, store_hash, store_of_key, store_ranking, store_score,
