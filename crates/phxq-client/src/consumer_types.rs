@@ -120,11 +120,7 @@ mod tests {
     type Seen = Arc<Mutex<Vec<(&'static str, Vec<u8>)>>>;
 
     /// A handler that records `name` and the key it saw, then answers `outcome`.
-    fn recording(
-        seen: &Seen,
-        name: &'static str,
-        outcome: Outcome,
-    ) -> impl Handler {
+    fn recording(seen: &Seen, name: &'static str, outcome: Outcome) -> impl Handler {
         let seen = seen.clone();
         move |d: &Delivery| {
             seen.lock().unwrap().push((name, d.key.clone()));
