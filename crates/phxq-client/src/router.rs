@@ -42,6 +42,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// only drops connections to addresses no longer in use.
 pub const CHANNELS_MAX: usize = 64;
 
+/// The longest a long poll extends an attempt's timeout and its request's deadline here.
+const SERVER_WAIT_MAX: Duration = Duration::from_secs(3600);
+
 /// What one attempt returns: the response and its `error` field, or a gRPC status.
 pub(crate) type Attempt<T> = Result<(T, Option<api::Error>), tonic::Status>;
 
@@ -147,8 +150,11 @@ pub(crate) struct Progress {
 
 impl Progress {
     /// Lets each attempt wait `wait` longer for its answer (a long poll), and the request as
-    /// much longer for its deadline.
+    /// much longer for its deadline. At most [`SERVER_WAIT_MAX`] here: a longer wait is the
+    /// store's to refuse (`INVALID_ARGUMENT`; its own limit is 60 s), not an overflow of the
+    /// client's clock arithmetic.
     pub(crate) fn allow_server_wait(&mut self, wait: Duration) {
+        let wait = wait.min(SERVER_WAIT_MAX);
         self.server_wait = wait;
         self.deadline += wait;
     }
