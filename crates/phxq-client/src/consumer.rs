@@ -283,15 +283,7 @@ impl Consumer {
             refused_at_start = Some(store_settings.cloned());
         }
         let settings = EffectiveSettings::of(&config, store_settings.is_some());
-        tracing::info!(topic = %config.topic, group = %config.consumer_group,
-            from_store = settings.from_store, retry_tiers = ?settings.retry_tiers,
-            dead_letter_topic = ?settings.dead_letter_topic,
-            max_in_flight = settings.max_in_flight,
-            messages_per_s_max = ?settings.messages_per_s_max,
-            bytes_per_s_max = ?settings.bytes_per_s_max,
-            group_messages_per_s_max = ?settings.group_messages_per_s_max,
-            group_bytes_per_s_max = ?settings.group_bytes_per_s_max,
-            "effective settings");
+        log_settings(&config, &settings, "effective settings");
         let config = &config;
         if let Some(topic) = &config.dead_letter_topic {
             router
@@ -542,15 +534,7 @@ impl<H> Shared<H> {
             (Some(_), Some(producer)) => Some(producer.clone()),
             (Some(_), None) => Some(dead_letter_producer(&config)),
         };
-        tracing::info!(topic = %config.topic, group = %config.consumer_group,
-            from_store = settings.from_store, retry_tiers = ?settings.retry_tiers,
-            dead_letter_topic = ?settings.dead_letter_topic,
-            max_in_flight = settings.max_in_flight,
-            messages_per_s_max = ?settings.messages_per_s_max,
-            bytes_per_s_max = ?settings.bytes_per_s_max,
-            group_messages_per_s_max = ?settings.group_messages_per_s_max,
-            group_bytes_per_s_max = ?settings.group_bytes_per_s_max,
-            "settings changed in the store: applied");
+        log_settings(&config, &settings, "settings changed in the store: applied");
         self.in_flight.resize(config.max_in_flight);
         *lock(&self.tunables) = Arc::new(Tunables {
             config,
@@ -1339,6 +1323,19 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Logs the settings a consumer runs with (at start, and after each change from the store).
+fn log_settings(config: &ConsumerConfig, settings: &EffectiveSettings, what: &'static str) {
+    tracing::info!(topic = %config.topic, group = %config.consumer_group,
+            from_store = settings.from_store, retry_tiers = ?settings.retry_tiers,
+            dead_letter_topic = ?settings.dead_letter_topic,
+            max_in_flight = settings.max_in_flight,
+            messages_per_s_max = ?settings.messages_per_s_max,
+            bytes_per_s_max = ?settings.bytes_per_s_max,
+            group_messages_per_s_max = ?settings.group_messages_per_s_max,
+            group_bytes_per_s_max = ?settings.group_bytes_per_s_max,
+            "{what}");
 }
 
 #[cfg(test)]

@@ -302,6 +302,21 @@ enum ClientError {
 }
 
 /// A refusal with `code`, made locally.
+/// `INVALID_ARGUMENT` unless `--message-id`, when given, is 1 to [`MESSAGE_ID_BYTES_MAX`]
+/// bytes (both produce paths check it before sending anything).
+fn check_message_id(id: Option<&str>) -> Result<(), ClientError> {
+    match id {
+        Some(id) if !(1..=MESSAGE_ID_BYTES_MAX).contains(&id.len()) => Err(refused(
+            ErrorCode::InvalidArgument,
+            format!(
+                "--message-id of {} bytes; 1 to {MESSAGE_ID_BYTES_MAX}",
+                id.len()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn refused(code: ErrorCode, message: impl Into<String>) -> ClientError {
     ClientError::Refused(Failure {
         code: Some(code),
@@ -742,17 +757,7 @@ pub fn produce(args: &ProduceArgs) -> CommandResult {
 /// Sends every line; returns the number of uncertain retries.
 async fn produce_all(args: &ProduceArgs, tally: &mut ProduceTally) -> Result<u64, ClientError> {
     check_name("topic", &args.topic)?;
-    if let Some(id) = &args.message_id
-        && !(1..=MESSAGE_ID_BYTES_MAX).contains(&id.len())
-    {
-        return Err(refused(
-            ErrorCode::InvalidArgument,
-            format!(
-                "--message-id of {} bytes; 1 to {MESSAGE_ID_BYTES_MAX}",
-                id.len()
-            ),
-        ));
-    }
+    check_message_id(args.message_id.as_deref())?;
     let (router, status) = Router::discover(&args.connection).await?;
     let topic = find_topic(&status, &args.topic)?;
     check_queue(topic, args.queue)?;

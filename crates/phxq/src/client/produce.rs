@@ -28,8 +28,8 @@ use phxq_client::{Outgoing, Producer, ProducerConfig, StoreConfig, Stored};
 use phxq_types::{ErrorCode, MESSAGE_ID_BYTES_MAX};
 
 use super::{
-    ClientError, Line, PRODUCE_BATCH_BYTES_MAX, PRODUCE_BATCH_LINES_MAX, ProduceArgs, check_name,
-    client_runtime, parse_server, read_lines, refused,
+    ClientError, Line, PRODUCE_BATCH_BYTES_MAX, PRODUCE_BATCH_LINES_MAX, ProduceArgs,
+    check_message_id, check_name, client_runtime, parse_server, read_lines, refused,
 };
 use crate::CommandResult;
 
@@ -169,18 +169,7 @@ async fn produce_all(
         )
         .into());
     }
-    if let Some(id) = &args.message_id
-        && !(1..=MESSAGE_ID_BYTES_MAX).contains(&id.len())
-    {
-        return Err(refused(
-            ErrorCode::InvalidArgument,
-            format!(
-                "--message-id of {} bytes; 1 to {MESSAGE_ID_BYTES_MAX}",
-                id.len()
-            ),
-        )
-        .into());
-    }
+    check_message_id(args.message_id.as_deref())?;
     if let Some(prefix) = &args.id_prefix
         && !(1..=ID_PREFIX_BYTES_MAX).contains(&prefix.len())
     {
