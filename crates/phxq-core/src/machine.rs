@@ -23,12 +23,16 @@
 //! - a topic table: the layout's (bootstrap) topics at first, then changed only by applying
 //!   `PutTopic` and `DeleteTopic` ([`topics`](self::topics) module). Each topic holds the
 //!   state of its queues hosted here; a deleted topic's state is gone, so it pins no log;
+//! - a count of the bytes its snapshot may take ([`Usage`]), kept on apply, never below a
+//!   real encoding; a command that would take it past the snapshot budget is refused
+//!   ([`budget`](self::budget) module);
 //! - the log may drop entries at or below [`GroupMachine::deletable_index`]; the node then
 //!   calls [`GroupMachine::forget_through`], and a snapshot at that index plus the log's
 //!   tail rebuilds the same state. That index is never below the last topic change: the
 //!   snapshot carries the topic table as it is now, which is the table as of its index only
 //!   if no change came after it.
 
+mod budget;
 mod dedup;
 mod delivery;
 mod extract;
@@ -45,6 +49,9 @@ use phxq_types::{
     ErrorCode, GroupId, KEY_BYTES_MAX, MESSAGE_ID_BYTES_MAX, Offset, QueueId, group_of_queue,
 };
 
+pub use self::budget::{
+    IN_FLIGHT_BUDGET_BYTES, STATE_BUDGET_BYTES, Usage, budget_refusal_reason,
+};
 use self::dedup::Original;
 pub use self::delivery::{Delivery, InFlight, in_flight_limit, is_due};
 use self::queue::QueueState;
@@ -148,6 +155,8 @@ pub struct GroupMachine {
     /// newer than its own index: replaying entries up to here leaves them alone (their
     /// cursor commits, deliveries, acks and nacks are in that state already).
     consumer_state_index: u64,
+    /// What the snapshot may take (see the `budget` module), kept as commands apply.
+    usage: Usage,
 }
 
 /// One topic and the queues of it that this group hosts.
@@ -185,14 +194,17 @@ impl GroupMachine {
         let topics = (layout.topics.iter())
             .map(|config| TopicState::new(config.clone(), group, layout.groups))
             .collect();
-        GroupMachine {
+        let mut machine = GroupMachine {
             group,
             layout,
             applied_index: 0,
             topics,
             topics_changed_index: 0,
             consumer_state_index: 0,
-        }
+            usage: Usage::default(),
+        };
+        machine.usage = machine.usage_from_scratch();
+        machine
     }
 
     /// The group.
@@ -223,7 +235,8 @@ impl GroupMachine {
     /// Checks a command as the master would before proposing it: the topic exists, the queue
     /// exists and lives in this group, the consumer group reads the topic, the batch is not
     /// empty, no message is over the limits, the message id is not over
-    /// [`MESSAGE_ID_BYTES_MAX`], the cursor is not past the end.
+    /// [`MESSAGE_ID_BYTES_MAX`], the cursor is not past the end, the replicated state stays
+    /// within the snapshot budget (`STATE_BUDGET_EXCEEDED`: see [`budget_refusal_reason`]).
     pub fn check(&self, command: &Command) -> Result<(), ErrorCode> {
         match command {
             Command::Enqueue {
@@ -232,12 +245,13 @@ impl GroupMachine {
                 message_id,
                 messages,
             } => {
-                self.slot(topic, *queue)?;
+                let (topic_position, slot) = self.slot(topic, *queue)?;
                 check_messages(messages, self.layout.message_bytes_max)?;
                 if message_id.len() > MESSAGE_ID_BYTES_MAX {
                     return Err(ErrorCode::InvalidArgument);
                 }
-                Ok(())
+                let after = self.state_after_enqueue(topic_position, slot, message_id);
+                (self.check_state_budget(after, "enqueue")).map_err(|(code, _)| code)
             }
             Command::CommitCursor {
                 consumer_group,
@@ -324,7 +338,10 @@ impl GroupMachine {
                     first_offset: state.append(index, time_ms, messages),
                     count: messages.len() as u64,
                 };
+                let ids_before = state.dedup.window_len();
                 state.dedup.record(message_id, index, original, window);
+                let ids = state.dedup.window_len() as i64 - ids_before as i64;
+                self.count_change(ids, 0);
                 enqueued(original.first_offset, original.count, false)
             }
             Command::CommitCursor {
@@ -339,18 +356,29 @@ impl GroupMachine {
                     .expect("checked");
                 let state = &mut self.topics[topic_position].queues[slot];
                 let old = std::mem::replace(&mut state.cursors[member], *offset);
-                state.deliveries[member].on_commit(old, *offset);
+                let deliveries = &mut state.deliveries[member];
+                let in_flight_before = deliveries.in_flight.len();
+                deliveries.on_commit(old, *offset);
+                let in_flight = deliveries.in_flight.len() as i64 - in_flight_before as i64;
+                self.count_change(0, in_flight);
                 Applied::CursorCommitted { offset: *offset }
             }
             Command::Deliver { .. } | Command::Ack { .. } | Command::Nack { .. } => {
                 self.apply_delivery(time_ms, command)
             }
             Command::PutTopic { config, .. } => {
+                let predicted = self.state_after_put(config);
                 let changed = self.put_topic(index, config, &commands[..position]);
+                self.usage = self.usage_from_scratch();
+                assert!(
+                    !changed || self.usage.state_bytes == predicted,
+                    "the check predicts a topic change's count exactly"
+                );
                 Applied::TopicPut { changed }
             }
             Command::DeleteTopic { name } => {
                 self.delete_topic(index, name);
+                self.usage = self.usage_from_scratch();
                 Applied::TopicDeleted
             }
         }
@@ -500,6 +528,7 @@ impl GroupMachine {
     ) -> Result<GroupMachine, DecodeError> {
         let mut machine = GroupMachine::new(group, layout);
         snapshot::decode_into(&mut machine, snapshot)?;
+        machine.usage = machine.usage_from_scratch();
         machine.validate();
         Ok(machine)
     }
@@ -541,6 +570,7 @@ impl GroupMachine {
                 );
             }
         }
+        self.validate_usage();
     }
 
     /// Where `topic`/`queue` lives in `self.topics`, or why it is not hosted here.

@@ -100,6 +100,17 @@ pub const IN_FLIGHT_TRACKED_DEFAULT: u32 = 1000;
 /// settings say (bounds the replicated state of per-message acknowledgements).
 pub const IN_FLIGHT_TRACKED_MAX: u32 = 100_000;
 
+/// Most bytes one replication group's replicated state may take in its snapshot (16 MiB).
+///
+/// Every structure a snapshot carries (topic table, queues, cursors, in-flight deliveries,
+/// dedup windows) is counted against it, conservatively, as it changes, and a command that
+/// would take the count past it is refused on every replica alike (`STATE_BUDGET_EXCEEDED`):
+/// see `phxq-core`'s `machine/budget.rs`. The count is never below the encoded size, so a
+/// snapshot is at most this many bytes: half the log's `SNAPSHOT_BYTES_MAX` (32 MiB), and a
+/// raft `MsgSnapshot` carrying it is at most this plus its metadata (a peer frame cap must
+/// allow `SNAPSHOT_BUDGET_BYTES + 1 MiB`).
+pub const SNAPSHOT_BUDGET_BYTES: u64 = 16 << 20;
+
 /// The latest time a request may name, in ms since the Unix epoch: 9999-12-31T23:59:59.999Z.
 /// Message times are the master's clock, so a later one is a mistake (seconds or
 /// microseconds taken for milliseconds), refused rather than answered with "the end".

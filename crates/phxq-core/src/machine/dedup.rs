@@ -74,6 +74,18 @@ impl DedupTable {
                 evicted_at: None,
             });
         }
+        self.trim(window, index);
+    }
+
+    /// How many ids are in the window.
+    pub(super) fn window_len(&self) -> usize {
+        self.live.len()
+    }
+
+    /// Pushes the oldest ids out, by entry `index`, until at most `window` remain (a topic
+    /// alter lowering the window does this at once, so that a window never holds more ids
+    /// than at a later index: see `budget`).
+    pub(super) fn trim(&mut self, window: u32, index: u64) {
         while self.live.len() > window as usize {
             let oldest = &mut self.records[self.evicted];
             let removed = self.live.remove(&oldest.id);

@@ -40,6 +40,10 @@
 //! ([`GroupMachine::released_below`]); replicas may hold different oldest offsets (each
 //! compacts on its own), so only the master's selection looks at them, never apply.
 //!
+//! A `Deliver` that may put more offsets in flight than the group's share of the snapshot
+//! budget allows is refused whole (`STATE_BUDGET_EXCEEDED`, see the `budget` module); a
+//! redelivery adds nothing, so due offsets are never refused for it.
+//!
 //! The in-flight limit of a (topic, consumer group) is its `max_in_flight` setting, else
 //! [`IN_FLIGHT_TRACKED_DEFAULT`], never above [`IN_FLIGHT_TRACKED_MAX`]; it bounds fresh
 //! deliveries only (a redelivery adds nothing).
@@ -51,6 +55,7 @@ use phxq_types::{
     IN_FLIGHT_TRACKED_MAX, NACK_DELAY_MS_MAX, Offset, QueueId,
 };
 
+use super::budget::fresh_at_most;
 use super::{Applied, GroupMachine};
 use crate::{Command, TopicConfig};
 
@@ -202,6 +207,15 @@ impl GroupMachine {
                         "ack timeout {ack_timeout_ms} ms; it must be 1 to {ACK_TIMEOUT_MS_MAX} ms"
                     )));
                 }
+                let config = &self.topics[topic_position].config;
+                let fresh = fresh_at_most(
+                    offsets,
+                    deliveries.next_fresh,
+                    queue_state.next_offset,
+                    deliveries.in_flight.len(),
+                    in_flight_limit(config, consumer_group) as usize,
+                );
+                self.check_in_flight_budget(fresh)?;
             }
             Command::Ack { .. } => {
                 if let Some(&offset) = offsets.iter().find(|&&o| o >= deliveries.next_fresh) {
@@ -318,7 +332,8 @@ impl GroupMachine {
         let end = queue_state.next_offset;
         let cursor = &mut queue_state.cursors[member];
         let deliveries = &mut queue_state.deliveries[member];
-        match command {
+        let in_flight_before = deliveries.in_flight.len() as i64;
+        let applied = match command {
             Command::Deliver { ack_timeout_ms, .. } => {
                 let deadline_ms = time_ms.saturating_add(*ack_timeout_ms);
                 let mut delivered = Vec::new();
@@ -372,7 +387,10 @@ impl GroupMachine {
                 Applied::Nacked
             }
             other => panic!("not a delivery command: {other:?}"),
-        }
+        };
+        let in_flight = deliveries.in_flight.len() as i64 - in_flight_before;
+        self.count_change(0, in_flight);
+        applied
     }
 }
 

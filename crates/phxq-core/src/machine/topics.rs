@@ -12,6 +12,10 @@
 //! - a queue that appears (new topic, or grown) starts empty with every cursor at 1; a consumer
 //!   group added by an alter starts at 1 on every queue (the oldest retained message), one
 //!   removed loses its cursors and deliveries, the others keep theirs;
+//! - the topic's queues and cursors (queues hosted here × consumer groups) must fit the
+//!   group's snapshot budget with everything else it holds (`STATE_BUDGET_EXCEEDED`, see the
+//!   `budget` module); an alter that lowers the dedup window pushes the oldest ids out of
+//!   every window at once;
 //! - delete: the topic must exist; its queues' state is dropped, so their runs no longer hold
 //!   back [`GroupMachine::deletable_index`].
 //!
@@ -19,7 +23,7 @@
 //! it (refused then: no such queue, or another incarnation of the topic): they are marked
 //! skipped in the new queue, as duplicates are, so reading never serves them.
 
-use phxq_types::{ErrorCode, TOPICS_MAX, group_of_queue};
+use phxq_types::{ErrorCode, TOPICS_MAX};
 
 use super::delivery::Deliveries;
 use super::queue::QueueState;
@@ -41,6 +45,25 @@ impl GroupMachine {
     }
 
     fn check_put(&self, config: &TopicConfig, mode: PutMode) -> Result<bool, (ErrorCode, String)> {
+        let changed = self.check_put_rules(config, mode)?;
+        if changed {
+            let what = format!(
+                "topic {:?} ({} queues, {} consumer groups, dedup window {})",
+                config.name,
+                config.queues,
+                config.consumer_groups.len(),
+                config.dedup_window
+            );
+            self.check_state_budget(self.state_after_put(config), &what)?;
+        }
+        Ok(changed)
+    }
+
+    fn check_put_rules(
+        &self,
+        config: &TopicConfig,
+        mode: PutMode,
+    ) -> Result<bool, (ErrorCode, String)> {
         config.check()?;
         let Some(existing) = self.topic(&config.name) else {
             if mode == PutMode::Alter {
@@ -105,7 +128,7 @@ impl GroupMachine {
                     return false;
                 }
                 let first_new_slot = topic.queues.len();
-                alter(topic, config, group, groups);
+                alter(topic, config, group, groups, index);
                 (topic, first_new_slot)
             }
         };
@@ -139,12 +162,20 @@ impl GroupMachine {
 
 /// Changes `topic` to `config` (same name, at least as many queues): new queues start empty,
 /// cursors follow their consumer group by name.
-fn alter(topic: &mut TopicState, config: &TopicConfig, group: phxq_types::GroupId, groups: u32) {
+/// A lowered dedup window pushes the oldest ids out of every window at once, by entry `index`.
+fn alter(
+    topic: &mut TopicState,
+    config: &TopicConfig,
+    group: phxq_types::GroupId,
+    groups: u32,
+    index: u64,
+) {
     let old_groups = &topic.config.consumer_groups;
     let moves: Vec<Option<usize>> = (config.consumer_groups.iter())
         .map(|name| old_groups.iter().position(|old| old == name))
         .collect();
     for queue in &mut topic.queues {
+        queue.dedup.trim(config.dedup_window, index);
         queue.cursors = moves
             .iter()
             .map(|old| old.map_or(1, |old| queue.cursors[old]))
@@ -160,19 +191,12 @@ fn alter(topic: &mut TopicState, config: &TopicConfig, group: phxq_types::GroupI
             })
             .collect();
     }
-    let hosted = hosted_count(config.queues, group, groups);
+    let hosted = super::budget::hosted_count(config.queues, group, groups);
     let consumer_groups = config.consumer_groups.len();
     topic
         .queues
         .resize_with(hosted, || QueueState::new(consumer_groups));
     topic.config = config.clone();
-}
-
-/// How many of queues `0..queues` live in `group`.
-fn hosted_count(queues: u32, group: phxq_types::GroupId, groups: u32) -> usize {
-    (0..queues)
-        .filter(|&queue| group_of_queue(queue, groups) == group)
-        .count()
 }
 
 /// The queue at `slot` of a topic's hosted queues.
