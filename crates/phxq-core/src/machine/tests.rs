@@ -7,6 +7,7 @@ use phxq_types::{ErrorCode, GroupId, KEY_BYTES_MAX, MESSAGE_ID_BYTES_MAX};
 use super::{Applied, Delivery, EntryRef, GroupMachine, ReadPlan, StoredMessage};
 use crate::{Batch, Command, Message, Retention, StoreLayout, TopicConfig, encode_batch};
 
+mod budget;
 mod delivery;
 mod model;
 mod topics;
