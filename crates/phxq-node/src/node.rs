@@ -387,6 +387,9 @@ pub struct NodeCounters {
     pub snapshots_installed: u64,
     /// Log compactions.
     pub compactions: u64,
+    /// Compactions not written because the snapshot was over the log's limit (a state grown
+    /// before the snapshot budget; see `Replica::compact`).
+    pub compactions_refused: u64,
 }
 
 /// What a round hands the shell.

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
+use phxq_core::machine::budget_refusal_reason;
 use phxq_core::{Applied, Batch, Command, GroupMachine, StoredMessage, encode_batch};
 use phxq_storage::raft_storage::{conf_state_from_raft, entry_from_raft, hard_state_from_raft};
 use phxq_storage::{GroupStorage, Wal, WriteBatch};
@@ -111,6 +112,9 @@ pub(crate) struct Replica {
     applied_from_ready: Option<u64>,
     /// A snapshot installed by a ready (its number) at an index, applied once durable.
     snapshot_pending: Option<(u64, u64)>,
+    /// The deletable index of the last compaction refused for a snapshot over the log's
+    /// limit (0: none).
+    compaction_refused_at: u64,
     /// The index of the last entry this node proposed as master.
     last_proposed: u64,
 }
@@ -178,6 +182,7 @@ impl Replica {
             now_tick: 0,
             applied_from_ready: None,
             snapshot_pending: None,
+            compaction_refused_at: 0,
             last_proposed: 0,
         })
     }
@@ -715,13 +720,20 @@ impl Replica {
                             offset: oldest,
                         });
                     }
-                    commands.push(Command::Deliver {
+                    let deliver = Command::Deliver {
                         consumer_group: receive.consumer_group,
                         topic: receive.topic,
                         queue: receive.queue,
                         offsets: messages.iter().map(|m| m.offset).collect(),
                         ack_timeout_ms: receive.ack_timeout_ms,
-                    });
+                    };
+                    // Admitted like any command: one past the snapshot budget is refused now,
+                    // with its reason, rather than when applied.
+                    if let Err((code, reason)) = self.machine.check_delivery(&deliver) {
+                        responses.push((id, Response::error(code, reason)));
+                        continue;
+                    }
+                    commands.push(deliver);
                     self.proposals.push_back(Proposal {
                         id,
                         bytes: commands.iter().map(command_bytes).sum(),
@@ -971,7 +983,20 @@ impl Replica {
         if deletable < first.saturating_sub(1) + config.compact_entries_min {
             return;
         }
-        batch.compact(self.group, deletable, self.machine.snapshot(deletable));
+        if self.compaction_refused_at + config.compact_entries_min > deletable {
+            return;
+        }
+        let snapshot = self.machine.snapshot(deletable);
+        debug_assert!(snapshot.len() as u64 <= self.machine.usage().total_bytes());
+        if snapshot.len() > phxq_storage::SNAPSHOT_BYTES_MAX {
+            // The budget keeps snapshots far below the log's limit; only a state grown before
+            // it was kept can be this large. Keeping the log (and serving) beats stopping on
+            // every replica; retried once more entries are deletable. Growth is refused.
+            self.compaction_refused_at = deletable;
+            counters.compactions_refused += 1;
+            return;
+        }
+        batch.compact(self.group, deletable, snapshot);
         self.machine.forget_through(deletable);
         counters.compactions += 1;
     }
@@ -1000,7 +1025,7 @@ fn answer_applied(answer: AnswerAs, applied: Vec<Applied>) -> Response {
         Applied::Rejected(code) => Some(*code),
         _ => None,
     }) {
-        return Response::error(code, "refused when applied".to_string());
+        return Response::error(code, refused_when_applied(code, None));
     }
     match (answer, applied.as_slice()) {
         (
@@ -1066,7 +1091,14 @@ fn answer_delivered(applied: Vec<Applied>, messages: Vec<StoredMessage>) -> Resp
         Applied::Rejected(code) => Some(*code),
         _ => None,
     }) {
-        return Response::error(code, "refused when applied".to_string());
+        let deliver = Command::Deliver {
+            consumer_group: String::new(),
+            topic: String::new(),
+            queue: 0,
+            offsets: Vec::new(),
+            ack_timeout_ms: 0,
+        };
+        return Response::error(code, refused_when_applied(code, Some(&deliver)));
     }
     // A commit past released offsets may come first.
     let deliveries = match applied.as_slice() {
@@ -1113,7 +1145,21 @@ fn command_bytes(command: &Command) -> usize {
     }
 }
 
+/// The message of a command refused when applied (admitted before another command of the
+/// entry took what it needed).
+fn refused_when_applied(code: ErrorCode, command: Option<&Command>) -> String {
+    match code {
+        ErrorCode::StateBudgetExceeded => {
+            format!("refused when applied: {}", budget_refusal_reason(command))
+        }
+        _ => "refused when applied".to_string(),
+    }
+}
+
 fn describe_refusal(code: ErrorCode, command: &Command) -> String {
+    if code == ErrorCode::StateBudgetExceeded {
+        return budget_refusal_reason(Some(command));
+    }
     match command {
         Command::Enqueue { topic, queue, .. } => format!("enqueue to {topic}/{queue}: {code}"),
         Command::CommitCursor {

@@ -76,6 +76,8 @@ pub struct Store {
     servers: Vec<Option<RunningServer>>,
     /// Queues of [`TOPIC`] in this store ([`QUEUES`] unless [`Store::start_with_queues`]).
     pub queues: u32,
+    /// TOML appended to every node's config (e.g. a `[limits]` section); empty by default.
+    pub config_extra: String,
 }
 
 impl Store {
@@ -89,6 +91,7 @@ impl Store {
             peer_addrs: ports[nodes..].iter().map(addr).collect(),
             servers: (0..nodes).map(|_| None).collect(),
             queues: QUEUES,
+            config_extra: String::new(),
         }
     }
 
@@ -135,6 +138,7 @@ impl Store {
              consumer_groups = [{:?}]\n",
             self.queues, CONSUMER_GROUPS[0]
         );
+        text += &self.config_extra;
         ServerConfig::parse(&text).expect("valid config")
     }
 

@@ -124,7 +124,11 @@ pub(super) fn hosted_count(queues: u32, group: GroupId, groups: u32) -> usize {
 /// A topic's whole count: fixed part, dedup windows, deliveries.
 fn topic_usage(topic: &TopicState) -> Usage {
     let fixed = topic_fixed_bytes(&topic.config, topic.queues.len());
-    let ids: u64 = topic.queues.iter().map(|q| q.dedup.window_len() as u64).sum();
+    let ids: u64 = topic
+        .queues
+        .iter()
+        .map(|q| q.dedup.window_len() as u64)
+        .sum();
     let in_flight: u64 = (topic.queues.iter())
         .flat_map(|q| q.deliveries.iter())
         .map(|d| d.in_flight.len() as u64)
@@ -208,8 +212,9 @@ impl GroupMachine {
     ) -> u64 {
         let window = self.topics[topic_position].config.dedup_window as usize;
         let dedup = &self.topics[topic_position].queues[slot].dedup;
-        let grows =
-            !message_id.is_empty() && dedup.window_len() < window && dedup.lookup(message_id).is_none();
+        let grows = !message_id.is_empty()
+            && dedup.window_len() < window
+            && dedup.lookup(message_id).is_none();
         self.usage.state_bytes + if grows { DEDUP_RECORD_BYTES_MAX } else { 0 }
     }
 
@@ -238,13 +243,18 @@ impl GroupMachine {
                 .expect("the count covers what it removes")
         };
         self.usage.state_bytes = add(self.usage.state_bytes, ids, DEDUP_RECORD_BYTES_MAX);
-        self.usage.in_flight_bytes = add(self.usage.in_flight_bytes, in_flight, IN_FLIGHT_BYTES_MAX);
+        self.usage.in_flight_bytes =
+            add(self.usage.in_flight_bytes, in_flight, IN_FLIGHT_BYTES_MAX);
     }
 
     /// Checks the kept count against one from scratch, and (in debug builds) against a real
     /// encoding of the snapshot at the applied index.
     pub(super) fn validate_usage(&self) {
-        assert_eq!(self.usage, self.usage_from_scratch(), "kept count out of step");
+        assert_eq!(
+            self.usage,
+            self.usage_from_scratch(),
+            "kept count out of step"
+        );
         #[cfg(debug_assertions)]
         {
             let encoded = super::snapshot::encode(self, self.applied_index).len() as u64;
@@ -274,7 +284,10 @@ pub(super) fn fresh_at_most(
 
 /// What the operator can lower, for a refusal of `what`.
 fn advice(what: &str) -> &'static str {
-    if what.starts_with("enqueue") {
+    if what.starts_with("a command") {
+        "lower a topic's dedup window, send without message ids, create or alter topics with \
+         fewer queues or consumer groups, delete a topic, or spread the queues over more groups"
+    } else if what.starts_with("enqueue") {
         "lower the topic's dedup window (topic alter --dedup-window), send without message \
          ids, or spread the queues over more groups"
     } else {
@@ -295,7 +308,8 @@ pub fn budget_refusal_reason(command: Option<&Command>) -> String {
             );
         }
         Some(Command::Enqueue { .. }) => "enqueue",
-        _ => "the change",
+        Some(_) => "the topic change",
+        None => "a command",
     };
     format!(
         "{what} would take the group's replicated state past its {STATE_BUDGET_BYTES}-byte \

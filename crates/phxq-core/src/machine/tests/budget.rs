@@ -96,7 +96,9 @@ fn dedup_windows_fill_the_budget_and_the_next_new_id_is_refused_on_every_replica
     );
     assert_eq!(applied, vec![Applied::TopicPut { changed: true }; 2]);
     // A full small window before the budget fills: it stays full, so it costs nothing more.
-    let fill_small = (0..10).map(|n| enqueue_id("small", 0, long_id(n))).collect();
+    let fill_small = (0..10)
+        .map(|n| enqueue_id("small", 0, long_id(n)))
+        .collect();
     apply_fast(&mut machine, fill_small);
     let snapshot_before_the_budget = machine.snapshot(machine.applied_index());
     let first_filling_index = machine.applied_index() + 1;
@@ -124,10 +126,7 @@ fn dedup_windows_fill_the_budget_and_the_next_new_id_is_refused_on_every_replica
     // Admission refuses the next new id with the code; a duplicate of a remembered id, an
     // enqueue without an id and a new id into the full small window still go through.
     let refused = enqueue_id("orders", 0, long_id(refused_at));
-    assert_eq!(
-        machine.check(&refused),
-        Err(ErrorCode::StateBudgetExceeded)
-    );
+    assert_eq!(machine.check(&refused), Err(ErrorCode::StateBudgetExceeded));
     let duplicate = enqueue_id("orders", 0, long_id(100));
     let no_id = enqueue_id("orders", 1, Vec::new());
     let into_full_window = enqueue_id("small", 0, long_id(u64::MAX));
@@ -137,9 +136,27 @@ fn dedup_windows_fill_the_budget_and_the_next_new_id_is_refused_on_every_replica
         vec![refused.clone(), duplicate, no_id, into_full_window],
     );
     assert!(is_budget_refusal(&applied[0]), "{applied:?}");
-    assert!(matches!(applied[1], Applied::Enqueued { duplicate: true, .. }));
-    assert!(matches!(applied[2], Applied::Enqueued { duplicate: false, .. }));
-    assert!(matches!(applied[3], Applied::Enqueued { duplicate: false, .. }));
+    assert!(matches!(
+        applied[1],
+        Applied::Enqueued {
+            duplicate: true,
+            ..
+        }
+    ));
+    assert!(matches!(
+        applied[2],
+        Applied::Enqueued {
+            duplicate: false,
+            ..
+        }
+    ));
+    assert!(matches!(
+        applied[3],
+        Applied::Enqueued {
+            duplicate: false,
+            ..
+        }
+    ));
     assert_eq!(machine.usage(), before.usage(), "nothing grew");
     assert_within_budget(&machine);
 
@@ -209,10 +226,17 @@ fn cursors_of_256_consumer_groups_on_4096_queues_do_not_fit_one_group_and_are_re
     let create = put(wide.clone(), PutMode::Create);
     let (code, reason) = machine.check_topic_change(&create).unwrap_err();
     assert_eq!(code, ErrorCode::StateBudgetExceeded);
-    for named in ["SNAPSHOT_BUDGET_BYTES", "4096 queues", "256 consumer groups", "fewer"] {
+    for named in [
+        "SNAPSHOT_BUDGET_BYTES",
+        "4096 queues",
+        "256 consumer groups",
+        "fewer",
+    ] {
         assert!(reason.contains(named), "{named} in {reason}");
     }
-    assert!(is_budget_refusal(&apply_fast(&mut machine, vec![create])[0]));
+    assert!(is_budget_refusal(
+        &apply_fast(&mut machine, vec![create])[0]
+    ));
     assert_eq!(machine.topics().count(), 0);
     assert_eq!(machine.usage(), before.usage());
 
@@ -226,7 +250,9 @@ fn cursors_of_256_consumer_groups_on_4096_queues_do_not_fit_one_group_and_are_re
         machine.check_topic_change(&altered).unwrap_err().0,
         ErrorCode::StateBudgetExceeded
     );
-    assert!(is_budget_refusal(&apply_fast(&mut machine, vec![altered])[0]));
+    assert!(is_budget_refusal(
+        &apply_fast(&mut machine, vec![altered])[0]
+    ));
     assert_eq!(machine.topic("wide"), Some(&narrow));
     assert_within_budget(&machine);
 
@@ -288,7 +314,9 @@ fn in_flight_deliveries_fill_their_share_and_a_fresh_delivery_is_refused_until_a
                 break 'fill;
             }
             let applied = apply_fast(&mut machine, vec![command]);
-            assert!(matches!(&applied[0], Applied::Delivered { deliveries } if deliveries.len() == 1000));
+            assert!(
+                matches!(&applied[0], Applied::Delivered { deliveries } if deliveries.len() == 1000)
+            );
             delivered += 1000;
         }
     }
@@ -301,7 +329,9 @@ fn in_flight_deliveries_fill_their_share_and_a_fresh_delivery_is_refused_until_a
 
     // Applied anyway (admitted before the others filled it): refused alike, nothing changed.
     let before = machine.clone();
-    assert!(is_budget_refusal(&apply_fast(&mut machine, vec![command.clone()])[0]));
+    assert!(is_budget_refusal(
+        &apply_fast(&mut machine, vec![command.clone()])[0]
+    ));
     assert_eq!(
         machine.in_flight("workers", "jobs", queue),
         before.in_flight("workers", "jobs", queue)
@@ -363,19 +393,32 @@ struct Shape {
 
 fn shape() -> impl Strategy<Value = Shape> {
     prop_oneof![
-        Just(Shape { queues: 4, name_bytes: 1 }),
-        Just(Shape { queues: 64, name_bytes: 100 }),
+        Just(Shape {
+            queues: 4,
+            name_bytes: 1
+        }),
+        Just(Shape {
+            queues: 64,
+            name_bytes: 100
+        }),
     ]
 }
 
 fn three_groups(shape: Shape, count: usize) -> Vec<String> {
-    ["a", "b", "c"][..count].iter().map(|g| g.repeat(shape.name_bytes)).collect()
+    ["a", "b", "c"][..count]
+        .iter()
+        .map(|g| g.repeat(shape.name_bytes))
+        .collect()
 }
 
 /// The command a step applies, if any, at the machine's state.
 fn command_of(machine: &GroupMachine, shape: Shape, step: &Step) -> Option<Command> {
     Some(match *step {
-        Step::Enqueue { queue, id_len, seed } => {
+        Step::Enqueue {
+            queue,
+            id_len,
+            seed,
+        } => {
             // Mostly the longest ids, whose bytes dominate a narrow snapshot.
             let id_len = if seed % 4 == 0 { id_len } else { 64 };
             let id = (0..id_len).map(|i| seed.wrapping_add(i as u8)).collect();
