@@ -130,7 +130,7 @@ impl StoreLayout {
                 return Err(invalid(format!("topic {:?} is listed twice", topic.name)));
             }
         }
-        Ok(())
+        crate::machine::check_layout(self.groups, &self.topics).map_err(invalid)
     }
 
     /// The topic called `name`.

@@ -49,6 +49,7 @@ use phxq_types::{
     ErrorCode, GroupId, KEY_BYTES_MAX, MESSAGE_ID_BYTES_MAX, Offset, QueueId, group_of_queue,
 };
 
+pub(crate) use self::budget::check_layout;
 pub use self::budget::{IN_FLIGHT_BUDGET_BYTES, STATE_BUDGET_BYTES, Usage, budget_refusal_reason};
 use self::dedup::Original;
 pub use self::delivery::{Delivery, InFlight, in_flight_limit, is_due};

@@ -267,6 +267,30 @@ impl GroupMachine {
     }
 }
 
+/// Refuses bootstrap topics (a store's layout) whose fixed part does not fit some group's
+/// state share: the layout is checked when the config is read, so such a store never starts.
+pub(crate) fn check_layout(groups: u32, topics: &[TopicConfig]) -> Result<(), String> {
+    for group in 0..groups {
+        let fixed: u64 = (topics.iter())
+            .map(|topic| {
+                topic_fixed_bytes(
+                    topic,
+                    hosted_count(topic.queues, GroupId(group.into()), groups),
+                )
+            })
+            .sum();
+        if HEADER_BYTES_MAX + fixed > STATE_BUDGET_BYTES {
+            return Err(format!(
+                "the topics' queues and cursors need {} bytes of group {group}'s snapshot \
+                 state share of {STATE_BUDGET_BYTES} bytes (SNAPSHOT_BUDGET_BYTES = \
+                 {SNAPSHOT_BUDGET_BYTES}): fewer queues or consumer groups, or more groups",
+                HEADER_BYTES_MAX + fixed
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// How many of `offsets` a `Deliver` may put in flight: those at or past `next_fresh` and
 /// below the queue's `end`, no more than the room under the in-flight `limit`.
 pub(super) fn fresh_at_most(

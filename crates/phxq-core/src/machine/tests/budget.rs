@@ -509,3 +509,18 @@ proptest! {
         prop_assert_eq!(restored.usage(), machine.usage());
     }
 }
+
+#[test]
+fn bootstrap_topics_whose_cursors_do_not_fit_a_group_are_refused_when_the_layout_is_checked() {
+    let layout = |groups| StoreLayout {
+        groups,
+        topics: vec![topic("wide", 4096, &consumer_groups(256), 0)],
+        message_bytes_max: 16,
+    };
+    let error = layout(2).validate().unwrap_err().to_string();
+    assert!(
+        error.contains("SNAPSHOT_BUDGET_BYTES") && error.contains("group 0"),
+        "{error}"
+    );
+    assert_eq!(layout(16).validate(), Ok(()));
+}
