@@ -69,6 +69,21 @@ pub(crate) enum AnswerAs {
     Deliver,
 }
 
+/// Marks a follower's append rejection sent while it rejoins with an empty log
+/// (`--rejoin-empty`): the master then forgets how much of its log it believed this node had
+/// (raft-rs never lowers a peer's `matched`, so it would wait forever for entries the node
+/// lost, and its heartbeats would carry a commit past the node's log).
+pub(crate) const REJOIN_CONTEXT: &[u8] = b"phxq-rejoin-empty";
+
+/// A group of a node started with `--rejoin-empty`, until it caught up.
+#[derive(Clone, Copy, Debug, Default)]
+struct Rejoin {
+    /// The highest commit index a master sent this node.
+    target: u64,
+    /// Whether a master's append or snapshot reached it (only those carry the master's commit).
+    heard: bool,
+}
+
 /// Requests proposed in one entry, in command order: whose, how many commands, how answered.
 struct InFlight {
     term: u64,
@@ -113,6 +128,17 @@ pub(crate) struct Replica {
     snapshot_pending: Option<(u64, u64)>,
     /// The index of the last entry this node proposed as master.
     last_proposed: u64,
+    /// No vote is granted before this tick: one election timeout after start, so a restarted
+    /// node that forgot whom it voted for cannot vote twice in a term a master is still
+    /// known in (raft-rs's followers refuse votes within a lease of hearing a master; a
+    /// restarted one has heard none).
+    votes_from_tick: u64,
+    /// While the group rejoins with an empty log (`--rejoin-empty`).
+    rejoin: Option<Rejoin>,
+    /// No lease before this tick: set when this master sends `MsgTimeoutNow`, whose target
+    /// may be elected (transfer votes ignore followers' leases) as late as the message
+    /// arrives, even after the transfer was aborted here.
+    lease_void_until: u64,
 }
 
 impl Replica {
@@ -179,6 +205,9 @@ impl Replica {
             applied_from_ready: None,
             snapshot_pending: None,
             last_proposed: 0,
+            votes_from_tick: timing.election_ticks as u64,
+            rejoin: config.rejoin_empty.then(Rejoin::default),
+            lease_void_until: 0,
         })
     }
 
@@ -200,21 +229,149 @@ impl Replica {
     }
 
     pub(crate) fn tick(&mut self) {
-        self.raw.tick();
+        self.end_rejoin_if_caught_up();
+        // A rejoining group never campaigns: its log is not one a store may be led from.
+        if self.rejoin.is_none() {
+            self.raw.tick();
+        }
     }
 
-    pub(crate) fn step(&mut self, message: eraftpb::Message, now_tick: u64) {
+    /// The highest term this group wrote to the log.
+    pub(crate) fn written_term(&self) -> u64 {
+        self.written_term_vote.0
+    }
+
+    pub(crate) fn is_rejoining(&self) -> bool {
+        self.rejoin.is_some()
+    }
+
+    /// Whether this group may grant a vote now (see `votes_from_tick` and `rejoin`).
+    fn may_vote(&self) -> bool {
+        self.now_tick >= self.votes_from_tick && self.rejoin.is_none()
+    }
+
+    fn end_rejoin_if_caught_up(&mut self) {
+        if let Some(rejoin) = self.rejoin
+            && rejoin.heard
+            && self.raw.raft.raft_log.committed >= rejoin.target
+            && self.now_tick >= self.votes_from_tick
+        {
+            self.rejoin = None;
+        }
+    }
+
+    /// Steps a peer's message. Vote requests are dropped while this group may not vote; a
+    /// heartbeat whose commit is past this node's log (raft-rs would panic) means the log was
+    /// lost: an error, unless the operator said so (`--rejoin-empty`).
+    pub(crate) fn step(
+        &mut self,
+        mut message: eraftpb::Message,
+        now_tick: u64,
+    ) -> Result<(), NodeError> {
         let from = message.from;
         let term = message.term;
+        let kind = message.get_msg_type();
+        let vote = matches!(
+            kind,
+            MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+        );
+        // A transfer to a rejoining node (a master's stale view of its log) would make it
+        // campaign on a log it lost.
+        let campaign = kind == MessageType::MsgTimeoutNow && self.rejoin.is_some();
+        if (vote && !self.may_vote()) || campaign {
+            return Ok(());
+        }
+        if kind == MessageType::MsgHeartbeat {
+            self.check_heartbeat_commit(&mut message)?;
+        }
+        self.note_rejoin_progress(&message);
+        if kind == MessageType::MsgAppendResponse && message.reject {
+            self.forget_lost_progress(&message);
+        }
         let answer = matches!(
-            message.get_msg_type(),
+            kind,
             MessageType::MsgAppendResponse | MessageType::MsgHeartbeatResponse
         );
         // Errors here are a peer's message raft does not take (a stale or local-only type):
         // dropping it is what raft expects.
         let _ = self.raw.step(message);
-        if answer && term == self.raw.raft.term && self.is_leader() {
+        if answer && term == self.raw.raft.term && self.is_leader() && now_tick >= self.lease_void_until
+        {
             self.acks.insert(from, now_tick);
+        }
+        self.end_rejoin_if_caught_up();
+        Ok(())
+    }
+
+    /// A heartbeat carries `min(matched, committed)` for this node: past its last index only
+    /// if the master saw it hold entries it no longer has.
+    fn check_heartbeat_commit(&mut self, message: &mut eraftpb::Message) -> Result<(), NodeError> {
+        let log = &self.raw.raft.raft_log;
+        if message.commit <= log.last_index() || message.term < self.raw.raft.term {
+            return Ok(());
+        }
+        let Some(rejoin) = &mut self.rejoin else {
+            return Err(NodeError::LostLog {
+                group: self.group,
+                master: message.from,
+                term: message.term,
+                commit: message.commit,
+                last_index: log.last_index(),
+            });
+        };
+        rejoin.target = rejoin.target.max(message.commit);
+        // Claim nothing new: the answer lets the master send an append, which this node
+        // rejects (marked), and the master starts over from what this node has.
+        message.commit = log.committed;
+        Ok(())
+    }
+
+    fn note_rejoin_progress(&mut self, message: &eraftpb::Message) {
+        let Some(rejoin) = &mut self.rejoin else {
+            return;
+        };
+        if matches!(
+            message.get_msg_type(),
+            MessageType::MsgAppend | MessageType::MsgSnapshot
+        ) && message.term >= self.raw.raft.term
+        {
+            rejoin.heard = true;
+            rejoin.target = rejoin.target.max(message.commit);
+        }
+    }
+
+    /// On a master: a rejoining follower (marked rejection) holds less than the master
+    /// believed; start its progress over from nothing (lowering `matched` only delays
+    /// commits, never makes one unsafe), so it is probed and sent a snapshot if need be.
+    fn forget_lost_progress(&mut self, message: &eraftpb::Message) {
+        if !self.is_leader()
+            || message.context.as_ref() != REJOIN_CONTEXT
+            || message.term != self.raw.raft.term
+        {
+            return;
+        }
+        if let Some(progress) = self.raw.raft.mut_prs().get_mut(message.from)
+            && progress.matched > message.reject_hint
+        {
+            progress.matched = 0;
+            progress.become_probe();
+        }
+    }
+
+    /// Marks what this node sends while rejoining; voids the lease when it hands mastership
+    /// over.
+    fn note_outgoing(&mut self, message: &mut eraftpb::Message) {
+        match message.get_msg_type() {
+            MessageType::MsgAppendResponse if message.reject && self.rejoin.is_some() => {
+                message.context = REJOIN_CONTEXT.to_vec().into();
+            }
+            MessageType::MsgTimeoutNow => {
+                // The target may be elected whenever this arrives; until then plus the time
+                // its votes take, a lease here could overlap its mastership.
+                self.acks.clear();
+                self.lease_void_until = self.now_tick + self.timing.election_ticks as u64;
+            }
+            _ => {}
         }
     }
 
@@ -245,7 +402,7 @@ impl Replica {
     /// Ticks left on this master's lease, if it is master and holds one: a majority (itself
     /// included) answered within `lease_ticks`.
     fn lease_left(&self, now_tick: u64) -> Option<u64> {
-        if !self.is_leader() {
+        if !self.is_leader() || now_tick < self.lease_void_until {
             return None;
         }
         // Peers never heard from in this term count as None, which sorts last.
@@ -454,8 +611,9 @@ impl Replica {
             let leader = soft.raft_state == StateRole::Leader;
             self.on_role(leader, &mut out.responses);
         }
-        for message in ready.take_messages() {
+        for mut message in ready.take_messages() {
             self.note_snapshot_sent(&message);
+            self.note_outgoing(&mut message);
             push_message(out, group, message);
         }
         if !ready.snapshot().is_empty() {
@@ -478,7 +636,8 @@ impl Replica {
             self.applied_from_ready = Some(last.index);
         }
         self.apply(committed, &mut out.responses)?;
-        for message in ready.take_persisted_messages() {
+        for mut message in ready.take_persisted_messages() {
+            self.note_outgoing(&mut message);
             // A heartbeat answer claims nothing about this node's log; while the term and vote
             // it speaks for are durable (this ready's and every earlier one's), it may go before
             // the sync, which keeps masters' leases alive while a slow fsync is in flight.

@@ -1214,7 +1214,7 @@ fn a_config_with_a_bad_key_is_refused_with_the_key_named() {
         &run(&["node", "--config", path.to_str().unwrap()], b""),
         "queue_count",
     );
-    std::fs::write(&path, sample.replace("lease_ticks = 6", "lease_ticks = 9")).unwrap();
+    std::fs::write(&path, sample.replace("lease_ticks = 7", "lease_ticks = 9")).unwrap();
     refused(
         &run(&["node", "--config", path.to_str().unwrap()], b""),
         "timing.lease_ticks",
