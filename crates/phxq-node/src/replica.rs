@@ -1123,16 +1123,41 @@ impl Replica {
         counters: &mut NodeCounters,
     ) {
         let first = self.raw.raft.raft_log.first_index();
+        let enough = first.saturating_sub(1) + config.compact_entries_min;
+        // Retention by age runs on the time masters stamped in the log, never this node's
+        // clock, so every replica releases the same entries.
         let deletable = self
             .machine
-            .deletable_index(now_ms)
+            .deletable_index(self.machine.log_time_ms())
             .min(self.raw.raft.raft_log.persisted);
-        if deletable < first.saturating_sub(1) + config.compact_entries_min {
+        if deletable < enough {
+            self.propose_time_if_it_releases(now_ms, enough);
             return;
         }
         batch.compact(self.group, deletable, self.machine.snapshot(deletable));
         self.machine.forget_through(deletable);
         counters.compactions += 1;
+    }
+
+    /// On a master of an idle group, the log's time stands still: when the time now would
+    /// let a compaction happen that the log's time does not, propose an entry of no commands
+    /// that carries the time (at most one per compaction check).
+    fn propose_time_if_it_releases(&mut self, now_ms: u64, enough: u64) {
+        if self.check_master(self.now_tick).is_err()
+            || !self.proposals.is_empty()
+            || self.writing_proposal()
+            || now_ms <= self.machine.log_time_ms()
+            || self.machine.deletable_index(now_ms) < enough
+        {
+            return;
+        }
+        let batch = Batch {
+            time_ms: now_ms,
+            commands: Vec::new(),
+        };
+        if self.raw.propose(Vec::new(), encode_batch(&batch)).is_ok() {
+            self.last_proposed = self.raw.raft.raft_log.last_index();
+        }
     }
 
     pub(crate) fn status(&self, now_tick: u64, tick_ms: u64) -> GroupStatus {

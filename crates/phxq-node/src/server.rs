@@ -582,6 +582,12 @@ struct EventLoop {
     synced: Lsn,
     tick: Duration,
     next_tick: Instant,
+    /// The wall clock read once at start, and the monotonic clock read then: the time the
+    /// node stamps on batches is their sum plus the monotonic time elapsed, so a wall clock
+    /// stepped (NTP, an operator) while the node runs moves no deadline or retention
+    /// decision; only a restart reads the wall clock again.
+    started_wall_ms: u64,
+    started: Instant,
 }
 
 impl EventLoop {
@@ -608,6 +614,8 @@ impl EventLoop {
             synced: 0,
             tick,
             next_tick: Instant::now() + tick,
+            started_wall_ms: wall_ms(),
+            started: Instant::now(),
         }
     }
 
@@ -719,7 +727,8 @@ impl EventLoop {
                 self.next_tick = now + self.tick;
                 break;
             }
-            self.node.tick(wall_ms());
+            let elapsed_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.node.tick(self.started_wall_ms.saturating_add(elapsed_ms));
             self.next_tick += self.tick;
             ticks += 1;
         }
