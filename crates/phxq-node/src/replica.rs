@@ -135,6 +135,9 @@ pub(crate) struct Replica {
     votes_from_tick: u64,
     /// While the group rejoins with an empty log (`--rejoin-empty`).
     rejoin: Option<Rejoin>,
+    /// A marked rejection to send to a master whose heartbeat claimed more than this
+    /// rejoining node has (an idle group's master sends no append that could be rejected).
+    rejoin_reply: Option<eraftpb::Message>,
     /// No lease before this tick: set when this master sends `MsgTimeoutNow`, whose target
     /// may be elected (transfer votes ignore followers' leases) as late as the message
     /// arrives, even after the transfer was aborted here.
@@ -207,6 +210,7 @@ impl Replica {
             last_proposed: 0,
             votes_from_tick: timing.election_ticks as u64,
             rejoin: config.rejoin_empty.then(Rejoin::default),
+            rejoin_reply: None,
             lease_void_until: 0,
         })
     }
@@ -320,8 +324,18 @@ impl Replica {
             });
         };
         rejoin.target = rejoin.target.max(message.commit);
-        // Claim nothing new: the answer lets the master send an append, which this node
-        // rejects (marked), and the master starts over from what this node has.
+        // Tell the master it holds less than it believes (it then starts over from what this
+        // node has: `forget_lost_progress`), and claim nothing new in the answer.
+        let mut reply = eraftpb::Message::default();
+        reply.set_msg_type(MessageType::MsgAppendResponse);
+        reply.to = message.from;
+        reply.from = self.me.0;
+        reply.term = message.term;
+        reply.index = message.commit;
+        reply.reject = true;
+        reply.reject_hint = log.last_index();
+        reply.context = REJOIN_CONTEXT.to_vec().into();
+        self.rejoin_reply = Some(reply);
         message.commit = log.committed;
         Ok(())
     }
@@ -610,6 +624,9 @@ impl Replica {
         if let Some(soft) = ready.ss() {
             let leader = soft.raft_state == StateRole::Leader;
             self.on_role(leader, &mut out.responses);
+        }
+        if let Some(reply) = self.rejoin_reply.take() {
+            push_message(out, group, reply);
         }
         for mut message in ready.take_messages() {
             self.note_snapshot_sent(&message);
