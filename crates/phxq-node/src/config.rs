@@ -630,7 +630,11 @@ fn timing(section: &TimingSection) -> Result<Timing, ConfigError> {
 
 /// The lease margin must cover a TCP retransmission and two tick boundaries; see
 /// [`LEASE_MARGIN_MS_MIN`]. `lease_ticks < election_ticks` is checked before.
-fn check_lease_margin(tick_ms: u64, election_ticks: u64, lease_ticks: u64) -> Result<(), ConfigError> {
+fn check_lease_margin(
+    tick_ms: u64,
+    election_ticks: u64,
+    lease_ticks: u64,
+) -> Result<(), ConfigError> {
     let margin_ticks = election_ticks - lease_ticks;
     let needed_ms = LEASE_MARGIN_MS_MIN.max(LEASE_MARGIN_TICKS_MIN * tick_ms);
     if margin_ticks >= LEASE_MARGIN_TICKS_MIN && margin_ticks * tick_ms >= needed_ms {
@@ -877,7 +881,10 @@ mod tests {
         // The defaults pass, and the old defaults (100 ms of margin) do not.
         let default = Timing::default();
         let margin_ms = (default.election_ticks as u64 - default.lease_ticks) * default.tick_ms;
-        assert!(margin_ms >= LEASE_MARGIN_MS_MIN, "default margin {margin_ms} ms");
+        assert!(
+            margin_ms >= LEASE_MARGIN_MS_MIN,
+            "default margin {margin_ms} ms"
+        );
         assert!(with_timing("").is_ok());
         let refused = [
             // 100 ms: the old defaults.
@@ -902,7 +909,11 @@ mod tests {
             "tick_ms = 1000\nelection_ticks = 5\nlease_ticks = 3",
         ];
         for timing in accepted {
-            assert!(with_timing(timing).is_ok(), "{timing}: {:?}", with_timing(timing));
+            assert!(
+                with_timing(timing).is_ok(),
+                "{timing}: {:?}",
+                with_timing(timing)
+            );
         }
     }
 

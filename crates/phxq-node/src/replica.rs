@@ -299,7 +299,10 @@ impl Replica {
         // Errors here are a peer's message raft does not take (a stale or local-only type):
         // dropping it is what raft expects.
         let _ = self.raw.step(message);
-        if answer && term == self.raw.raft.term && self.is_leader() && now_tick >= self.lease_void_until
+        if answer
+            && term == self.raw.raft.term
+            && self.is_leader()
+            && now_tick >= self.lease_void_until
         {
             self.acks.insert(from, now_tick);
         }

@@ -728,7 +728,8 @@ impl EventLoop {
                 break;
             }
             let elapsed_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-            self.node.tick(self.started_wall_ms.saturating_add(elapsed_ms));
+            self.node
+                .tick(self.started_wall_ms.saturating_add(elapsed_ms));
             self.next_tick += self.tick;
             ticks += 1;
         }

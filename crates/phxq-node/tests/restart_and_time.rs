@@ -270,7 +270,10 @@ fn a_restarted_voter_grants_no_vote_for_one_election_timeout() {
     // Just restarted (it may have voted in any earlier term before): no answer at all, to a
     // pre-vote or a vote, until one election timeout passed.
     for kind in [MessageType::MsgRequestPreVote, MessageType::MsgRequestVote] {
-        assert_eq!(answers_to_vote(&mut node, &wal, kind, 5), Vec::<bool>::new());
+        assert_eq!(
+            answers_to_vote(&mut node, &wal, kind, 5),
+            Vec::<bool>::new()
+        );
     }
     for _ in 0..election_ticks - 1 {
         tick(&mut node);
@@ -281,7 +284,11 @@ fn a_restarted_voter_grants_no_vote_for_one_election_timeout() {
 
     tick(&mut node);
     let granted = answers_to_vote(&mut node, &wal, MessageType::MsgRequestVote, 7);
-    assert_eq!(granted, [true], "after one election timeout the vote is granted");
+    assert_eq!(
+        granted,
+        [true],
+        "after one election timeout the vote is granted"
+    );
 }
 
 #[test]
@@ -350,7 +357,10 @@ fn a_master_that_sent_timeout_now_holds_no_lease_for_an_election_timeout() {
         }
     });
     store.release_held();
-    assert!(sent_at.get().is_some(), "the caught-up answer made it send MsgTimeoutNow");
+    assert!(
+        sent_at.get().is_some(),
+        "the caught-up answer made it send MsgTimeoutNow"
+    );
 
     // From then on, for one election timeout, the master holds no lease and serves nothing,
     // also after raft-rs aborted the transfer (its window began earlier) and while node 3
@@ -421,20 +431,31 @@ fn retention_by_age_releases_the_same_offsets_on_every_replica_with_skewed_clock
     let mut store = Store::new(retention, vec![0, -30_000, 10 * MINUTE_MS as i64]);
     let master = store.elect();
     for value in ["old-1", "old-2"] {
-        assert!(matches!(store.produce(master, value), Response::Produced { .. }));
+        assert!(matches!(
+            store.produce(master, value),
+            Response::Produced { .. }
+        ));
     }
     // Batches carry the clock read at the last tick: tick once at the new time.
     store.now_ms += 40_000;
     store.step_all();
     for value in ["new-1", "new-2"] {
-        assert!(matches!(store.produce(master, value), Response::Produced { .. }));
+        assert!(matches!(
+            store.produce(master, value),
+            Response::Produced { .. }
+        ));
     }
     for _ in 0..10 {
         store.step_all();
     }
     let all = vec![1, 2, 3, 4];
     for i in 0..3 {
-        assert_eq!(store.retained(i), all, "node {}: nothing is a minute old yet", i + 1);
+        assert_eq!(
+            store.retained(i),
+            all,
+            "node {}: nothing is a minute old yet",
+            i + 1
+        );
     }
     // 30 s later by the master's clock the old ones are 70 s old, the new ones 30 s: an idle
     // group, so the master writes the time into the log and every replica releases alike.

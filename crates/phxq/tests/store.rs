@@ -2068,7 +2068,11 @@ fn receive_prints_delivery_counts_ack_moves_the_cursor_and_unacked_messages_come
 // that lost its disk").
 
 /// Every group's applied index as node `id` sees it, or `None` if it does not answer.
-fn applied_indexes(runtime: &tokio::runtime::Runtime, store: &Store, id: usize) -> Option<Vec<u64>> {
+fn applied_indexes(
+    runtime: &tokio::runtime::Runtime,
+    store: &Store,
+    id: usize,
+) -> Option<Vec<u64>> {
     runtime.block_on(async {
         use phxq_proto::api::{self, phxq_client::PhxqClient};
         let mut client = PhxqClient::connect(format!("http://{}", store.server(id)))
@@ -2124,7 +2128,10 @@ impl Store {
         });
         let log = self.log(id)[before..].to_string();
         assert!(!status.success(), "node {id} must fail: {log}");
-        assert!(log.contains(expected), "node {id} must say {expected:?}:\n{log}");
+        assert!(
+            log.contains(expected),
+            "node {id} must say {expected:?}:\n{log}"
+        );
     }
 }
 
@@ -2181,7 +2188,11 @@ fn a_node_whose_wal_was_wiped_refuses_to_start_and_rejoins_only_with_rejoin_empt
     store.stop(3);
     std::fs::remove_dir_all(store.data_dir(3).join("wal")).unwrap();
     store.refused_start(3, "--rejoin-empty");
-    assert!(store.log(3).contains("INITIALIZED records term"), "{}", store.log(3));
+    assert!(
+        store.log(3).contains("INITIALIZED records term"),
+        "{}",
+        store.log(3)
+    );
     assert!(
         !store.data_dir(3).join("wal").exists(),
         "a refused start creates no empty log"

@@ -113,9 +113,12 @@ pub(crate) fn before_open(config: &ServerConfig, fresh: bool) -> Result<Option<u
                 marker.store_id, marker.node_id, new.store_id, new.node_id
             )))
         }
-        Some(marker) if !wal_exists && marker.term > 0 && !config.rejoin_empty => Err(fail(
-            lost_log(marker.term, &format!("{} is missing", dir.join(WAL_DIR).display())),
-        )),
+        Some(marker) if !wal_exists && marker.term > 0 && !config.rejoin_empty => {
+            Err(fail(lost_log(
+                marker.term,
+                &format!("{} is missing", dir.join(WAL_DIR).display()),
+            )))
+        }
         Some(marker) => Ok(Some(marker.term)),
         None if !fresh && !wal_exists && !config.rejoin_empty => Err(fail(format!(
             "IDENTITY exists but neither {MARKER_FILE} nor wal/ does: either a first start \
@@ -124,7 +127,8 @@ pub(crate) fn before_open(config: &ServerConfig, fresh: bool) -> Result<Option<u
              `phxq node --rejoin-empty`, see README, \"A node that lost its disk\")"
         ))),
         None if fresh || !wal_exists => {
-            write(dir, new).map_err(|error| fail(format!("cannot write {MARKER_FILE}: {error}")))?;
+            write(dir, new)
+                .map_err(|error| fail(format!("cannot write {MARKER_FILE}: {error}")))?;
             Ok(Some(0))
         }
         // A directory from before markers: the log itself says what the node promised.
@@ -161,7 +165,10 @@ pub(crate) fn after_open(
         ))),
         Some(_) => Ok(history),
         None => {
-            tracing::info!(term = log_term, "{MARKER_FILE} written from the log's terms");
+            tracing::info!(
+                term = log_term,
+                "{MARKER_FILE} written from the log's terms"
+            );
             write(
                 dir,
                 Marker {
