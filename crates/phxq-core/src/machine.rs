@@ -150,6 +150,10 @@ pub struct GroupMachine {
     /// The index of the last entry that changed the topic table (0: none since the state
     /// this machine started from). Compaction never goes below it.
     topics_changed_index: u64,
+    /// The newest time a master stamped on a batch applied here (ms since the Unix epoch; 0
+    /// before the first one since this machine was created or restored): the clock
+    /// retention by age is decided with, so every replica releases the same entries.
+    log_time_ms: u64,
     /// The index the cursors and delivery state are as of, when a snapshot restored them
     /// newer than its own index: replaying entries up to here leaves them alone (their
     /// cursor commits, deliveries, acks and nacks are in that state already).
@@ -199,11 +203,18 @@ impl GroupMachine {
             applied_index: 0,
             topics,
             topics_changed_index: 0,
+            log_time_ms: 0,
             consumer_state_index: 0,
             usage: Usage::default(),
         };
         machine.usage = machine.usage_from_scratch();
         machine
+    }
+
+    /// The newest batch time applied (see the field): pass it to
+    /// [`GroupMachine::deletable_index`] so that retention by age is a function of the log.
+    pub fn log_time_ms(&self) -> u64 {
+        self.log_time_ms
     }
 
     /// The group.
@@ -293,6 +304,8 @@ impl GroupMachine {
         }
         let batch = decode_batch(data)?;
         self.applied_index = index;
+        // The newest, not the last: a new master whose clock is behind never moves it back.
+        self.log_time_ms = self.log_time_ms.max(batch.time_ms);
         Ok((0..batch.commands.len())
             .map(|position| self.apply_command(index, position, batch.time_ms, &batch.commands))
             .collect())
@@ -466,7 +479,8 @@ impl GroupMachine {
     }
 
     /// The highest raft index (at most the applied index) whose entries no queue of the group
-    /// still needs at wall time `now_ms`: every subscribed consumer group has passed them, they
+    /// still needs at time `now_ms` (the node passes [`GroupMachine::log_time_ms`], so that
+    /// every replica decides alike whatever its own clock says): every subscribed consumer group has passed them, they
     /// are outside the replay window, or the age and size caps release them. Never below the
     /// last topic change unless that leaves nothing to compact: then 0 (see the module doc).
     pub fn deletable_index(&self, now_ms: u64) -> u64 {

@@ -74,6 +74,16 @@ const TICK_MS_RANGE: (u64, u64) = (1, 1_000);
 /// Most ticks any timing key may count (so no timeout can be absurdly long).
 const TIMING_TICKS_MAX: u64 = 100_000;
 
+/// The lease margin (`election_ticks - lease_ticks`, in ms) at least: above Linux's 200 ms
+/// minimum TCP retransmission timeout, so one lost and retransmitted heartbeat answer cannot
+/// reach a master after followers are free to elect another (the lease assumes message delay
+/// below the margin).
+pub const LEASE_MARGIN_MS_MIN: u64 = 250;
+
+/// The lease margin in ticks at least: tick boundaries fall anywhere, so a margin of one
+/// tick can be almost nothing in real time.
+pub const LEASE_MARGIN_TICKS_MIN: u64 = 2;
+
 /// Largest config file read, in bytes.
 const CONFIG_FILE_BYTES_MAX: u64 = 1 << 20;
 
@@ -268,6 +278,9 @@ pub struct ServerConfig {
     pub timing: Timing,
     /// Driver limits.
     pub limits: Limits,
+    /// The operator's statement that this node's disk was lost (`phxq node --rejoin-empty`),
+    /// never read from the file: see `server.rs`, "the data directory's history".
+    pub rejoin_empty: bool,
 }
 
 impl ServerConfig {
@@ -348,6 +361,7 @@ impl ServerConfig {
             members,
             timing: timing(&file.timing)?,
             limits: limits(&file.limits)?,
+            rejoin_empty: false,
         })
     }
 
@@ -371,6 +385,7 @@ impl ServerConfig {
             seed,
         );
         config.timing = self.timing.clone();
+        config.rejoin_empty = self.rejoin_empty;
         config.batch_commands_max = self.limits.batch_commands_max;
         config.batch_bytes_max = self.limits.batch_bytes_max;
         config.requests_pending_max = self.limits.requests_pending_max;
@@ -586,6 +601,7 @@ fn timing(section: &TimingSection) -> Result<Timing, ConfigError> {
             format!("{lease_ticks} must be below election_ticks ({election_ticks})"),
         ));
     }
+    check_lease_margin(tick_ms, election_ticks, lease_ticks)?;
     Ok(Timing {
         tick_ms,
         election_ticks: usize::try_from(election_ticks).expect("bounded by TIMING_TICKS_MAX"),
@@ -610,6 +626,32 @@ fn timing(section: &TimingSection) -> Result<Timing, ConfigError> {
             1,
         )?,
     })
+}
+
+/// The lease margin must cover a TCP retransmission and two tick boundaries; see
+/// [`LEASE_MARGIN_MS_MIN`]. `lease_ticks < election_ticks` is checked before.
+fn check_lease_margin(
+    tick_ms: u64,
+    election_ticks: u64,
+    lease_ticks: u64,
+) -> Result<(), ConfigError> {
+    let margin_ticks = election_ticks - lease_ticks;
+    let needed_ms = LEASE_MARGIN_MS_MIN.max(LEASE_MARGIN_TICKS_MIN * tick_ms);
+    if margin_ticks >= LEASE_MARGIN_TICKS_MIN && margin_ticks * tick_ms >= needed_ms {
+        return Ok(());
+    }
+    Err(invalid(
+        "timing.lease_ticks",
+        format!(
+            "the lease margin election_ticks - lease_ticks = {election_ticks} - {lease_ticks} \
+             = {margin_ticks} ticks ({} ms at tick_ms = {tick_ms}) must be at least \
+             max({LEASE_MARGIN_TICKS_MIN} ticks, {LEASE_MARGIN_MS_MIN} ms) = {needed_ms} ms: \
+             a master keeps serving until its lease ends, and a heartbeat answer delayed by a \
+             TCP retransmission (200 ms minimum on Linux) must not still extend it once \
+             followers may elect another master; lower lease_ticks or raise election_ticks",
+            margin_ticks * tick_ms
+        ),
+    ))
 }
 
 fn limits(section: &LimitsSection) -> Result<Limits, ConfigError> {
@@ -733,7 +775,7 @@ mod tests {
     fn overrides_are_taken() {
         let text = format!(
             "{SAMPLE}\n[store.topics.retention]\nreplay_count = 5\nmax_bytes = 100\n\
-             [timing]\ntick_ms = 10\nelection_ticks = 20\nlease_ticks = 15\n\
+             [timing]\ntick_ms = 10\nelection_ticks = 45\nlease_ticks = 15\n\
              [limits]\nbatch_commands_max = 64\n"
         )
         .replace(
@@ -746,7 +788,7 @@ mod tests {
         assert_eq!(retention.replay_age_ms, REPLAY_AGE_MS_DEFAULT);
         assert_eq!(retention.max_bytes, Some(100));
         assert_eq!(config.timing.tick_ms, 10);
-        assert_eq!(config.timing.election_ticks, 20);
+        assert_eq!(config.timing.election_ticks, 45);
         assert_eq!(config.timing.lease_ticks, 15);
         assert_eq!(config.limits.batch_commands_max, 64);
         assert_eq!(config.client_listen, "0.0.0.0:9000".parse().unwrap());
@@ -823,13 +865,56 @@ mod tests {
             |timing: &str| ServerConfig::parse(&format!("{SAMPLE}\n[timing]\n{timing}"));
         let message = |timing: &str| with_timing(timing).expect_err(timing).to_string();
         assert!(message("lease_ticks = 8").starts_with("timing.lease_ticks"));
-        assert!(message("heartbeat_ticks = 6").starts_with("timing.heartbeat_ticks"));
+        assert!(message("heartbeat_ticks = 7").starts_with("timing.heartbeat_ticks"));
         assert!(message("tick_ms = 0").starts_with("timing.tick_ms"));
         assert!(message("tick_ms = 5000").starts_with("timing.tick_ms"));
         assert!(message("skip_tick_one_in = 1").starts_with("timing.skip_tick_one_in"));
         assert!(message("rebalance_ticks = 0").starts_with("timing.rebalance_ticks"));
         assert!(message("election_ticks = 1000000").starts_with("timing.election_ticks"));
         assert!(with_timing("election_ticks = 30\nlease_ticks = 20\nheartbeat_ticks = 5").is_ok());
+    }
+
+    #[test]
+    fn the_lease_margin_covers_a_tcp_retransmission_and_two_ticks() {
+        let with_timing =
+            |timing: &str| ServerConfig::parse(&format!("{SAMPLE}\n[timing]\n{timing}"));
+        // The defaults pass, and the old defaults (100 ms of margin) do not.
+        let default = Timing::default();
+        let margin_ms = (default.election_ticks as u64 - default.lease_ticks) * default.tick_ms;
+        assert!(
+            margin_ms >= LEASE_MARGIN_MS_MIN,
+            "default margin {margin_ms} ms"
+        );
+        assert!(with_timing("").is_ok());
+        let refused = [
+            // 100 ms: the old defaults.
+            "election_ticks = 8\nlease_ticks = 6",
+            // 249 ms.
+            "tick_ms = 83\nelection_ticks = 7\nlease_ticks = 4",
+            // One tick of 1 ms: the issue's example.
+            "tick_ms = 1\nelection_ticks = 400\nheartbeat_ticks = 1\nlease_ticks = 399",
+            // 1000 ms, but one tick.
+            "tick_ms = 1000\nelection_ticks = 4\nlease_ticks = 3",
+        ];
+        for timing in refused {
+            let error = with_timing(timing).expect_err(timing).to_string();
+            assert!(error.starts_with("timing.lease_ticks"), "{timing}: {error}");
+            assert!(error.contains("TCP retransmission"), "{timing}: {error}");
+        }
+        let accepted = [
+            // Exactly 250 ms.
+            "tick_ms = 50\nelection_ticks = 12\nlease_ticks = 7",
+            "tick_ms = 1\nelection_ticks = 400\nheartbeat_ticks = 1\nlease_ticks = 150",
+            // Exactly two ticks, over 250 ms.
+            "tick_ms = 1000\nelection_ticks = 5\nlease_ticks = 3",
+        ];
+        for timing in accepted {
+            assert!(
+                with_timing(timing).is_ok(),
+                "{timing}: {:?}",
+                with_timing(timing)
+            );
+        }
     }
 
     #[test]

@@ -44,9 +44,10 @@ impl Default for Timing {
     fn default() -> Self {
         Timing {
             tick_ms: 50,
-            election_ticks: 8,
+            // 600 ms; the lease margin is 5 ticks = 250 ms (see `config::LEASE_MARGIN_MS_MIN`).
+            election_ticks: 12,
             heartbeat_ticks: 2,
-            lease_ticks: 6,
+            lease_ticks: 7,
             skip_tick_one_in: 3,
             rebalance_ticks: 20,
             compact_ticks: 40,
@@ -75,6 +76,11 @@ pub struct NodeConfig {
     pub compact_entries_min: u64,
     /// Seeds every random choice of the node.
     pub seed: u64,
+    /// The operator says this node's log was lost (`phxq node --rejoin-empty`): every group
+    /// neither votes nor campaigns until it has caught up with its master's commit index
+    /// (and one election timeout has passed), and asks masters that remember more of its
+    /// log than it has to forget it (see `Replica::step`).
+    pub rejoin_empty: bool,
     /// Plants the durability bug the simulator must catch: follower acks are released and
     /// groups are told their entries are persisted before the fsync.
     #[cfg(feature = "canary")]
@@ -99,6 +105,7 @@ impl NodeConfig {
             requests_pending_max: 100_000,
             compact_entries_min: 1024,
             seed,
+            rejoin_empty: false,
             #[cfg(feature = "canary")]
             canary_ack_before_sync: false,
         }
@@ -424,6 +431,43 @@ pub enum NodeError {
         /// raft-rs's error.
         source: raft::Error,
     },
+    /// The log's voters of a group are not the configured members: the config was edited
+    /// (membership changes go through raft, not the config file) or belongs to another store.
+    #[error(
+        "{group}: the log's voters are {log:?} but the config's members are {configured:?}; \
+         restore the config the store was created with (membership changes are not made by \
+         editing it)"
+    )]
+    Members {
+        /// The group.
+        group: GroupId,
+        /// Voters in the log's conf state.
+        log: Vec<u64>,
+        /// Configured members.
+        configured: Vec<u64>,
+    },
+    /// A master remembers this node holding entries its log does not have: the log was lost
+    /// (a wiped data directory) after the node acknowledged them. raft-rs would panic.
+    #[error(
+        "{group}: master {master} (term {term}) says this node holds the log up to index \
+         {commit}, but its log ends at {last_index}: this node lost entries it acknowledged \
+         (was its data directory wiped?). It stopped rather than vote or acknowledge on a \
+         log it no longer has. If the disk was lost, restart it with `phxq node \
+         --rejoin-empty` (safe only while the other members hold a majority of the old \
+         voters' data; see README, \"A node that lost its disk\")"
+    )]
+    LostLog {
+        /// The group.
+        group: GroupId,
+        /// The master that said so.
+        master: u64,
+        /// Its term.
+        term: u64,
+        /// The index it believes this node has.
+        commit: u64,
+        /// This node's last index.
+        last_index: u64,
+    },
     /// A committed entry does not decode: a bug or undetected damage.
     #[error("{group}: committed entry {index} does not decode: {reason}")]
     BadEntry {
@@ -462,6 +506,8 @@ pub struct Node {
     out: Output,
     compact_due: bool,
     counters: NodeCounters,
+    /// A failure seen while stepping a peer's message, returned by the next round.
+    fatal: Option<NodeError>,
 }
 
 impl Node {
@@ -477,9 +523,20 @@ impl Node {
         assert!(config.timing.lease_ticks < config.timing.election_ticks as u64);
         let rng = Rng::new(config.seed);
         let mut bootstrap = WriteBatch::new();
+        let mut configured: Vec<u64> = config.members.iter().map(|n| n.0).collect();
+        configured.sort_unstable();
         for g in 0..config.layout.groups {
             let group = GroupId(u64::from(g));
-            if wal.group(group)?.conf_state.voters.is_empty() {
+            let mut log = wal.group(group)?.conf_state.voters;
+            log.sort_unstable();
+            if !log.is_empty() && log != configured {
+                return Err(NodeError::Members {
+                    group,
+                    log,
+                    configured,
+                });
+            }
+            if log.is_empty() {
                 bootstrap.conf_state(
                     group,
                     phxq_storage::ConfState {
@@ -509,6 +566,7 @@ impl Node {
             out: Output::default(),
             compact_due: false,
             counters: NodeCounters::default(),
+            fatal: None,
         })
     }
 
@@ -527,11 +585,28 @@ impl Node {
         self.now_tick
     }
 
+    /// The highest term any group wrote to the log (the shell keeps it durable outside the
+    /// log, so a node whose log goes missing knows it ran before: see `server.rs`).
+    pub fn term_max(&self) -> u64 {
+        self.replicas
+            .iter()
+            .map(Replica::written_term)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Groups still catching up after `--rejoin-empty` (they neither vote nor campaign).
+    pub fn rejoining_groups(&self) -> usize {
+        self.replicas.iter().filter(|r| r.is_rejoining()).count()
+    }
+
     /// One tick of time; `now_ms` is the wall clock (ms since the Unix epoch), stamped on
     /// batches this node proposes as master.
     pub fn tick(&mut self, now_ms: u64) {
         self.now_tick += 1;
-        self.now_ms = now_ms;
+        // Never backwards: a wall clock stepped back must not make a new batch older than
+        // the last one this node stamped.
+        self.now_ms = self.now_ms.max(now_ms);
         let timing = &self.config.timing;
         for replica in &mut self.replicas {
             replica.set_now(self.now_tick);
@@ -576,8 +651,9 @@ impl Node {
             if let Some(replica) = usize::try_from(group.0)
                 .ok()
                 .and_then(|g| self.replicas.get_mut(g))
+                && let Err(error) = replica.step(message, heard_tick)
             {
-                replica.step(message, heard_tick);
+                self.fatal.get_or_insert(error);
             }
         }
     }
@@ -842,6 +918,9 @@ impl Node {
     /// every group's `Ready`, writes all of them to the log with one write, applies what is
     /// committed and durable, and returns what to send. Call it after every input.
     pub fn round(&mut self) -> Result<Output, NodeError> {
+        if let Some(error) = self.fatal.take() {
+            return Err(error);
+        }
         self.counters.rounds += 1;
         for replica in &mut self.replicas {
             replica.propose_pending(
@@ -899,7 +978,10 @@ impl Node {
 
     /// True if a round would do something now (a group has a `Ready` or proposals wait).
     pub fn has_work(&self) -> bool {
-        self.compact_due || !self.out.is_empty() || self.replicas.iter().any(Replica::has_work)
+        self.compact_due
+            || self.fatal.is_some()
+            || !self.out.is_empty()
+            || self.replicas.iter().any(Replica::has_work)
     }
 
     /// This node's view of every group.

@@ -70,6 +70,21 @@ pub(crate) enum AnswerAs {
     Deliver,
 }
 
+/// Marks a follower's append rejection sent while it rejoins with an empty log
+/// (`--rejoin-empty`): the master then forgets how much of its log it believed this node had
+/// (raft-rs never lowers a peer's `matched`, so it would wait forever for entries the node
+/// lost, and its heartbeats would carry a commit past the node's log).
+pub(crate) const REJOIN_CONTEXT: &[u8] = b"phxq-rejoin-empty";
+
+/// A group of a node started with `--rejoin-empty`, until it caught up.
+#[derive(Clone, Copy, Debug, Default)]
+struct Rejoin {
+    /// The highest commit index a master sent this node.
+    target: u64,
+    /// Whether a master's append or snapshot reached it (only those carry the master's commit).
+    heard: bool,
+}
+
 /// Requests proposed in one entry, in command order: whose, how many commands, how answered.
 struct InFlight {
     term: u64,
@@ -117,6 +132,20 @@ pub(crate) struct Replica {
     compaction_refused_at: u64,
     /// The index of the last entry this node proposed as master.
     last_proposed: u64,
+    /// No vote is granted before this tick: one election timeout after start, so a restarted
+    /// node that forgot whom it voted for cannot vote twice in a term a master is still
+    /// known in (raft-rs's followers refuse votes within a lease of hearing a master; a
+    /// restarted one has heard none).
+    votes_from_tick: u64,
+    /// While the group rejoins with an empty log (`--rejoin-empty`).
+    rejoin: Option<Rejoin>,
+    /// A marked rejection to send to a master whose heartbeat claimed more than this
+    /// rejoining node has (an idle group's master sends no append that could be rejected).
+    rejoin_reply: Option<eraftpb::Message>,
+    /// No lease before this tick: set when this master sends `MsgTimeoutNow`, whose target
+    /// may be elected (transfer votes ignore followers' leases) as late as the message
+    /// arrives, even after the transfer was aborted here.
+    lease_void_until: u64,
 }
 
 impl Replica {
@@ -184,6 +213,10 @@ impl Replica {
             snapshot_pending: None,
             compaction_refused_at: 0,
             last_proposed: 0,
+            votes_from_tick: timing.election_ticks as u64,
+            rejoin: config.rejoin_empty.then(Rejoin::default),
+            rejoin_reply: None,
+            lease_void_until: 0,
         })
     }
 
@@ -205,21 +238,162 @@ impl Replica {
     }
 
     pub(crate) fn tick(&mut self) {
-        self.raw.tick();
+        self.end_rejoin_if_caught_up();
+        // A rejoining group never campaigns: its log is not one a store may be led from.
+        if self.rejoin.is_none() {
+            self.raw.tick();
+        }
     }
 
-    pub(crate) fn step(&mut self, message: eraftpb::Message, now_tick: u64) {
+    /// The highest term this group wrote to the log.
+    pub(crate) fn written_term(&self) -> u64 {
+        self.written_term_vote.0
+    }
+
+    pub(crate) fn is_rejoining(&self) -> bool {
+        self.rejoin.is_some()
+    }
+
+    /// Whether this group may grant a vote now (see `votes_from_tick` and `rejoin`).
+    fn may_vote(&self) -> bool {
+        self.now_tick >= self.votes_from_tick && self.rejoin.is_none()
+    }
+
+    fn end_rejoin_if_caught_up(&mut self) {
+        if let Some(rejoin) = self.rejoin
+            && rejoin.heard
+            && self.raw.raft.raft_log.committed >= rejoin.target
+            && self.now_tick >= self.votes_from_tick
+        {
+            self.rejoin = None;
+        }
+    }
+
+    /// Steps a peer's message. Vote requests are dropped while this group may not vote; a
+    /// heartbeat whose commit is past this node's log (raft-rs would panic) means the log was
+    /// lost: an error, unless the operator said so (`--rejoin-empty`).
+    pub(crate) fn step(
+        &mut self,
+        mut message: eraftpb::Message,
+        now_tick: u64,
+    ) -> Result<(), NodeError> {
         let from = message.from;
         let term = message.term;
+        let kind = message.get_msg_type();
+        let vote = matches!(
+            kind,
+            MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+        );
+        // A transfer to a rejoining node (a master's stale view of its log) would make it
+        // campaign on a log it lost.
+        let campaign = kind == MessageType::MsgTimeoutNow && self.rejoin.is_some();
+        if (vote && !self.may_vote()) || campaign {
+            return Ok(());
+        }
+        if kind == MessageType::MsgHeartbeat {
+            self.check_heartbeat_commit(&mut message)?;
+        }
+        self.note_rejoin_progress(&message);
+        if kind == MessageType::MsgAppendResponse && message.reject {
+            self.forget_lost_progress(&message);
+        }
         let answer = matches!(
-            message.get_msg_type(),
+            kind,
             MessageType::MsgAppendResponse | MessageType::MsgHeartbeatResponse
         );
         // Errors here are a peer's message raft does not take (a stale or local-only type):
         // dropping it is what raft expects.
         let _ = self.raw.step(message);
-        if answer && term == self.raw.raft.term && self.is_leader() {
+        if answer
+            && term == self.raw.raft.term
+            && self.is_leader()
+            && now_tick >= self.lease_void_until
+        {
             self.acks.insert(from, now_tick);
+        }
+        self.end_rejoin_if_caught_up();
+        Ok(())
+    }
+
+    /// A heartbeat carries `min(matched, committed)` for this node: past its last index only
+    /// if the master saw it hold entries it no longer has.
+    fn check_heartbeat_commit(&mut self, message: &mut eraftpb::Message) -> Result<(), NodeError> {
+        let log = &self.raw.raft.raft_log;
+        if message.commit <= log.last_index() || message.term < self.raw.raft.term {
+            return Ok(());
+        }
+        let Some(rejoin) = &mut self.rejoin else {
+            return Err(NodeError::LostLog {
+                group: self.group,
+                master: message.from,
+                term: message.term,
+                commit: message.commit,
+                last_index: log.last_index(),
+            });
+        };
+        rejoin.target = rejoin.target.max(message.commit);
+        // Tell the master it holds less than it believes (it then starts over from what this
+        // node has: `forget_lost_progress`), and claim nothing new in the answer.
+        let mut reply = eraftpb::Message::default();
+        reply.set_msg_type(MessageType::MsgAppendResponse);
+        reply.to = message.from;
+        reply.from = self.me.0;
+        reply.term = message.term;
+        reply.index = message.commit;
+        reply.reject = true;
+        reply.reject_hint = log.last_index();
+        reply.context = REJOIN_CONTEXT.to_vec().into();
+        self.rejoin_reply = Some(reply);
+        message.commit = log.committed;
+        Ok(())
+    }
+
+    fn note_rejoin_progress(&mut self, message: &eraftpb::Message) {
+        let Some(rejoin) = &mut self.rejoin else {
+            return;
+        };
+        if matches!(
+            message.get_msg_type(),
+            MessageType::MsgAppend | MessageType::MsgSnapshot
+        ) && message.term >= self.raw.raft.term
+        {
+            rejoin.heard = true;
+            rejoin.target = rejoin.target.max(message.commit);
+        }
+    }
+
+    /// On a master: a rejoining follower (marked rejection) holds less than the master
+    /// believed; start its progress over from nothing (lowering `matched` only delays
+    /// commits, never makes one unsafe), so it is probed and sent a snapshot if need be.
+    fn forget_lost_progress(&mut self, message: &eraftpb::Message) {
+        if !self.is_leader()
+            || message.context.as_ref() != REJOIN_CONTEXT
+            || message.term != self.raw.raft.term
+        {
+            return;
+        }
+        if let Some(progress) = self.raw.raft.mut_prs().get_mut(message.from)
+            && progress.matched > message.reject_hint
+        {
+            progress.matched = 0;
+            progress.become_probe();
+        }
+    }
+
+    /// Marks what this node sends while rejoining; voids the lease when it hands mastership
+    /// over.
+    fn note_outgoing(&mut self, message: &mut eraftpb::Message) {
+        match message.get_msg_type() {
+            MessageType::MsgAppendResponse if message.reject && self.rejoin.is_some() => {
+                message.context = REJOIN_CONTEXT.to_vec().into();
+            }
+            MessageType::MsgTimeoutNow => {
+                // The target may be elected whenever this arrives; until then plus the time
+                // its votes take, a lease here could overlap its mastership.
+                self.acks.clear();
+                self.lease_void_until = self.now_tick + self.timing.election_ticks as u64;
+            }
+            _ => {}
         }
     }
 
@@ -250,7 +424,7 @@ impl Replica {
     /// Ticks left on this master's lease, if it is master and holds one: a majority (itself
     /// included) answered within `lease_ticks`.
     fn lease_left(&self, now_tick: u64) -> Option<u64> {
-        if !self.is_leader() {
+        if !self.is_leader() || now_tick < self.lease_void_until {
             return None;
         }
         // Peers never heard from in this term count as None, which sorts last.
@@ -459,8 +633,12 @@ impl Replica {
             let leader = soft.raft_state == StateRole::Leader;
             self.on_role(leader, &mut out.responses);
         }
-        for message in ready.take_messages() {
+        if let Some(reply) = self.rejoin_reply.take() {
+            push_message(out, group, reply);
+        }
+        for mut message in ready.take_messages() {
             self.note_snapshot_sent(&message);
+            self.note_outgoing(&mut message);
             push_message(out, group, message);
         }
         if !ready.snapshot().is_empty() {
@@ -483,7 +661,8 @@ impl Replica {
             self.applied_from_ready = Some(last.index);
         }
         self.apply(committed, &mut out.responses)?;
-        for message in ready.take_persisted_messages() {
+        for mut message in ready.take_persisted_messages() {
+            self.note_outgoing(&mut message);
             // A heartbeat answer claims nothing about this node's log; while the term and vote
             // it speaks for are durable (this ready's and every earlier one's), it may go before
             // the sync, which keeps masters' leases alive while a slow fsync is in flight.
@@ -976,11 +1155,15 @@ impl Replica {
         counters: &mut NodeCounters,
     ) {
         let first = self.raw.raft.raft_log.first_index();
+        let enough = first.saturating_sub(1) + config.compact_entries_min;
+        // Retention by age runs on the time masters stamped in the log, never this node's
+        // clock, so every replica releases the same entries.
         let deletable = self
             .machine
-            .deletable_index(now_ms)
+            .deletable_index(self.machine.log_time_ms())
             .min(self.raw.raft.raft_log.persisted);
-        if deletable < first.saturating_sub(1) + config.compact_entries_min {
+        if deletable < enough {
+            self.propose_time_if_it_releases(now_ms, enough);
             return;
         }
         if self.compaction_refused_at + config.compact_entries_min > deletable {
@@ -999,6 +1182,27 @@ impl Replica {
         batch.compact(self.group, deletable, snapshot);
         self.machine.forget_through(deletable);
         counters.compactions += 1;
+    }
+
+    /// On a master of an idle group, the log's time stands still: when the time now would
+    /// let a compaction happen that the log's time does not, propose an entry of no commands
+    /// that carries the time (at most one per compaction check).
+    fn propose_time_if_it_releases(&mut self, now_ms: u64, enough: u64) {
+        if self.check_master(self.now_tick).is_err()
+            || !self.proposals.is_empty()
+            || self.writing_proposal()
+            || now_ms <= self.machine.log_time_ms()
+            || self.machine.deletable_index(now_ms) < enough
+        {
+            return;
+        }
+        let batch = Batch {
+            time_ms: now_ms,
+            commands: Vec::new(),
+        };
+        if self.raw.propose(Vec::new(), encode_batch(&batch)).is_ok() {
+            self.last_proposed = self.raw.raft.raft_log.last_index();
+        }
     }
 
     pub(crate) fn status(&self, now_tick: u64, tick_ms: u64) -> GroupStatus {

@@ -61,6 +61,7 @@ use crate::{
 
 mod delivery;
 mod heartbeat;
+mod history;
 mod produce_stream;
 
 /// Inputs queued for the event loop at most; beyond, clients get `BUSY` and peer frames are
@@ -101,7 +102,7 @@ pub const DRAIN_TIMEOUT_MS: u64 = 5_000;
 /// The file in the data directory naming the store and node it belongs to.
 const IDENTITY_FILE: &str = "IDENTITY";
 /// The write-ahead log's directory inside the data directory.
-const WAL_DIR: &str = "wal";
+pub(crate) const WAL_DIR: &str = "wal";
 
 /// Why a server could not start, or stopped on its own.
 #[derive(Debug, thiserror::Error)]
@@ -231,7 +232,9 @@ impl RunningServer {
     /// the client gRPC service. Must be called inside a tokio runtime (multi-threaded).
     pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         let config = Arc::new(config);
-        check_identity(&config)?;
+        let fresh = check_identity(&config)?;
+        // A node that ran before never starts empty (see `server/history.rs`).
+        let marker_term = history::before_open(&config, fresh)?;
         let wal_dir = config.data_dir.join(WAL_DIR);
         let opening = wal_dir.clone();
         let (wal, recovery) =
@@ -246,6 +249,14 @@ impl RunningServer {
             torn_tail = recovery.torn_tail.is_some(),
             "write-ahead log opened"
         );
+        let history = history::after_open(&config, marker_term, &wal)?;
+        if config.rejoin_empty {
+            tracing::warn!(
+                node = %config.node,
+                "--rejoin-empty: this node's groups neither vote nor campaign until they caught \
+                 up with their masters"
+            );
+        }
         let wal = Arc::new(wal);
         let client_listener = bind("client", config.client_listen).await?;
         let peer_listener = bind("peer", config.peer_listen).await?;
@@ -257,8 +268,14 @@ impl RunningServer {
         let stopping = Arc::new(AtomicBool::new(false));
         #[cfg(test)]
         let wal_for_tests = wal.clone();
-        let exited =
-            spawn_event_loop(&config, wal, receiver, transport.clone(), stopping.clone()).await?;
+        let exited = spawn_event_loop(
+            &config,
+            (wal, history),
+            receiver,
+            transport.clone(),
+            stopping.clone(),
+        )
+        .await?;
         let (grpc_stop, grpc_stopped) = tokio::sync::watch::channel(false);
         let service = Service {
             config: config.clone(),
@@ -414,8 +431,9 @@ fn start_transport(
     })
 }
 
-/// Checks (or, on first start, writes) the data directory's identity file.
-fn check_identity(config: &ServerConfig) -> Result<(), ServerError> {
+/// Checks (or, on first start, writes) the data directory's identity file; true if it was
+/// written now.
+fn check_identity(config: &ServerConfig) -> Result<bool, ServerError> {
     let dir = &config.data_dir;
     let fail = |reason: String| ServerError::DataDir {
         path: dir.clone(),
@@ -427,7 +445,7 @@ fn check_identity(config: &ServerConfig) -> Result<(), ServerError> {
     );
     let path = dir.join(IDENTITY_FILE);
     match std::fs::read_to_string(&path) {
-        Ok(found) if found == expected => Ok(()),
+        Ok(found) if found == expected => Ok(false),
         Ok(found) => Err(fail(format!(
             "belongs to another node: {} says {:?}, this config is {:?}",
             path.display(),
@@ -435,7 +453,8 @@ fn check_identity(config: &ServerConfig) -> Result<(), ServerError> {
             expected.trim()
         ))),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            write_identity(dir, &path, &expected).map_err(|error| fail(error.to_string()))
+            write_identity(dir, &path, &expected).map_err(|error| fail(error.to_string()))?;
+            Ok(true)
         }
         Err(error) => Err(fail(format!("cannot read {}: {error}", path.display()))),
     }
@@ -444,11 +463,13 @@ fn check_identity(config: &ServerConfig) -> Result<(), ServerError> {
 /// Writes the identity file durably: temporary file, fsync, rename, fsync of the directory.
 fn write_identity(dir: &Path, path: &Path, text: &str) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    if dir.join(WAL_DIR).exists() {
-        return Err(std::io::Error::other(format!(
-            "{} exists without {IDENTITY_FILE}; refusing to guess whose log it is",
-            dir.join(WAL_DIR).display()
-        )));
+    for found in [WAL_DIR, history::MARKER_FILE] {
+        if dir.join(found).exists() {
+            return Err(std::io::Error::other(format!(
+                "{} exists without {IDENTITY_FILE}; refusing to guess whose it is",
+                dir.join(found).display()
+            )));
+        }
     }
     let temporary = dir.join(format!("{IDENTITY_FILE}.tmp"));
     let mut file = std::fs::File::create(&temporary)?;
@@ -462,7 +483,7 @@ fn write_identity(dir: &Path, path: &Path, text: &str) -> std::io::Result<()> {
 /// with a receiver that fires when the event loop ends.
 async fn spawn_event_loop(
     config: &Arc<ServerConfig>,
-    wal: Arc<Wal>,
+    (wal, history): (Arc<Wal>, history::History),
     receiver: Receiver<Input>,
     transport: Transport,
     stopping: Arc<AtomicBool>,
@@ -481,7 +502,8 @@ async fn spawn_event_loop(
                 }
             };
             let _ = opened_tx.send(Ok(()));
-            let mut event_loop = EventLoop::new(config, node, wal, receiver, transport, stopping);
+            let mut event_loop =
+                EventLoop::new(config, (node, history), wal, receiver, transport, stopping);
             // A panic (a bug, or raft-rs meeting a log that just failed) must still stop the
             // node with a reason, never leave it half-alive.
             let outcome =
@@ -546,6 +568,8 @@ struct Pending {
 struct EventLoop {
     config: Arc<ServerConfig>,
     node: Node,
+    /// The data directory's marker, kept at the log's highest durable term.
+    history: history::History,
     wal: Arc<Wal>,
     inputs: Receiver<Input>,
     transport: Transport,
@@ -558,12 +582,18 @@ struct EventLoop {
     synced: Lsn,
     tick: Duration,
     next_tick: Instant,
+    /// The wall clock read once at start, and the monotonic clock read then: the time the
+    /// node stamps on batches is their sum plus the monotonic time elapsed, so a wall clock
+    /// stepped (NTP, an operator) while the node runs moves no deadline or retention
+    /// decision; only a restart reads the wall clock again.
+    started_wall_ms: u64,
+    started: Instant,
 }
 
 impl EventLoop {
     fn new(
         config: Arc<ServerConfig>,
-        node: Node,
+        (node, history): (Node, history::History),
         wal: Arc<Wal>,
         inputs: Receiver<Input>,
         transport: Transport,
@@ -573,6 +603,7 @@ impl EventLoop {
         EventLoop {
             config,
             node,
+            history,
             wal,
             inputs,
             transport,
@@ -583,6 +614,8 @@ impl EventLoop {
             synced: 0,
             tick,
             next_tick: Instant::now() + tick,
+            started_wall_ms: wall_ms(),
+            started: Instant::now(),
         }
     }
 
@@ -677,6 +710,8 @@ impl EventLoop {
                 ServerError::Sync(error.to_string())
             })?;
             self.synced = durable.max(self.sync_requested);
+            // Before the votes and acknowledgements of a new term are released.
+            self.history.keep(self.node.term_max())?;
             self.node.synced(self.synced);
         }
         Ok(())
@@ -692,7 +727,9 @@ impl EventLoop {
                 self.next_tick = now + self.tick;
                 break;
             }
-            self.node.tick(wall_ms());
+            let elapsed_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.node
+                .tick(self.started_wall_ms.saturating_add(elapsed_ms));
             self.next_tick += self.tick;
             ticks += 1;
         }

@@ -18,10 +18,17 @@ pub struct Args {
     /// The node's TOML config (see etc/node1.toml for every key).
     #[arg(long, value_name = "FILE")]
     config: PathBuf,
+    /// This node's disk was lost: start on an empty (or missing) log although the data
+    /// directory says the node ran before, and neither vote nor campaign in a group until
+    /// it caught up with that group's master. Safe only while the other members still hold
+    /// a majority of the old voters' data (README: "A node that lost its disk").
+    #[arg(long)]
+    rejoin_empty: bool,
 }
 
 pub fn run(args: &Args) -> CommandResult {
-    let config = ServerConfig::load(&args.config)?;
+    let mut config = ServerConfig::load(&args.config)?;
+    config.rejoin_empty = args.rejoin_empty;
     crate::logging::init("info");
     let runtime = runtime()?;
     runtime.block_on(async {

@@ -1214,7 +1214,7 @@ fn a_config_with_a_bad_key_is_refused_with_the_key_named() {
         &run(&["node", "--config", path.to_str().unwrap()], b""),
         "queue_count",
     );
-    std::fs::write(&path, sample.replace("lease_ticks = 6", "lease_ticks = 9")).unwrap();
+    std::fs::write(&path, sample.replace("lease_ticks = 7", "lease_ticks = 9")).unwrap();
     refused(
         &run(&["node", "--config", path.to_str().unwrap()], b""),
         "timing.lease_ticks",
@@ -2061,4 +2061,161 @@ fn receive_prints_delivery_counts_ack_moves_the_cursor_and_unacked_messages_come
         b"",
     );
     refused_with(&long_wait, "INVALID_ARGUMENT");
+}
+
+// ---------------------------------------------------------------------------------------------
+// A node that lost its disk (ARCHITECTURE, "the data directory's history"; README, "A node
+// that lost its disk").
+
+/// Every group's applied index as node `id` sees it, or `None` if it does not answer.
+fn applied_indexes(
+    runtime: &tokio::runtime::Runtime,
+    store: &Store,
+    id: usize,
+) -> Option<Vec<u64>> {
+    runtime.block_on(async {
+        use phxq_proto::api::{self, phxq_client::PhxqClient};
+        let mut client = PhxqClient::connect(format!("http://{}", store.server(id)))
+            .await
+            .ok()?;
+        let status = client
+            .cluster_status(api::ClusterStatusRequest {})
+            .await
+            .ok()?
+            .into_inner();
+        Some(status.groups.iter().map(|g| g.applied_index).collect())
+    })
+}
+
+impl Store {
+    /// Node `id` started with more arguments (`--rejoin-empty`).
+    fn spawn_with(&self, id: usize, extra: &[&str]) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("node{id}.log")))
+            .expect("log file");
+        phxq()
+            .args(["node", "--config", self.config_path(id).to_str().unwrap()])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn phxq node")
+    }
+
+    fn data_dir(&self, id: usize) -> PathBuf {
+        self.dir.path().join(format!("node-{id}"))
+    }
+
+    /// Stops node `id` with SIGTERM and waits for a clean exit.
+    fn stop(&mut self, id: usize) {
+        let mut node = self.nodes[id - 1].take().expect("node running");
+        terminate(&node);
+        let status = wait_exit(&mut node, STOP_TIMEOUT).expect("stops after SIGTERM");
+        assert!(status.success(), "node {id}: {status:?}\n{}", self.log(id));
+    }
+
+    /// Starts node `id` and expects it to exit non-zero on its own, saying `expected`.
+    fn refused_start(&self, id: usize, expected: &str) {
+        let before = self.log(id).len();
+        let mut node = self.spawn(id);
+        let status = wait_exit(&mut node, READY_TIMEOUT).unwrap_or_else(|| {
+            let _ = node.kill();
+            panic!("node {id} kept running:\n{}", self.log(id))
+        });
+        let log = self.log(id)[before..].to_string();
+        assert!(!status.success(), "node {id} must fail: {log}");
+        assert!(
+            log.contains(expected),
+            "node {id} must say {expected:?}:\n{log}"
+        );
+    }
+}
+
+/// Produces `count` keyless lines `PREFIX-i` through node 2; returns them.
+fn produce_lines(store: &Store, prefix: &str, count: usize) -> Vec<String> {
+    let lines: Vec<String> = (0..count).map(|i| format!("{prefix}-{i}")).collect();
+    let input = lines.join("\n") + "\n";
+    let produced = store.produce(&[], input.as_bytes());
+    assert!(produced.status.success(), "{}", text(&produced.stderr));
+    lines
+}
+
+/// Node 3 rejoined with `--rejoin-empty`: once it applied what node 1 applied in every group,
+/// every acknowledged line is consumable with node 1 stopped (node 3 and node 2 serve) and
+/// again with node 2 stopped (node 3 and node 1 serve): node 3 holds the acknowledged log.
+fn check_rejoined(store: &mut Store, acknowledged: &[String]) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        let (three, one) = (
+            applied_indexes(&runtime, store, 3),
+            applied_indexes(&runtime, store, 1),
+        );
+        if three.is_some() && three == one {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 3 did not catch up: {three:?} vs {one:?}\n{}",
+            store.log(3)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut expected = acknowledged.to_vec();
+    expected.sort();
+    for (stopped, group) in [(1, "g1"), (2, "audit")] {
+        store.stop(stopped);
+        let mut values: Vec<String> = store
+            .consume_all(group)
+            .iter()
+            .map(|m| m["value"].as_str().unwrap().to_string())
+            .collect();
+        values.sort();
+        assert_eq!(values, expected, "with node {stopped} stopped");
+        store.nodes[stopped - 1] = Some(store.spawn(stopped));
+        store.wait_ready();
+    }
+}
+
+#[test]
+fn a_node_whose_wal_was_wiped_refuses_to_start_and_rejoins_only_with_rejoin_empty() {
+    let mut store = Store::start();
+    let mut acknowledged = produce_lines(&store, "before", 40);
+    store.stop(3);
+    std::fs::remove_dir_all(store.data_dir(3).join("wal")).unwrap();
+    store.refused_start(3, "--rejoin-empty");
+    assert!(
+        store.log(3).contains("INITIALIZED records term"),
+        "{}",
+        store.log(3)
+    );
+    assert!(
+        !store.data_dir(3).join("wal").exists(),
+        "a refused start creates no empty log"
+    );
+    acknowledged.extend(produce_lines(&store, "down", 20));
+
+    store.nodes[2] = Some(store.spawn_with(3, &["--rejoin-empty"]));
+    acknowledged.extend(produce_lines(&store, "rejoining", 20));
+    check_rejoined(&mut store, &acknowledged);
+}
+
+#[test]
+fn a_wiped_data_dir_stops_at_its_masters_first_heartbeat_and_rejoins_with_rejoin_empty() {
+    let mut store = Store::start();
+    let mut acknowledged = produce_lines(&store, "before", 40);
+    store.stop(3);
+    std::fs::remove_dir_all(store.data_dir(3)).unwrap();
+    // It looks new to itself; the masters remember it.
+    store.refused_start(3, "lost entries it acknowledged");
+    assert!(store.log(3).contains("--rejoin-empty"), "{}", store.log(3));
+    acknowledged.extend(produce_lines(&store, "down", 20));
+
+    store.nodes[2] = Some(store.spawn_with(3, &["--rejoin-empty"]));
+    acknowledged.extend(produce_lines(&store, "rejoining", 20));
+    check_rejoined(&mut store, &acknowledged);
 }
