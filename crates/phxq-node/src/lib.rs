@@ -23,6 +23,8 @@ mod replica;
 #[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]
+pub mod tls;
+#[cfg(feature = "server")]
 pub mod transport;
 
 pub use node::{
