@@ -19,6 +19,7 @@
 pub mod config;
 pub mod coordinator;
 mod node;
+mod peer_filter;
 mod replica;
 #[cfg(feature = "server")]
 pub mod server;

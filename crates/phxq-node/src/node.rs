@@ -387,6 +387,9 @@ pub struct NodeCounters {
     pub snapshots_installed: u64,
     /// Log compactions.
     pub compactions: u64,
+    /// Peer raft messages dropped before stepping (see `peer_filter`): types a peer never
+    /// sends, or fields raft-rs would panic on or be misled by.
+    pub peer_messages_rejected: u64,
 }
 
 /// What a round hands the shell.
@@ -459,6 +462,8 @@ pub struct Node {
     out: Output,
     compact_due: bool,
     counters: NodeCounters,
+    /// Why the last peer message was dropped, for the shell's (rate-limited) log.
+    last_peer_rejection: Option<String>,
 }
 
 impl Node {
@@ -506,6 +511,7 @@ impl Node {
             out: Output::default(),
             compact_due: false,
             counters: NodeCounters::default(),
+            last_peer_rejection: None,
         })
     }
 
@@ -573,10 +579,23 @@ impl Node {
             if let Some(replica) = usize::try_from(group.0)
                 .ok()
                 .and_then(|g| self.replicas.get_mut(g))
+                && let Err(reason) = replica.step(message, heard_tick)
             {
-                replica.step(message, heard_tick);
+                self.counters.peer_messages_rejected += 1;
+                self.last_peer_rejection = Some(format!("{from}, {group}: {reason}"));
             }
         }
+    }
+
+    /// The counters so far (what [`Node::status`] reports, without building the rest).
+    pub fn status_counters(&self) -> NodeCounters {
+        self.counters
+    }
+
+    /// Why the last peer message was dropped before stepping, if any was (counted in
+    /// [`NodeCounters::peer_messages_rejected`]).
+    pub fn last_peer_rejection(&self) -> Option<&str> {
+        self.last_peer_rejection.as_deref()
     }
 
     /// A client request; its answer comes out of a later round (or this one's `tick`s for a

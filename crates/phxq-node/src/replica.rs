@@ -203,7 +203,21 @@ impl Replica {
         self.raw.tick();
     }
 
-    pub(crate) fn step(&mut self, message: eraftpb::Message, now_tick: u64) {
+    /// Steps a peer's message if [`crate::peer_filter::check`] lets it through; otherwise
+    /// drops it and says why.
+    pub(crate) fn step(
+        &mut self,
+        message: eraftpb::Message,
+        now_tick: u64,
+    ) -> Result<(), crate::peer_filter::Rejection> {
+        let mut voters: Vec<u64> = self.members.iter().map(|m| m.0).collect();
+        voters.sort_unstable();
+        crate::peer_filter::check(&self.raw.raft, &voters, &message)?;
+        self.step_checked(message, now_tick);
+        Ok(())
+    }
+
+    fn step_checked(&mut self, message: eraftpb::Message, now_tick: u64) {
         let from = message.from;
         let term = message.term;
         let answer = matches!(
