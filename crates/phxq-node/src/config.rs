@@ -243,7 +243,10 @@ struct LimitsSection {
 }
 
 /// The `[tls]` section: all three files, or an explicit opt-out, never neither or both.
-fn peer_tls(section: Option<&TlsSection>, data_dir: &Path) -> Result<Option<CertFiles>, ConfigError> {
+fn peer_tls(
+    section: Option<&TlsSection>,
+    data_dir: &Path,
+) -> Result<Option<CertFiles>, ConfigError> {
     let required = "peer TLS is required: set ca, cert and key (make them with `phxq cert`), \
                     or insecure_peer_plaintext = true where the peer port is private";
     let Some(section) = section else {
@@ -788,7 +791,11 @@ mod tests {
         let config = ServerConfig::parse(SAMPLE).expect("valid");
         let files = config.peer_tls.expect("TLS files");
         assert_eq!(files.ca, PathBuf::from("/etc/phxq/ca.pem"), "absolute kept");
-        assert_eq!(files.cert, PathBuf::from("data/n2/tls/node-2.pem"), "under data_dir");
+        assert_eq!(
+            files.cert,
+            PathBuf::from("data/n2/tls/node-2.pem"),
+            "under data_dir"
+        );
         assert_eq!(files.key, PathBuf::from("data/n2/tls/node-2.key"));
         let tls = SAMPLE.find("[tls]").unwrap();
         let without = &SAMPLE[..tls];

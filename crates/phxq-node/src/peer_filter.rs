@@ -100,7 +100,10 @@ fn check_append<S: Storage>(raft: &Raft<S>, message: &Message) -> Result<(), Rej
             return Err(format!("append entry {} changes membership", entry.index));
         }
         if entry.term < term || entry.term > message.term {
-            return Err(format!("append entry {} has term {}", entry.index, entry.term));
+            return Err(format!(
+                "append entry {} has term {}",
+                entry.index, entry.term
+            ));
         }
         term = entry.term;
     }

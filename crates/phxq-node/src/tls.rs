@@ -195,10 +195,9 @@ impl PeerTls {
         let key = load_key(&files.key)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config_error = |error: rustls::Error| TlsError::Config(error.to_string());
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-                .build()
-                .map_err(|error| TlsError::Config(error.to_string()))?;
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .map_err(|error| TlsError::Config(error.to_string()))?;
         let server = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(config_error)?
@@ -351,6 +350,9 @@ mod tests {
         assert_eq!(other_store.node_of(&chain, &peers), None);
         let before = std::fs::read(&files[0].cert).unwrap();
         let again = ensure_store_certs(dir.path(), 42, &[NodeId(1), NodeId(2)]).unwrap();
-        assert_eq!((again, std::fs::read(&files[0].cert).unwrap()), (files, before));
+        assert_eq!(
+            (again, std::fs::read(&files[0].cert).unwrap()),
+            (files, before)
+        );
     }
 }

@@ -1118,6 +1118,180 @@ mod tests {
         .await;
     }
 
+    /// Certificates of store `STORE` (nodes 1 to 3) in `dir`, and node 2's transport on them
+    /// with short timeouts, expecting peers 1 and 3.
+    async fn tls_node(dir: &std::path::Path) -> (Transport, mpsc::UnboundedReceiver<PeerFrame>) {
+        let ids = [NodeId(1), NodeId(2), NodeId(3)];
+        let files = crate::tls::ensure_store_certs(dir, STORE, &ids).unwrap();
+        let mut config = config(2, &[(1, closed_port().await), (3, closed_port().await)]);
+        config.tls = Some(PeerTls::load(&files[1], STORE).unwrap());
+        config.handshake_timeout_ms = 300;
+        config.idle_timeout_ms = 600;
+        let (deliver, frames) = collector();
+        (Transport::start(config, deliver).await.unwrap(), frames)
+    }
+
+    /// A TLS connection to `addr` presenting the certificate in `files` (any CA).
+    async fn tls_connect(
+        addr: SocketAddr,
+        files: &crate::tls::CertFiles,
+        server_ca: &crate::tls::CertFiles,
+    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let mut client = PeerTls::load(files, STORE).unwrap().client_config();
+        if files.ca != server_ca.ca {
+            // Trust the real store's server so only the client certificate is foreign.
+            let roots = crate::tls::load_roots(&server_ca.ca).unwrap();
+            let chain = crate::tls::load_certs(&files.cert).unwrap();
+            let key_pem = std::fs::read(&files.key).unwrap();
+            use rustls::pki_types::pem::PemObject;
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&key_pem).unwrap();
+            client = Arc::new(
+                rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_client_auth_cert(chain, key)
+                .unwrap(),
+            );
+        }
+        let stream = TcpStream::connect(addr).await?;
+        let name = rustls::pki_types::ServerName::try_from(crate::tls::node_name(STORE, NodeId(2)))
+            .unwrap();
+        tokio_rustls::TlsConnector::from(client)
+            .connect(name, stream)
+            .await
+    }
+
+    /// Whether the other side closes `stream` within 5 s, whatever it sends first (a TLS
+    /// alert, say).
+    async fn drained_to_close(stream: &mut TcpStream) -> bool {
+        let mut buffer = [0u8; 256];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match tokio::time::timeout_at(deadline, stream.read(&mut buffer)).await {
+                Ok(Ok(0) | Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// A frame from `from` to node 2 of one raft message of `kind`.
+    fn forged(from: u64, kind: MessageType, commit: u64) -> Vec<u8> {
+        let message = Message {
+            msg_type: kind,
+            from,
+            to: 2,
+            term: 1,
+            commit,
+            entries: vec![raft::eraftpb::Entry {
+                data: b"garbage".to_vec().into(),
+                ..Default::default()
+            }]
+            .into(),
+            ..Message::default()
+        };
+        framed(&PeerFrame {
+            store_id: STORE,
+            from: NodeId(from),
+            to: NodeId(2),
+            messages: vec![(GroupId(0), message)],
+        })
+    }
+
+    #[tokio::test]
+    async fn with_tls_only_a_certified_peer_speaking_as_itself_is_heard() {
+        bounded(async {
+            let store = tempfile::tempdir().unwrap();
+            let (node, mut frames) = tls_node(store.path()).await;
+            let addr = node.local_addr();
+            let real = crate::tls::ensure_store_certs(
+                store.path(),
+                STORE,
+                &[NodeId(1), NodeId(2), NodeId(3)],
+            )
+            .unwrap();
+            // (a) No TLS at all: a plaintext frame is a failed handshake.
+            let mut plain = TcpStream::connect(addr).await.unwrap();
+            let _ = plain
+                .write_all(&forged(1, MessageType::MsgPropose, 0))
+                .await;
+            assert!(drained_to_close(&mut plain).await, "plaintext closed");
+            // (b) A certificate for node 1 from another CA.
+            let other = tempfile::tempdir().unwrap();
+            let foreign =
+                crate::tls::ensure_store_certs(other.path(), STORE, &[NodeId(1)]).unwrap();
+            if let Ok(mut stream) = tls_connect(addr, &foreign[0], &real[1]).await {
+                let _ = stream
+                    .write_all(&forged(1, MessageType::MsgPropose, 0))
+                    .await;
+                let mut buffer = [0u8; 16];
+                let read =
+                    tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer)).await;
+                assert!(matches!(read, Ok(Ok(0) | Err(_))), "foreign CA closed");
+            }
+            eventually("both refusals counted", || {
+                node.stats().unauthenticated == 2
+            })
+            .await;
+            // (c) Node 1's real certificate, frames claiming node 3: closed, nothing delivered.
+            let mut liar = tls_connect(addr, &real[0], &real[1]).await.unwrap();
+            liar.write_all(&forged(3, MessageType::MsgHeartbeat, u64::MAX))
+                .await
+                .unwrap();
+            let mut buffer = [0u8; 16];
+            let read = tokio::time::timeout(Duration::from_secs(5), liar.read(&mut buffer)).await;
+            assert!(matches!(read, Ok(Ok(0) | Err(_))), "impostor closed");
+            assert_eq!(node.stats().inbound_rejected, 1);
+            // Node 1 speaking as itself is heard.
+            let mut honest = tls_connect(addr, &real[0], &real[1]).await.unwrap();
+            honest
+                .write_all(&framed(&heartbeat(STORE, 1, 2, 5)))
+                .await
+                .unwrap();
+            assert_eq!(next(&mut frames).await, heartbeat(STORE, 1, 2, 5));
+            assert!(frames.try_recv().is_err(), "nothing forged was delivered");
+            // It goes idle: closed after the idle timeout.
+            let read = tokio::time::timeout(Duration::from_secs(5), honest.read(&mut buffer)).await;
+            assert!(matches!(read, Ok(Ok(0) | Err(_))), "idle connection closed");
+            // A connection that never handshakes is closed too.
+            let mut silent = TcpStream::connect(addr).await.unwrap();
+            assert!(
+                drained_to_close(&mut silent).await,
+                "silent connection closed"
+            );
+            assert_eq!(node.stats().timed_out, 2);
+            node.shutdown().await;
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_256_mib_frame_header_closes_the_connection_before_allocation() {
+        bounded(async {
+            let (deliver, mut frames) = collector();
+            let node = Transport::start(config(2, &[(1, closed_port().await)]), deliver)
+                .await
+                .unwrap();
+            let mut stream = TcpStream::connect(node.local_addr()).await.unwrap();
+            let mut header = Vec::new();
+            header.extend_from_slice(&(256u32 << 20).to_le_bytes());
+            header.extend_from_slice(&[0; 4]);
+            stream.write_all(&header).await.unwrap();
+            // Announced, never sent: the refusal cannot have waited for (or buffered) it.
+            assert!(
+                closed_by_transport(&mut stream).await,
+                "refused at the header"
+            );
+            assert_eq!(node.stats().inbound_rejected, 1);
+            assert!(frames.try_recv().is_err());
+            node.shutdown().await;
+        })
+        .await;
+    }
+
     #[tokio::test]
     async fn a_zero_queue_bound_is_refused() {
         let (deliver, _frames) = collector();

@@ -124,7 +124,6 @@ impl Store {
     }
 }
 
-
 /// A message of `kind` from node `from` to node `to` at `term`.
 fn message(kind: MessageType, from: usize, to: usize, term: u64) -> eraftpb::Message {
     let mut message = eraftpb::Message {
@@ -157,7 +156,11 @@ fn messages_raft_would_panic_on_or_trust_are_dropped_and_counted() {
     let status = store.nodes[master].status().groups[0].clone();
     let (term, last) = (status.term, status.last_index);
     // A fresh store: index 1 is the first master's empty entry, committed everywhere.
-    assert_eq!((status.last_index, status.commit_index), (1, 1), "{status:?}");
+    assert_eq!(
+        (status.last_index, status.commit_index),
+        (1, 1),
+        "{status:?}"
+    );
     assert_eq!(store.nodes[follower].status().groups[0].commit_index, 1);
 
     let mut cases: Vec<(&str, usize, eraftpb::Message)> = Vec::new();
@@ -232,7 +235,11 @@ fn messages_raft_would_panic_on_or_trust_are_dropped_and_counted() {
         MessageType::MsgTransferLeader,
         MessageType::MsgReadIndex,
     ] {
-        cases.push(("a local-only type", master, message(kind, other, master, term)));
+        cases.push((
+            "a local-only type",
+            master,
+            message(kind, other, master, term),
+        ));
     }
 
     for (rejected, (case, to, message)) in cases.into_iter().enumerate() {
@@ -256,6 +263,9 @@ fn messages_raft_would_panic_on_or_trust_are_dropped_and_counted() {
     for _ in 0..20 {
         store.step_all();
     }
-    assert!(store.lease_ms(master).is_some(), "the master kept its lease");
+    assert!(
+        store.lease_ms(master).is_some(),
+        "the master kept its lease"
+    );
     assert_eq!(states(&store)[master].0, term, "no election");
 }
