@@ -55,8 +55,8 @@ pub const PEER_FORMAT_VERSION: u8 = 1;
 
 /// Largest frame payload, in bytes (64 MiB), checked from the header before anything is
 /// allocated: bounds what a peer can make us buffer. Only a frame of one raft message may be
-/// this large (a snapshot, at most 32 MiB, or an append of one entry of a message of up to
-/// 16 MiB); see [`PEER_FRAME_BATCH_BYTES_MAX`].
+/// this large (a snapshot, at most 32 MiB, or an append of one entry, at most
+/// `limits.batch_bytes_max` ≤ 32 MiB); see [`PEER_FRAME_BATCH_BYTES_MAX`].
 pub const PEER_FRAME_BYTES_MAX: usize = 64 << 20;
 
 /// Largest payload of a frame holding more than one message, or a message with more than one
