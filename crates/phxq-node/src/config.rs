@@ -21,7 +21,17 @@
 //! queues = 8
 //! consumer_groups = ["g1"]
 //! # dedup_window = 1000   # producer message ids remembered per queue; 0 = off
+//!
+//! [tls]                                # mutual TLS between the store's nodes (required)
+//! ca = "tls/ca.pem"                    # the store CA; relative paths are under data_dir
+//! cert = "tls/node-1.pem"              # this node's certificate (`phxq cert`)
+//! key = "tls/node-1.key"
+//! # insecure_peer_plaintext = true     # instead of the three above: no TLS (tests only)
 //! ```
+//!
+//! Without a `[tls]` section a config is refused: an unauthenticated peer port lets anyone
+//! who reaches it forge raft messages. `phxq cert` makes the files; `phxq dev` makes them for
+//! its store.
 //!
 //! Sections `[timing]` and `[limits]` are optional and override [`Timing::default`] and the
 //! limits of [`NodeConfig::new`]. `etc/node1.toml` in the repository documents every key.
@@ -44,6 +54,7 @@ use phxq_core::{Retention, StoreLayout, TopicConfig};
 use phxq_types::{DEDUP_WINDOW_DEFAULT, DEDUP_WINDOW_MAX, MESSAGE_BYTES_MAX_DEFAULT, NodeId};
 use serde::Deserialize;
 
+use crate::tls::CertFiles;
 use crate::{NodeConfig, Timing};
 
 /// Replication groups of a store when the config does not say.
@@ -131,6 +142,17 @@ struct File {
     timing: TimingSection,
     #[serde(default)]
     limits: LimitsSection,
+    tls: Option<TlsSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsSection {
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    #[serde(default)]
+    insecure_peer_plaintext: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -230,6 +252,32 @@ struct LimitsSection {
     compact_entries_min: Option<u64>,
 }
 
+/// The `[tls]` section: all three files, or an explicit opt-out, never neither or both.
+fn peer_tls(
+    section: Option<&TlsSection>,
+    data_dir: &Path,
+) -> Result<Option<CertFiles>, ConfigError> {
+    let required = "peer TLS is required: set ca, cert and key (make them with `phxq cert`), \
+                    or insecure_peer_plaintext = true where the peer port is private";
+    let Some(section) = section else {
+        return Err(invalid("tls", required));
+    };
+    let files = (&section.ca, &section.cert, &section.key);
+    match (section.insecure_peer_plaintext, files) {
+        (true, (None, None, None)) => Ok(None),
+        (true, _) => Err(invalid(
+            "tls.insecure_peer_plaintext",
+            "set together with certificate files; choose one",
+        )),
+        (false, (Some(ca), Some(cert), Some(key))) => Ok(Some(CertFiles {
+            ca: data_dir.join(ca),
+            cert: data_dir.join(cert),
+            key: data_dir.join(key),
+        })),
+        (false, _) => Err(invalid("tls", required)),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The validated configuration.
 
@@ -281,6 +329,9 @@ pub struct ServerConfig {
     /// The operator's statement that this node's disk was lost (`phxq node --rejoin-empty`),
     /// never read from the file: see `server.rs`, "the data directory's history".
     pub rejoin_empty: bool,
+    /// Peer TLS files, resolved against `data_dir`; `None` only with
+    /// `insecure_peer_plaintext = true`.
+    pub peer_tls: Option<CertFiles>,
 }
 
 impl ServerConfig {
@@ -353,7 +404,6 @@ impl ServerConfig {
         }
         Ok(ServerConfig {
             node,
-            data_dir: file.node.data_dir,
             client_listen,
             peer_listen,
             store_id: file.store.id,
@@ -362,6 +412,8 @@ impl ServerConfig {
             timing: timing(&file.timing)?,
             limits: limits(&file.limits)?,
             rejoin_empty: false,
+            peer_tls: peer_tls(file.tls.as_ref(), &file.node.data_dir)?,
+            data_dir: file.node.data_dir,
         })
     }
 
@@ -732,6 +784,11 @@ mod tests {
         name = "test"
         queues = 8
         consumer_groups = ["g1"]
+
+        [tls]
+        ca = "/etc/phxq/ca.pem"
+        cert = "tls/node-2.pem"
+        key = "tls/node-2.key"
     "#;
 
     fn refusal(from: &str, to: &str) -> String {
@@ -769,6 +826,29 @@ mod tests {
         let node = config.node_config(9);
         assert_eq!(node.members, [NodeId(1), NodeId(2), NodeId(3)]);
         assert_eq!(node.batch_bytes_max, config.limits.batch_bytes_max);
+    }
+
+    #[test]
+    fn peer_tls_is_required_unless_explicitly_off() {
+        let config = ServerConfig::parse(SAMPLE).expect("valid");
+        let files = config.peer_tls.expect("TLS files");
+        assert_eq!(files.ca, PathBuf::from("/etc/phxq/ca.pem"), "absolute kept");
+        assert_eq!(
+            files.cert,
+            PathBuf::from("data/n2/tls/node-2.pem"),
+            "under data_dir"
+        );
+        assert_eq!(files.key, PathBuf::from("data/n2/tls/node-2.key"));
+        let tls = SAMPLE.find("[tls]").unwrap();
+        let without = &SAMPLE[..tls];
+        let error = ServerConfig::parse(without).unwrap_err().to_string();
+        assert!(error.contains("peer TLS is required"), "{error}");
+        let plaintext = format!("{without}[tls]\ninsecure_peer_plaintext = true\n");
+        assert_eq!(ServerConfig::parse(&plaintext).unwrap().peer_tls, None);
+        let both = refusal("[tls]\n", "[tls]\ninsecure_peer_plaintext = true\n");
+        assert!(both.contains("tls.insecure_peer_plaintext"), "{both}");
+        let partial = refusal("key = \"tls/node-2.key\"", "");
+        assert!(partial.contains("peer TLS is required"), "{partial}");
     }
 
     #[test]

@@ -19,9 +19,12 @@
 pub mod config;
 pub mod coordinator;
 mod node;
+mod peer_filter;
 mod replica;
 #[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "server")]
+pub mod tls;
 #[cfg(feature = "server")]
 pub mod transport;
 

@@ -12,7 +12,7 @@ use phxq_types::{
 };
 use raft::eraftpb;
 
-use crate::replica::{AnswerAs, Replica};
+use crate::replica::{AnswerAs, Replica, StepRefusal};
 
 /// A client request's number, chosen by the caller; answers carry it back.
 pub type RequestId = u64;
@@ -397,6 +397,9 @@ pub struct NodeCounters {
     /// Compactions not written because the snapshot was over the log's limit (a state grown
     /// before the snapshot budget; see `Replica::compact`).
     pub compactions_refused: u64,
+    /// Peer raft messages dropped before stepping (see `peer_filter`): types a peer never
+    /// sends, or fields raft-rs would panic on or be misled by.
+    pub peer_messages_rejected: u64,
 }
 
 /// What a round hands the shell.
@@ -508,6 +511,8 @@ pub struct Node {
     counters: NodeCounters,
     /// A failure seen while stepping a peer's message, returned by the next round.
     fatal: Option<NodeError>,
+    /// Why the last peer message was dropped, for the shell's (rate-limited) log.
+    last_peer_rejection: Option<String>,
 }
 
 impl Node {
@@ -567,6 +572,7 @@ impl Node {
             compact_due: false,
             counters: NodeCounters::default(),
             fatal: None,
+            last_peer_rejection: None,
         })
     }
 
@@ -651,11 +657,30 @@ impl Node {
             if let Some(replica) = usize::try_from(group.0)
                 .ok()
                 .and_then(|g| self.replicas.get_mut(g))
-                && let Err(error) = replica.step(message, heard_tick)
+                && let Err(refusal) = replica.step(message, heard_tick)
             {
-                self.fatal.get_or_insert(error);
+                match refusal {
+                    StepRefusal::Fatal(error) => {
+                        self.fatal.get_or_insert(error);
+                    }
+                    StepRefusal::Dropped(reason) => {
+                        self.counters.peer_messages_rejected += 1;
+                        self.last_peer_rejection = Some(format!("{from}, {group}: {reason}"));
+                    }
+                }
             }
         }
+    }
+
+    /// The counters so far (what [`Node::status`] reports, without building the rest).
+    pub fn status_counters(&self) -> NodeCounters {
+        self.counters
+    }
+
+    /// Why the last peer message was dropped before stepping, if any was (counted in
+    /// [`NodeCounters::peer_messages_rejected`]).
+    pub fn last_peer_rejection(&self) -> Option<&str> {
+        self.last_peer_rejection.as_deref()
     }
 
     /// A client request; its answer comes out of a later round (or this one's `tick`s for a

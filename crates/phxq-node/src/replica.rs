@@ -148,6 +148,15 @@ pub(crate) struct Replica {
     lease_void_until: u64,
 }
 
+/// Why a peer's message was not stepped.
+#[derive(Debug)]
+pub(crate) enum StepRefusal {
+    /// Dropped: a type a peer never sends, or fields raft-rs would panic on or be misled by.
+    Dropped(crate::peer_filter::Rejection),
+    /// The message shows this node lost its log: the node must stop.
+    Fatal(NodeError),
+}
+
 impl Replica {
     pub(crate) fn open(
         config: &NodeConfig,
@@ -269,14 +278,15 @@ impl Replica {
         }
     }
 
-    /// Steps a peer's message. Vote requests are dropped while this group may not vote; a
-    /// heartbeat whose commit is past this node's log (raft-rs would panic) means the log was
-    /// lost: an error, unless the operator said so (`--rejoin-empty`).
+    /// Steps a peer's message. Vote requests are dropped while this group may not vote. A
+    /// heartbeat whose commit is past an empty log (raft-rs would panic) means this node's
+    /// log was lost: an error, unless the operator said so (`--rejoin-empty`). Everything
+    /// else passes [`crate::peer_filter::check`] first, or is dropped with the reason.
     pub(crate) fn step(
         &mut self,
         mut message: eraftpb::Message,
         now_tick: u64,
-    ) -> Result<(), NodeError> {
+    ) -> Result<(), StepRefusal> {
         let from = message.from;
         let term = message.term;
         let kind = message.get_msg_type();
@@ -290,9 +300,18 @@ impl Replica {
         if (vote && !self.may_vote()) || campaign {
             return Ok(());
         }
-        if kind == MessageType::MsgHeartbeat {
-            self.check_heartbeat_commit(&mut message)?;
+        // A node with a log of its own that hears of a commit past it is misled (a buggy
+        // peer): the filter drops that. An empty one was wiped (see `check_heartbeat_commit`).
+        if kind == MessageType::MsgHeartbeat
+            && (self.rejoin.is_some() || self.raw.raft.raft_log.last_index() == 0)
+        {
+            self.check_heartbeat_commit(&mut message)
+                .map_err(StepRefusal::Fatal)?;
         }
+        let mut voters: Vec<u64> = self.members.iter().map(|m| m.0).collect();
+        voters.sort_unstable();
+        crate::peer_filter::check(&self.raw.raft, &voters, &message)
+            .map_err(StepRefusal::Dropped)?;
         self.note_rejoin_progress(&message);
         if kind == MessageType::MsgAppendResponse && message.reject {
             self.forget_lost_progress(&message);

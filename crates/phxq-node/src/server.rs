@@ -140,6 +140,9 @@ pub enum ServerError {
     /// A thread could not be started, or ended by a panic.
     #[error("{0}")]
     Thread(String),
+    /// The peer TLS files are missing or unusable.
+    #[error("peer TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -417,12 +420,19 @@ fn start_transport(
             }
         }
     });
+    let tls = match &config.peer_tls {
+        Some(files) => Some(crate::tls::PeerTls::load(files, config.store_id)?),
+        None => None,
+    };
     let transport_config = TransportConfig {
         store_id: config.store_id,
         me: config.node,
         listen: peer_addr,
         peers: config.members.iter().map(|m| (m.id, m.peer_addr)).collect(),
         queue_frames_max: PEER_QUEUE_FRAMES_MAX,
+        tls,
+        idle_timeout_ms: crate::transport::IDLE_TIMEOUT_MS,
+        handshake_timeout_ms: crate::transport::HANDSHAKE_TIMEOUT_MS,
     };
     Transport::start_on(listener, transport_config, deliver).map_err(|source| ServerError::Bind {
         what: "peer",
@@ -673,9 +683,17 @@ impl EventLoop {
 
     fn handle(&mut self, input: Input, heard_tick: u64) {
         match input {
-            Input::Peer(frame) => self
-                .node
-                .step_heard_at(frame.from, frame.messages, heard_tick),
+            Input::Peer(frame) => {
+                let before = self.node.status_counters().peer_messages_rejected;
+                self.node
+                    .step_heard_at(frame.from, frame.messages, heard_tick);
+                let after = self.node.status_counters().peer_messages_rejected;
+                // Say so at the first rejection and then at every power of two.
+                if (before + 1..=after).any(u64::is_power_of_two) {
+                    let reason = self.node.last_peer_rejection().unwrap_or_default();
+                    tracing::warn!(count = after, %reason, "peer raft messages dropped");
+                }
+            }
             Input::Client(request, reply) => {
                 if self.stopping.load(Ordering::SeqCst) {
                     let _ = reply.send(stopped_response());
@@ -1398,6 +1416,7 @@ fn counters(c: &crate::NodeCounters) -> api::NodeCounters {
         messages: c.messages,
         snapshots_installed: c.snapshots_installed,
         compactions: c.compactions,
+        peer_messages_rejected: c.peer_messages_rejected,
     }
 }
 
@@ -1671,6 +1690,8 @@ mod tests {
             name = "t"
             queues = 4
             consumer_groups = ["g"]
+            [tls]
+            insecure_peer_plaintext = true
             "#,
         )
         .expect("valid config");

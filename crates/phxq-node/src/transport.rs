@@ -16,8 +16,17 @@
 //! warning); the node keeps running and other connections are untouched. A new connection
 //! from a node replaces its older one (the older may be half-open after a crash of the peer).
 //!
-//! Not here yet: authentication and encryption. The peer port must be reachable only by the
-//! store's nodes.
+//! With [`PeerTls`] (the default of a node config), every connection is mutual TLS 1.3: the
+//! dialer checks that the listener's certificate, from the store CA, names the node it dials;
+//! the listener requires a client certificate from the store CA naming one configured peer,
+//! and that node is the connection's sender: a frame claiming another `from` closes it. So
+//! only a node itself can replace its own older connection. Without TLS (tests, explicitly)
+//! the sender is whoever the first frame claims.
+//!
+//! Limits on inbound connections: the TLS handshake and the first frame within
+//! [`HANDSHAKE_TIMEOUT_MS`], then a frame at least every [`IDLE_TIMEOUT_MS`] (a live peer
+//! sends heartbeats far more often), frames capped before allocation
+//! ([`phxq_proto::peer::PEER_FRAME_BYTES_MAX`]), at most [`INBOUND_CONNECTIONS_MAX`] open.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -27,14 +36,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use phxq_proto::peer::{
-    PeerFrame, STREAM_HEADER_BYTES, append_stream_frame, decode_peer_frame, read_stream_payload,
+    PEER_FRAME_BATCH_BYTES_MAX, PeerFrame, STREAM_HEADER_BYTES, append_stream_frame,
+    decode_peer_frame, read_stream_payload,
 };
 use phxq_types::{NodeId, Rng};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
+
+use crate::tls::PeerTls;
 
 /// First reconnect delay after a failed connection, in milliseconds.
 pub const RECONNECT_BACKOFF_MIN_MS: u64 = 50;
@@ -49,6 +60,17 @@ pub const WRITE_TIMEOUT_MS: u64 = 10_000;
 pub const WRITE_BATCH_BYTES_MAX: usize = 4 << 20;
 /// Most inbound connections open at once; more are closed on accept.
 pub const INBOUND_CONNECTIONS_MAX: usize = 256;
+/// How long an inbound connection has for its TLS handshake and first frame, in milliseconds:
+/// a connection that does neither cannot hold one of the [`INBOUND_CONNECTIONS_MAX`] places.
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
+/// An inbound connection with no frame for this long is closed, in milliseconds. Peers send
+/// heartbeats every few hundred milliseconds, so a live peer is never idle this long.
+pub const IDLE_TIMEOUT_MS: u64 = 30_000;
+
+/// A peer connection's byte stream: TCP, or TLS over TCP.
+trait PeerStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> PeerStream for T {}
+type BoxedStream = Box<dyn PeerStream>;
 
 /// Where a transport listens, whom it talks to, and its limits.
 #[derive(Clone, Debug)]
@@ -63,6 +85,14 @@ pub struct TransportConfig {
     pub peers: BTreeMap<NodeId, SocketAddr>,
     /// Most frames queued for one peer; more are dropped until the queue drains.
     pub queue_frames_max: usize,
+    /// Mutual TLS between the store's nodes; `None` only where a config opts out.
+    pub tls: Option<PeerTls>,
+    /// How long an inbound connection may go without a frame, in milliseconds
+    /// ([`IDLE_TIMEOUT_MS`]; tests shorten it).
+    pub idle_timeout_ms: u64,
+    /// How long an inbound connection has for its handshake and first frame, in milliseconds
+    /// ([`HANDSHAKE_TIMEOUT_MS`]; tests shorten it).
+    pub handshake_timeout_ms: u64,
 }
 
 /// Counters since the transport started.
@@ -86,6 +116,10 @@ pub struct TransportStats {
     /// Inbound connections closed for bad input (bad checksum, malformed, wrong store, wrong
     /// node, over the limit) or refused over [`INBOUND_CONNECTIONS_MAX`].
     pub inbound_rejected: u64,
+    /// Inbound connections whose TLS handshake failed or whose certificate names no peer.
+    pub unauthenticated: u64,
+    /// Inbound connections closed for a handshake or first frame too slow, or idleness.
+    pub timed_out: u64,
 }
 
 /// A running transport. Cheap to clone; the tasks stop on [`Transport::shutdown`] or when the
@@ -130,6 +164,8 @@ struct Counters {
     connects: AtomicU64,
     connection_errors: AtomicU64,
     inbound_rejected: AtomicU64,
+    unauthenticated: AtomicU64,
+    timed_out: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, by: u64) {
@@ -172,6 +208,7 @@ impl Transport {
             let task = OutboundTask {
                 peer,
                 addr,
+                tls: config.tls.clone(),
                 queued,
                 reachable: reachable.clone(),
                 counters: counters.clone(),
@@ -187,6 +224,9 @@ impl Transport {
                 store_id: config.store_id,
                 me: config.me,
                 peers: peers.keys().copied().collect(),
+                tls: config.tls.clone(),
+                handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
+                idle_timeout: Duration::from_millis(config.idle_timeout_ms),
             }),
             deliver,
             counters: counters.clone(),
@@ -248,6 +288,8 @@ impl Transport {
             connects: get(&c.connects),
             connection_errors: get(&c.connection_errors),
             inbound_rejected: get(&c.inbound_rejected),
+            unauthenticated: get(&c.unauthenticated),
+            timed_out: get(&c.timed_out),
         }
     }
 
@@ -283,6 +325,7 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 struct OutboundTask {
     peer: NodeId,
     addr: SocketAddr,
+    tls: Option<PeerTls>,
     queued: mpsc::Receiver<PeerFrame>,
     reachable: Arc<AtomicBool>,
     counters: Arc<Counters>,
@@ -306,13 +349,13 @@ impl OutboundTask {
         loop {
             let connect = tokio::time::timeout(
                 Duration::from_millis(CONNECT_TIMEOUT_MS),
-                TcpStream::connect(self.addr),
+                connect(self.addr, self.peer, self.tls.clone()),
             );
             let connected = tokio::select! {
                 () = stopped(&mut self.shutdown) => return,
                 connected = connect => connected.unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())),
             };
-            match connected.and_then(|stream| stream.set_nodelay(true).map(|()| stream)) {
+            match connected {
                 Ok(stream) => {
                     tracing::info!(peer = %self.peer, addr = %self.addr, "connected to peer");
                     bump(&self.counters.connects, 1);
@@ -362,8 +405,8 @@ impl OutboundTask {
 
     /// Writes queued frames until the connection fails or the transport stops. The peer never
     /// writes on this connection; reading only detects that it closed.
-    async fn serve(&mut self, stream: TcpStream) -> Ended {
-        let (mut reader, mut writer) = stream.into_split();
+    async fn serve(&mut self, stream: BoxedStream) -> Ended {
+        let (mut reader, mut writer) = tokio::io::split(stream);
         let mut batch = Vec::new();
         loop {
             let first = tokio::select! {
@@ -402,12 +445,11 @@ impl OutboundTask {
         let mut frames = 0;
         let mut next = Some(first);
         while let Some(frame) = next.take() {
-            match append_stream_frame(batch, &frame) {
-                Ok(()) => frames += 1,
-                Err(error) => {
-                    tracing::warn!(peer = %self.peer, %error, "frame too large to send; dropped");
-                    bump(&self.counters.frames_dropped, 1);
-                }
+            let (sent, dropped) = append_split(batch, frame);
+            frames += sent;
+            if dropped > 0 {
+                tracing::warn!(peer = %self.peer, dropped, "raft message too large to send; dropped");
+                bump(&self.counters.frames_dropped, dropped);
             }
             if batch.len() < WRITE_BATCH_BYTES_MAX {
                 next = self.queued.try_recv().ok();
@@ -417,13 +459,58 @@ impl OutboundTask {
     }
 }
 
-async fn write_batch(writer: &mut OwnedWriteHalf, batch: &[u8]) -> io::Result<()> {
+/// Appends `frame` to `batch`, split into one frame per message when it is over
+/// [`PEER_FRAME_BATCH_BYTES_MAX`] (receivers refuse a larger frame of several messages);
+/// returns the frames appended and the messages dropped as too large even alone.
+fn append_split(batch: &mut Vec<u8>, frame: PeerFrame) -> (u64, u64) {
+    let start = batch.len();
+    let fits = append_stream_frame(batch, &frame).is_ok();
+    if fits && batch.len() - start - STREAM_HEADER_BYTES <= PEER_FRAME_BATCH_BYTES_MAX {
+        return (1, 0);
+    }
+    batch.truncate(start);
+    if frame.messages.len() <= 1 {
+        // One message: within the frame limit it goes alone, else nothing can carry it.
+        return if fits && append_stream_frame(batch, &frame).is_ok() {
+            (1, 0)
+        } else {
+            (0, frame.messages.len() as u64)
+        };
+    }
+    let (mut sent, mut dropped) = (0, 0);
+    let (store_id, from, to) = (frame.store_id, frame.from, frame.to);
+    for message in frame.messages {
+        let single = PeerFrame {
+            store_id,
+            from,
+            to,
+            messages: vec![message],
+        };
+        let (s, d) = append_split(batch, single);
+        (sent, dropped) = (sent + s, dropped + d);
+    }
+    (sent, dropped)
+}
+
+/// A TCP connection to `peer`, with TLS proving it is `peer` when configured.
+async fn connect(addr: SocketAddr, peer: NodeId, tls: Option<PeerTls>) -> io::Result<BoxedStream> {
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let Some(tls) = tls else {
+        return Ok(Box::new(stream));
+    };
+    let connector = tokio_rustls::TlsConnector::from(tls.client_config());
+    let stream = connector.connect(tls.server_name(peer), stream).await?;
+    Ok(Box::new(stream))
+}
+
+async fn write_batch(writer: &mut WriteHalf<BoxedStream>, batch: &[u8]) -> io::Result<()> {
     writer.write_all(batch).await?;
     writer.flush().await
 }
 
 /// Resolves when the peer closes an outbound connection or sends on it (which it must not).
-async fn peer_closed(reader: &mut OwnedReadHalf) -> io::Error {
+async fn peer_closed(reader: &mut ReadHalf<BoxedStream>) -> io::Error {
     let mut byte = [0u8; 1];
     match reader.read(&mut byte).await {
         Ok(0) => io::Error::new(
@@ -442,10 +529,14 @@ async fn peer_closed(reader: &mut OwnedReadHalf) -> io::Error {
 // Inbound
 
 /// What an inbound frame must satisfy.
+/// What an inbound connection must satisfy: the handshake, then every frame.
 struct FrameCheck {
     store_id: u64,
     me: NodeId,
     peers: Vec<NodeId>,
+    tls: Option<PeerTls>,
+    handshake_timeout: Duration,
+    idle_timeout: Duration,
 }
 
 impl FrameCheck {
@@ -515,6 +606,7 @@ impl InboundTask {
                             latest: self.latest.clone(),
                             retired: Arc::new(Notify::new()),
                             sender: None,
+                            registered: false,
                         };
                         connections.spawn(connection.run(stream));
                     }
@@ -541,13 +633,77 @@ struct InboundConnection {
     latest: Latest,
     /// Notified when a newer connection from the same node replaces this one.
     retired: Arc<Notify>,
-    /// The node this connection's frames come from, fixed by its first valid frame.
+    /// The node this connection's frames come from: named by its certificate, or (without
+    /// TLS) fixed by its first valid frame.
     sender: Option<NodeId>,
+    /// Whether this connection has replaced its sender's older one (after its first frame).
+    registered: bool,
+}
+
+/// Why an inbound connection's handshake failed.
+enum Refused {
+    TimedOut,
+    Unauthenticated(String),
 }
 
 impl InboundConnection {
-    async fn run(mut self, mut stream: TcpStream) {
+    async fn run(mut self, stream: TcpStream) {
+        let mut shutdown = self.shutdown.clone();
+        let handshake = tokio::time::timeout(self.check.handshake_timeout, self.handshake(stream));
+        let stream = tokio::select! {
+            () = stopped(&mut shutdown) => return,
+            done = handshake => match done {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(Refused::Unauthenticated(reason))) => {
+                    tracing::warn!(remote = %self.remote, %reason, "peer connection refused");
+                    bump(&self.counters.unauthenticated, 1);
+                    return;
+                }
+                Err(_) | Ok(Err(Refused::TimedOut)) => {
+                    tracing::warn!(remote = %self.remote, "peer connection handshake timed out");
+                    bump(&self.counters.timed_out, 1);
+                    return;
+                }
+            },
+        };
+        self.serve(stream).await;
+        if let Some(sender) = self.sender.filter(|_| self.registered) {
+            let mut latest = self.latest.lock().expect("latest lock");
+            if latest.get(&sender).is_some_and(|(id, _)| *id == self.id) {
+                latest.remove(&sender);
+            }
+        }
+    }
+
+    /// TLS (when configured): the client certificate must name a peer, which becomes the
+    /// connection's sender.
+    async fn handshake(&mut self, stream: TcpStream) -> Result<BoxedStream, Refused> {
+        let Some(tls) = &self.check.tls else {
+            return Ok(Box::new(stream));
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+        let stream = acceptor.accept(stream).await.map_err(|error| {
+            if error.kind() == io::ErrorKind::TimedOut {
+                Refused::TimedOut
+            } else {
+                Refused::Unauthenticated(format!("TLS handshake: {error}"))
+            }
+        })?;
+        let chain = stream.get_ref().1.peer_certificates().unwrap_or_default();
+        let Some(node) = tls.node_of(chain, &self.check.peers) else {
+            return Err(Refused::Unauthenticated(
+                "certificate names no peer of this store".into(),
+            ));
+        };
+        self.sender = Some(node);
+        Ok(Box::new(stream))
+    }
+
+    /// Reads frames until the connection ends, fails a check, idles or is replaced. The first
+    /// frame must come within the handshake timeout, later ones within the idle timeout.
+    async fn serve(&mut self, mut stream: BoxedStream) {
         let retired = self.retired.clone();
+        let mut wait = self.check.handshake_timeout;
         loop {
             let read = tokio::select! {
                 () = stopped(&mut self.shutdown) => break,
@@ -555,28 +711,23 @@ impl InboundConnection {
                     tracing::debug!(remote = %self.remote, "inbound peer connection replaced by a newer one");
                     break;
                 }
-                read = read_stream_payload(&mut stream) => read,
+                read = tokio::time::timeout(wait, read_stream_payload(&mut stream)) => read,
             };
-            match read {
+            let Ok(read) = read else {
+                tracing::warn!(remote = %self.remote, "inbound peer connection idle; closing it");
+                bump(&self.counters.timed_out, 1);
+                break;
+            };
+            wait = self.check.idle_timeout;
+            let outcome = match read {
                 Ok(None) => break,
-                Ok(Some(payload)) => {
-                    if let Err(reason) = self.accept(&payload) {
-                        tracing::warn!(remote = %self.remote, %reason, "closing inbound peer connection");
-                        bump(&self.counters.inbound_rejected, 1);
-                        break;
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(remote = %self.remote, %error, "closing inbound peer connection");
-                    bump(&self.counters.inbound_rejected, 1);
-                    break;
-                }
-            }
-        }
-        if let Some(sender) = self.sender {
-            let mut latest = self.latest.lock().expect("latest lock");
-            if latest.get(&sender).is_some_and(|(id, _)| *id == self.id) {
-                latest.remove(&sender);
+                Ok(Some(payload)) => self.accept(&payload),
+                Err(error) => Err(error.to_string()),
+            };
+            if let Err(reason) = outcome {
+                tracing::warn!(remote = %self.remote, %reason, "closing inbound peer connection");
+                bump(&self.counters.inbound_rejected, 1);
+                break;
             }
         }
     }
@@ -587,8 +738,9 @@ impl InboundConnection {
         if let Some(reason) = self.check.refuse(&frame, self.sender) {
             return Err(reason);
         }
-        if self.sender.is_none() {
+        if !self.registered {
             self.sender = Some(frame.from);
+            self.registered = true;
             let mut latest = self.latest.lock().expect("latest lock");
             if let Some((_, older)) = latest.insert(frame.from, (self.id, self.retired.clone())) {
                 older.notify_one();
@@ -651,6 +803,9 @@ mod tests {
             listen: "127.0.0.1:0".parse().unwrap(),
             peers: peers.iter().map(|&(id, addr)| (NodeId(id), addr)).collect(),
             queue_frames_max: 64,
+            tls: None,
+            idle_timeout_ms: IDLE_TIMEOUT_MS,
+            handshake_timeout_ms: HANDSHAKE_TIMEOUT_MS,
         }
     }
 
@@ -959,6 +1114,180 @@ mod tests {
             );
             clone.send(NodeId(2), heartbeat(STORE, 1, 2, 1));
             assert_eq!(clone.stats().frames_dropped, 1);
+        })
+        .await;
+    }
+
+    /// Certificates of store `STORE` (nodes 1 to 3) in `dir`, and node 2's transport on them
+    /// with short timeouts, expecting peers 1 and 3.
+    async fn tls_node(dir: &std::path::Path) -> (Transport, mpsc::UnboundedReceiver<PeerFrame>) {
+        let ids = [NodeId(1), NodeId(2), NodeId(3)];
+        let files = crate::tls::ensure_store_certs(dir, STORE, &ids).unwrap();
+        let mut config = config(2, &[(1, closed_port().await), (3, closed_port().await)]);
+        config.tls = Some(PeerTls::load(&files[1], STORE).unwrap());
+        config.handshake_timeout_ms = 300;
+        config.idle_timeout_ms = 600;
+        let (deliver, frames) = collector();
+        (Transport::start(config, deliver).await.unwrap(), frames)
+    }
+
+    /// A TLS connection to `addr` presenting the certificate in `files` (any CA).
+    async fn tls_connect(
+        addr: SocketAddr,
+        files: &crate::tls::CertFiles,
+        server_ca: &crate::tls::CertFiles,
+    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let mut client = PeerTls::load(files, STORE).unwrap().client_config();
+        if files.ca != server_ca.ca {
+            // Trust the real store's server so only the client certificate is foreign.
+            let roots = crate::tls::load_roots(&server_ca.ca).unwrap();
+            let chain = crate::tls::load_certs(&files.cert).unwrap();
+            let key_pem = std::fs::read(&files.key).unwrap();
+            use rustls::pki_types::pem::PemObject;
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&key_pem).unwrap();
+            client = Arc::new(
+                rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_client_auth_cert(chain, key)
+                .unwrap(),
+            );
+        }
+        let stream = TcpStream::connect(addr).await?;
+        let name = rustls::pki_types::ServerName::try_from(crate::tls::node_name(STORE, NodeId(2)))
+            .unwrap();
+        tokio_rustls::TlsConnector::from(client)
+            .connect(name, stream)
+            .await
+    }
+
+    /// Whether the other side closes `stream` within 5 s, whatever it sends first (a TLS
+    /// alert, say).
+    async fn drained_to_close(stream: &mut TcpStream) -> bool {
+        let mut buffer = [0u8; 256];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match tokio::time::timeout_at(deadline, stream.read(&mut buffer)).await {
+                Ok(Ok(0) | Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// A frame from `from` to node 2 of one raft message of `kind`.
+    fn forged(from: u64, kind: MessageType, commit: u64) -> Vec<u8> {
+        let message = Message {
+            msg_type: kind,
+            from,
+            to: 2,
+            term: 1,
+            commit,
+            entries: vec![raft::eraftpb::Entry {
+                data: b"garbage".to_vec().into(),
+                ..Default::default()
+            }]
+            .into(),
+            ..Message::default()
+        };
+        framed(&PeerFrame {
+            store_id: STORE,
+            from: NodeId(from),
+            to: NodeId(2),
+            messages: vec![(GroupId(0), message)],
+        })
+    }
+
+    #[tokio::test]
+    async fn with_tls_only_a_certified_peer_speaking_as_itself_is_heard() {
+        bounded(async {
+            let store = tempfile::tempdir().unwrap();
+            let (node, mut frames) = tls_node(store.path()).await;
+            let addr = node.local_addr();
+            let real = crate::tls::ensure_store_certs(
+                store.path(),
+                STORE,
+                &[NodeId(1), NodeId(2), NodeId(3)],
+            )
+            .unwrap();
+            // (a) No TLS at all: a plaintext frame is a failed handshake.
+            let mut plain = TcpStream::connect(addr).await.unwrap();
+            let _ = plain
+                .write_all(&forged(1, MessageType::MsgPropose, 0))
+                .await;
+            assert!(drained_to_close(&mut plain).await, "plaintext closed");
+            // (b) A certificate for node 1 from another CA.
+            let other = tempfile::tempdir().unwrap();
+            let foreign =
+                crate::tls::ensure_store_certs(other.path(), STORE, &[NodeId(1)]).unwrap();
+            if let Ok(mut stream) = tls_connect(addr, &foreign[0], &real[1]).await {
+                let _ = stream
+                    .write_all(&forged(1, MessageType::MsgPropose, 0))
+                    .await;
+                let mut buffer = [0u8; 16];
+                let read =
+                    tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer)).await;
+                assert!(matches!(read, Ok(Ok(0) | Err(_))), "foreign CA closed");
+            }
+            eventually("both refusals counted", || {
+                node.stats().unauthenticated == 2
+            })
+            .await;
+            // (c) Node 1's real certificate, frames claiming node 3: closed, nothing delivered.
+            let mut liar = tls_connect(addr, &real[0], &real[1]).await.unwrap();
+            liar.write_all(&forged(3, MessageType::MsgHeartbeat, u64::MAX))
+                .await
+                .unwrap();
+            let mut buffer = [0u8; 16];
+            let read = tokio::time::timeout(Duration::from_secs(5), liar.read(&mut buffer)).await;
+            assert!(matches!(read, Ok(Ok(0) | Err(_))), "impostor closed");
+            assert_eq!(node.stats().inbound_rejected, 1);
+            // Node 1 speaking as itself is heard.
+            let mut honest = tls_connect(addr, &real[0], &real[1]).await.unwrap();
+            honest
+                .write_all(&framed(&heartbeat(STORE, 1, 2, 5)))
+                .await
+                .unwrap();
+            assert_eq!(next(&mut frames).await, heartbeat(STORE, 1, 2, 5));
+            assert!(frames.try_recv().is_err(), "nothing forged was delivered");
+            // It goes idle: closed after the idle timeout.
+            let read = tokio::time::timeout(Duration::from_secs(5), honest.read(&mut buffer)).await;
+            assert!(matches!(read, Ok(Ok(0) | Err(_))), "idle connection closed");
+            // A connection that never handshakes is closed too.
+            let mut silent = TcpStream::connect(addr).await.unwrap();
+            assert!(
+                drained_to_close(&mut silent).await,
+                "silent connection closed"
+            );
+            assert_eq!(node.stats().timed_out, 2);
+            node.shutdown().await;
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_256_mib_frame_header_closes_the_connection_before_allocation() {
+        bounded(async {
+            let (deliver, mut frames) = collector();
+            let node = Transport::start(config(2, &[(1, closed_port().await)]), deliver)
+                .await
+                .unwrap();
+            let mut stream = TcpStream::connect(node.local_addr()).await.unwrap();
+            let mut header = Vec::new();
+            header.extend_from_slice(&(256u32 << 20).to_le_bytes());
+            header.extend_from_slice(&[0; 4]);
+            stream.write_all(&header).await.unwrap();
+            // Announced, never sent: the refusal cannot have waited for (or buffered) it.
+            assert!(
+                closed_by_transport(&mut stream).await,
+                "refused at the header"
+            );
+            assert_eq!(node.stats().inbound_rejected, 1);
+            assert!(frames.try_recv().is_err());
+            node.shutdown().await;
         })
         .await;
     }

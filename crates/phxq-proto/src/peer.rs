@@ -53,9 +53,18 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// The payload format this code writes and the only one it reads.
 pub const PEER_FORMAT_VERSION: u8 = 1;
 
-/// Largest frame payload, in bytes (256 MiB): bounds what a peer can make us buffer, and so
-/// the largest raft message (a snapshot with its entries) that can cross the wire.
-pub const PEER_FRAME_BYTES_MAX: usize = 256 << 20;
+/// Largest frame payload, in bytes (64 MiB), checked from the header before anything is
+/// allocated: bounds what a peer can make us buffer. Only a frame of one raft message may be
+/// this large (a snapshot, at most 32 MiB, or an append of one entry, at most
+/// `limits.batch_bytes_max` ≤ 32 MiB); see [`PEER_FRAME_BATCH_BYTES_MAX`].
+pub const PEER_FRAME_BYTES_MAX: usize = 64 << 20;
+
+/// Largest payload of a frame holding more than one message, or a message with more than one
+/// entry, in bytes (5 MiB: raft's 4 MiB `max_size_per_msg` and room for framing). Decoding a
+/// larger payload refuses a second message or entry before allocating for it, so what a frame
+/// decodes to stays within a small multiple of this (many tiny messages) or of its own size
+/// (one large snapshot or entry, whose bytes are copied once). Senders split frames to fit.
+pub const PEER_FRAME_BATCH_BYTES_MAX: usize = 5 << 20;
 
 /// Bytes of stream framing before each payload: length and checksum.
 pub const STREAM_HEADER_BYTES: usize = 8;
@@ -103,6 +112,11 @@ pub enum WireError {
         /// The frame's payload size.
         bytes: usize,
     },
+    /// A payload over [`PEER_FRAME_BATCH_BYTES_MAX`] with more than one message or entry.
+    #[error(
+        "a frame over {PEER_FRAME_BATCH_BYTES_MAX} bytes must hold one message of at most one entry"
+    )]
+    LargeFrameNotSingle,
     /// The payload does not match its checksum.
     #[error("checksum mismatch: frame says {stored:#010x}, payload has {computed:#010x}")]
     ChecksumMismatch {
@@ -145,6 +159,11 @@ pub fn decode_peer_frame(payload: &[u8]) -> Result<PeerFrame, WireError> {
     let from = NodeId(reader.varint()?);
     let to = NodeId(reader.varint()?);
     let count = reader.count(GROUP_MESSAGE_BYTES_MIN)?;
+    let large = payload.len() > PEER_FRAME_BATCH_BYTES_MAX;
+    if large && count > 1 {
+        return Err(WireError::LargeFrameNotSingle);
+    }
+    reader.single_entry = large;
     let mut messages = Vec::with_capacity(count);
     for _ in 0..count {
         let group = GroupId(reader.varint()?);
@@ -487,11 +506,16 @@ const VARINT_BYTES_MAX: usize = 10;
 /// panics.
 struct Reader<'a> {
     input: &'a [u8],
+    /// A payload over [`PEER_FRAME_BATCH_BYTES_MAX`]: at most one entry per message.
+    single_entry: bool,
 }
 
 impl<'a> Reader<'a> {
     fn new(input: &'a [u8]) -> Reader<'a> {
-        Reader { input }
+        Reader {
+            input,
+            single_entry: false,
+        }
     }
 
     fn finish(&self) -> Result<(), WireError> {
@@ -573,6 +597,9 @@ impl<'a> Reader<'a> {
             ..Message::default()
         };
         let count = self.count(ENTRY_BYTES_MIN)?;
+        if self.single_entry && count > 1 {
+            return Err(WireError::LargeFrameNotSingle);
+        }
         let mut entries = Vec::with_capacity(count);
         for _ in 0..count {
             entries.push(self.entry()?);

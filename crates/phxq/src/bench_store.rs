@@ -740,5 +740,13 @@ fn config_text(id: u16, data_dir: &Path, args: &FailoverArgs, queues: u32) -> St
     text += &format!(
         "[[store.topics]]\nname = \"test\"\nqueues = {queues}\nconsumer_groups = [\"g1\"]\n"
     );
+    // The store's CA and node certificates, beside the nodes' data directories.
+    let tls = data_dir.join("../tls");
+    let ids: Vec<_> = (1..=u64::from(NODES)).map(phxq_types::NodeId).collect();
+    match phxq_node::tls::ensure_store_certs(&tls, 1, &ids) {
+        Ok(files) => text += &phxq_node::tls::config_section(&files[usize::from(id) - 1]),
+        // The node refuses the config and says why; the benchmark reports it.
+        Err(error) => tracing::error!(%error, "making the store's certificates"),
+    }
     text
 }

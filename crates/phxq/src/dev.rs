@@ -58,6 +58,11 @@ peer_addr = "127.0.0.1:{peer_port_3}"
 name = "test"
 queues = 8
 consumer_groups = ["g1"]
+
+[tls]
+ca = "../tls/ca.pem"
+cert = "../tls/node-{id}.pem"
+key = "../tls/node-{id}.key"
 "#;
 
 /// Arguments of `phxq dev`.
@@ -87,6 +92,9 @@ pub fn run(args: &Args) -> CommandResult {
     if args.clean {
         clean(&configs)?;
     }
+    // A store CA and every node's certificate, made once and reused on every restart.
+    let ids: Vec<_> = configs.iter().map(|config| config.node).collect();
+    phxq_node::tls::ensure_store_certs(&args.dir.join("tls"), configs[0].store_id, &ids)?;
     // The nodes start one after the other and stop together: their transports' complaints
     // about peers not up yet, or gone, are noise here.
     crate::logging::init("warn,phxq_node::transport=error");
@@ -106,6 +114,14 @@ fn configs(args: &Args) -> CommandResult<Vec<ServerConfig>> {
             let mut config =
                 ServerConfig::parse(&config_text(id, args.client_port, args.peer_port))?;
             config.data_dir = args.dir.join(format!("node-{id}"));
+            // The store CA and node certificates live in DIR/tls, beside the nodes (as in
+            // etc/node*.toml, relative to the node's data directory).
+            let tls = config.data_dir.join("../tls");
+            config.peer_tls = Some(phxq_node::tls::CertFiles {
+                ca: tls.join(phxq_node::tls::CA_CERT_FILE),
+                cert: tls.join(format!("node-{id}.pem")),
+                key: tls.join(format!("node-{id}.key")),
+            });
             Ok(config)
         })
         .collect()
@@ -360,6 +376,7 @@ mod tests {
             assert_eq!(sample.layout, dev.layout);
             assert_eq!(format!("{:?}", sample.timing), format!("{:?}", dev.timing));
             assert_eq!(sample.limits, dev.limits);
+            assert_eq!(sample.peer_tls, dev.peer_tls);
         }
     }
 

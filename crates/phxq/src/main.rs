@@ -16,6 +16,7 @@
 
 mod bench;
 mod bench_store;
+mod cert;
 mod client;
 mod dev;
 mod inspect;
@@ -61,6 +62,11 @@ enum Command {
     Node(node_cmd::Args),
     /// Run a complete 3-node store on 127.0.0.1 in one command, until Ctrl-C.
     Dev(dev::Args),
+    /// Make a store's CA and node certificates for peer TLS (PEM; keys 0600).
+    Cert {
+        #[command(subcommand)]
+        command: cert::CertCommand,
+    },
     /// Send one message per line of standard input; exits 0 only if every one was acknowledged.
     Produce(client::ProduceArgs),
     /// Print messages of a topic for a consumer group and commit its cursor.
@@ -188,6 +194,7 @@ fn main() -> ExitCode {
         } => bench_store::failover(args),
         Command::Node(args) => node_cmd::run(args),
         Command::Dev(args) => dev::run(args),
+        Command::Cert { command } => cert::run(command),
         Command::Produce(args) => client::produce(args),
         Command::Consume(args) => client::consume(args),
         Command::Tail(args) => client::tail(args),

@@ -135,6 +135,12 @@ impl Store {
             "[[store.topics]]\nname = \"test\"\nqueues = {QUEUES}\nconsumer_groups = [\"g1\", \"audit\"]\n"
         );
         text += &self.extra_config;
+        let ids: Vec<_> = (1..=peer_ports.len() as u64)
+            .map(phxq_types::NodeId)
+            .collect();
+        let files = phxq_node::tls::ensure_store_certs(&self.dir.path().join("tls"), 1, &ids)
+            .expect("test certificates");
+        text += &phxq_node::tls::config_section(&files[id - 1]);
         text
     }
 

@@ -138,6 +138,7 @@ impl Store {
              consumer_groups = [{:?}]\n",
             self.queues, CONSUMER_GROUPS[0]
         );
+        text += &peer_tls_section(self.dir.path(), id, self.peer_addrs.len());
         text += &self.config_extra;
         ServerConfig::parse(&text).expect("valid config")
     }
@@ -305,4 +306,13 @@ impl Running {
         self.task.abort();
         let _ = self.task.await;
     }
+}
+
+/// The `[tls]` section of node `id` of a store of `nodes` nodes: a store CA and node
+/// certificates made in `dir/tls` (once; reused by every node and restart).
+pub fn peer_tls_section(dir: &std::path::Path, id: usize, nodes: usize) -> String {
+    let ids: Vec<_> = (1..=nodes as u64).map(phxq_types::NodeId).collect();
+    let files =
+        phxq_node::tls::ensure_store_certs(&dir.join("tls"), 1, &ids).expect("test certificates");
+    phxq_node::tls::config_section(&files[id - 1])
 }

@@ -478,3 +478,60 @@ proptest! {
         let _ = decode_peer_frame(&versioned);
     }
 }
+
+/// One message of `entries` entries of `bytes` bytes each.
+fn frame_of_entries(messages: usize, entries: usize, bytes: usize) -> PeerFrame {
+    let message = Message {
+        msg_type: MessageType::MsgAppend,
+        entries: (0..entries)
+            .map(|i| Entry {
+                index: i as u64 + 1,
+                data: vec![7; bytes].into(),
+                ..Entry::default()
+            })
+            .collect::<Vec<_>>()
+            .into(),
+        ..Message::default()
+    };
+    PeerFrame {
+        store_id: 1,
+        from: NodeId(1),
+        to: NodeId(2),
+        messages: vec![(GroupId(0), message); messages],
+    }
+}
+
+#[test]
+fn a_frame_over_the_batch_limit_holds_one_message_of_one_entry_or_is_refused() {
+    let half = PEER_FRAME_BATCH_BYTES_MAX / 2 + 1;
+    let one_large_entry = encode_peer_frame(&frame_of_entries(1, 1, 3 * half));
+    assert!(one_large_entry.len() > PEER_FRAME_BATCH_BYTES_MAX);
+    assert!(decode_peer_frame(&one_large_entry).is_ok());
+    for (case, frame) in [
+        ("two messages", frame_of_entries(2, 1, half)),
+        ("two entries", frame_of_entries(1, 2, half)),
+        // Many tiny entries: what would inflate most when decoded.
+        (
+            "many tiny entries",
+            frame_of_entries(1, PEER_FRAME_BATCH_BYTES_MAX / 6, 0),
+        ),
+    ] {
+        let payload = encode_peer_frame(&frame);
+        assert!(payload.len() > PEER_FRAME_BATCH_BYTES_MAX, "{case}");
+        assert_eq!(
+            decode_peer_frame(&payload),
+            Err(WireError::LargeFrameNotSingle),
+            "{case}"
+        );
+    }
+    // Within the batch limit, tiny entries decode: their inflation is bounded by the limit.
+    let tiny = frame_of_entries(1, PEER_FRAME_BATCH_BYTES_MAX / 8, 0);
+    let payload = encode_peer_frame(&tiny);
+    assert!(payload.len() <= PEER_FRAME_BATCH_BYTES_MAX);
+    let decoded = decode_peer_frame(&payload).unwrap();
+    let decoded_bytes = decoded.messages[0].1.entries.len() * std::mem::size_of::<Entry>();
+    assert!(
+        decoded_bytes <= 128 << 20,
+        "{decoded_bytes} bytes decoded from a batch-limit frame"
+    );
+}
