@@ -788,6 +788,7 @@ impl QueueContext {
             consumer_group: self.options.group.clone(),
             offset,
             store_id: self.store_id,
+            seek: false,
         };
         let attempt = |mut client: PhxqClient<Channel>, _: &str| {
             let request = request.clone();

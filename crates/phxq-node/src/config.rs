@@ -23,6 +23,10 @@
 //! # dedup_window = 1000   # producer message ids remembered per queue; 0 = off
 //! ```
 //!
+//! Section `[auth]` (`secret_file = "phxq-data/store.secret"`) turns client authentication
+//! on: every call must carry a token signed with that secret (see `crate::auth`). Without
+//! it, any client may do anything, and the node says so loudly at start.
+//!
 //! Sections `[timing]` and `[limits]` are optional and override [`Timing::default`] and the
 //! limits of [`NodeConfig::new`]. `etc/node1.toml` in the repository documents every key.
 //!
@@ -121,6 +125,13 @@ struct File {
     timing: TimingSection,
     #[serde(default)]
     limits: LimitsSection,
+    auth: Option<AuthSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthSection {
+    secret_file: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -268,6 +279,18 @@ pub struct ServerConfig {
     pub timing: Timing,
     /// Driver limits.
     pub limits: Limits,
+    /// Client authentication (`[auth]`); `None`: every client may do everything (configs
+    /// written before auth existed; the node warns at start).
+    pub auth: Option<AuthConfig>,
+}
+
+/// Client authentication: tokens signed with the store's secret (`crate::auth`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthConfig {
+    /// The file of the store's secret ([`crate::auth::SECRET_BYTES`] random bytes, made by
+    /// `phxq token secret --out FILE`), read when the node starts. Every node of a store
+    /// needs the same secret; so does whoever issues tokens.
+    pub secret_file: PathBuf,
 }
 
 impl ServerConfig {
@@ -348,6 +371,7 @@ impl ServerConfig {
             members,
             timing: timing(&file.timing)?,
             limits: limits(&file.limits)?,
+            auth: auth(file.auth)?,
         })
     }
 
@@ -377,6 +401,18 @@ impl ServerConfig {
         config.compact_entries_min = self.limits.compact_entries_min;
         config
     }
+}
+
+fn auth(section: Option<AuthSection>) -> Result<Option<AuthConfig>, ConfigError> {
+    let Some(section) = section else {
+        return Ok(None);
+    };
+    if section.secret_file.as_os_str().is_empty() {
+        return Err(invalid("auth.secret_file", "must not be empty"));
+    }
+    Ok(Some(AuthConfig {
+        secret_file: section.secret_file,
+    }))
 }
 
 fn socket_addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {

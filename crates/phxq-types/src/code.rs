@@ -43,11 +43,17 @@ pub enum ErrorCode {
     /// A topic of that name already exists with another configuration (create); alter it
     /// instead.
     TopicExists = 16,
+    /// The call carried no valid token (missing, malformed, forged or expired); the gRPC
+    /// status is `UNAUTHENTICATED`. Nothing was done.
+    Unauthenticated = 17,
+    /// The caller's token is valid but none of its roles allows this call; the gRPC status is
+    /// `PERMISSION_DENIED`. Nothing was done.
+    PermissionDenied = 18,
 }
 
 impl ErrorCode {
     /// Every code, in number order.
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::NotMaster,
         ErrorCode::NoMaster,
         ErrorCode::UnknownTopic,
@@ -64,6 +70,8 @@ impl ErrorCode {
         ErrorCode::Timeout,
         ErrorCode::Malformed,
         ErrorCode::TopicExists,
+        ErrorCode::Unauthenticated,
+        ErrorCode::PermissionDenied,
     ];
 
     /// The stable number.
@@ -95,6 +103,8 @@ impl ErrorCode {
             ErrorCode::Timeout => "TIMEOUT",
             ErrorCode::Malformed => "MALFORMED",
             ErrorCode::TopicExists => "TOPIC_EXISTS",
+            ErrorCode::Unauthenticated => "UNAUTHENTICATED",
+            ErrorCode::PermissionDenied => "PERMISSION_DENIED",
         }
     }
 
