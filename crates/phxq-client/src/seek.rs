@@ -299,7 +299,7 @@ impl Seeker<'_> {
         attempt: F,
     ) -> Result<T, SeekError>
     where
-        F: FnMut(api::phxq_client::PhxqClient<tonic::transport::Channel>) -> Fut,
+        F: FnMut(api::Client) -> Fut,
         Fut: Future<Output = crate::router::Attempt<T>>,
     {
         let mut progress = self.router.start_request();
