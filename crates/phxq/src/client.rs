@@ -89,11 +89,15 @@ impl Connection {
         }
         match std::fs::read_to_string(DEV_TOKEN_FILE) {
             Ok(token) => {
-                eprintln!("phxq: no --token given: using the dev store's admin token in ./{DEV_TOKEN_FILE}");
+                eprintln!(
+                    "phxq: no --token given: using the dev store's admin token in ./{DEV_TOKEN_FILE}"
+                );
                 Ok(Some(token.trim().to_string()))
             }
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(error) => Err(ClientError::Usage(format!("cannot read ./{DEV_TOKEN_FILE}: {error}"))),
+            Err(error) => Err(ClientError::Usage(format!(
+                "cannot read ./{DEV_TOKEN_FILE}: {error}"
+            ))),
         }
     }
 
@@ -108,7 +112,9 @@ impl Connection {
 fn auth_refusal(status: &tonic::Status) -> Option<ClientError> {
     let mut failure = api::status_failure(status)?;
     if failure.code == Some(ErrorCode::Unauthenticated) {
-        failure.message.push_str(" (pass --token TOKEN or set PHXQ_TOKEN)");
+        failure
+            .message
+            .push_str(" (pass --token TOKEN or set PHXQ_TOKEN)");
     }
     Some(ClientError::Refused(failure))
 }

@@ -148,7 +148,10 @@ fn admin_token(dir: &Path) -> CommandResult<()> {
         .mode(0o600)
         .open(&path)?;
     writeln!(file, "{token}")?;
-    print_line(format_args!("phxq dev: auth on; admin token (also in {}):", path.display()))?;
+    print_line(format_args!(
+        "phxq dev: auth on; admin token (also in {}):",
+        path.display()
+    ))?;
     print_line(format_args!("  {token}"))?;
     Ok(())
 }

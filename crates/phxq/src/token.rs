@@ -107,7 +107,16 @@ mod tests {
         assert_eq!(ttl_s("30d"), Ok(30 * 86_400));
         assert_eq!(ttl_s("2h"), Ok(7200));
         assert_eq!(ttl_s("90s"), Ok(90));
-        for bad in ["", "d", "30", "0d", "-1d", "30w", "3651d", "99999999999999999999d"] {
+        for bad in [
+            "",
+            "d",
+            "30",
+            "0d",
+            "-1d",
+            "30w",
+            "3651d",
+            "99999999999999999999d",
+        ] {
             assert!(ttl_s(bad).is_err(), "{bad:?}");
         }
     }
