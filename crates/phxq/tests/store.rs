@@ -1328,8 +1328,19 @@ fn dev_with_auth_prints_an_admin_token_that_works_and_no_token_is_refused() {
     let ports = free_ports(6);
     let (client, peer) = consecutive_free(ports[0], ports[3]);
     let mut dev = phxq()
-        .args(["dev", "--auth", "--dir", dir.path().to_str().unwrap(), "--clean"])
-        .args(["--client-port", &client.to_string(), "--peer-port", &peer.to_string()])
+        .args([
+            "dev",
+            "--auth",
+            "--dir",
+            dir.path().to_str().unwrap(),
+            "--clean",
+        ])
+        .args([
+            "--client-port",
+            &client.to_string(),
+            "--peer-port",
+            &peer.to_string(),
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -1355,7 +1366,10 @@ fn dev_with_auth_prints_an_admin_token_that_works_and_no_token_is_refused() {
             }
         }
     }
-    let at = printed.iter().position(|l| l.contains("admin token")).expect("a token line");
+    let at = printed
+        .iter()
+        .position(|l| l.contains("admin token"))
+        .expect("a token line");
     let token = printed[at + 1].trim().to_string();
     assert!(token.starts_with("phxq1."), "{printed:#?}");
     let saved = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
@@ -1364,7 +1378,15 @@ fn dev_with_auth_prints_an_admin_token_that_works_and_no_token_is_refused() {
     let server = format!("127.0.0.1:{client}");
     let common = ["--server", server.as_str()];
     let produce = |token: Option<&str>| {
-        let mut args = vec!["produce", "--topic", "test", "--key", "a", "--timeout-ms", "3000"];
+        let mut args = vec![
+            "produce",
+            "--topic",
+            "test",
+            "--key",
+            "a",
+            "--timeout-ms",
+            "3000",
+        ];
         args.extend(common);
         if let Some(token) = token {
             args.extend(["--token", token]);
@@ -1375,14 +1397,21 @@ fn dev_with_auth_prints_an_admin_token_that_works_and_no_token_is_refused() {
     for (what, refused) in [
         ("no token", produce(None)),
         ("forged", produce(Some(&forged))),
-        ("no token, status", run(&["cluster", "status", "--server", &server], b"")),
+        (
+            "no token, status",
+            run(&["cluster", "status", "--server", &server], b""),
+        ),
     ] {
         assert_eq!(refused.status.code(), Some(1), "{what}");
         let said = text(&refused.stderr);
         assert!(said.contains("UNAUTHENTICATED"), "{what}: {said}");
     }
     let status = run(&["cluster", "status", "--server", &server], b"");
-    assert!(text(&status.stderr).contains("--token"), "{}", text(&status.stderr));
+    assert!(
+        text(&status.stderr).contains("--token"),
+        "{}",
+        text(&status.stderr)
+    );
 
     let produced = produce(Some(&token));
     assert!(produced.status.success(), "{}", text(&produced.stderr));
@@ -1391,9 +1420,15 @@ fn dev_with_auth_prints_an_admin_token_that_works_and_no_token_is_refused() {
     args.extend(["--token", token.as_str()]);
     let consumed = run(&args, b"");
     assert!(consumed.status.success(), "{}", text(&consumed.stderr));
-    assert_eq!(text(&consumed.stdout).lines().count(), 1, "only the admin's line");
+    assert_eq!(
+        text(&consumed.stdout).lines().count(),
+        1,
+        "only the admin's line"
+    );
     let created = run(
-        &["topic", "create", "made", "--queues", "2", "--server", &server, "--token", &token],
+        &[
+            "topic", "create", "made", "--queues", "2", "--server", &server, "--token", &token,
+        ],
         b"",
     );
     assert!(created.status.success(), "{}", text(&created.stderr));
