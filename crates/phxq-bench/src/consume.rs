@@ -34,9 +34,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use phxq_proto::api::{self, phxq_client::PhxqClient};
+use phxq_proto::api;
 use serde::Serialize;
-use tonic::transport::Channel;
 
 use crate::store::{
     self, ATTEMPT_TIMEOUT_MS, Answer, BACKOFF_MAX_MS, CallPolicy, Connections, Counters, Error,
@@ -754,7 +753,7 @@ impl QueueContext {
         stop: &AtomicBool,
     ) -> Option<std::result::Result<api::ConsumeResponse, &'static str>> {
         let policy = self.options.poll_policy();
-        let attempt = |mut client: PhxqClient<Channel>, _: &str| {
+        let attempt = |mut client: api::Client, _: &str| {
             let request = request.clone();
             async move {
                 let response = client.consume(request).await?.into_inner();
@@ -788,8 +787,9 @@ impl QueueContext {
             consumer_group: self.options.group.clone(),
             offset,
             store_id: self.store_id,
+            seek: false,
         };
-        let attempt = |mut client: PhxqClient<Channel>, _: &str| {
+        let attempt = |mut client: api::Client, _: &str| {
             let request = request.clone();
             async move {
                 let response = client.commit(request).await?.into_inner();
@@ -974,7 +974,7 @@ async fn producer(index: usize, context: QueueContext, until: Instant, stop: Arc
                 value: header.value(options.message_bytes),
             }],
         };
-        let produce = |mut client: PhxqClient<Channel>, _: &str| {
+        let produce = |mut client: api::Client, _: &str| {
             let request = request.clone();
             async move {
                 let response = client.produce(request).await?.into_inner();

@@ -38,10 +38,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use phxq_proto::api::{self, phxq_client::PhxqClient};
+use phxq_proto::api;
 use phxq_types::ErrorCode;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 /// Most producers one run may start.
 pub const PRODUCERS_MAX: usize = 4096;
@@ -371,12 +371,25 @@ pub fn masters_by_node(views: &[Option<api::ClusterStatusResponse>]) -> BTreeMap
     masters
 }
 
-fn connect(addr: &str) -> Result<PhxqClient<Channel>, String> {
+fn connect(addr: &str) -> Result<api::Client, String> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|error| format!("bad node address {addr:?}: {error}"))?
         .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
         .tcp_nodelay(true);
-    Ok(PhxqClient::new(endpoint.connect_lazy()))
+    let token = TOKEN.get().cloned().unwrap_or_default();
+    Ok(api::client(endpoint.connect_lazy(), token))
+}
+
+/// The token every benchmark client sends (stores with auth on); set once per process.
+static TOKEN: std::sync::OnceLock<api::BearerToken> = std::sync::OnceLock::new();
+
+/// Sets the token the benchmark clients send (`None`: none), before the first connection;
+/// `Err` for a token that cannot be sent, or a second setting.
+pub fn set_token(token: Option<&str>) -> Result<(), String> {
+    let token = api::BearerToken::new(token)?;
+    TOKEN
+        .set(token)
+        .map_err(|_| "the benchmark token is set once".to_string())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -448,7 +461,7 @@ const LABEL_CLIENT_TIMEOUT: &str = "CLIENT_TIMEOUT";
 const LABEL_UNKNOWN_CODE: &str = "UNKNOWN_CODE";
 
 /// One producer's (or consumer's) connections, one per node.
-pub(crate) type Connections = HashMap<String, PhxqClient<Channel>>;
+pub(crate) type Connections = HashMap<String, api::Client>;
 
 /// What one attempt returns: the response and its `error` field, or a gRPC status.
 pub(crate) type Attempt<T> = std::result::Result<(T, Option<api::Error>), tonic::Status>;
@@ -489,7 +502,7 @@ pub(crate) async fn call<T, F, Fut>(
     mut attempt: F,
 ) -> Option<(Answer, Option<T>)>
 where
-    F: FnMut(PhxqClient<Channel>, &str) -> Fut,
+    F: FnMut(api::Client, &str) -> Fut,
     Fut: Future<Output = Attempt<T>>,
 {
     let deadline = Instant::now() + policy.timeout;
@@ -1243,7 +1256,7 @@ async fn producer(
             interval.tick().await;
         }
         let started = Instant::now();
-        let produce = |mut client: PhxqClient<Channel>, node: &str| {
+        let produce = |mut client: api::Client, node: &str| {
             let request = request.clone();
             let (streams, node) = (streams.clone(), node.to_string());
             let stream = options.stream;
@@ -1278,7 +1291,7 @@ impl ProduceStream {
     /// for its answer. A failed stream is dropped, so the next attempt opens a new one.
     async fn produce(
         streams: &tokio::sync::Mutex<HashMap<String, ProduceStream>>,
-        mut client: PhxqClient<Channel>,
+        mut client: api::Client,
         node: String,
         request: api::ProduceRequest,
     ) -> std::result::Result<api::ProduceResponse, tonic::Status> {

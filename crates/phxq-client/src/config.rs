@@ -137,6 +137,11 @@ pub struct ProducerConfig {
     /// called at `dial`. At most [`SERVERS_MAX`] pairs, each advertised address once. Empty
     /// by default.
     pub connect_via: Vec<(String, String)>,
+    /// The token sent on every call (`authorization: Bearer <token>`), for stores with auth
+    /// on (`phxq token issue`); `None` sends none. Its roles decide what this producer,
+    /// consumer, seek or receiver may do; a refusal is `UNAUTHENTICATED` or
+    /// `PERMISSION_DENIED`, never retried.
+    pub token: Option<String>,
 }
 
 impl ProducerConfig {
@@ -156,6 +161,7 @@ impl ProducerConfig {
             message_ids: false,
             produce_streams: true,
             connect_via: Vec::new(),
+            token: None,
         }
     }
 
@@ -193,6 +199,7 @@ impl ProducerConfig {
         } else {
             self.validate_stores()?;
         }
+        api_token(self.token.as_deref())?;
         if self.deadline.is_zero() || self.deadline > DEADLINE_MAX {
             return Err(invalid(
                 "deadline",
@@ -336,6 +343,13 @@ impl ProducerConfig {
 }
 
 /// 1 to [`SERVERS_MAX`] valid addresses; `field` names the list.
+/// A token that can ride in a header.
+fn api_token(token: Option<&str>) -> Result<(), ConfigError> {
+    phxq_proto::api::BearerToken::new(token)
+        .map(drop)
+        .map_err(|reason| invalid("token", reason))
+}
+
 fn check_servers(field: &str, servers: &[String]) -> Result<(), ConfigError> {
     if servers.is_empty() || servers.len() > SERVERS_MAX {
         return Err(invalid(

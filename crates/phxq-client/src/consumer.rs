@@ -854,6 +854,7 @@ impl<H: Handler> Shared<H> {
             consumer_group: self.config.consumer_group.clone(),
             offset,
             store_id: self.config.store_id,
+            seek: false,
         };
         let mut progress = self.router.start_request();
         let called = self

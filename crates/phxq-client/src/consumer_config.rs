@@ -151,6 +151,9 @@ pub struct ConsumerConfig {
     /// Where to dial nodes not reachable at their advertised address, as
     /// [`ProducerConfig::connect_via`]. Every call goes there: pulls, commits, heartbeats.
     pub connect_via: Vec<(String, String)>,
+    /// The token sent on every call, as [`ProducerConfig::token`]: `consume` on the topic and
+    /// group is enough for running a consumer (a dead-letter topic also needs `produce`).
+    pub token: Option<String>,
     /// The topic to read.
     pub topic: String,
     /// The consumer group reading it: its cursors are the ones read from and committed.
@@ -245,6 +248,7 @@ impl ConsumerConfig {
             servers: producer.servers,
             store_id: 0,
             connect_via: Vec::new(),
+            token: None,
             topic: topic.into(),
             consumer_group: consumer_group.into(),
             members: Vec::new(),
@@ -274,6 +278,7 @@ impl ConsumerConfig {
         let mut config = ProducerConfig::new(self.servers.clone());
         config.store_id = self.store_id;
         config.connect_via.clone_from(&self.connect_via);
+        config.token.clone_from(&self.token);
         config.deadline = self.deadline;
         config.attempt_timeout = self.long_poll + LONG_POLL_MARGIN;
         config.backoff_initial = self.backoff_initial;

@@ -21,9 +21,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use phxq_proto::api::{self, phxq_client::PhxqClient};
+use phxq_proto::api;
 use tokio::sync::{mpsc, oneshot};
-use tonic::transport::Channel;
 
 /// Requests queued for one stream's sender at most (the server keeps 256 in flight).
 const QUEUED_MAX: usize = 256;
@@ -57,7 +56,7 @@ impl Streams {
     /// unary call where streams are not served.
     pub(crate) async fn produce(
         &self,
-        mut client: PhxqClient<Channel>,
+        mut client: api::Client,
         addr: &str,
         request: api::ProduceRequest,
     ) -> Result<api::ProduceResponse, tonic::Status> {
@@ -112,7 +111,7 @@ impl Streams {
     /// The open stream to `addr`, or a new one.
     async fn stream(
         &self,
-        client: &mut PhxqClient<Channel>,
+        client: &mut api::Client,
         addr: &str,
     ) -> Result<Arc<NodeStream>, tonic::Status> {
         if let Some(stream) = lock(&self.by_node).get(addr)

@@ -191,7 +191,7 @@ impl Receiver {
         attempt: F,
     ) -> Result<T, ProduceError>
     where
-        F: FnMut(api::phxq_client::PhxqClient<tonic::transport::Channel>) -> Fut,
+        F: FnMut(api::Client) -> Fut,
         Fut: Future<Output = Attempt<T>>,
     {
         let mut progress = self.router.start_request();

@@ -24,10 +24,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use phxq_proto::api::phxq_client::PhxqClient;
 use phxq_proto::api::{self, Failure};
 use phxq_types::{ErrorCode, GroupId, Rng};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use crate::backoff::Backoff;
 use crate::config::{ProducerConfig, check_address};
@@ -233,7 +232,9 @@ impl Progress {
 /// every clone of a [`crate::Producer`].
 pub(crate) struct Router {
     config: ProducerConfig,
-    channels: Mutex<HashMap<String, PhxqClient<Channel>>>,
+    /// Sent on every call (`ProducerConfig::token`).
+    token: api::BearerToken,
+    channels: Mutex<HashMap<String, api::Client>>,
     routes: Mutex<Routes>,
     /// Held while a refresh after a failure is in flight: at most one at a time.
     refreshing: tokio::sync::Mutex<()>,
@@ -251,8 +252,10 @@ impl Router {
     pub(crate) fn new(config: ProducerConfig) -> Router {
         let mut rng = Rng::new(seed());
         let next_node = rng.below(config.servers.len() as u64) as usize;
+        let token = api::BearerToken::new(config.token.as_deref()).expect("a validated config");
         Router {
             config,
+            token,
             channels: Mutex::new(HashMap::new()),
             routes: Mutex::new(Routes::default()),
             refreshing: tokio::sync::Mutex::new(()),
@@ -506,7 +509,7 @@ impl Router {
     }
 
     /// The client for `addr`, connecting lazily on first use and reused after.
-    fn client(&self, addr: &str) -> Result<PhxqClient<Channel>, String> {
+    fn client(&self, addr: &str) -> Result<api::Client, String> {
         let mut channels = lock(&self.channels);
         if let Some(client) = channels.get(addr) {
             return Ok(client.clone());
@@ -517,7 +520,7 @@ impl Router {
             .map_err(|error| format!("{dial:?}: {error}"))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true);
-        let client = PhxqClient::new(endpoint.connect_lazy());
+        let client = api::client(endpoint.connect_lazy(), self.token.clone());
         if channels.len() >= CHANNELS_MAX {
             channels.clear();
         }
@@ -539,7 +542,7 @@ impl Router {
         mut attempt: F,
     ) -> Result<T, Halt>
     where
-        F: FnMut(PhxqClient<Channel>) -> Fut,
+        F: FnMut(api::Client) -> Fut,
         Fut: Future<Output = Attempt<T>>,
     {
         self.call_at(group, progress, |client, _| attempt(client))
@@ -554,7 +557,7 @@ impl Router {
         mut attempt: F,
     ) -> Result<T, Halt>
     where
-        F: FnMut(PhxqClient<Channel>, &str) -> Fut,
+        F: FnMut(api::Client, &str) -> Fut,
         Fut: Future<Output = Attempt<T>>,
     {
         let write = group.is_some();
@@ -583,6 +586,12 @@ impl Router {
                             .map_err(Halt::Error)?
                     }
                 },
+                // A refused token or role: retrying cannot change it.
+                Ok(Err(status)) if api::status_failure(&status).is_some() => {
+                    let failure = api::status_failure(&status).expect("just checked");
+                    let error = ProduceError::from_failure(&failure);
+                    return Err(Halt::Error(progress.fail(error)));
+                }
                 Ok(Err(status)) if !is_transport_trouble(&status) => {
                     let error = ProduceError::new(
                         ErrorKind::Protocol,
@@ -708,7 +717,7 @@ impl Router {
 }
 
 /// One `ClusterStatus` attempt.
-async fn status_attempt(mut client: PhxqClient<Channel>) -> Attempt<api::ClusterStatusResponse> {
+async fn status_attempt(mut client: api::Client) -> Attempt<api::ClusterStatusResponse> {
     let status = client
         .cluster_status(api::ClusterStatusRequest {})
         .await?

@@ -278,6 +278,8 @@ impl Seeker<'_> {
             consumer_group: self.consumer_group.to_string(),
             offset,
             store_id: self.router.config().store_id,
+            // An operator's move of the group's cursor: needs `admin` with auth on.
+            seek: true,
         };
         self.call(group, queue, move |mut client| {
             let request = request.clone();
@@ -297,7 +299,7 @@ impl Seeker<'_> {
         attempt: F,
     ) -> Result<T, SeekError>
     where
-        F: FnMut(api::phxq_client::PhxqClient<tonic::transport::Channel>) -> Fut,
+        F: FnMut(api::Client) -> Fut,
         Fut: Future<Output = crate::router::Attempt<T>>,
     {
         let mut progress = self.router.start_request();

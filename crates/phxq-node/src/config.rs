@@ -32,6 +32,9 @@
 //! Without a `[tls]` section a config is refused: an unauthenticated peer port lets anyone
 //! who reaches it forge raft messages. `phxq cert` makes the files; `phxq dev` makes them for
 //! its store.
+//! Section `[auth]` (`secret_file = "phxq-data/store.secret"`) turns client authentication
+//! on: every call must carry a token signed with that secret (see `crate::auth`). Without
+//! it, any client may do anything, and the node says so loudly at start.
 //!
 //! Sections `[timing]` and `[limits]` are optional and override [`Timing::default`] and the
 //! limits of [`NodeConfig::new`]. `etc/node1.toml` in the repository documents every key.
@@ -143,6 +146,7 @@ struct File {
     #[serde(default)]
     limits: LimitsSection,
     tls: Option<TlsSection>,
+    auth: Option<AuthSection>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -153,6 +157,12 @@ struct TlsSection {
     key: Option<PathBuf>,
     #[serde(default)]
     insecure_peer_plaintext: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthSection {
+    secret_file: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -332,6 +342,18 @@ pub struct ServerConfig {
     /// Peer TLS files, resolved against `data_dir`; `None` only with
     /// `insecure_peer_plaintext = true`.
     pub peer_tls: Option<CertFiles>,
+    /// Client authentication (`[auth]`); `None`: every client may do everything (configs
+    /// written before auth existed; the node warns at start).
+    pub auth: Option<AuthConfig>,
+}
+
+/// Client authentication: tokens signed with the store's secret (`crate::auth`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthConfig {
+    /// The file of the store's secret ([`crate::auth::SECRET_BYTES`] random bytes, made by
+    /// `phxq token secret --out FILE`), read when the node starts. Every node of a store
+    /// needs the same secret; so does whoever issues tokens.
+    pub secret_file: PathBuf,
 }
 
 impl ServerConfig {
@@ -414,6 +436,7 @@ impl ServerConfig {
             rejoin_empty: false,
             peer_tls: peer_tls(file.tls.as_ref(), &file.node.data_dir)?,
             data_dir: file.node.data_dir,
+            auth: auth(file.auth)?,
         })
     }
 
@@ -444,6 +467,18 @@ impl ServerConfig {
         config.compact_entries_min = self.limits.compact_entries_min;
         config
     }
+}
+
+fn auth(section: Option<AuthSection>) -> Result<Option<AuthConfig>, ConfigError> {
+    let Some(section) = section else {
+        return Ok(None);
+    };
+    if section.secret_file.as_os_str().is_empty() {
+        return Err(invalid("auth.secret_file", "must not be empty"));
+    }
+    Ok(Some(AuthConfig {
+        secret_file: section.secret_file,
+    }))
 }
 
 fn socket_addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {

@@ -16,6 +16,8 @@
 //! majority) and applied.
 
 #[cfg(feature = "server")]
+pub mod auth;
+#[cfg(feature = "server")]
 pub mod config;
 pub mod coordinator;
 mod node;

@@ -52,13 +52,16 @@ use phxq_storage::{Lsn, Wal, WalOptions};
 use phxq_types::{ErrorCode, GroupId, NodeId, validate_name};
 use tokio::sync::oneshot;
 
+use crate::auth::{Action, Secret, Verifier};
 use crate::config::ServerConfig;
+use crate::server::auth::caller;
 use crate::server::heartbeat::CoordinatorShell;
 use crate::transport::{Transport, TransportConfig};
 use crate::{
     Append, GroupStatus, Node, NodeError, NodeStatus, Output, Request, RequestId, Response,
 };
 
+mod auth;
 mod delivery;
 mod heartbeat;
 mod history;
@@ -137,6 +140,9 @@ pub enum ServerError {
     /// The client gRPC server failed.
     #[error("client gRPC server: {0}")]
     Grpc(String),
+    /// The `[auth]` secret file is missing or not a secret.
+    #[error("auth: {0}")]
+    Auth(String),
     /// A thread could not be started, or ended by a panic.
     #[error("{0}")]
     Thread(String),
@@ -236,6 +242,7 @@ impl RunningServer {
     pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         let config = Arc::new(config);
         let fresh = check_identity(&config)?;
+        let verifier = load_verifier(&config)?;
         // A node that ran before never starts empty (see `server/history.rs`).
         let marker_term = history::before_open(&config, fresh)?;
         let wal_dir = config.data_dir.join(WAL_DIR);
@@ -287,7 +294,7 @@ impl RunningServer {
             transport: transport.clone(),
             coordinator: CoordinatorShell::new(),
         };
-        let grpc = tokio::spawn(serve_grpc(service, client_listener, grpc_stopped));
+        let grpc = tokio::spawn(serve_grpc(service, verifier, client_listener, grpc_stopped));
         tracing::info!(
             node = %config.node,
             store = config.store_id,
@@ -382,6 +389,23 @@ impl Drop for RunningServer {
         self.stopping.store(true, Ordering::SeqCst);
         self.handle.wake();
     }
+}
+
+/// The verifier of the `[auth]` secret, or `None` (with a loud warning) when auth is off.
+fn load_verifier(config: &ServerConfig) -> Result<Option<Arc<Verifier>>, ServerError> {
+    let Some(auth) = &config.auth else {
+        tracing::warn!(
+            node = %config.node,
+            "AUTH IS OFF: the config has no [auth] section, so any client that reaches {} may \
+             produce, consume, seek, and create or delete topics; add [auth] secret_file = ... \
+             (see etc/node1.toml)",
+            config.client_listen
+        );
+        return Ok(None);
+    };
+    let secret = Secret::load(&auth.secret_file).map_err(ServerError::Auth)?;
+    tracing::info!(node = %config.node, secret_file = %auth.secret_file.display(), "client auth on");
+    Ok(Some(Arc::new(Verifier::new(secret))))
 }
 
 async fn bind(
@@ -823,6 +847,7 @@ impl EventLoop {
 /// Serves the client API on `listener` until `stop` fires (or its sender is dropped).
 async fn serve_grpc(
     service: Service,
+    verifier: Option<Arc<Verifier>>,
     listener: tokio::net::TcpListener,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
@@ -832,6 +857,10 @@ async fn serve_grpc(
         .max_encoding_message_size(
             CONSUME_BYTES_MAX as usize + message_bytes_max + GRPC_OVERHEAD_BYTES,
         );
+    // Every call passes the gate first: no token, no request read (`server/auth.rs`).
+    let server = tonic::service::interceptor::InterceptedService::new(server, move |request| {
+        auth::authenticate(verifier.as_deref(), request)
+    });
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
         .max_concurrent_streams(CALLS_PER_CONNECTION_MAX)
@@ -1106,7 +1135,12 @@ impl phxq_server::Phxq for Service {
         &self,
         request: tonic::Request<api::ProduceRequest>,
     ) -> GrpcResult<api::ProduceResponse> {
-        let answer = match produce_request(&self.config, request.into_inner()) {
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        caller.check(Action::Produce {
+            topic: &request.topic,
+        })?;
+        let answer = match produce_request(&self.config, request) {
             Err(error) => produce_refused(error),
             Ok(request) => produce_response(&self.config, self.call(request, 0).await),
         };
@@ -1119,7 +1153,9 @@ impl phxq_server::Phxq for Service {
         &self,
         request: tonic::Request<tonic::Streaming<api::ProduceStreamRequest>>,
     ) -> GrpcResult<Self::ProduceStreamStream> {
+        let caller = caller(&request)?;
         let answers = produce_stream::serve(
+            caller,
             self.config.clone(),
             self.handle.clone(),
             self.stopping.clone(),
@@ -1132,7 +1168,13 @@ impl phxq_server::Phxq for Service {
         &self,
         request: tonic::Request<api::ProduceManyRequest>,
     ) -> GrpcResult<api::ProduceManyResponse> {
+        let caller = caller(&request)?;
         let request = request.into_inner();
+        for append in &request.appends {
+            caller.check(Action::Produce {
+                topic: &append.topic,
+            })?;
+        }
         let refused = |error| api::ProduceManyResponse {
             error: Some(error),
             results: Vec::new(),
@@ -1174,7 +1216,12 @@ impl phxq_server::Phxq for Service {
         &self,
         request: tonic::Request<api::ConsumeRequest>,
     ) -> GrpcResult<api::ConsumeResponse> {
+        let caller = caller(&request)?;
         let request = request.into_inner();
+        caller.check(Action::Consume {
+            topic: &request.topic,
+            group: &request.consumer_group,
+        })?;
         if let Err(error) = self
             .check_store(request.store_id)
             .and_then(|()| check_consume(&request))
@@ -1225,7 +1272,18 @@ impl phxq_server::Phxq for Service {
         &self,
         request: tonic::Request<api::CommitRequest>,
     ) -> GrpcResult<api::CommitResponse> {
+        let caller = caller(&request)?;
         let request = request.into_inner();
+        // A seek is an operator's move of a group's cursor; a plain commit is the group's
+        // own consumer recording its progress (see CommitRequest.seek in the .proto).
+        caller.check(if request.seek {
+            Action::Admin
+        } else {
+            Action::Consume {
+                topic: &request.topic,
+                group: &request.consumer_group,
+            }
+        })?;
         let error = match self
             .check_store(request.store_id)
             .and_then(|()| check_commit(&request))
@@ -1251,7 +1309,11 @@ impl phxq_server::Phxq for Service {
         &self,
         request: tonic::Request<api::OffsetForTimeRequest>,
     ) -> GrpcResult<api::OffsetForTimeResponse> {
+        let caller = caller(&request)?;
         let request = request.into_inner();
+        caller.check(Action::ReadTopic {
+            topic: &request.topic,
+        })?;
         let refused = |error| api::OffsetForTimeResponse {
             error: Some(error),
             ..Default::default()
@@ -1283,6 +1345,7 @@ impl phxq_server::Phxq for Service {
         &self,
         request: tonic::Request<api::PutTopicRequest>,
     ) -> GrpcResult<api::PutTopicResponse> {
+        caller(&request)?.check(Action::Admin)?;
         let request = request.into_inner();
         let refused = |error| api::PutTopicResponse {
             error: Some(error),
@@ -1309,6 +1372,7 @@ impl phxq_server::Phxq for Service {
         &self,
         request: tonic::Request<api::DeleteTopicRequest>,
     ) -> GrpcResult<api::DeleteTopicResponse> {
+        caller(&request)?.check(Action::Admin)?;
         let request = request.into_inner();
         let error = match self
             .check_store(request.store_id)
@@ -1331,10 +1395,17 @@ impl phxq_server::Phxq for Service {
 
     async fn cluster_status(
         &self,
-        _request: tonic::Request<api::ClusterStatusRequest>,
+        request: tonic::Request<api::ClusterStatusRequest>,
     ) -> GrpcResult<api::ClusterStatusResponse> {
+        let caller = caller(&request)?;
         let answer = match self.call(Request::Status, 0).await {
-            Response::Status(status) => self.cluster_status_of(&status),
+            Response::Status(status) => {
+                let mut answer = self.cluster_status_of(&status);
+                if !caller.is_admin() {
+                    hide_from_non_admins(&mut answer);
+                }
+                answer
+            }
             other => api::ClusterStatusResponse {
                 error: Some(self.failure(other)),
                 ..Default::default()
@@ -1347,7 +1418,13 @@ impl phxq_server::Phxq for Service {
         &self,
         request: tonic::Request<api::HeartbeatRequest>,
     ) -> GrpcResult<api::HeartbeatResponse> {
-        let answer = self.heartbeat_of(request.into_inner()).await;
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        caller.check(Action::Consume {
+            topic: &request.topic,
+            group: &request.consumer_group,
+        })?;
+        let answer = self.heartbeat_of(request).await;
         Ok(tonic::Response::new(answer))
     }
 
@@ -1355,24 +1432,36 @@ impl phxq_server::Phxq for Service {
         &self,
         request: tonic::Request<api::ReceiveRequest>,
     ) -> GrpcResult<api::ReceiveResponse> {
-        Ok(tonic::Response::new(
-            self.receive_of(request.into_inner()).await,
-        ))
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        caller.check(Action::Consume {
+            topic: &request.topic,
+            group: &request.consumer_group,
+        })?;
+        Ok(tonic::Response::new(self.receive_of(request).await))
     }
 
     async fn ack(&self, request: tonic::Request<api::AckRequest>) -> GrpcResult<api::AckResponse> {
-        Ok(tonic::Response::new(
-            self.ack_of(request.into_inner()).await,
-        ))
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        caller.check(Action::Consume {
+            topic: &request.topic,
+            group: &request.consumer_group,
+        })?;
+        Ok(tonic::Response::new(self.ack_of(request).await))
     }
 
     async fn nack(
         &self,
         request: tonic::Request<api::NackRequest>,
     ) -> GrpcResult<api::NackResponse> {
-        Ok(tonic::Response::new(
-            self.nack_of(request.into_inner()).await,
-        ))
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        caller.check(Action::Consume {
+            topic: &request.topic,
+            group: &request.consumer_group,
+        })?;
+        Ok(tonic::Response::new(self.nack_of(request).await))
     }
 }
 
@@ -1404,6 +1493,16 @@ impl Service {
             counters: Some(counters(&status.counters)),
         }
     }
+}
+
+/// What a non-admin caller does not see of the store: where peers listen (the aim of a
+/// forged peer frame) and the nodes' counters. Client addresses, groups, masters and topics
+/// stay: producers and consumers route by them.
+fn hide_from_non_admins(answer: &mut api::ClusterStatusResponse) {
+    for node in &mut answer.nodes {
+        node.peer_addr.clear();
+    }
+    answer.counters = None;
 }
 
 fn counters(c: &crate::NodeCounters) -> api::NodeCounters {
@@ -1632,6 +1731,7 @@ mod tests {
             queue: 0,
             consumer_group: "x/y".to_string(),
             offset: 1,
+            seek: false,
         };
         assert_eq!(code(check_commit(&commit)), invalid_name);
     }

@@ -108,6 +108,92 @@ pub fn check(error: Option<&Error>) -> Result<(), Failure> {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Authentication on the wire
+
+/// The metadata key that carries a refusal's phxq code beside its gRPC status.
+pub const ERROR_CODE_METADATA: &str = "phxq-error-code";
+
+/// The gRPC status of a refusal that is no response body's: `UNAUTHENTICATED` (17) and
+/// `PERMISSION_DENIED` (18) map to the gRPC codes of the same names, with the phxq number in
+/// [`ERROR_CODE_METADATA`] and the message starting with the code (`PERMISSION_DENIED(18): ...`).
+pub fn refusal_status(code: ErrorCode, message: impl fmt::Display) -> tonic::Status {
+    let grpc = match code {
+        ErrorCode::Unauthenticated => tonic::Code::Unauthenticated,
+        ErrorCode::PermissionDenied => tonic::Code::PermissionDenied,
+        _ => tonic::Code::FailedPrecondition,
+    };
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    metadata.insert(ERROR_CODE_METADATA, code.number().into());
+    tonic::Status::with_metadata(grpc, format!("{code}: {message}"), metadata)
+}
+
+/// The phxq failure a gRPC status stands for: `UNAUTHENTICATED` and `PERMISSION_DENIED`
+/// (from a phxq node or from anything in front of it); `None` for any other status.
+pub fn status_failure(status: &tonic::Status) -> Option<Failure> {
+    let code = match status.code() {
+        tonic::Code::Unauthenticated => ErrorCode::Unauthenticated,
+        tonic::Code::PermissionDenied => ErrorCode::PermissionDenied,
+        _ => return None,
+    };
+    // The message of a phxq node already names the code; keep only its explanation.
+    let prefix = format!("{code}: ");
+    let message = status.message();
+    Some(Failure {
+        code: Some(code),
+        number: code.number(),
+        message: message.strip_prefix(&prefix).unwrap_or(message).to_string(),
+        master_addr: None,
+    })
+}
+
+/// A client-side interceptor that sends `authorization: Bearer <token>` on every call, or
+/// nothing without a token. Cheap to clone (the header value is shared bytes).
+#[derive(Clone, Debug, Default)]
+pub struct BearerToken(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl BearerToken {
+    /// Sends `token` (`None`: no header). A token that cannot be a header value (not
+    /// visible ASCII) is refused here, naming the problem, never sent mangled.
+    pub fn new(token: Option<&str>) -> Result<BearerToken, String> {
+        let Some(token) = token else {
+            return Ok(BearerToken(None));
+        };
+        let token = token.trim();
+        if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("a token is printable ASCII without spaces".to_string());
+        }
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| "a token is printable ASCII without spaces".to_string())?;
+        Ok(BearerToken(Some(value)))
+    }
+}
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A client of the phxq service over `channel` that sends `token` on every call.
+pub type Client = phxq_client::PhxqClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>,
+>;
+
+/// A [`Client`] over `channel` sending `token`.
+pub fn client(channel: tonic::transport::Channel, token: BearerToken) -> Client {
+    phxq_client::PhxqClient::with_interceptor(channel, token)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -43,6 +43,12 @@ pub enum ErrorCode {
     /// A topic of that name already exists with another configuration (create); alter it
     /// instead.
     TopicExists = 16,
+    /// The call carried no valid token (missing, malformed, forged or expired); the gRPC
+    /// status is `UNAUTHENTICATED`. Nothing was done.
+    Unauthenticated = 17,
+    /// The caller's token is valid but none of its roles allows this call; the gRPC status is
+    /// `PERMISSION_DENIED`. Nothing was done.
+    PermissionDenied = 18,
     /// The command would take its replication group's replicated state past the snapshot
     /// budget (`SNAPSHOT_BUDGET_BYTES`); nothing changed. Retrying the same command fails the
     /// same way until state is freed (acks, a smaller dedup window, fewer queues or consumer
@@ -52,7 +58,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in number order.
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 19] = [
         ErrorCode::NotMaster,
         ErrorCode::NoMaster,
         ErrorCode::UnknownTopic,
@@ -69,6 +75,8 @@ impl ErrorCode {
         ErrorCode::Timeout,
         ErrorCode::Malformed,
         ErrorCode::TopicExists,
+        ErrorCode::Unauthenticated,
+        ErrorCode::PermissionDenied,
         ErrorCode::StateBudgetExceeded,
     ];
 
@@ -101,6 +109,8 @@ impl ErrorCode {
             ErrorCode::Timeout => "TIMEOUT",
             ErrorCode::Malformed => "MALFORMED",
             ErrorCode::TopicExists => "TOPIC_EXISTS",
+            ErrorCode::Unauthenticated => "UNAUTHENTICATED",
+            ErrorCode::PermissionDenied => "PERMISSION_DENIED",
             ErrorCode::StateBudgetExceeded => "STATE_BUDGET_EXCEEDED",
         }
     }

@@ -106,6 +106,10 @@ pub struct ProduceArgs {
     /// Process ids of the store's servers, comma-separated, to report their CPU use.
     #[arg(long, value_delimiter = ',')]
     server_pids: Vec<u32>,
+    /// The token the benchmark's clients send (stores with auth on; `phxq dev --auth`
+    /// prints an admin one).
+    #[arg(long, env = "PHXQ_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    token: Option<String>,
     #[command(flatten)]
     load: LoadArgs,
 }
@@ -119,6 +123,11 @@ pub struct ConsumeArgs {
     /// The topic written and read.
     #[arg(long, default_value = "test")]
     topic: String,
+    /// The token the benchmark's clients send (stores with auth on; `phxq dev --auth`
+    /// prints an admin one).
+    #[arg(long, env = "PHXQ_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    token: Option<String>,
+
     /// The consumer group reading (its cursors are first moved to the end of every queue).
     #[arg(long, default_value = "g1")]
     group: String,
@@ -260,6 +269,7 @@ fn print_report(json_only: bool, report: &Report) -> std::io::Result<()> {
 // bench produce
 
 pub fn produce(args: &ProduceArgs) -> CommandResult {
+    phxq_bench::store::set_token(args.token.as_deref())?;
     let mut options = options(&args.load, args.server.clone(), args.topic.clone())?;
     options.duration = seconds("--duration-s", args.duration_s)?;
     options.warmup = seconds("--warmup-s", args.warmup_s)?;
@@ -327,6 +337,7 @@ pub fn produce(args: &ProduceArgs) -> CommandResult {
 // bench consume
 
 pub fn consume(args: &ConsumeArgs) -> CommandResult {
+    phxq_bench::store::set_token(args.token.as_deref())?;
     let options = consume::Options {
         server: args.server.clone(),
         topic: args.topic.clone(),

@@ -27,12 +27,11 @@ pub mod receive;
 pub mod topic;
 
 use phxq_client::{ErrorKind, ProducerConfig, SeekError, SeekTo, StoreConfig, fnv1a_64};
-use phxq_proto::api::phxq_client::PhxqClient;
 use phxq_proto::api::{self, Failure};
 use phxq_types::{ErrorCode, MESSAGE_ID_BYTES_MAX, TIME_MS_MAX, validate_name};
 use serde_json::json;
 use tokio::task::JoinSet;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use crate::table::{Align, render};
 use crate::timestamp::parse_rfc3339_ms;
@@ -72,6 +71,52 @@ pub struct Connection {
     /// Give up on a call (with its retries) after this many milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 10_000)]
     timeout_ms: u64,
+    /// The token sent with every call, for stores with auth on (`phxq token issue`; `phxq
+    /// dev --auth` prints an admin token). Without it, ./phxq-data/admin.token is used when
+    /// it exists (the dev store's, said on stderr).
+    #[arg(long, env = "PHXQ_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    token: Option<String>,
+}
+
+/// Where `phxq dev` (run from the same directory) leaves its admin token.
+const DEV_TOKEN_FILE: &str = "phxq-data/admin.token";
+
+impl Connection {
+    /// `--token` (or `PHXQ_TOKEN`), else the dev store's admin token when it exists.
+    fn token(&self) -> Result<Option<String>, ClientError> {
+        if let Some(token) = &self.token {
+            return Ok(Some(token.trim().to_string()));
+        }
+        match std::fs::read_to_string(DEV_TOKEN_FILE) {
+            Ok(token) => {
+                eprintln!(
+                    "phxq: no --token given: using the dev store's admin token in ./{DEV_TOKEN_FILE}"
+                );
+                Ok(Some(token.trim().to_string()))
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(ClientError::Usage(format!(
+                "cannot read ./{DEV_TOKEN_FILE}: {error}"
+            ))),
+        }
+    }
+
+    /// [`Connection::token`] as the interceptor that sends it.
+    fn bearer(&self) -> Result<api::BearerToken, ClientError> {
+        api::BearerToken::new(self.token()?.as_deref())
+            .map_err(|error| ClientError::Usage(format!("--token: {error}")))
+    }
+}
+
+/// An auth refusal, with what the user can do about it.
+fn auth_refusal(status: &tonic::Status) -> Option<ClientError> {
+    let mut failure = api::status_failure(status)?;
+    if failure.code == Some(ErrorCode::Unauthenticated) {
+        failure
+            .message
+            .push_str(" (pass --token TOKEN or set PHXQ_TOKEN)");
+    }
+    Some(ClientError::Refused(failure))
 }
 
 /// Arguments of `phxq produce`.
@@ -344,7 +389,9 @@ struct RouterInner {
     nodes: Vec<String>,
     groups: u32,
     timeout: Duration,
-    channels: Mutex<HashMap<String, PhxqClient<Channel>>>,
+    /// Sent on every call.
+    token: api::BearerToken,
+    channels: Mutex<HashMap<String, api::Client>>,
     masters: Mutex<HashMap<u64, String>>,
     /// Rotates over `nodes` when no master is known.
     next_node: AtomicU64,
@@ -361,7 +408,8 @@ impl Router {
         connection: &Connection,
     ) -> Result<(Router, api::ClusterStatusResponse), ClientError> {
         let server = parse_server(&connection.server)?;
-        let seed = Router::new(vec![server], 1, connection.timeout_ms);
+        let token = connection.bearer()?;
+        let seed = Router::new(vec![server], 1, connection.timeout_ms, token.clone());
         let status = seed
             .call(None, |mut client| async move {
                 let status = client
@@ -383,14 +431,15 @@ impl Router {
                 seed.inner.nodes[0]
             )));
         }
-        let router = Router::new(nodes, status.groups_count, connection.timeout_ms);
+        let router = Router::new(nodes, status.groups_count, connection.timeout_ms, token);
         router.learn_masters(&status);
         Ok((router, status))
     }
 
-    fn new(nodes: Vec<String>, groups: u32, timeout_ms: u64) -> Router {
+    fn new(nodes: Vec<String>, groups: u32, timeout_ms: u64, token: api::BearerToken) -> Router {
         Router {
             inner: Arc::new(RouterInner {
+                token,
                 nodes,
                 groups,
                 timeout: Duration::from_millis(timeout_ms),
@@ -442,7 +491,7 @@ impl Router {
         }
     }
 
-    fn client(&self, addr: &str) -> Result<PhxqClient<Channel>, ClientError> {
+    fn client(&self, addr: &str) -> Result<api::Client, ClientError> {
         let mut channels = self.inner.channels.lock().expect("channels lock");
         if let Some(client) = channels.get(addr) {
             return Ok(client.clone());
@@ -451,7 +500,7 @@ impl Router {
             .map_err(|error| ClientError::Usage(format!("bad node address {addr:?}: {error}")))?
             .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
             .tcp_nodelay(true);
-        let client = PhxqClient::new(endpoint.connect_lazy())
+        let client = api::client(endpoint.connect_lazy(), self.inner.token.clone())
             .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
         channels.insert(addr.to_string(), client.clone());
@@ -467,7 +516,7 @@ impl Router {
         mut attempt: F,
     ) -> Result<T, ClientError>
     where
-        F: FnMut(PhxqClient<Channel>) -> Fut,
+        F: FnMut(api::Client) -> Fut,
         Fut: Future<Output = Attempt<T>>,
     {
         let deadline = Instant::now() + self.inner.timeout;
@@ -508,6 +557,9 @@ impl Router {
                         failure.to_string()
                     }
                 },
+                Ok(Err(status)) if api::status_failure(&status).is_some() => {
+                    return Err(auth_refusal(&status).expect("just checked"));
+                }
                 Ok(Err(status)) => {
                     self.forget_master(group);
                     self.note_uncertain(Some(ErrorCode::Unavailable));
@@ -530,7 +582,7 @@ impl Router {
 
     async fn call<T, F, Fut>(&self, group: Option<u64>, attempt: F) -> Result<T, ClientError>
     where
-        F: FnMut(PhxqClient<Channel>) -> Fut,
+        F: FnMut(api::Client) -> Fut,
         Fut: Future<Output = Attempt<T>>,
     {
         self.call_waiting(group, 0, attempt).await
@@ -1247,6 +1299,7 @@ async fn seek_all(args: &SeekArgs) -> Result<(), ClientError> {
     let server = parse_server(&args.connection.server)?;
     let mut config = ProducerConfig::new([server.clone()]);
     config.deadline = Duration::from_millis(args.connection.timeout_ms);
+    config.token = args.connection.token()?;
     let moves = phxq_client::seek(&config, &args.topic, &args.group, args.queue, args.to)
         .await
         .map_err(|error| seek_error(&server, error))?;

@@ -8,10 +8,12 @@
 //! cleanly on Ctrl-C or SIGTERM. Restarted on the same directory, the store resumes from its
 //! logs; `--clean` starts empty.
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use phxq_node::auth::{Claims, Role, Secret, issue};
 use phxq_node::config::ServerConfig;
 use phxq_node::server::{NodeHandle, RunningServer};
 use phxq_types::NodeId;
@@ -85,7 +87,16 @@ pub struct Args {
     /// Peer port of node 1; nodes 2 and 3 take the next two.
     #[arg(long, default_value_t = 7200)]
     peer_port: u16,
+    /// Turn client auth on: a store secret in DIR/store.secret (made once, reused), and an
+    /// admin token printed and written to DIR/admin.token (which the CLI uses when run from
+    /// the directory holding ./phxq-data and given no --token). Off by default, like a local
+    /// NATS or Kafka: anyone on this machine may do anything.
+    #[arg(long)]
+    auth: bool,
 }
+
+/// How long the dev store's admin token is valid, in milliseconds (a year).
+const DEV_TOKEN_TTL_MS: u64 = 365 * 24 * 3600 * 1000;
 
 pub fn run(args: &Args) -> CommandResult {
     let configs = configs(args)?;
@@ -95,6 +106,9 @@ pub fn run(args: &Args) -> CommandResult {
     // A store CA and every node's certificate, made once and reused on every restart.
     let ids: Vec<_> = configs.iter().map(|config| config.node).collect();
     phxq_node::tls::ensure_store_certs(&args.dir.join("tls"), configs[0].store_id, &ids)?;
+    if args.auth {
+        admin_token(&args.dir)?;
+    }
     // The nodes start one after the other and stop together: their transports' complaints
     // about peers not up yet, or gone, are noise here.
     crate::logging::init("warn,phxq_node::transport=error");
@@ -122,9 +136,40 @@ fn configs(args: &Args) -> CommandResult<Vec<ServerConfig>> {
                 cert: tls.join(format!("node-{id}.pem")),
                 key: tls.join(format!("node-{id}.key")),
             });
+            config.auth = args.auth.then(|| phxq_node::config::AuthConfig {
+                secret_file: args.dir.join("store.secret"),
+            });
             Ok(config)
         })
         .collect()
+}
+
+/// Makes (or reuses) the store secret in `dir`, then issues an admin token, prints it and
+/// writes it to `dir/admin.token` (mode 0600).
+fn admin_token(dir: &Path) -> CommandResult<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(dir)?;
+    let secret = Secret::load_or_create(&dir.join("store.secret"))?;
+    let claims = Claims {
+        subject: "phxq-dev-admin".to_string(),
+        roles: vec![Role::Admin],
+        expires_ms: crate::token::now_ms().saturating_add(DEV_TOKEN_TTL_MS),
+    };
+    let token = issue(&secret, &claims)?;
+    let path = dir.join("admin.token");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)?;
+    writeln!(file, "{token}")?;
+    print_line(format_args!(
+        "phxq dev: auth on; admin token (also in {}):",
+        path.display()
+    ))?;
+    print_line(format_args!("  {token}"))?;
+    Ok(())
 }
 
 /// The template filled in for node `id`.
@@ -357,6 +402,7 @@ mod tests {
             clean: false,
             client_port: 7100,
             peer_port: 7200,
+            auth: false,
         }
     }
 
@@ -377,6 +423,14 @@ mod tests {
             assert_eq!(format!("{:?}", sample.timing), format!("{:?}", dev.timing));
             assert_eq!(sample.limits, dev.limits);
             assert_eq!(sample.peer_tls, dev.peer_tls);
+            let dev_auth = configs(&Args {
+                auth: true,
+                ..args("phxq-data")
+            })
+            .unwrap()
+            .remove(i)
+            .auth;
+            assert_eq!(sample.auth, dev_auth, "{}", path.display());
         }
     }
 

@@ -4,6 +4,7 @@
 //! * `phxq dev` runs a complete 3-node store on loopback in one process.
 //! * `phxq produce`, `phxq consume`, `phxq cluster status`: a first client path over gRPC.
 //! * `phxq topic create|list|describe|alter|delete`: topics through the API.
+//! * `phxq token secret|issue`: client auth (a store secret, tokens with roles).
 //! * `phxq wal inspect` and `phxq bench wal`: operator tools for a node's write-ahead log.
 //! * `phxq bench produce`, `phxq bench consume` and `phxq bench failover`: producers (and
 //!   consumers) against a store, in PhxQueue's report format; end-to-end latency; a master
@@ -24,6 +25,7 @@ mod logging;
 mod node_cmd;
 mod table;
 mod timestamp;
+mod token;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -101,6 +103,19 @@ enum Command {
         #[command(subcommand)]
         command: TopicCommand,
     },
+    /// Client auth: make a store secret, issue tokens signed with it.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Write a new store secret (32 random bytes) to a file.
+    Secret(token::SecretArgs),
+    /// Print a token with roles, signed with the store's secret.
+    Issue(token::IssueArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -217,6 +232,10 @@ fn main() -> ExitCode {
             TopicCommand::Describe(args) => client::topic::describe(args),
             TopicCommand::Alter(args) => client::topic::alter(args),
             TopicCommand::Delete(args) => client::topic::delete(args),
+        },
+        Command::Token { command } => match command {
+            TokenCommand::Secret(args) => token::secret(args),
+            TokenCommand::Issue(args) => token::run_issue(args),
         },
     };
     match outcome {

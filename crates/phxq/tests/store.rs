@@ -29,6 +29,7 @@ fn run(args: &[&str], input: &[u8]) -> Output {
     let mut child = phxq()
         .args(args)
         .env_remove("PHXQ_SERVER")
+        .env_remove("PHXQ_TOKEN")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1324,6 +1325,127 @@ fn dev_runs_a_three_node_store_in_one_command_and_stops_cleanly_on_sigterm() {
 }
 
 /// Two bases, each with itself and the next two ports free (retrying a few kernel picks).
+/// `phxq dev --auth` prints an admin token (and saves it in its directory); `--token` with
+/// it works for admin and client commands; without a token, or with a forged one, a
+/// command fails (exit 1) saying why and what to pass, and nothing is produced.
+#[test]
+fn dev_with_auth_prints_an_admin_token_that_works_and_no_token_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = free_ports(6);
+    let (client, peer) = consecutive_free(ports[0], ports[3]);
+    let mut dev = phxq()
+        .args([
+            "dev",
+            "--auth",
+            "--dir",
+            dir.path().to_str().unwrap(),
+            "--clean",
+        ])
+        .args([
+            "--client-port",
+            &client.to_string(),
+            "--peer-port",
+            &peer.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn phxq dev");
+    let stdout = dev.stdout.take().unwrap();
+    let (lines, read) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            if lines.send(line.unwrap_or_default()).is_err() {
+                return;
+            }
+        }
+    });
+    let mut printed: Vec<String> = Vec::new();
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while !printed.iter().any(|l| l.contains("phxq dev: ready")) {
+        match read.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => printed.push(line),
+            Err(_) => {
+                let _ = dev.kill();
+                panic!("phxq dev not ready in time: {printed:#?}");
+            }
+        }
+    }
+    let at = printed
+        .iter()
+        .position(|l| l.contains("admin token"))
+        .expect("a token line");
+    let token = printed[at + 1].trim().to_string();
+    assert!(token.starts_with("phxq1."), "{printed:#?}");
+    let saved = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
+    assert_eq!(saved.trim(), token);
+
+    let server = format!("127.0.0.1:{client}");
+    let common = ["--server", server.as_str()];
+    let produce = |token: Option<&str>| {
+        let mut args = vec![
+            "produce",
+            "--topic",
+            "test",
+            "--key",
+            "a",
+            "--timeout-ms",
+            "3000",
+        ];
+        args.extend(common);
+        if let Some(token) = token {
+            args.extend(["--token", token]);
+        }
+        run(&args, b"one\n")
+    };
+    // One signature character changed (not the last: it carries padding bits).
+    let at = token.len() - 10;
+    let changed = if &token[at..=at] == "A" { "B" } else { "A" };
+    let forged = format!("{}{changed}{}", &token[..at], &token[at + 1..]);
+    for (what, refused) in [
+        ("no token", produce(None)),
+        ("forged", produce(Some(&forged))),
+        (
+            "no token, status",
+            run(&["cluster", "status", "--server", &server], b""),
+        ),
+    ] {
+        assert_eq!(refused.status.code(), Some(1), "{what}");
+        let said = text(&refused.stderr);
+        assert!(said.contains("UNAUTHENTICATED"), "{what}: {said}");
+    }
+    let status = run(&["cluster", "status", "--server", &server], b"");
+    assert!(
+        text(&status.stderr).contains("--token"),
+        "{}",
+        text(&status.stderr)
+    );
+
+    let produced = produce(Some(&token));
+    assert!(produced.status.success(), "{}", text(&produced.stderr));
+    let mut args = vec!["consume", "--topic", "test", "--group", "g1", "--json"];
+    args.extend(common);
+    args.extend(["--token", token.as_str()]);
+    let consumed = run(&args, b"");
+    assert!(consumed.status.success(), "{}", text(&consumed.stderr));
+    assert_eq!(
+        text(&consumed.stdout).lines().count(),
+        1,
+        "only the admin's line"
+    );
+    let created = run(
+        &[
+            "topic", "create", "made", "--queues", "2", "--server", &server, "--token", &token,
+        ],
+        b"",
+    );
+    assert!(created.status.success(), "{}", text(&created.stderr));
+
+    terminate(&dev);
+    assert!(wait_exit(&mut dev, Duration::from_secs(20)).is_some_and(|s| s.success()));
+}
+
 fn consecutive_free(client: u16, peer: u16) -> (u16, u16) {
     let free = |base: u16| {
         base < u16::MAX - 3

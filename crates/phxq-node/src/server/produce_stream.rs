@@ -27,7 +27,9 @@ use phxq_types::ErrorCode;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::auth::Caller;
 use super::{NodeHandle, bounded, produce_refused, produce_request, produce_response, refuse};
+use crate::auth::Action;
 use crate::config::ServerConfig;
 
 /// Requests of one stream awaiting their answers at most.
@@ -40,6 +42,7 @@ type Answer = Pin<Box<dyn Future<Output = api::ProduceStreamResponse> + Send>>;
 
 /// Serves `requests` on a task of its own; returns the stream of their answers.
 pub(super) fn serve(
+    caller: Caller,
     config: Arc<ServerConfig>,
     handle: NodeHandle,
     mut stopping: tokio::sync::watch::Receiver<bool>,
@@ -54,7 +57,9 @@ pub(super) fn serve(
             tokio::select! {
                 next = requests.next(), if reading && in_flight.len() < IN_FLIGHT_MAX => {
                     match next {
-                        Some(Ok(request)) => in_flight.push(admit(&config, &handle, request)),
+                        Some(Ok(request)) => {
+                            in_flight.push(admit(&caller, &config, &handle, request));
+                        }
                         // A malformed frame or a reset ends the reading, not the answers
                         // still owed.
                         Some(Err(status)) => (reading, failed) = (false, Some(status)),
@@ -82,6 +87,7 @@ pub(super) fn serve(
 
 /// Checks `request` and, when it passes, hands it to the node now; the future of its answer.
 fn admit(
+    caller: &Caller,
     config: &Arc<ServerConfig>,
     handle: &NodeHandle,
     request: api::ProduceStreamRequest,
@@ -92,7 +98,13 @@ fn admit(
             ErrorCode::InvalidArgument,
             "a ProduceStreamRequest without its request",
         )),
-        Some(produce) => produce_request(config, produce),
+        // The stream's token was verified when it opened; each request's topic is checked
+        // here, and a refusal is that request's answer.
+        Some(produce) => caller
+            .check_wire(Action::Produce {
+                topic: &produce.topic,
+            })
+            .and_then(|()| produce_request(config, produce)),
     };
     match checked {
         Err(error) => {

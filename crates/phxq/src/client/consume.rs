@@ -128,6 +128,7 @@ fn consumer_config(
     );
     servers.truncate(phxq_client::SERVERS_MAX);
     let mut config = ConsumerConfig::new(servers, &args.topic, &args.group);
+    config.token = args.connection.token()?;
     config.order = HandlingOrder::PerQueue;
     config.queues = args.queue.map(|queue| vec![queue]);
     config.long_poll = match (args.wait_ms, &args.member) {

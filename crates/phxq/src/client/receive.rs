@@ -194,6 +194,7 @@ fn receiver(
     let server = parse_server(&connection.server)?;
     let mut config = ProducerConfig::new([server.clone()]);
     config.deadline = Duration::from_millis(connection.timeout_ms);
+    config.token = connection.token()?;
     let receiver = Receiver::new(config, topic, group)
         .map_err(|error| ClientError::Usage(error.to_string()))?;
     Ok((receiver, server))
