@@ -69,8 +69,20 @@ pub struct NodeConfig {
     pub batch_commands_max: usize,
     /// Most bytes of messages packed into one entry.
     pub batch_bytes_max: usize,
-    /// Client requests accepted and not yet answered, over all groups; beyond, `BUSY`.
+    /// Client requests accepted and not yet answered, over all groups, long polls left out;
+    /// beyond, `BUSY`.
     pub requests_pending_max: usize,
+    /// Long polls (`Consume`, `Receive`) parked at once, over all groups; beyond, `BUSY`.
+    /// A limit of their own, so that parked reads never make a produce `BUSY`.
+    pub long_polls_parked_max: usize,
+    /// Bytes of keys and values in one `Consume` or `Receive` answer at most, whatever the
+    /// request asks (the first message always comes, so a consumer always progresses).
+    pub consume_answer_bytes_max: u64,
+    /// Bytes of log entries the node reads for parked consumes and receives per tick at
+    /// most: reads happen on the event loop, and this caps what they cost it between two
+    /// ticks (at 16 MiB, a few milliseconds from the page cache), so a flood of large reads
+    /// delays reads, never heartbeats. Reads it does not reach wait for the next tick.
+    pub read_bytes_per_tick_max: u64,
     /// A group compacts only when at least this many entries are deletable.
     pub compact_entries_min: u64,
     /// Seeds every random choice of the node.
@@ -97,6 +109,9 @@ impl NodeConfig {
             batch_commands_max: 4096,
             batch_bytes_max: 4 << 20,
             requests_pending_max: 100_000,
+            long_polls_parked_max: 100_000,
+            consume_answer_bytes_max: 8 << 20,
+            read_bytes_per_tick_max: 16 << 20,
             compact_entries_min: 1024,
             seed,
             #[cfg(feature = "canary")]
@@ -459,6 +474,8 @@ pub struct Node {
     out: Output,
     compact_due: bool,
     counters: NodeCounters,
+    /// Bytes of log reads left until the next tick (`read_bytes_per_tick_max`).
+    read_budget: u64,
 }
 
 impl Node {
@@ -505,6 +522,7 @@ impl Node {
             rounds: VecDeque::new(),
             out: Output::default(),
             compact_due: false,
+            read_budget: u64::MAX,
             counters: NodeCounters::default(),
         })
     }
@@ -529,6 +547,7 @@ impl Node {
     pub fn tick(&mut self, now_ms: u64) {
         self.now_tick += 1;
         self.now_ms = now_ms;
+        self.read_budget = self.config.read_bytes_per_tick_max;
         let timing = &self.config.timing;
         for replica in &mut self.replicas {
             replica.set_now(self.now_tick);
@@ -623,7 +642,11 @@ impl Node {
             | Request::OffsetForTime { topic, queue, .. } => (topic.clone(), *queue),
         };
         check_arguments(&request)?;
-        self.check_pending()?;
+        if let Request::Consume { .. } | Request::Receive { .. } = request {
+            self.check_long_polls()?;
+        } else {
+            self.check_pending()?;
+        }
         let group = group_of_queue(queue, self.config.layout.groups);
         let tick_ms = self.config.timing.tick_ms;
         let replica = &mut self.replicas[group.0 as usize];
@@ -677,7 +700,7 @@ impl Node {
                         consumer_group,
                         from,
                         count_max,
-                        bytes_max,
+                        bytes_max: bytes_max.min(self.config.consume_answer_bytes_max),
                         deadline,
                     },
                 );
@@ -696,7 +719,7 @@ impl Node {
                     queue,
                     consumer_group,
                     count_max,
-                    bytes_max,
+                    bytes_max: bytes_max.min(self.config.consume_answer_bytes_max),
                     deadline: self.now_tick + wait_ticks,
                     ack_timeout_ms: stretched(ack_timeout_ms, ACK_TIMEOUT_MS_MAX, tick_ms),
                 };
@@ -807,6 +830,18 @@ impl Node {
         Ok(())
     }
 
+    /// `BUSY` if as many long polls are parked as may be.
+    fn check_long_polls(&self) -> Result<(), Response> {
+        let parked: usize = self.replicas.iter().map(Replica::long_polls_parked).sum();
+        if parked >= self.config.long_polls_parked_max {
+            return Err(Response::error(
+                ErrorCode::Busy,
+                format!("{parked} long polls are parked; retry later"),
+            ));
+        }
+        Ok(())
+    }
+
     /// The log is durable up to `lsn` (a sync the shell ran for [`Output::sync`]).
     pub fn synced(&mut self, lsn: Lsn) {
         self.counters.syncs += 1;
@@ -882,12 +917,19 @@ impl Node {
         if self.written_lsn > self.synced_lsn {
             self.out.sync = Some(self.written_lsn);
         }
-        for replica in &mut self.replicas {
-            replica.serve_waiters(&self.wal, self.now_tick, &mut self.out.responses);
+        // The read budget goes round the groups from a different one each tick, so a group
+        // with many large reads cannot starve the others' reads.
+        let groups = self.replicas.len();
+        let first = (self.now_tick % groups as u64) as usize;
+        for g in (first..groups).chain(0..first) {
+            let replica = &mut self.replicas[g];
+            let budget = &mut self.read_budget;
+            replica.serve_waiters(&self.wal, self.now_tick, budget, &mut self.out.responses);
             replica.serve_receivers(
                 &self.wal,
                 self.now_tick,
                 self.now_ms,
+                budget,
                 &mut self.out.responses,
             );
         }
