@@ -222,6 +222,7 @@ struct LimitsSection {
     long_polls_parked_max: Option<usize>,
     consume_answer_bytes_max: Option<usize>,
     read_bytes_per_tick_max: Option<usize>,
+    inputs_queued_max: Option<usize>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -257,6 +258,8 @@ pub struct Limits {
     pub consume_answer_bytes_max: u64,
     /// Bytes of log the event loop reads for consumes and receives per tick at most.
     pub read_bytes_per_tick_max: u64,
+    /// Client requests queued for the event loop at most; beyond, `BUSY`.
+    pub inputs_queued_max: usize,
 }
 
 /// Default of `limits.produce_pending_bytes_max` (256 MiB).
@@ -698,6 +701,12 @@ fn limits(section: &LimitsSection) -> Result<Limits, ConfigError> {
             default.read_bytes_per_tick_max as usize,
             1 << 40,
         )? as u64,
+        inputs_queued_max: positive(
+            "inputs_queued_max",
+            section.inputs_queued_max,
+            crate::server::INPUTS_QUEUED_MAX,
+            1 << 20,
+        )?,
     })
 }
 

@@ -14,6 +14,12 @@ use raft::{RawNode, Ready, StateRole};
 use crate::node::{NodeConfig, NodeCounters, NodeError, Output, RequestId, Response, push_message};
 use crate::{GroupStatus, node};
 
+/// Entries a master proposes per group per round at most. The rest of a backlog waits for
+/// the next round (after this round's sync), so a backlog of admitted produces costs one
+/// round at most this many full entries of write and fsync, never the whole backlog at once:
+/// a round that long would hold heartbeats back past the lease.
+pub(crate) const ENTRIES_PER_ROUND_MAX: usize = 2;
+
 /// A consume request parked until messages arrive or its deadline passes.
 #[derive(Clone, Debug)]
 pub(crate) struct Consume {
@@ -389,7 +395,10 @@ impl Replica {
         if self.writing_proposal() {
             return;
         }
-        while !self.proposals.is_empty() {
+        for _ in 0..ENTRIES_PER_ROUND_MAX {
+            if self.proposals.is_empty() {
+                break;
+            }
             let mut batch = Batch {
                 time_ms: now_ms,
                 commands: Vec::new(),

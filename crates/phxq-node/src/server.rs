@@ -67,8 +67,9 @@ mod delivery;
 mod heartbeat;
 mod produce_stream;
 
-/// Client inputs queued for the event loop at most; beyond, clients get `BUSY`. Peer frames
-/// have a queue of their own (`budget.rs`), which clients cannot fill.
+/// Client inputs queued for the event loop at most, by default (`limits.inputs_queued_max`);
+/// beyond, clients get `BUSY`. Peer frames have a queue of their own (`budget.rs`), which
+/// clients cannot fill.
 pub const INPUTS_QUEUED_MAX: usize = 16_384;
 /// Peer frames the event loop takes per wake-up, and before each round, at most.
 pub const PEER_FRAMES_PER_WAKE_MAX: usize = 1_024;
@@ -279,7 +280,7 @@ impl RunningServer {
         let peer_listener = bind("peer", config.peer_listen).await?;
         let client_addr = local_addr("client", &client_listener, config.client_listen)?;
 
-        let (inputs, receiver) = std::sync::mpsc::sync_channel(INPUTS_QUEUED_MAX);
+        let (inputs, receiver) = std::sync::mpsc::sync_channel(config.limits.inputs_queued_max);
         let produce_budget = ByteBudget::new(config.limits.produce_pending_bytes_max);
         let handle = NodeHandle {
             inputs,
@@ -774,7 +775,9 @@ impl EventLoop {
             }
             let output = self.node.round()?;
             self.dispatch(output);
-            if !self.node.has_work() {
+            // A tick due ends the burst: heartbeats and lease checks run on ticks, and the
+            // sync after the burst releases what followers must answer.
+            if !self.node.has_work() || Instant::now() >= self.next_tick {
                 break;
             }
         }

@@ -76,6 +76,8 @@ pub struct Store {
     servers: Vec<Option<RunningServer>>,
     /// Queues of [`TOPIC`] in this store ([`QUEUES`] unless [`Store::start_with_queues`]).
     pub queues: u32,
+    /// Lines of the nodes' `[limits]` section (empty: the defaults).
+    pub limits: String,
 }
 
 impl Store {
@@ -89,7 +91,19 @@ impl Store {
             peer_addrs: ports[nodes..].iter().map(addr).collect(),
             servers: (0..nodes).map(|_| None).collect(),
             queues: QUEUES,
+            limits: String::new(),
         }
+    }
+
+    /// [`Store::start`] with `limits` (TOML lines) as every node's `[limits]` section.
+    pub async fn start_with_limits(nodes: usize, placed: bool, limits: &str) -> Store {
+        let mut store = Store::new(nodes);
+        store.limits = limits.to_string();
+        for id in 1..=nodes {
+            store.start_node(id).await;
+        }
+        store.wait_masters(placed).await;
+        store
     }
 
     /// [`Store::start`] with `queues` queues of [`TOPIC`] (stores of a multi-store producer
@@ -135,6 +149,7 @@ impl Store {
              consumer_groups = [{:?}]\n",
             self.queues, CONSUMER_GROUPS[0]
         );
+        text += &format!("\n[limits]\n{}\n", self.limits);
         ServerConfig::parse(&text).expect("valid config")
     }
 
