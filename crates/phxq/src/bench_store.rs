@@ -594,7 +594,8 @@ impl Cluster {
             groups: args.groups,
         };
         for id in 1..=NODES {
-            let text = config_text(id, &cluster.dir.join(format!("node-{id}")), args, queues);
+            let data_dir = cluster.dir.join(format!("node-{id}"));
+            let text = config_text(id, &data_dir, &cluster.dir.join("tls"), args, queues);
             std::fs::write(cluster.config_path(u64::from(id)), text)?;
         }
         for id in 1..=NODES {
@@ -732,8 +733,9 @@ impl Drop for Cluster {
     }
 }
 
-/// Node `id`'s config: `phxq dev`'s store on the run's ports, with `queues` queues.
-fn config_text(id: u16, data_dir: &Path, args: &FailoverArgs, queues: u32) -> String {
+/// Node `id`'s config: `phxq dev`'s store on the run's ports, with `queues` queues, and the
+/// store's CA and node certificates in `tls` (made by the first call, reused by the others).
+fn config_text(id: u16, data_dir: &Path, tls: &Path, args: &FailoverArgs, queues: u32) -> String {
     let mut text = format!(
         "[node]\nid = {id}\ndata_dir = {:?}\n\n[store]\nid = 1\ngroups = {}\n\n",
         data_dir.display().to_string(),
@@ -751,13 +753,47 @@ fn config_text(id: u16, data_dir: &Path, args: &FailoverArgs, queues: u32) -> St
     text += &format!(
         "[[store.topics]]\nname = \"test\"\nqueues = {queues}\nconsumer_groups = [\"g1\"]\n"
     );
-    // The store's CA and node certificates, beside the nodes' data directories.
-    let tls = data_dir.join("../tls");
+    // Not `data_dir/../tls`: the data directory does not exist yet, so that path would not
+    // resolve, every call would make a new CA, and no node's certificate would verify.
     let ids: Vec<_> = (1..=u64::from(NODES)).map(phxq_types::NodeId).collect();
-    match phxq_node::tls::ensure_store_certs(&tls, 1, &ids) {
+    match phxq_node::tls::ensure_store_certs(tls, 1, &ids) {
         Ok(files) => text += &phxq_node::tls::config_section(&files[usize::from(id) - 1]),
         // The node refuses the config and says why; the benchmark reports it.
         Err(error) => tracing::error!(%error, "making the store's certificates"),
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: FailoverArgs,
+    }
+
+    /// The three configs share one CA: a node certificate signed by a CA that a later config
+    /// replaced verifies nowhere, and the store never elects a master.
+    #[test]
+    fn the_failover_store_configs_share_one_ca() {
+        let run = tempfile::tempdir().unwrap();
+        let tls = run.path().join("tls");
+        let args = Cli::parse_from(["failover"]).args;
+        let mut cas = Vec::new();
+        for id in 1..=NODES {
+            let data_dir = run.path().join(format!("node-{id}"));
+            let text = config_text(id, &data_dir, &tls, &args, 3);
+            let config = phxq_node::config::ServerConfig::parse(&text).unwrap();
+            assert!(config.peer_tls.is_some(), "node {id} has no [tls]: {text}");
+            cas.push(std::fs::read(tls.join("ca.pem")).unwrap());
+        }
+        assert!(
+            cas.windows(2).all(|pair| pair[0] == pair[1]),
+            "a config made a new CA"
+        );
+    }
 }
