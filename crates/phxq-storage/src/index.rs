@@ -391,7 +391,7 @@ impl LogIndex {
         let (&segment, _) = self
             .segment_use
             .iter()
-            .find(|(&id, u)| id < active && u.live_entries == 0 && u.live_snapshots > 0)?;
+            .find(|&(&id, u)| id < active && u.live_entries == 0 && u.live_snapshots > 0)?;
         self.groups
             .iter()
             .find(|(_, log)| log.snapshot_at == Some(segment))
@@ -692,7 +692,7 @@ mod tests {
         for c in decoded_chunks(G, 4, b"at 4") {
             ix.apply(&c, (2, 60, 10), 2).unwrap();
         }
-        assert_eq!(ix.missing_snapshots(), []);
+        assert!(ix.missing_snapshots().is_empty());
         assert_eq!(&ix.groups[&G].snapshot[..], b"at 4");
         ix.validate().unwrap();
     }
