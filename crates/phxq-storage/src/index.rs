@@ -642,8 +642,9 @@ mod tests {
         assert_eq!((ix.groups[&G].compact_index, &ix.groups[&G].snapshot[..]), (3, &old[..]));
         let chunks = decoded_chunks(G, 6, &new);
         assert_eq!(chunks.len(), 4);
-        // The third chunk is missing: the fourth does not continue the second.
-        for c in [&chunks[0], &chunks[1], &chunks[3]] {
+        // The second chunk is missing where it was due (it comes last): the third does not
+        // continue the first, so no snapshot, whatever follows.
+        for c in [&chunks[0], &chunks[2], &chunks[3], &chunks[1]] {
             ix.apply(c, (2, 0, 10), 2).unwrap();
         }
         assert_eq!(ix.groups[&G].compact_index, 3, "a snapshot with a hole took effect");
