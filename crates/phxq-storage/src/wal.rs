@@ -1449,6 +1449,66 @@ mod tests {
         assert_eq!(info.snapshot, b"format 4 at 55");
     }
 
+    #[test]
+    fn a_damaged_only_copy_of_a_snapshot_is_corruption_and_repair_empties_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = Wal::open(dir.path(), small_segments()).unwrap();
+        let busy = GroupId(2);
+        let snapshot = b"only copy ".repeat(100);
+        let mut batch = WriteBatch::new();
+        batch.append(G, (1..=5).map(|i| entry(i, 10)));
+        batch.hard_state(G, commit(5)).compact(G, 5, snapshot.clone());
+        wal.sync_to(wal.write(&batch).unwrap()).unwrap();
+        // A busy group rolls segments until G's snapshot is carried forward and the segment
+        // of its first copy is deleted.
+        for i in 1.. {
+            assert!(i < 200, "never carried: {:?}", wal.stats());
+            let mut batch = WriteBatch::new();
+            batch.append(busy, [entry(i, 300)]).hard_state(busy, commit(i));
+            batch.compact(busy, i - 1, Vec::new());
+            wal.sync_to(wal.write(&batch).unwrap()).unwrap();
+            if wal.stats().snapshots_carried > 0 {
+                break;
+            }
+        }
+        drop(wal);
+        let holding: Vec<(PathBuf, usize)> = segment::list(dir.path())
+            .unwrap()
+            .into_iter()
+            .filter_map(|(_, path)| {
+                let bytes = std::fs::read(&path).unwrap();
+                let at = bytes.windows(snapshot.len()).position(|w| w == snapshot)?;
+                Some((path, at))
+            })
+            .collect();
+        assert_eq!(holding.len(), 1, "copies: {holding:?}");
+        let (path, at) = &holding[0];
+        let mut bytes = std::fs::read(path).unwrap();
+        bytes[at + 500] ^= 0x20;
+        std::fs::write(path, bytes).unwrap();
+
+        assert!(matches!(
+            Wal::open(dir.path(), small_segments()),
+            Err(Error::Corruption { .. })
+        ));
+        let repair = WalOptions {
+            repair: true,
+            ..small_segments()
+        };
+        let (wal, report) = Wal::open(dir.path(), repair).unwrap();
+        assert!(report.cut_groups.contains(&(G, 1)), "{report:?}");
+        let emptied = |info: GroupInfo| {
+            assert_eq!((info.first_index, info.last_index, info.compact_term), (1, 0, 0));
+            assert_eq!(info.snapshot, b"");
+            assert_eq!((info.hard_state.term, info.hard_state.commit), (1, 0));
+        };
+        emptied(wal.group(G).unwrap());
+        drop(wal);
+        let (wal, _) = Wal::open(dir.path(), small_segments()).unwrap();
+        emptied(wal.group(G).unwrap());
+        assert!(wal.group(busy).unwrap().last_index > 0);
+    }
+
     /// Bytes up to the last non-zero one (zeros are written ahead of the data).
     fn data_bytes(path: &Path) -> u64 {
         let bytes = std::fs::read(path).unwrap();
