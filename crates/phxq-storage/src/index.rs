@@ -250,7 +250,8 @@ impl LogIndex {
             self.pending.insert(*group, pending);
         }
         let continues = self.pending.get(group).is_some_and(|p| {
-            (p.index, p.term, p.total_bytes, p.next_offset) == (*index, *term, *total_bytes, *offset)
+            (p.index, p.term, p.total_bytes, p.next_offset)
+                == (*index, *term, *total_bytes, *offset)
         });
         if !continues {
             self.pending.remove(group);
@@ -639,7 +640,10 @@ mod tests {
         for c in decoded_chunks(G, 3, &old) {
             ix.apply(&c, (1, 100, 10), 1).unwrap();
         }
-        assert_eq!((ix.groups[&G].compact_index, &ix.groups[&G].snapshot[..]), (3, &old[..]));
+        assert_eq!(
+            (ix.groups[&G].compact_index, &ix.groups[&G].snapshot[..]),
+            (3, &old[..])
+        );
         let chunks = decoded_chunks(G, 6, &new);
         assert_eq!(chunks.len(), 4);
         // The second chunk is missing where it was due (it comes last): the third does not
@@ -647,7 +651,10 @@ mod tests {
         for c in [&chunks[0], &chunks[2], &chunks[3], &chunks[1]] {
             ix.apply(c, (2, 0, 10), 2).unwrap();
         }
-        assert_eq!(ix.groups[&G].compact_index, 3, "a snapshot with a hole took effect");
+        assert_eq!(
+            ix.groups[&G].compact_index, 3,
+            "a snapshot with a hole took effect"
+        );
         assert_eq!(&ix.groups[&G].snapshot[..], &old[..]);
         // A torn sequence (chunks 0 and 1 only) then a whole one: the whole one wins.
         for c in chunks.iter().take(2).chain(&chunks) {
@@ -657,13 +664,23 @@ mod tests {
         assert_eq!((log.compact_index, log.first_index()), (6, 7));
         assert!(log.snapshot[..] == new[..], "reassembled bytes differ");
         assert_eq!(log.snapshot_at, Some(2));
-        assert_eq!((ix.segment_use[&1].live_snapshots, ix.segment_use[&2].live_snapshots), (0, 1));
+        assert_eq!(
+            (
+                ix.segment_use[&1].live_snapshots,
+                ix.segment_use[&2].live_snapshots
+            ),
+            (0, 1)
+        );
         ix.validate().unwrap();
         // Chunks of another group in between change nothing for this one.
         let other = GroupId(2);
         let mut tail = decoded_chunks(G, 8, &new);
         let last = tail.pop().unwrap();
-        for c in tail.iter().chain(&decoded_chunks(other, 1, b"x")).chain([&last]) {
+        for c in tail
+            .iter()
+            .chain(&decoded_chunks(other, 1, b"x"))
+            .chain([&last])
+        {
             ix.apply(c, (3, 0, 10), 4).unwrap();
         }
         assert_eq!(ix.groups[&G].compact_index, 8);

@@ -534,7 +534,9 @@ fn encode_payload(record: &Record, out: &mut Vec<u8>) {
             // A format 3 checkpoint is written only by tests that build old logs.
             let with_snapshots = groups.first().is_some_and(|g| g.snapshot.is_some());
             assert!(
-                groups.iter().all(|g| g.snapshot.is_some() == with_snapshots),
+                groups
+                    .iter()
+                    .all(|g| g.snapshot.is_some() == with_snapshots),
                 "a checkpoint has snapshots for all its groups or for none"
             );
             out.push(if with_snapshots {

@@ -188,13 +188,16 @@ mod tests {
     #[test]
     fn a_segment_of_the_previous_format_is_read() {
         let header = encode_header_of_version(7, FORMAT_VERSION_OLDEST_READ);
-        assert_eq!(check_header(Path::new("x"), 7, &header).unwrap(), Header::Valid);
+        assert_eq!(
+            check_header(Path::new("x"), 7, &header).unwrap(),
+            Header::Valid
+        );
     }
 
     #[test]
     fn a_segment_of_another_format_version_is_refused_as_such() {
         for version in [1, 2, FORMAT_VERSION + 1] {
-            assert!(version < FORMAT_VERSION_OLDEST_READ || version > FORMAT_VERSION);
+            assert!(!(FORMAT_VERSION_OLDEST_READ..=FORMAT_VERSION).contains(&version));
             let mut header = encode_header(7);
             header[8..12].copy_from_slice(&u32::to_le_bytes(version));
             let crc = crc32c::crc32c(&header[..28]);

@@ -297,12 +297,7 @@ impl WriteBatch {
                     let term = shadow.term(index, group, *compact_to);
                     shadow.compact_index = *compact_to;
                     shadow.compact_term = term;
-                    records.extend(record::snapshot_chunks(
-                        group,
-                        *compact_to,
-                        term,
-                        snapshot,
-                    ));
+                    records.extend(record::snapshot_chunks(group, *compact_to, term, snapshot));
                 }
                 Op::TruncateSuffix(_, from_index) => {
                     if *from_index <= shadow.commit {
@@ -1441,7 +1436,10 @@ mod tests {
         batch.compact(G, 55, b"format 4 at 55".to_vec());
         wal.sync_to(wal.write(&batch).unwrap()).unwrap();
         let left = segment::list(dir.path()).unwrap();
-        assert!(left.iter().all(|(id, _)| *id > 8), "format 3 segments kept: {left:?}");
+        assert!(
+            left.iter().all(|(id, _)| *id > 8),
+            "format 3 segments kept: {left:?}"
+        );
         drop(wal);
         let (wal, _) = Wal::open(dir.path(), small_segments()).unwrap();
         let info = wal.group(G).unwrap();
@@ -1457,14 +1455,18 @@ mod tests {
         let snapshot = b"only copy ".repeat(100);
         let mut batch = WriteBatch::new();
         batch.append(G, (1..=5).map(|i| entry(i, 10)));
-        batch.hard_state(G, commit(5)).compact(G, 5, snapshot.clone());
+        batch
+            .hard_state(G, commit(5))
+            .compact(G, 5, snapshot.clone());
         wal.sync_to(wal.write(&batch).unwrap()).unwrap();
         // A busy group rolls segments until G's snapshot is carried forward and the segment
         // of its first copy is deleted.
         for i in 1.. {
             assert!(i < 200, "never carried: {:?}", wal.stats());
             let mut batch = WriteBatch::new();
-            batch.append(busy, [entry(i, 300)]).hard_state(busy, commit(i));
+            batch
+                .append(busy, [entry(i, 300)])
+                .hard_state(busy, commit(i));
             batch.compact(busy, i - 1, Vec::new());
             wal.sync_to(wal.write(&batch).unwrap()).unwrap();
             if wal.stats().snapshots_carried > 0 {
@@ -1498,7 +1500,10 @@ mod tests {
         let (wal, report) = Wal::open(dir.path(), repair).unwrap();
         assert!(report.cut_groups.contains(&(G, 1)), "{report:?}");
         let emptied = |info: GroupInfo| {
-            assert_eq!((info.first_index, info.last_index, info.compact_term), (1, 0, 0));
+            assert_eq!(
+                (info.first_index, info.last_index, info.compact_term),
+                (1, 0, 0)
+            );
             assert_eq!(info.snapshot, b"");
             assert_eq!((info.hard_state.term, info.hard_state.commit), (1, 0));
         };
@@ -1538,7 +1543,9 @@ mod tests {
         for (g, snapshot) in snapshots.iter().enumerate() {
             let group = GroupId(g as u64);
             let mut batch = WriteBatch::new();
-            batch.append(group, [entry(1, 10)]).hard_state(group, commit(1));
+            batch
+                .append(group, [entry(1, 10)])
+                .hard_state(group, commit(1));
             batch.compact(group, 1, snapshot.to_vec());
             wal.write(&batch).unwrap();
         }
@@ -1558,7 +1565,10 @@ mod tests {
                 continue;
             }
             roll_rounds.push(took);
-            let newest = segment::list(&dir.path().join("wal")).unwrap().pop().unwrap();
+            let newest = segment::list(&dir.path().join("wal"))
+                .unwrap()
+                .pop()
+                .unwrap();
             let written = data_bytes(&newest.1);
             // Its checkpoint, the round's entry, and at most one snapshot carried forward.
             let bound = (64 << 10) + (256 << 10) + snapshot_bytes as u64;

@@ -102,8 +102,14 @@ fn a_16_mib_snapshot_is_written_in_bounded_frames_and_survives_segments_rolled_a
 
     let wal = open(dir.path(), 256 << 10);
     let info = wal.group(idle).unwrap();
-    assert_eq!((info.first_index, info.last_index, info.compact_term), (11, 10, 1));
-    assert!(info.snapshot == big, "the 16 MiB snapshot came back different");
+    assert_eq!(
+        (info.first_index, info.last_index, info.compact_term),
+        (11, 10, 1)
+    );
+    assert!(
+        info.snapshot == big,
+        "the 16 MiB snapshot came back different"
+    );
     let info = wal.group(busy).unwrap();
     assert_eq!((info.first_index, info.last_index), (300, 300));
     assert_eq!(info.snapshot, b"state at 299");
@@ -113,7 +119,7 @@ fn a_16_mib_snapshot_is_written_in_bounded_frames_and_survives_segments_rolled_a
 fn frames_from(bytes: &[u8], from: u64) -> Vec<(u64, u64)> {
     // A write never starts in the last frame header's worth of a sector (`record::write_start`).
     let room = SECTOR_BYTES - from % SECTOR_BYTES;
-    let mut pos = if room < SECTOR_BYTES && room < FRAME_HEADER_BYTES {
+    let mut pos = if room < FRAME_HEADER_BYTES {
         from + room
     } else {
         from
@@ -172,7 +178,11 @@ fn a_crash_at_every_chunk_boundary_and_inside_every_chunk_leaves_the_previous_sn
 
     let bytes = std::fs::read(&newest).unwrap();
     let frames = frames_from(&bytes, synced_bytes);
-    assert_eq!(frames.len(), 2 + 4 + 1, "entries, 4 chunks, entry: {frames:?}");
+    assert_eq!(
+        frames.len(),
+        2 + 4 + 1,
+        "entries, 4 chunks, entry: {frames:?}"
+    );
     let mut cuts = vec![synced_bytes];
     for &(start, len) in &frames {
         cuts.extend([start, start + 1, start + len / 2, start + len - 1]);
