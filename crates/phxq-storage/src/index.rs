@@ -22,6 +22,12 @@ use phxq_types::GroupId;
 use crate::record::{self, GroupCheckpoint, Record};
 use crate::{ConfState, GroupInfo, HardState, Lsn, SegmentId};
 
+/// Sealed segments kept only by snapshots beyond which a write carries every snapshot of the
+/// oldest one instead of one. At most one segment dies per segment started, so past this
+/// backlog the carry keeps up with any rate of rolls: the segments waiting stay bounded, and
+/// so does the disk. Below it, a write carries one snapshot, spreading the copies.
+pub const CARRY_BACKLOG_SEGMENTS_MAX: usize = 4;
+
 /// Where an entry's frame lives, and its term (kept in memory: raft asks for terms often).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct EntryLocation {
@@ -385,19 +391,31 @@ impl LogIndex {
         self.release(removed.values(), lsn);
     }
 
-    /// The oldest sealed segment (older than `active`) kept only by snapshots, and a group
-    /// whose snapshot lives there: that snapshot is to be carried forward, so the segment can
-    /// go.
-    pub fn carry_due(&self, active: SegmentId) -> Option<GroupId> {
-        let (&segment, _) = self
+    /// The groups whose snapshots are to be carried forward out of the oldest sealed segment
+    /// (older than `active`) kept only by snapshots, so that it can go: one group, or all of
+    /// that segment's when more than [`CARRY_BACKLOG_SEGMENTS_MAX`] segments wait so.
+    pub fn carry_due(&self, active: SegmentId) -> Vec<GroupId> {
+        let waiting: Vec<SegmentId> = self
             .segment_use
             .iter()
-            .find(|&(&id, u)| id < active && u.live_entries == 0 && u.live_snapshots > 0)?;
-        self.groups
+            .filter(|&(&id, u)| id < active && u.live_entries == 0 && u.live_snapshots > 0)
+            .map(|(&id, _)| id)
+            .collect();
+        let Some(&oldest) = waiting.first() else {
+            return Vec::new();
+        };
+        let groups = self
+            .groups
             .iter()
-            .find(|(_, log)| log.snapshot_at == Some(segment))
-            .map(|(&group, _)| group)
+            .filter(|(_, log)| log.snapshot_at == Some(oldest))
+            .map(|(&group, _)| group);
+        if waiting.len() > CARRY_BACKLOG_SEGMENTS_MAX {
+            groups.collect()
+        } else {
+            groups.take(1).collect()
+        }
     }
+
     fn release<'a>(&mut self, removed: impl Iterator<Item = &'a EntryLocation>, lsn: Lsn) {
         for location in removed {
             let usage = self

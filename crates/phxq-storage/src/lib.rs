@@ -42,6 +42,7 @@ pub mod wal;
 
 use std::path::PathBuf;
 
+pub use index::CARRY_BACKLOG_SEGMENTS_MAX;
 pub use phxq_types::GroupId;
 pub use raft_storage::GroupStorage;
 pub use record::{

@@ -680,7 +680,10 @@ impl Wal {
         }
         writer.active_bytes = base + buf.len() as u64;
         writer.active_floor += carried_bytes;
-        writer.stats.snapshots_carried += u64::from(carried_count > 0);
+        writer.stats.snapshots_carried += records[..carried_count]
+            .iter()
+            .filter(|r| matches!(r, Record::SnapshotChunk { offset: 0, .. }))
+            .count() as u64;
         let end = writer.active_bytes;
         writer.unsynced.push_back((lsn, end));
         self.zero_ahead(&mut writer)?;
@@ -1092,16 +1095,18 @@ impl Wal {
     }
 }
 
-/// The chunks of at most one snapshot to copy forward into the active segment, out of the
-/// oldest sealed segment that only snapshots keep (see `LogIndex::carry_due`). One per write:
-/// the copies a segment's deletion needs are spread over the writes that follow it, instead of
-/// every snapshot being rewritten when a segment is started.
+/// The chunks of the snapshots to copy forward into the active segment (see
+/// `LogIndex::carry_due`): one per write, so the copies a segment's deletion needs are spread
+/// over the writes that follow it instead of every snapshot being rewritten when a segment is
+/// started; a whole segment's when segments wait behind it.
 fn carry_records(index: &LogIndex, active: SegmentId) -> Vec<Record> {
-    let Some(group) = index.carry_due(active) else {
-        return Vec::new();
-    };
-    let log = &index.groups[&group];
-    record::snapshot_chunks(group, log.compact_index, log.compact_term, &log.snapshot)
+    let mut records = Vec::new();
+    for group in index.carry_due(active) {
+        let log = &index.groups[&group];
+        let (at, term) = (log.compact_index, log.compact_term);
+        records.extend(record::snapshot_chunks(group, at, term, &log.snapshot));
+    }
+    records
 }
 
 /// A run of adjacent frames in one segment, read with one `pread`.

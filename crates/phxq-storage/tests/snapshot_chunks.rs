@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use phxq_storage::{
-    EntryKind, GroupId, HardState, LogEntry, SNAPSHOT_CHUNK_BYTES_MAX,
+    CARRY_BACKLOG_SEGMENTS_MAX, EntryKind, GroupId, HardState, LogEntry, SNAPSHOT_CHUNK_BYTES_MAX,
     SNAPSHOT_CHUNK_FRAME_BYTES_MAX, Wal, WalOptions, WriteBatch,
 };
 
@@ -113,6 +113,45 @@ fn a_16_mib_snapshot_is_written_in_bounded_frames_and_survives_segments_rolled_a
     let info = wal.group(busy).unwrap();
     assert_eq!((info.first_index, info.last_index), (300, 300));
     assert_eq!(info.snapshot, b"state at 299");
+}
+
+#[test]
+fn segments_waiting_only_on_snapshots_stay_bounded_when_a_segment_rolls_every_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = open(dir.path(), 64 << 10);
+    // 32 idle groups, each compacted through its one entry with a 64 KiB snapshot.
+    for g in 1..=32 {
+        let group = GroupId(g);
+        let mut batch = WriteBatch::new();
+        batch.append(group, [entry(1, b"idle")]);
+        batch.hard_state(group, commit(1));
+        batch.compact(group, 1, patterned(64 << 10, g as u8));
+        wal.sync_to(wal.write(&batch).unwrap()).unwrap();
+    }
+    // A busy group fills a segment every round and compacts it away the next: every segment
+    // dies as soon as it is sealed, with the idle snapshots carried into it.
+    let busy = GroupId(100);
+    let mut most = 0;
+    for i in 1..=200 {
+        let mut batch = WriteBatch::new();
+        batch.append(busy, [entry(i, &[3; 60 << 10])]);
+        batch.hard_state(busy, commit(i));
+        batch.compact(busy, i - 1, Vec::new());
+        wal.sync_to(wal.write(&batch).unwrap()).unwrap();
+        most = most.max(segments(dir.path()).len());
+    }
+    let stats = wal.stats();
+    assert!(stats.rotations > 150, "{stats:?}");
+    assert!(
+        most <= CARRY_BACKLOG_SEGMENTS_MAX + 4,
+        "{most} segment files at once: carrying falls behind ({stats:?})"
+    );
+    drop(wal);
+    let wal = open(dir.path(), 64 << 10);
+    for g in 1..=32 {
+        let info = wal.group(GroupId(g)).unwrap();
+        assert!(info.snapshot == patterned(64 << 10, g as u8), "{g}");
+    }
 }
 
 /// Where each frame of the write starting at or after `from` lies in `bytes`: (start, length).
