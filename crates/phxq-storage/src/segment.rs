@@ -2,8 +2,9 @@
 //!
 //! Header (32 bytes): magic `PHXQ-WAL`, format version u32, flags u32 (0), segment id u64,
 //! reserved u32 (0), CRC32C of the first 28 bytes. A segment's first write is always a
-//! checkpoint of every group's metadata (snapshots included), so older segments can be deleted
-//! in any order once none of their entries are live. Zeros may follow the last record (written
+//! checkpoint of every group's metadata (without snapshots since format 4), so older segments
+//! can be deleted in any order once none of their entries or snapshots are live. Zeros may
+//! follow the last record (written
 //! ahead so that syncs never extend the file); they read as the segment's end.
 
 use std::fs::{File, OpenOptions};

@@ -12,8 +12,10 @@
 //! * a sync reports an [`Lsn`] only after the `fdatasync` covering it returned success;
 //! * a segment is sealed by syncing it before its successor is created, and a new segment is
 //!   created whole (header and checkpoint synced, then the directory synced);
-//! * a segment is deleted only once none of its entries are live *and* the writes that released
-//!   them, and its successor's checkpoint, are durable;
+//! * a segment is deleted only once none of its entries or snapshots are live *and* the writes
+//!   that released them, and its successor's checkpoint, are durable; a sealed segment that
+//!   only snapshots keep has them carried forward by the writes that follow
+//!   (`carry_records`);
 //! * any failed write or fsync poisons the log: every later call returns [`Error::Poisoned`].
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
