@@ -42,14 +42,17 @@ pub mod wal;
 
 use std::path::PathBuf;
 
+pub use index::CARRY_BACKLOG_SEGMENTS_MAX;
 pub use phxq_types::GroupId;
 pub use raft_storage::GroupStorage;
-pub use record::RECORD_PAYLOAD_BYTES_MAX;
+pub use record::{
+    RECORD_PAYLOAD_BYTES_MAX, SNAPSHOT_CHUNK_BYTES_MAX, SNAPSHOT_CHUNK_FRAME_BYTES_MAX,
+};
 pub use wal::{RecoveryReport, Wal, WalOptions, WalStats, WriteBatch};
 
-/// Largest snapshot a compaction or snapshot install may carry, in bytes. Half the record limit:
-/// the rest is room for the group's other metadata in the same record, so a checkpoint of a group
-/// always fits in one frame.
+/// Largest snapshot a compaction or snapshot install may carry, in bytes. It is written as
+/// records of at most [`SNAPSHOT_CHUNK_BYTES_MAX`] bytes; the limit bounds what recovery
+/// reassembles (and is half the record limit, so a format 3 record of one still fits a frame).
 pub const SNAPSHOT_BYTES_MAX: usize = RECORD_PAYLOAD_BYTES_MAX / 2;
 
 /// The one group id no group may use: frame headers mark records of no group with it.

@@ -62,7 +62,8 @@ pub(crate) enum Record {
     /// The group's latest membership.
     ConfState { group: GroupId, state: ConfState },
     /// Entries up to `index` are gone; `term` is the term of entry `index` and `snapshot` the
-    /// group's state machine there (opaque bytes, shared: a checkpoint repeats them).
+    /// group's state machine there. Format 3 only: read from old logs, never written (format 4
+    /// writes [`Record::SnapshotChunk`]s).
     Compact {
         group: GroupId,
         index: u64,
@@ -74,6 +75,87 @@ pub(crate) enum Record {
     /// Metadata of some groups at the moment a segment was started. A segment's first write
     /// is one or more checkpoints that together cover every group (see [`checkpoint_records`]).
     Checkpoint { groups: Vec<GroupCheckpoint> },
+    /// A piece of the group's state machine at compaction point `index` (with `term`). The
+    /// chunks of one snapshot are written in order in one write; the snapshot takes effect
+    /// when the last one (the one reaching `total_bytes`) is applied: entries up to `index`
+    /// are gone (a compaction or install), or, at the current compaction point, the same
+    /// snapshot now lives here (a copy carried forward out of an old segment).
+    SnapshotChunk {
+        group: GroupId,
+        index: u64,
+        term: u64,
+        /// Bytes of the whole snapshot.
+        total_bytes: u64,
+        /// Where this chunk's bytes start in the snapshot.
+        offset: u64,
+        bytes: ChunkBytes,
+    },
+}
+
+/// Largest piece of a snapshot one record carries, in bytes: a snapshot (up to
+/// [`crate::SNAPSHOT_BYTES_MAX`]) is written as records of at most this much, so no frame
+/// carrying one approaches the frame limit.
+pub const SNAPSHOT_CHUNK_BYTES_MAX: usize = 1 << 20;
+
+/// Payload bytes of a snapshot chunk record besides the chunk: kind, group, index, term, total,
+/// offset, length.
+pub const SNAPSHOT_CHUNK_HEADER_BYTES: usize = 1 + 8 * 5 + 4;
+
+/// The largest frame a snapshot chunk makes, framing included: no write of a snapshot passes it.
+pub const SNAPSHOT_CHUNK_FRAME_BYTES_MAX: usize =
+    FRAME_OVERHEAD_BYTES + SNAPSHOT_CHUNK_HEADER_BYTES + SNAPSHOT_CHUNK_BYTES_MAX;
+
+/// The bytes of one snapshot chunk: `source[start..start + len]`. The writer points into the
+/// whole snapshot (no copy per chunk); a decoded chunk owns just its bytes.
+#[derive(Clone, Debug)]
+pub(crate) struct ChunkBytes {
+    pub source: Arc<[u8]>,
+    pub start: usize,
+    pub len: usize,
+}
+
+impl ChunkBytes {
+    pub fn as_slice(&self) -> &[u8] {
+        &self.source[self.start..self.start + self.len]
+    }
+}
+
+impl PartialEq for ChunkBytes {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for ChunkBytes {}
+
+/// The chunk records of `snapshot`, the group's state machine at `index` (term `term`): at
+/// least one (an empty snapshot is one empty chunk), each at most [`SNAPSHOT_CHUNK_BYTES_MAX`].
+pub(crate) fn snapshot_chunks(
+    group: GroupId,
+    index: u64,
+    term: u64,
+    snapshot: &Arc<[u8]>,
+) -> Vec<Record> {
+    let total = snapshot.len();
+    let mut starts: Vec<usize> = (0..total).step_by(SNAPSHOT_CHUNK_BYTES_MAX).collect();
+    if starts.is_empty() {
+        starts.push(0);
+    }
+    starts
+        .into_iter()
+        .map(|start| Record::SnapshotChunk {
+            group,
+            index,
+            term,
+            total_bytes: total as u64,
+            offset: start as u64,
+            bytes: ChunkBytes {
+                source: Arc::clone(snapshot),
+                start,
+                len: (total - start).min(SNAPSHOT_CHUNK_BYTES_MAX),
+            },
+        })
+        .collect()
 }
 
 /// What a checkpoint remembers of one group: everything but the entries themselves.
@@ -85,13 +167,15 @@ pub(crate) struct GroupCheckpoint {
     pub compact_index: u64,
     pub compact_term: u64,
     pub last_index: u64,
-    /// The state machine at `compact_index`.
-    pub snapshot: Arc<[u8]>,
+    /// The state machine at `compact_index`: only in format 3 checkpoints (read from old logs).
+    /// Format 4 checkpoints carry none; the snapshot lives in the chunks that wrote it, and the
+    /// segment holding them is kept while it is the group's snapshot (see `index`).
+    pub snapshot: Option<Arc<[u8]>>,
 }
 
 /// A checkpoint record is closed once its groups' encoding passes this size, so that each frame
-/// stays far below [`RECORD_PAYLOAD_BYTES_MAX`] whatever the number of groups: a group's
-/// snapshot may be up to [`crate::SNAPSHOT_BYTES_MAX`], and there may be thousands of groups.
+/// stays far below [`RECORD_PAYLOAD_BYTES_MAX`] whatever the number of groups (there may be
+/// thousands).
 const CHECKPOINT_RECORD_BYTES_TARGET: usize = 1 << 20;
 
 /// Every group's metadata as checkpoint records, to be written as one write (so recovery
@@ -122,7 +206,8 @@ impl GroupCheckpoint {
             + self.conf_state.learners.len()
             + self.conf_state.voters_outgoing.len()
             + self.conf_state.learners_next.len();
-        8 + 24 + (16 + 8 * ids + 1) + 24 + 4 + self.snapshot.len()
+        let snapshot = self.snapshot.as_ref().map_or(0, |s| 4 + s.len());
+        8 + 24 + (16 + 8 * ids + 1) + 24 + snapshot
     }
 }
 
@@ -131,7 +216,11 @@ const KIND_HARD_STATE: u8 = 2;
 const KIND_CONF_STATE: u8 = 3;
 const KIND_COMPACT: u8 = 4;
 const KIND_TRUNCATE_SUFFIX: u8 = 5;
-const KIND_CHECKPOINT: u8 = 6;
+/// A checkpoint with snapshots (format 3): read, never written.
+const KIND_CHECKPOINT_WITH_SNAPSHOTS: u8 = 6;
+const KIND_SNAPSHOT_CHUNK: u8 = 7;
+/// A checkpoint without snapshots (format 4).
+const KIND_CHECKPOINT: u8 = 8;
 
 impl Record {
     /// Short name for reports.
@@ -143,6 +232,7 @@ impl Record {
             Record::Compact { .. } => "compact",
             Record::TruncateSuffix { .. } => "truncate_suffix",
             Record::Checkpoint { .. } => "checkpoint",
+            Record::SnapshotChunk { .. } => "snapshot_chunk",
         }
     }
 
@@ -153,7 +243,8 @@ impl Record {
             | Record::HardState { group, .. }
             | Record::ConfState { group, .. }
             | Record::Compact { group, .. }
-            | Record::TruncateSuffix { group, .. } => Some(*group),
+            | Record::TruncateSuffix { group, .. }
+            | Record::SnapshotChunk { group, .. } => Some(*group),
             Record::Checkpoint { .. } => None,
         }
     }
@@ -193,6 +284,11 @@ fn encode_frame_in_write(record: &Record, more: bool, synced_to: u64, out: &mut 
     assert!(
         payload_len <= RECORD_PAYLOAD_BYTES_MAX,
         "record payload over the limit"
+    );
+    assert!(
+        !matches!(record, Record::SnapshotChunk { .. })
+            || payload_len + FRAME_OVERHEAD_BYTES <= SNAPSHOT_CHUNK_FRAME_BYTES_MAX,
+        "a snapshot chunk frame over the chunk bound"
     );
     let group = record.group().map_or(NO_GROUP, |g| g.0);
     assert!(
@@ -435,7 +531,19 @@ fn encode_payload(record: &Record, out: &mut Vec<u8>) {
             put_u64(out, *from_index);
         }
         Record::Checkpoint { groups } => {
-            out.push(KIND_CHECKPOINT);
+            // A format 3 checkpoint is written only by tests that build old logs.
+            let with_snapshots = groups.first().is_some_and(|g| g.snapshot.is_some());
+            assert!(
+                groups
+                    .iter()
+                    .all(|g| g.snapshot.is_some() == with_snapshots),
+                "a checkpoint has snapshots for all its groups or for none"
+            );
+            out.push(if with_snapshots {
+                KIND_CHECKPOINT_WITH_SNAPSHOTS
+            } else {
+                KIND_CHECKPOINT
+            });
             let count = u32::try_from(groups.len()).expect("group count under 4 G");
             out.extend_from_slice(&count.to_le_bytes());
             for g in groups {
@@ -445,8 +553,26 @@ fn encode_payload(record: &Record, out: &mut Vec<u8>) {
                 put_u64(out, g.compact_index);
                 put_u64(out, g.compact_term);
                 put_u64(out, g.last_index);
-                put_bytes(out, &g.snapshot);
+                if let Some(snapshot) = &g.snapshot {
+                    put_bytes(out, snapshot);
+                }
             }
+        }
+        Record::SnapshotChunk {
+            group,
+            index,
+            term,
+            total_bytes,
+            offset,
+            bytes,
+        } => {
+            out.push(KIND_SNAPSHOT_CHUNK);
+            put_u64(out, group.0);
+            put_u64(out, *index);
+            put_u64(out, *term);
+            put_u64(out, *total_bytes);
+            put_u64(out, *offset);
+            put_bytes(out, bytes.as_slice());
         }
     }
 }
@@ -524,6 +650,39 @@ impl<'a> Reader<'a> {
     fn group(&mut self) -> DecodeResult<GroupId> {
         Ok(GroupId(self.u64()?))
     }
+
+    /// A chunk's fields, checked so that reassembly never allocates past the snapshot limit
+    /// or places bytes outside the snapshot.
+    fn snapshot_chunk(&mut self) -> DecodeResult<Record> {
+        let (group, index, term) = (self.group()?, self.u64()?, self.u64()?);
+        let (total_bytes, offset) = (self.u64()?, self.u64()?);
+        let source = self.shared_bytes()?;
+        if total_bytes > crate::SNAPSHOT_BYTES_MAX as u64 {
+            return Err("snapshot chunk of a snapshot over the snapshot limit");
+        }
+        if source.len() > SNAPSHOT_CHUNK_BYTES_MAX {
+            return Err("snapshot chunk over the chunk limit");
+        }
+        if offset
+            .checked_add(source.len() as u64)
+            .is_none_or(|end| end > total_bytes)
+        {
+            return Err("snapshot chunk past the end of its snapshot");
+        }
+        let len = source.len();
+        Ok(Record::SnapshotChunk {
+            group,
+            index,
+            term,
+            total_bytes,
+            offset,
+            bytes: ChunkBytes {
+                source,
+                start: 0,
+                len,
+            },
+        })
+    }
 }
 
 /// Decodes a payload that passed its checksum.
@@ -558,7 +717,7 @@ fn decode_payload(payload: &[u8]) -> DecodeResult<Record> {
             group: r.group()?,
             from_index: r.u64()?,
         },
-        KIND_CHECKPOINT => {
+        kind @ (KIND_CHECKPOINT | KIND_CHECKPOINT_WITH_SNAPSHOTS) => {
             let count = r.u32()? as usize;
             let mut groups = Vec::with_capacity(count.min(r.buf.len() / 8));
             for _ in 0..count {
@@ -569,11 +728,15 @@ fn decode_payload(payload: &[u8]) -> DecodeResult<Record> {
                     compact_index: r.u64()?,
                     compact_term: r.u64()?,
                     last_index: r.u64()?,
-                    snapshot: r.shared_bytes()?,
+                    snapshot: match kind {
+                        KIND_CHECKPOINT => None,
+                        _ => Some(r.shared_bytes()?),
+                    },
                 });
             }
             Record::Checkpoint { groups }
         }
+        KIND_SNAPSHOT_CHUNK => r.snapshot_chunk()?,
         _ => return Err("unknown record kind"),
     };
     if !r.buf.is_empty() {
@@ -636,9 +799,30 @@ mod tests {
                     compact_index: 3,
                     compact_term: 1,
                     last_index: 7,
-                    snapshot: Arc::from(&b"state at 3"[..]),
+                    snapshot: Some(Arc::from(&b"state at 3"[..])),
                     ..Default::default()
                 }],
+            },
+            Record::Checkpoint {
+                groups: vec![GroupCheckpoint {
+                    group: GroupId(5),
+                    compact_index: 3,
+                    compact_term: 1,
+                    last_index: 7,
+                    ..Default::default()
+                }],
+            },
+            Record::SnapshotChunk {
+                group: GroupId(5),
+                index: 3,
+                term: 1,
+                total_bytes: 20,
+                offset: 10,
+                bytes: ChunkBytes {
+                    source: Arc::from(&b"state at 3, part two"[..]),
+                    start: 10,
+                    len: 10,
+                },
             },
         ]
     }
@@ -670,21 +854,20 @@ mod tests {
     }
 
     #[test]
-    fn a_checkpoint_of_many_large_snapshots_is_split_into_bounded_records_of_one_write() {
-        let groups: Vec<GroupCheckpoint> = (0..40)
+    fn a_checkpoint_of_many_groups_is_split_into_bounded_records_of_one_write() {
+        let groups: Vec<GroupCheckpoint> = (0..20_000)
             .map(|g| GroupCheckpoint {
                 group: GroupId(g),
                 compact_index: g,
-                snapshot: Arc::from(vec![g as u8 + 1; 100_000]),
                 ..Default::default()
             })
             .collect();
         let records = checkpoint_records(groups.clone());
-        assert!(records.len() > 1, "4 MB of snapshots in one record");
+        assert!(records.len() > 1, "1.8 MB of groups in one record");
         let mut buf = Vec::new();
         let frames = encode_write(&records, 0, &mut buf);
         for (_, len) in &frames {
-            assert!(*len < CHECKPOINT_RECORD_BYTES_TARGET + 200_000, "{len}");
+            assert!(*len < CHECKPOINT_RECORD_BYTES_TARGET + 1_000, "{len}");
         }
         let (decoded, end) = scan(&buf);
         assert_eq!(end, Frame::End);
@@ -701,6 +884,49 @@ mod tests {
             [Record::Checkpoint { groups: vec![] }],
             "an empty log still opens its segments with a checkpoint"
         );
+    }
+
+    #[test]
+    fn a_snapshot_is_written_as_bounded_chunks_that_cover_it_in_order() {
+        let snapshot: Arc<[u8]> = (0..(5 * SNAPSHOT_CHUNK_BYTES_MAX / 2))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let chunks = snapshot_chunks(GroupId(2), 9, 4, &snapshot);
+        assert_eq!(chunks.len(), 3);
+        let mut buf = Vec::new();
+        for (_, len) in encode_write(&chunks, 0, &mut buf) {
+            assert!(len <= SNAPSHOT_CHUNK_FRAME_BYTES_MAX, "{len}");
+        }
+        let (decoded, end) = scan(&buf);
+        assert_eq!((decoded, end), (chunks, Frame::End));
+        let mut joined = Vec::new();
+        for chunk in snapshot_chunks(GroupId(2), 9, 4, &snapshot) {
+            let Record::SnapshotChunk { offset, bytes, .. } = chunk else {
+                unreachable!()
+            };
+            assert_eq!(offset as usize, joined.len());
+            joined.extend_from_slice(bytes.as_slice());
+        }
+        assert_eq!(joined, &snapshot[..]);
+        let empty = snapshot_chunks(GroupId(2), 9, 4, &Arc::from(&[][..]));
+        assert_eq!(empty.len(), 1, "an empty snapshot is one empty chunk");
+    }
+
+    #[test]
+    fn a_snapshot_chunk_claiming_bytes_outside_its_snapshot_is_a_decode_error() {
+        let chunk = |total: u64, offset: u64, len: usize| {
+            let mut payload = vec![KIND_SNAPSHOT_CHUNK];
+            for field in [2, 9, 4, total, offset] {
+                put_u64(&mut payload, field);
+            }
+            put_bytes(&mut payload, &vec![7; len]);
+            decode_payload(&payload)
+        };
+        assert!(chunk(20, 10, 10).is_ok());
+        assert!(chunk(20, 11, 10).is_err(), "past the end");
+        assert!(chunk(20, u64::MAX, 10).is_err(), "offset overflow");
+        assert!(chunk(crate::SNAPSHOT_BYTES_MAX as u64 + 1, 0, 10).is_err());
+        assert!(chunk(1 << 24, 0, SNAPSHOT_CHUNK_BYTES_MAX + 1).is_err());
     }
 
     #[test]

@@ -108,6 +108,21 @@ pub(crate) fn replay(dir: &Path, segments: &[(SegmentId, PathBuf)], mode: Mode) 
         let scanned = scan_segment(*id, path, &bytes, newest, mode, &mut out)?;
         out.segments.push(scanned);
     }
+    out.index.drop_pending_snapshots();
+    for (group, compact_index) in out.index.missing_snapshots() {
+        if mode == Mode::Strict {
+            return Err(corruption(
+                dir,
+                0,
+                format!(
+                    "{group}: the snapshot at compaction point {compact_index} is missing; \
+                     the segment holding it was lost or damaged"
+                ),
+            ));
+        }
+        out.index.empty_group(group, 0);
+        out.cut_groups.push((group, 1));
+    }
     if out.unknown_group_lost {
         for &group in out.index.groups.keys() {
             out.keep_through.entry(group).or_insert(0);

@@ -2,8 +2,9 @@
 //!
 //! Header (32 bytes): magic `PHXQ-WAL`, format version u32, flags u32 (0), segment id u64,
 //! reserved u32 (0), CRC32C of the first 28 bytes. A segment's first write is always a
-//! checkpoint of every group's metadata (snapshots included), so older segments can be deleted
-//! in any order once none of their entries are live. Zeros may follow the last record (written
+//! checkpoint of every group's metadata (without snapshots since format 4), so older segments
+//! can be deleted in any order once none of their entries or snapshots are live. Zeros may
+//! follow the last record (written
 //! ahead so that syncs never extend the file); they read as the segment's end.
 
 use std::fs::{File, OpenOptions};
@@ -14,10 +15,15 @@ use crate::{Error, Result, SegmentId, io_error};
 
 pub(crate) const SEGMENT_HEADER_BYTES: usize = 32;
 const MAGIC: &[u8; 8] = b"PHXQ-WAL";
-/// The segment format this build reads and writes. Version 2 added snapshots to compaction
-/// and checkpoint records; version 3 the synced-to offset in every frame header. Older logs
-/// are refused (none were deployed).
-pub const FORMAT_VERSION: u32 = 3;
+/// The segment format this build writes. Version 2 added snapshots to compaction and
+/// checkpoint records; version 3 the synced-to offset in every frame header; version 4
+/// snapshots in chunk records and checkpoints without snapshots. Version 3 segments are still
+/// read (their whole-snapshot records mean what they meant), so a node upgrades in place; an
+/// older build refuses version 4 by number instead of misreading its records as damage.
+/// Versions 1 and 2 are refused (none were deployed).
+pub const FORMAT_VERSION: u32 = 4;
+/// The oldest segment format this build reads.
+pub const FORMAT_VERSION_OLDEST_READ: u32 = 3;
 const SUFFIX: &str = ".wal";
 
 pub(crate) fn file_name(id: SegmentId) -> String {
@@ -47,9 +53,14 @@ pub(crate) fn list(dir: &Path) -> Result<Vec<(SegmentId, PathBuf)>> {
 }
 
 pub(crate) fn encode_header(id: SegmentId) -> [u8; SEGMENT_HEADER_BYTES] {
+    encode_header_of_version(id, FORMAT_VERSION)
+}
+
+/// A header of another format version: the current one, or an old one in tests.
+pub(crate) fn encode_header_of_version(id: SegmentId, version: u32) -> [u8; SEGMENT_HEADER_BYTES] {
     let mut header = [0u8; SEGMENT_HEADER_BYTES];
     header[0..8].copy_from_slice(MAGIC);
-    header[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    header[8..12].copy_from_slice(&version.to_le_bytes());
     header[16..24].copy_from_slice(&id.to_le_bytes());
     let crc = crc32c::crc32c(&header[..28]);
     header[28..32].copy_from_slice(&crc.to_le_bytes());
@@ -85,7 +96,7 @@ pub(crate) fn check_header(path: &Path, id: SegmentId, bytes: &[u8]) -> Result<H
         return Err(corrupt(0, "not a phxq segment (bad magic)"));
     }
     let version = u32::from_le_bytes(header[8..12].try_into().expect("4"));
-    if version != FORMAT_VERSION {
+    if !(FORMAT_VERSION_OLDEST_READ..=FORMAT_VERSION).contains(&version) {
         return Err(Error::UnsupportedVersion {
             path: path.to_path_buf(),
             version,
@@ -176,8 +187,18 @@ mod tests {
     }
 
     #[test]
+    fn a_segment_of_the_previous_format_is_read() {
+        let header = encode_header_of_version(7, FORMAT_VERSION_OLDEST_READ);
+        assert_eq!(
+            check_header(Path::new("x"), 7, &header).unwrap(),
+            Header::Valid
+        );
+    }
+
+    #[test]
     fn a_segment_of_another_format_version_is_refused_as_such() {
         for version in [1, 2, FORMAT_VERSION + 1] {
+            assert!(!(FORMAT_VERSION_OLDEST_READ..=FORMAT_VERSION).contains(&version));
             let mut header = encode_header(7);
             header[8..12].copy_from_slice(&u32::to_le_bytes(version));
             let crc = crc32c::crc32c(&header[..28]);

@@ -12,8 +12,10 @@
 //! * a sync reports an [`Lsn`] only after the `fdatasync` covering it returned success;
 //! * a segment is sealed by syncing it before its successor is created, and a new segment is
 //!   created whole (header and checkpoint synced, then the directory synced);
-//! * a segment is deleted only once none of its entries are live *and* the writes that released
-//!   them, and its successor's checkpoint, are durable;
+//! * a segment is deleted only once none of its entries or snapshots are live *and* the writes
+//!   that released them, and its successor's checkpoint, are durable; a sealed segment that
+//!   only snapshots keep has them carried forward by the writes that follow
+//!   (`carry_records`);
 //! * any failed write or fsync poisons the log: every later call returns [`Error::Poisoned`].
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -37,8 +39,9 @@ use crate::{ConfState, Error, GroupInfo, HardState, LogEntry, Lsn, Result, Segme
 #[derive(Clone, Debug)]
 pub struct WalOptions {
     /// A segment is closed and a new one started once a write would take the records after its
-    /// opening checkpoint past this size. (The checkpoint holds every group's snapshot, so it
-    /// can be larger than this on its own; it is not counted.)
+    /// opening checkpoint past this size. (Snapshots carried forward into the segment are not
+    /// counted: they are old data, and counting them could roll segments full of nothing but
+    /// carried snapshots, each to be carried again.)
     pub segment_bytes_max: u64,
     /// Open even if synced data is damaged: drop the damaged records (the original file is kept
     /// beside as `*.corrupt`), and cut each group that lost an entry at that entry, lowering
@@ -109,6 +112,10 @@ pub struct WalStats {
     /// Dead segments whose file could not be deleted (it is left for the next open, which
     /// replays it harmlessly and deletes it). The sync that tried still succeeded.
     pub segment_delete_failures: u64,
+    /// Snapshots copied forward out of a segment kept only by them, so it can be deleted.
+    pub snapshots_carried: u64,
+    /// The largest frame written since open, framing included.
+    pub frame_largest_bytes: u64,
 }
 
 /// A set of changes written together by one [`Wal::write`]: validated as a whole before any
@@ -292,12 +299,7 @@ impl WriteBatch {
                     let term = shadow.term(index, group, *compact_to);
                     shadow.compact_index = *compact_to;
                     shadow.compact_term = term;
-                    records.push(Record::Compact {
-                        group,
-                        index: *compact_to,
-                        term,
-                        snapshot: Arc::clone(snapshot),
-                    });
+                    records.extend(record::snapshot_chunks(group, *compact_to, term, snapshot));
                 }
                 Op::TruncateSuffix(_, from_index) => {
                     if *from_index <= shadow.commit {
@@ -335,12 +337,7 @@ impl WriteBatch {
                             shadow.compact_index
                         )));
                     }
-                    records.push(Record::Compact {
-                        group,
-                        index: *at,
-                        term: *term,
-                        snapshot: Arc::clone(snapshot),
-                    });
+                    records.extend(record::snapshot_chunks(group, *at, *term, snapshot));
                     records.push(Record::TruncateSuffix {
                         group,
                         from_index: at + 1,
@@ -431,7 +428,8 @@ struct Writer {
     segments: BTreeMap<SegmentId, SegmentFile>,
     active: SegmentId,
     active_bytes: u64,
-    /// Size of the active segment when it was created (header and checkpoint).
+    /// Bytes of the active segment not counted against `segment_bytes_max`: its header and
+    /// checkpoint, and the snapshots carried forward into it.
     active_floor: u64,
     /// The active segment holds zeros written ahead up to here (see `preallocate_bytes`).
     active_zeroed_to: u64,
@@ -636,6 +634,11 @@ impl Wal {
         if records.is_empty() {
             return Ok(writer.last_lsn);
         }
+        // A snapshot carried forward goes first: the batch was checked against the index as it
+        // is, and a carried copy changes no compaction point.
+        let carried = carry_records(&writer.index, writer.active);
+        let carried_count = carried.len();
+        let records: Vec<Record> = carried.into_iter().chain(records).collect();
         let durable = self.commit.durable();
         while let Some(&(lsn, end)) = writer.unsynced.front()
             && lsn <= durable
@@ -646,9 +649,11 @@ impl Wal {
         let mut buf = std::mem::take(&mut writer.encode_buf);
         buf.clear();
         let mut frames = record::encode_write(&records, writer.synced_to, &mut buf);
+        let carried_bytes: u64 = frames[..carried_count].iter().map(|f| f.1 as u64).sum();
         let written = writer.active_bytes - writer.active_floor;
         let padding = record::write_start(writer.active_bytes) - writer.active_bytes;
-        if written > 0 && written + padding + buf.len() as u64 > self.options.segment_bytes_max {
+        let counted = buf.len() as u64 - carried_bytes;
+        if written > 0 && written + padding + counted > self.options.segment_bytes_max {
             let next = writer.active + 1;
             let old = writer.active_file();
             if let Err(e) = old.file.sync_data() {
@@ -667,6 +672,8 @@ impl Wal {
         }
         let lsn = writer.last_lsn + 1;
         let segment_id = writer.active;
+        let largest = frames.iter().map(|f| f.1 as u64).max().unwrap_or(0);
+        writer.stats.frame_largest_bytes = writer.stats.frame_largest_bytes.max(largest);
         for (record, (start, len)) in records.iter().zip(frames) {
             let location = (segment_id, base + start as u64, len as u32);
             if let Err(inconsistent) = writer.index.apply(record, location, lsn) {
@@ -674,6 +681,11 @@ impl Wal {
             }
         }
         writer.active_bytes = base + buf.len() as u64;
+        writer.active_floor += carried_bytes;
+        writer.stats.snapshots_carried += records[..carried_count]
+            .iter()
+            .filter(|r| matches!(r, Record::SnapshotChunk { offset: 0, .. }))
+            .count() as u64;
         let end = writer.active_bytes;
         writer.unsynced.push_back((lsn, end));
         self.zero_ahead(&mut writer)?;
@@ -864,7 +876,7 @@ impl Wal {
             let mut dead = Vec::new();
             for (&id, segment) in &writer.segments {
                 let usage = writer.index.segment_use.get(&id);
-                if id == writer.active || usage.is_some_and(|u| u.live_entries > 0) {
+                if id == writer.active || usage.is_some_and(|u| !u.dead()) {
                     continue;
                 }
                 let sealed = segment.sealed_at.is_some_and(|lsn| lsn <= durable);
@@ -1085,6 +1097,20 @@ impl Wal {
     }
 }
 
+/// The chunks of the snapshots to copy forward into the active segment (see
+/// `LogIndex::carry_due`): one per write, so the copies a segment's deletion needs are spread
+/// over the writes that follow it instead of every snapshot being rewritten when a segment is
+/// started; a whole segment's when segments wait behind it.
+fn carry_records(index: &LogIndex, active: SegmentId) -> Vec<Record> {
+    let mut records = Vec::new();
+    for group in index.carry_due(active) {
+        let log = &index.groups[&group];
+        let (at, term) = (log.compact_index, log.compact_term);
+        records.extend(record::snapshot_chunks(group, at, term, &log.snapshot));
+    }
+    records
+}
+
 /// A run of adjacent frames in one segment, read with one `pread`.
 struct Read {
     file: Arc<File>,
@@ -1211,7 +1237,7 @@ fn repair(dir: &Path, report: &mut RecoveryReport) -> Result<()> {
         settle_torn_tail(dir, newest)?;
     }
     let mut checkpoint = Vec::new();
-    record::encode_write(&scan.index.checkpoint(), 0, &mut checkpoint);
+    record::encode_write(&scan.index.checkpoint_with_snapshots(), 0, &mut checkpoint);
     let next_id = segments.last().map_or(1, |s| s.0 + 1);
     segment::create(dir, next_id, &checkpoint, 0)?;
     for scanned in damaged {
@@ -1308,4 +1334,288 @@ fn rewrite_without_damage(dir: &Path, scanned: &recovery::ScannedSegment) -> Res
         .map_err(|e| io_error("write repaired segment", &temporary, e))?;
     std::fs::rename(&temporary, path).map_err(|e| io_error("replace damaged segment", path, e))?;
     segment::sync_dir(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::GroupCheckpoint;
+    use crate::{EntryKind, LogEntry};
+
+    const G: GroupId = GroupId(1);
+
+    fn entry(index: u64, bytes: usize) -> LogEntry {
+        LogEntry {
+            index,
+            term: 1,
+            kind: EntryKind::Normal,
+            data: vec![index as u8; bytes],
+            context: vec![],
+        }
+    }
+
+    fn commit(index: u64) -> HardState {
+        HardState {
+            term: 1,
+            vote: 1,
+            commit: index,
+        }
+    }
+
+    /// Writes segment `id` in format 3, as the previous build did: whole-snapshot records.
+    fn write_format_3_segment(dir: &Path, id: SegmentId, records: &[Record]) {
+        let mut bytes = segment::encode_header_of_version(id, 3).to_vec();
+        for record in records {
+            bytes.resize(record::write_start(bytes.len() as u64) as usize, 0);
+            record::encode_write(std::slice::from_ref(record), 0, &mut bytes);
+        }
+        std::fs::write(dir.join(segment::file_name(id)), bytes).unwrap();
+    }
+
+    /// A format 3 checkpoint of group `G`, its snapshot in it.
+    fn format_3_checkpoint(compact_index: u64, last_index: u64, snapshot: &[u8]) -> Record {
+        Record::Checkpoint {
+            groups: vec![GroupCheckpoint {
+                group: G,
+                hard_state: commit(last_index),
+                compact_index,
+                compact_term: 1,
+                last_index,
+                snapshot: Some(Arc::from(snapshot)),
+                ..Default::default()
+            }],
+        }
+    }
+
+    fn entries(from: u64, to: u64) -> Vec<Record> {
+        (from..=to)
+            .map(|i| Record::Entry {
+                group: G,
+                entry: entry(i, 10),
+            })
+            .collect()
+    }
+
+    fn small_segments() -> WalOptions {
+        WalOptions {
+            segment_bytes_max: 4096,
+            ..WalOptions::default()
+        }
+    }
+
+    #[test]
+    fn a_format_3_log_opens_and_its_segments_go_once_a_format_4_compaction_replaces_them() {
+        // Only a checkpoint holds the snapshot: its compaction's segment is long gone.
+        let dir = tempfile::tempdir().unwrap();
+        let mut first = vec![format_3_checkpoint(5, 5, b"format 3 at 5")];
+        first.extend(entries(6, 12));
+        write_format_3_segment(dir.path(), 7, &first);
+        let (wal, _) = Wal::open(dir.path(), small_segments()).unwrap();
+        let info = wal.group(G).unwrap();
+        assert_eq!((info.first_index, info.last_index), (6, 12));
+        assert_eq!(info.snapshot, b"format 3 at 5");
+        drop(wal);
+
+        // A format 3 compaction record after the checkpoint.
+        let dir = tempfile::tempdir().unwrap();
+        write_format_3_segment(dir.path(), 7, &first);
+        let mut second = vec![format_3_checkpoint(5, 12, b"format 3 at 5")];
+        second.push(Record::Compact {
+            group: G,
+            index: 8,
+            term: 1,
+            snapshot: Arc::from(&b"format 3 at 8"[..]),
+        });
+        second.extend(entries(13, 14));
+        write_format_3_segment(dir.path(), 8, &second);
+        let (wal, _) = Wal::open(dir.path(), small_segments()).unwrap();
+        let info = wal.group(G).unwrap();
+        assert_eq!((info.first_index, info.last_index), (9, 14));
+        assert_eq!(info.snapshot, b"format 3 at 8");
+        // Format 4 writes on top, through several segments, then a compaction past them all.
+        for i in 15..=60 {
+            let mut batch = WriteBatch::new();
+            batch.append(G, [entry(i, 200)]).hard_state(G, commit(i));
+            wal.sync_to(wal.write(&batch).unwrap()).unwrap();
+        }
+        assert!(wal.stats().rotations > 2);
+        let mut batch = WriteBatch::new();
+        batch.compact(G, 55, b"format 4 at 55".to_vec());
+        wal.sync_to(wal.write(&batch).unwrap()).unwrap();
+        let left = segment::list(dir.path()).unwrap();
+        assert!(
+            left.iter().all(|(id, _)| *id > 8),
+            "format 3 segments kept: {left:?}"
+        );
+        drop(wal);
+        let (wal, _) = Wal::open(dir.path(), small_segments()).unwrap();
+        let info = wal.group(G).unwrap();
+        assert_eq!((info.first_index, info.last_index), (56, 60));
+        assert_eq!(info.snapshot, b"format 4 at 55");
+    }
+
+    #[test]
+    fn a_damaged_only_copy_of_a_snapshot_is_corruption_and_repair_empties_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = Wal::open(dir.path(), small_segments()).unwrap();
+        let busy = GroupId(2);
+        let snapshot = b"only copy ".repeat(100);
+        let mut batch = WriteBatch::new();
+        batch.append(G, (1..=5).map(|i| entry(i, 10)));
+        batch
+            .hard_state(G, commit(5))
+            .compact(G, 5, snapshot.clone());
+        wal.sync_to(wal.write(&batch).unwrap()).unwrap();
+        // A busy group rolls segments until G's snapshot is carried forward and the segment
+        // of its first copy is deleted.
+        for i in 1.. {
+            assert!(i < 200, "never carried: {:?}", wal.stats());
+            let mut batch = WriteBatch::new();
+            batch
+                .append(busy, [entry(i, 300)])
+                .hard_state(busy, commit(i));
+            batch.compact(busy, i - 1, Vec::new());
+            wal.sync_to(wal.write(&batch).unwrap()).unwrap();
+            if wal.stats().snapshots_carried > 0 {
+                break;
+            }
+        }
+        drop(wal);
+        let holding: Vec<(PathBuf, usize)> = segment::list(dir.path())
+            .unwrap()
+            .into_iter()
+            .filter_map(|(_, path)| {
+                let bytes = std::fs::read(&path).unwrap();
+                let at = bytes.windows(snapshot.len()).position(|w| w == snapshot)?;
+                Some((path, at))
+            })
+            .collect();
+        assert_eq!(holding.len(), 1, "copies: {holding:?}");
+        let (path, at) = &holding[0];
+        let mut bytes = std::fs::read(path).unwrap();
+        bytes[at + 500] ^= 0x20;
+        std::fs::write(path, bytes).unwrap();
+
+        assert!(matches!(
+            Wal::open(dir.path(), small_segments()),
+            Err(Error::Corruption { .. })
+        ));
+        let repair = WalOptions {
+            repair: true,
+            ..small_segments()
+        };
+        let (wal, report) = Wal::open(dir.path(), repair).unwrap();
+        assert!(report.cut_groups.contains(&(G, 1)), "{report:?}");
+        let emptied = |info: GroupInfo| {
+            assert_eq!(
+                (info.first_index, info.last_index, info.compact_term),
+                (1, 0, 0)
+            );
+            assert_eq!(info.snapshot, b"");
+            assert_eq!((info.hard_state.term, info.hard_state.commit), (1, 0));
+        };
+        emptied(wal.group(G).unwrap());
+        drop(wal);
+        let (wal, _) = Wal::open(dir.path(), small_segments()).unwrap();
+        emptied(wal.group(G).unwrap());
+        assert!(wal.group(busy).unwrap().last_index > 0);
+    }
+
+    /// Bytes up to the last non-zero one (zeros are written ahead of the data).
+    fn data_bytes(path: &Path) -> u64 {
+        let bytes = std::fs::read(path).unwrap();
+        record::trailing_zeros_start(&bytes) as u64
+    }
+
+    /// The figure: a round that rolls a segment with many groups' snapshots in the log, against
+    /// what the previous format's roll wrote (a checkpoint holding every snapshot, synced), in
+    /// the same run on the same disk. `PHXQ_ROLL_SNAPSHOT_BYTES` sets each snapshot's size
+    /// (default 256 KiB; the reported figure used 4 MiB).
+    #[test]
+    fn a_round_that_rolls_a_segment_writes_no_snapshot() {
+        const GROUPS: u64 = 64;
+        let snapshot_bytes: usize = std::env::var("PHXQ_ROLL_SNAPSHOT_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(256 << 10);
+        let dir = tempfile::tempdir().unwrap();
+        let options = WalOptions {
+            segment_bytes_max: 8 << 20,
+            ..WalOptions::default()
+        };
+        let (wal, _) = Wal::open(dir.path().join("wal"), options).unwrap();
+        let snapshots: Vec<Arc<[u8]>> = (0..GROUPS)
+            .map(|g| Arc::from(vec![g as u8 + 1; snapshot_bytes]))
+            .collect();
+        for (g, snapshot) in snapshots.iter().enumerate() {
+            let group = GroupId(g as u64);
+            let mut batch = WriteBatch::new();
+            batch
+                .append(group, [entry(1, 10)])
+                .hard_state(group, commit(1));
+            batch.compact(group, 1, snapshot.to_vec());
+            wal.write(&batch).unwrap();
+        }
+        wal.sync().unwrap();
+        // Rounds of a busy group until three segments have rolled.
+        let busy = GroupId(GROUPS);
+        let (mut roll_rounds, mut other_rounds) = (Vec::new(), Vec::new());
+        for i in 1..=1000 {
+            let rotations = wal.stats().rotations;
+            let started = std::time::Instant::now();
+            let mut batch = WriteBatch::new();
+            batch.append(busy, [entry(i, 256 << 10)]);
+            wal.sync_to(wal.write(&batch).unwrap()).unwrap();
+            let took = started.elapsed();
+            if wal.stats().rotations == rotations {
+                other_rounds.push(took);
+                continue;
+            }
+            roll_rounds.push(took);
+            let newest = segment::list(&dir.path().join("wal"))
+                .unwrap()
+                .pop()
+                .unwrap();
+            let written = data_bytes(&newest.1);
+            // Its checkpoint, the round's entry, and at most one snapshot carried forward.
+            let bound = (64 << 10) + (256 << 10) + snapshot_bytes as u64;
+            assert!(
+                written < bound,
+                "the new segment holds {written} bytes after its first round: snapshots in it"
+            );
+            if roll_rounds.len() == 3 {
+                break;
+            }
+        }
+        assert_eq!(roll_rounds.len(), 3);
+        // The previous format's roll: every snapshot in the new segment's checkpoint, synced.
+        let legacy: Vec<GroupCheckpoint> = (0..GROUPS)
+            .map(|g| GroupCheckpoint {
+                group: GroupId(g),
+                compact_index: 1,
+                compact_term: 1,
+                last_index: 1,
+                snapshot: Some(Arc::clone(&snapshots[g as usize])),
+                ..Default::default()
+            })
+            .collect();
+        std::fs::create_dir(dir.path().join("legacy")).unwrap();
+        let started = std::time::Instant::now();
+        let mut first = Vec::new();
+        record::encode_write(&record::checkpoint_records(legacy), 0, &mut first);
+        segment::create(&dir.path().join("legacy"), 1, &first, 0).unwrap();
+        let legacy_roll = started.elapsed();
+        other_rounds.sort();
+        let roll_max = *roll_rounds.iter().max().unwrap();
+        eprintln!(
+            "{GROUPS} groups x {snapshot_bytes} B snapshots: roll round max {roll_max:?} \
+             (all {roll_rounds:?}); other rounds median {:?} max {:?} ({} rounds, {} snapshots \
+             carried); previous format's roll {legacy_roll:?}: {:.1}x",
+            other_rounds[other_rounds.len() / 2],
+            other_rounds.last().unwrap(),
+            other_rounds.len(),
+            wal.stats().snapshots_carried,
+            legacy_roll.as_secs_f64() / roll_max.as_secs_f64(),
+        );
+    }
 }

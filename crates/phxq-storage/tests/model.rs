@@ -9,8 +9,8 @@
 //! length and know exactly which state must come back:
 //!
 //! * every synced write comes back exactly, and no more than what survived the cut: snapshot
-//!   bytes included, also when they are larger than a segment and when only a checkpoint still
-//!   holds them;
+//!   bytes included, also when they are larger than a segment and when only a copy carried
+//!   forward out of a deleted segment still holds them;
 //! * a torn tail (cut mid-record, or zero-filled unwritten sectors) is cut off silently;
 //! * a flipped bit in synced data is reported as corruption naming the file, and repair then
 //!   opens with each group holding a contiguous subset of what the model holds (never a
@@ -125,7 +125,8 @@ enum Op {
     },
 }
 
-/// Mostly small snapshots; some larger than a segment, so a checkpoint is too.
+/// Mostly small snapshots; some larger than a segment. (All fit one chunk: snapshots of
+/// several chunks are `snapshot_chunks.rs`'s.)
 fn snapshot_bytes() -> impl Strategy<Value = usize> {
     prop_oneof![
         8 => 0..300usize,

@@ -211,7 +211,7 @@ fn an_idle_groups_hard_state_survives_the_deletion_of_the_segment_that_wrote_it(
     assert_eq!(busy.last_index, 200);
     assert_eq!(
         busy.snapshot, b"state at 199",
-        "the snapshot came back from a checkpoint: the segment of its compaction is gone"
+        "the snapshot came back, though the segments of its first compactions are gone"
     );
 }
 
