@@ -40,7 +40,7 @@ const MESSAGES_PER_PRODUCER_MAX: usize = 2_000;
 /// Messages acknowledged before the attack starts and after it ends, so that it runs under
 /// load.
 const MESSAGES_AROUND_ATTACK: usize = 40;
-/// How long a node may take to close an attacker's connection.
+/// How long a node may take to close an attacker's connection, or to count a refusal.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How far past a log's end the forged indexes point.
 const FAR_INDEXES: u64 = 1_000_000;
@@ -59,18 +59,22 @@ fn forged_peer_frames_are_refused_or_dropped_while_the_store_keeps_serving() {
         let store = Store::start(3, true).await;
         let (producers, acked, stop) = start_producers(&store);
         let count = &*acked;
-        wait_until("the producers are under way", || async move {
-            count.load(Ordering::Relaxed) >= MESSAGES_AROUND_ATTACK
-        })
+        wait_until(
+            "the producers are under way",
+            SETTLE_TIMEOUT,
+            || async move { count.load(Ordering::Relaxed) >= MESSAGES_AROUND_ATTACK },
+        )
         .await;
 
         unauthenticated_attacks(&store).await;
         stolen_key_attacks(&store).await;
 
         let after_attack = count.load(Ordering::Relaxed) + MESSAGES_AROUND_ATTACK;
-        wait_until("the producers go on after the attack", || async move {
-            count.load(Ordering::Relaxed) >= after_attack
-        })
+        wait_until(
+            "the producers go on after the attack",
+            SETTLE_TIMEOUT,
+            || async move { count.load(Ordering::Relaxed) >= after_attack },
+        )
         .await;
         stop.store(true, Ordering::Relaxed);
         let mut sent = Vec::new();
@@ -136,7 +140,8 @@ async fn unauthenticated_attacks(store: &Store) {
             assert!(closed(&mut stream).await, "{case}: connection closed");
         }
     }
-    wait_until("both refusals counted", || async move {
+    // A refusal at the handshake is counted at once.
+    wait_until("both refusals counted", CLOSE_TIMEOUT, || async move {
         store.server(target).peer_stats().unauthenticated == refused_before + 2
     })
     .await;
@@ -191,7 +196,10 @@ async fn stolen_key_attacks(store: &Store) {
             .expect("write");
         expected[target - 1] += 1;
         let counted = &expected;
-        wait_until(case, || async move { rejected(store).await == *counted }).await;
+        wait_until(case, CLOSE_TIMEOUT, || async move {
+            rejected(store).await == *counted
+        })
+        .await;
     }
 
     // Frames the transport refuses: the connection is closed, nothing is stepped.
@@ -244,8 +252,10 @@ async fn group_view(store: &Store, id: usize, group: u32) -> (u64, u64) {
 /// `peer_messages_rejected` of every node, by node.
 async fn rejected(store: &Store) -> Vec<u64> {
     let mut counts = Vec::new();
-    for addr in &store.client_addrs {
-        let status = cluster_status(addr).await.expect("status");
+    for (i, addr) in store.client_addrs.iter().enumerate() {
+        let status = cluster_status(addr)
+            .await
+            .unwrap_or_else(|| panic!("node {} answers no ClusterStatus: stopped?", i + 1));
         counts.push(status.counters.expect("counters").peer_messages_rejected);
     }
     counts
@@ -336,14 +346,15 @@ async fn closed<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) -> bool {
     }
 }
 
-/// Polls `condition` until it holds, for at most [`SETTLE_TIMEOUT`].
-async fn wait_until<F: Future<Output = bool>>(what: &str, mut condition: impl FnMut() -> F) {
-    let deadline = Instant::now() + SETTLE_TIMEOUT;
+/// Polls `condition` until it holds, for at most `within`.
+async fn wait_until<F: Future<Output = bool>>(
+    what: &str,
+    within: Duration,
+    mut condition: impl FnMut() -> F,
+) {
+    let deadline = Instant::now() + within;
     while !condition().await {
-        assert!(
-            Instant::now() < deadline,
-            "not within {SETTLE_TIMEOUT:?}: {what}"
-        );
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
         tokio::time::sleep(POLL).await;
     }
 }
