@@ -188,24 +188,29 @@ impl Store {
         self.dir.path().join("tls")
     }
 
-    /// Every message of [`TOPIC`] in this store, by queue, in offset order (read at each
-    /// queue's master from offset 1; at most 10,000 a queue).
+    /// Every message of [`TOPIC`] queue `queue`, in offset order, read at its master from
+    /// offset 1 (at most 10,000: the read must reach the queue's end).
+    pub async fn read_queue(&self, queue: u32) -> Vec<api::StoredMessage> {
+        let request = api::ConsumeRequest {
+            topic: TOPIC.to_string(),
+            queue,
+            consumer_group: CONSUMER_GROUPS[0].to_string(),
+            from_offset: Some(1),
+            max_messages: 10_000,
+            max_bytes: 16 << 20,
+            wait_ms: 0,
+            store_id: 0,
+        };
+        let response = self.consume_at_master(request).await;
+        assert_eq!(response.next_offset, response.end_offset, "read it all");
+        response.messages
+    }
+
+    /// Every message of [`TOPIC`] in this store, by queue ([`Store::read_queue`]).
     pub async fn read_all(&self) -> BTreeMap<u32, Vec<api::StoredMessage>> {
         let mut queues = BTreeMap::new();
         for queue in 0..self.queues {
-            let request = api::ConsumeRequest {
-                topic: TOPIC.to_string(),
-                queue,
-                consumer_group: CONSUMER_GROUPS[0].to_string(),
-                from_offset: Some(1),
-                max_messages: 10_000,
-                max_bytes: 16 << 20,
-                wait_ms: 0,
-                store_id: 0,
-            };
-            let response = self.consume_at_master(request).await;
-            assert_eq!(response.next_offset, response.end_offset, "read it all");
-            queues.insert(queue, response.messages);
+            queues.insert(queue, self.read_queue(queue).await);
         }
         queues
     }
