@@ -11,7 +11,7 @@ use phxq_proto::api::{self, phxq_client::PhxqClient};
 
 mod common;
 
-use common::{CONSUMER_GROUPS, MESSAGE_BYTES_MAX, Store, TOPIC, run};
+use common::{MESSAGE_BYTES_MAX, Store, TOPIC, run};
 
 /// Requests pipelined for the queue the stream's node masters: more than the server keeps
 /// in flight per stream (256), so its flow control is crossed too.
@@ -121,20 +121,9 @@ fn a_stream_appends_in_order_answers_every_request_once_and_refuses_bad_ones_alo
         assert_eq!(offsets, (1..=PIPELINED).collect::<Vec<_>>());
 
         // And the queue holds exactly them, in order: nothing of the refused requests.
-        let read = store
-            .consume_at_master(api::ConsumeRequest {
-                topic: TOPIC.to_string(),
-                queue: 0,
-                consumer_group: CONSUMER_GROUPS[0].to_string(),
-                from_offset: Some(1),
-                max_messages: 10_000,
-                max_bytes: 16 << 20,
-                wait_ms: 0,
-                store_id: 0,
-            })
-            .await;
-        let values: Vec<String> = read
-            .messages
+        let values: Vec<String> = store
+            .read_queue(0)
+            .await
             .iter()
             .map(|m| String::from_utf8(m.value.clone()).expect("utf-8"))
             .collect();

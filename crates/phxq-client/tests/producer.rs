@@ -9,14 +9,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use phxq_client::{ErrorCode, ErrorKind, Producer, ProducerConfig, Receipt, queue_of_key};
-use phxq_proto::api;
 
 mod common;
 
-use common::{CONSUMER_GROUPS, GROUPS, MESSAGE_BYTES_MAX, QUEUES, Store, TOPIC, free_ports, run};
+use common::{GROUPS, MESSAGE_BYTES_MAX, QUEUES, Store, free_ports, run};
 
-/// The consumer group the tests read `orders` with.
-const CONSUMER_GROUP: &str = CONSUMER_GROUPS[0];
 /// The producers' deadline in the store tests.
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -24,8 +21,6 @@ const DEADLINE: Duration = Duration::from_secs(30);
 trait ProducerStore {
     /// A producer for this store (every node a seed), changed by `change`.
     fn producer(&self, change: impl FnOnce(&mut ProducerConfig)) -> Producer;
-    /// Every message of `orders` queue `queue`, read from offset 1 at the group's master.
-    async fn read_queue(&self, queue: u32) -> Vec<api::StoredMessage>;
 }
 
 impl ProducerStore for Store {
@@ -34,22 +29,6 @@ impl ProducerStore for Store {
         config.deadline = DEADLINE;
         change(&mut config);
         Producer::new(config).expect("valid producer config")
-    }
-
-    async fn read_queue(&self, queue: u32) -> Vec<api::StoredMessage> {
-        let request = api::ConsumeRequest {
-            topic: TOPIC.to_string(),
-            queue,
-            consumer_group: CONSUMER_GROUP.to_string(),
-            from_offset: Some(1),
-            max_messages: 10_000,
-            max_bytes: 16 << 20,
-            wait_ms: 0,
-            store_id: 0,
-        };
-        let response = self.consume_at_master(request).await;
-        assert_eq!(response.next_offset, response.end_offset, "read it all");
-        response.messages
     }
 }
 

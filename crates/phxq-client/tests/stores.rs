@@ -6,18 +6,17 @@
 //! table), with different queue counts, so that a message routed by the wrong store's
 //! queue count lands in the wrong queue.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use phxq_client::{
     ErrorKind, Outgoing, Producer, ProducerConfig, StoreConfig, StoreWeight, Stored, queue_of_key,
     store_of_key,
 };
-use phxq_proto::api;
 
 mod common;
 
-use common::{CONSUMER_GROUPS, Store, TOPIC, run};
+use common::{Store, TOPIC, run};
 
 /// The stores' names, weights and queue counts: `b` takes three keys in four.
 const STORES: [(&str, u32, u32); 2] = [("a", 1, 8), ("b", 3, 5)];
@@ -56,32 +55,11 @@ fn producer_of(stores: &[Store], change: impl FnOnce(&mut ProducerConfig)) -> Pr
     Producer::new(config).expect("valid producer config")
 }
 
-/// Every message of `orders` in `store`, by queue, in offset order.
-async fn read_all(store: &Store) -> BTreeMap<u32, Vec<api::StoredMessage>> {
-    let mut queues = BTreeMap::new();
-    for queue in 0..store.queues {
-        let request = api::ConsumeRequest {
-            topic: TOPIC.to_string(),
-            queue,
-            consumer_group: CONSUMER_GROUPS[0].to_string(),
-            from_offset: Some(1),
-            max_messages: 10_000,
-            max_bytes: 16 << 20,
-            wait_ms: 0,
-            store_id: 0,
-        };
-        let response = store.consume_at_master(request).await;
-        assert_eq!(response.next_offset, response.end_offset, "read it all");
-        queues.insert(queue, response.messages);
-    }
-    queues
-}
-
 /// Where each value was found: (store index, queue, offset).
 async fn locate(stores: &[Store]) -> HashMap<Vec<u8>, (usize, u32, u64)> {
     let mut found = HashMap::new();
     for (index, store) in stores.iter().enumerate() {
-        for (queue, messages) in read_all(store).await {
+        for (queue, messages) in store.read_all().await {
             for message in messages {
                 let place = (index, queue, message.offset);
                 assert!(

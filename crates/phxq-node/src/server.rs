@@ -331,6 +331,11 @@ impl RunningServer {
         self.transport.local_addr()
     }
 
+    /// The peer transport's counters (inbound connections refused, unauthenticated, ...).
+    pub fn peer_stats(&self) -> crate::transport::TransportStats {
+        self.transport.stats()
+    }
+
     /// The node's configuration.
     pub fn config(&self) -> &ServerConfig {
         &self.config
@@ -1516,6 +1521,7 @@ fn counters(c: &crate::NodeCounters) -> api::NodeCounters {
         snapshots_installed: c.snapshots_installed,
         compactions: c.compactions,
         peer_messages_rejected: c.peer_messages_rejected,
+        compactions_refused: c.compactions_refused,
     }
 }
 

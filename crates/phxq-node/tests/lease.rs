@@ -8,132 +8,18 @@
 //! server passes the tick from before its catch-up is a matter of `EventLoop::serve`'s order
 //! (read there), not tested here.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use phxq_types::NodeId;
+use raft::eraftpb::MessageType;
 
-use phxq_core::{Retention, StoreLayout, TopicConfig};
-use phxq_node::{Node, NodeConfig, Output};
-use phxq_storage::{Wal, WalOptions};
-use phxq_types::{GroupId, NodeId};
-use raft::eraftpb::{self, MessageType};
+mod common;
 
-type Messages = Vec<(GroupId, eraftpb::Message)>;
-
-const TICK_MS: u64 = 50;
-
-struct Store {
-    _dirs: Vec<tempfile::TempDir>,
-    nodes: Vec<Node>,
-    wals: Vec<Arc<Wal>>,
-    now_ms: u64,
-}
-
-fn layout() -> Arc<StoreLayout> {
-    Arc::new(StoreLayout {
-        groups: 1,
-        topics: vec![TopicConfig {
-            name: "t".to_string(),
-            queues: 1,
-            consumer_groups: vec!["g".to_string()],
-            retention: Retention {
-                replay_count: 0,
-                replay_age_ms: 0,
-                max_age_ms: None,
-                max_bytes: None,
-            },
-            dedup_window: 0,
-            group_settings: Default::default(),
-        }],
-        message_bytes_max: 1 << 20,
-    })
-}
-
-impl Store {
-    fn new() -> Store {
-        let members: Vec<NodeId> = (1..=3).map(NodeId).collect();
-        let mut dirs = Vec::new();
-        let mut nodes = Vec::new();
-        let mut wals = Vec::new();
-        for &id in &members {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let (wal, _) = Wal::open(dir.path(), WalOptions::default()).expect("open log");
-            let wal = Arc::new(wal);
-            let config = NodeConfig::new(id, members.clone(), layout(), id.0 * 7919);
-            nodes.push(Node::open(config, wal.clone()).expect("open node"));
-            wals.push(wal);
-            dirs.push(dir);
-        }
-        Store {
-            _dirs: dirs,
-            nodes,
-            wals,
-            now_ms: 0,
-        }
-    }
-
-    /// Runs node `i`'s rounds until it has no work, syncing as the server does; returns the
-    /// messages it sends, per destination.
-    fn drain(&mut self, i: usize) -> BTreeMap<NodeId, Messages> {
-        let mut sent: BTreeMap<NodeId, Messages> = BTreeMap::new();
-        for _ in 0..64 {
-            let Output { messages, sync, .. } = self.nodes[i].round().expect("round");
-            for (to, batch) in messages {
-                sent.entry(to).or_default().extend(batch);
-            }
-            if let Some(lsn) = sync {
-                let durable = self.wals[i].sync_to(lsn).expect("sync");
-                self.nodes[i].synced(durable.max(lsn));
-            }
-            if !self.nodes[i].has_work() {
-                break;
-            }
-        }
-        sent
-    }
-
-    /// One tick everywhere, then every node's rounds, delivering everything at once.
-    fn step_all(&mut self) {
-        self.now_ms += TICK_MS;
-        for node in &mut self.nodes {
-            node.tick(self.now_ms);
-        }
-        for _ in 0..8 {
-            let mut delivered = false;
-            for i in 0..self.nodes.len() {
-                let from = NodeId(i as u64 + 1);
-                for (to, batch) in self.drain(i) {
-                    delivered = true;
-                    self.nodes[(to.0 - 1) as usize].step(from, batch);
-                }
-            }
-            if !delivered {
-                break;
-            }
-        }
-    }
-
-    fn lease_ms(&self, i: usize) -> Option<u64> {
-        self.nodes[i].status().groups[0].lease_remaining_ms
-    }
-
-    /// The master with a lease, once the store has elected one.
-    fn elect(&mut self) -> usize {
-        for _ in 0..400 {
-            self.step_all();
-            if let Some(i) = (0..3).find(|&i| self.lease_ms(i).is_some()) {
-                return i;
-            }
-        }
-        panic!("no master with a lease after 400 ticks");
-    }
-}
+use common::{Messages, Store, TICK_MS, default_config};
 
 /// Ticks the master alone until it sends heartbeats; has both followers answer them, and
 /// returns their answers (not yet delivered) and the master's tick when they were heard.
 fn heartbeat_answers(store: &mut Store, master: usize) -> (Vec<(NodeId, Messages)>, u64) {
     for _ in 0..16 {
-        store.now_ms += TICK_MS;
-        store.nodes[master].tick(store.now_ms);
+        store.tick_one(master);
         let sent = store.drain(master);
         let heartbeats: Vec<(NodeId, Messages)> = sent
             .into_iter()
@@ -167,15 +53,12 @@ fn heartbeat_answers(store: &mut Store, master: usize) -> (Vec<(NodeId, Messages
 fn answers_stepped_late_count_from_when_they_were_heard() {
     let mut store = Store::new();
     let master = store.elect();
-    let lease_ticks = NodeConfig::new(NodeId(1), vec![], layout(), 0)
-        .timing
-        .lease_ticks;
+    let lease_ticks = default_config(NodeId(1)).timing.lease_ticks;
 
     let (answers, heard_at) = heartbeat_answers(&mut store, master);
     // The master is held up for `lease_ticks - 1` ticks; the answers wait in its queue.
     for _ in 0..lease_ticks - 1 {
-        store.now_ms += TICK_MS;
-        store.nodes[master].tick(store.now_ms);
+        store.tick_one(master);
     }
     let late = store.nodes[master].now_tick() - heard_at;
     assert_eq!(late, lease_ticks - 1);

@@ -4,125 +4,12 @@
 //! peer (authenticated or not, the node must survive it), and must be counted, change
 //! nothing, and leave the store electing and committing as before.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-
-use phxq_core::{Retention, StoreLayout, TopicConfig};
-use phxq_node::{Node, NodeConfig, Output};
-use phxq_storage::{Wal, WalOptions};
 use phxq_types::{GroupId, NodeId};
 use raft::eraftpb::{self, ConfState, Entry, MessageType, Snapshot, SnapshotMetadata};
 
-type Messages = Vec<(GroupId, eraftpb::Message)>;
+mod common;
 
-const TICK_MS: u64 = 50;
-
-struct Store {
-    _dirs: Vec<tempfile::TempDir>,
-    nodes: Vec<Node>,
-    wals: Vec<Arc<Wal>>,
-    now_ms: u64,
-}
-
-fn layout() -> Arc<StoreLayout> {
-    Arc::new(StoreLayout {
-        groups: 1,
-        topics: vec![TopicConfig {
-            name: "t".to_string(),
-            queues: 1,
-            consumer_groups: vec!["g".to_string()],
-            retention: Retention {
-                replay_count: 0,
-                replay_age_ms: 0,
-                max_age_ms: None,
-                max_bytes: None,
-            },
-            dedup_window: 0,
-            group_settings: Default::default(),
-        }],
-        message_bytes_max: 1 << 20,
-    })
-}
-
-impl Store {
-    fn new() -> Store {
-        let members: Vec<NodeId> = (1..=3).map(NodeId).collect();
-        let mut dirs = Vec::new();
-        let mut nodes = Vec::new();
-        let mut wals = Vec::new();
-        for &id in &members {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let (wal, _) = Wal::open(dir.path(), WalOptions::default()).expect("open log");
-            let wal = Arc::new(wal);
-            let config = NodeConfig::new(id, members.clone(), layout(), id.0 * 7919);
-            nodes.push(Node::open(config, wal.clone()).expect("open node"));
-            wals.push(wal);
-            dirs.push(dir);
-        }
-        Store {
-            _dirs: dirs,
-            nodes,
-            wals,
-            now_ms: 0,
-        }
-    }
-
-    /// Runs node `i`'s rounds until it has no work, syncing as the server does; returns the
-    /// messages it sends, per destination.
-    fn drain(&mut self, i: usize) -> BTreeMap<NodeId, Messages> {
-        let mut sent: BTreeMap<NodeId, Messages> = BTreeMap::new();
-        for _ in 0..64 {
-            let Output { messages, sync, .. } = self.nodes[i].round().expect("round");
-            for (to, batch) in messages {
-                sent.entry(to).or_default().extend(batch);
-            }
-            if let Some(lsn) = sync {
-                let durable = self.wals[i].sync_to(lsn).expect("sync");
-                self.nodes[i].synced(durable.max(lsn));
-            }
-            if !self.nodes[i].has_work() {
-                break;
-            }
-        }
-        sent
-    }
-
-    /// One tick everywhere, then every node's rounds, delivering everything at once.
-    fn step_all(&mut self) {
-        self.now_ms += TICK_MS;
-        for node in &mut self.nodes {
-            node.tick(self.now_ms);
-        }
-        for _ in 0..8 {
-            let mut delivered = false;
-            for i in 0..self.nodes.len() {
-                let from = NodeId(i as u64 + 1);
-                for (to, batch) in self.drain(i) {
-                    delivered = true;
-                    self.nodes[(to.0 - 1) as usize].step(from, batch);
-                }
-            }
-            if !delivered {
-                break;
-            }
-        }
-    }
-
-    fn lease_ms(&self, i: usize) -> Option<u64> {
-        self.nodes[i].status().groups[0].lease_remaining_ms
-    }
-
-    /// The master with a lease, once the store has elected one.
-    fn elect(&mut self) -> usize {
-        for _ in 0..400 {
-            self.step_all();
-            if let Some(i) = (0..3).find(|&i| self.lease_ms(i).is_some()) {
-                return i;
-            }
-        }
-        panic!("no master with a lease after 400 ticks");
-    }
-}
+use common::Store;
 
 /// A message of `kind` from node `from` to node `to` at `term`.
 fn message(kind: MessageType, from: usize, to: usize, term: u64) -> eraftpb::Message {

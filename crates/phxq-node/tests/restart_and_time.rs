@@ -1,69 +1,21 @@
 //! Votes after a restart, leases around a leader transfer, and retention by age under skewed
-//! clocks (issue 12, items 3 and 6), on real `Node`s over real logs, pumped by hand as in
-//! `lease.rs`: every message between nodes goes through a filter the test controls, and
-//! each node's wall clock carries a test-only offset.
+//! clocks (issue 12, items 3 and 6), on real `Node`s over real logs, pumped by hand by the
+//! shared harness (`common`): every message between nodes goes through a filter the test
+//! controls, and each node's wall clock carries a test-only offset.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use phxq_core::{Message, Retention, StoreLayout, TopicConfig};
-use phxq_node::{Node, NodeConfig, Output, Request, RequestId, Response, Timing};
+use phxq_core::Retention;
+use phxq_node::{Node, NodeConfig, Response, Timing};
 use phxq_storage::{Wal, WalOptions};
 use phxq_types::{ErrorCode, GroupId, NodeId};
 use raft::eraftpb::{self, MessageType};
 
-type Messages = Vec<(GroupId, eraftpb::Message)>;
+mod common;
 
-const TICK_MS: u64 = 50;
+use common::{Fate, Messages, Store, TICK_MS, keep_everything, layout, produce_request};
 
-/// What the network does with one message.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Fate {
-    Deliver,
-    Drop,
-    /// Kept in `Store::held` until the test releases it.
-    Hold,
-}
-
-type Filter = Box<dyn FnMut(NodeId, NodeId, &eraftpb::Message) -> Fate>;
-
-struct Store {
-    _dirs: Vec<tempfile::TempDir>,
-    nodes: Vec<Node>,
-    wals: Vec<Arc<Wal>>,
-    /// The true time; node `i` reads `now_ms + clock_offsets_ms[i]`.
-    now_ms: u64,
-    clock_offsets_ms: Vec<i64>,
-    filter: Filter,
-    held: Vec<(NodeId, NodeId, Messages)>,
-    responses: BTreeMap<RequestId, Response>,
-    next_request: RequestId,
-}
-
-fn layout(retention: Retention) -> Arc<StoreLayout> {
-    Arc::new(StoreLayout {
-        groups: 1,
-        topics: vec![TopicConfig {
-            name: "t".to_string(),
-            queues: 1,
-            consumer_groups: vec!["g".to_string()],
-            retention,
-            dedup_window: 0,
-            group_settings: Default::default(),
-        }],
-        message_bytes_max: 1 << 20,
-    })
-}
-
-fn keep_everything() -> Retention {
-    Retention {
-        replay_count: 0,
-        replay_age_ms: 0,
-        max_age_ms: None,
-        max_bytes: None,
-    }
-}
-
+/// Node `id` compacting as early as it can, so retention shows in what it retains.
 fn node_config(id: NodeId, retention: Retention) -> NodeConfig {
     let members: Vec<NodeId> = (1..=3).map(NodeId).collect();
     let mut config = NodeConfig::new(id, members, layout(retention), id.0 * 7919);
@@ -72,152 +24,22 @@ fn node_config(id: NodeId, retention: Retention) -> NodeConfig {
     config
 }
 
-impl Store {
-    fn new(retention: Retention, clock_offsets_ms: Vec<i64>) -> Store {
-        let mut dirs = Vec::new();
-        let mut nodes = Vec::new();
-        let mut wals = Vec::new();
-        for id in (1..=3).map(NodeId) {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let (wal, _) = Wal::open(dir.path(), WalOptions::default()).expect("open log");
-            let wal = Arc::new(wal);
-            let config = node_config(id, retention.clone());
-            nodes.push(Node::open(config, wal.clone()).expect("open node"));
-            wals.push(wal);
-            dirs.push(dir);
-        }
-        Store {
-            _dirs: dirs,
-            nodes,
-            wals,
-            now_ms: 1_700_000_000_000,
-            clock_offsets_ms,
-            filter: Box::new(|_, _, _| Fate::Deliver),
-            held: Vec::new(),
-            responses: BTreeMap::new(),
-            next_request: 1,
-        }
-    }
+/// Three nodes of [`node_config`] at a realistic wall-clock time.
+fn compacting_store(retention: Retention, clock_offsets_ms: Vec<i64>) -> Store {
+    Store::with(
+        |id| node_config(id, retention.clone()),
+        1_700_000_000_000,
+        clock_offsets_ms,
+    )
+}
 
-    /// Runs node `i`'s rounds until it has no work, syncing as the server does; returns the
-    /// messages it sends, per destination, and keeps its answers.
-    fn drain(&mut self, i: usize) -> BTreeMap<NodeId, Messages> {
-        let mut sent: BTreeMap<NodeId, Messages> = BTreeMap::new();
-        for _ in 0..64 {
-            let Output {
-                messages,
-                responses,
-                sync,
-            } = self.nodes[i].round().expect("round");
-            self.responses.extend(responses);
-            for (to, batch) in messages {
-                sent.entry(to).or_default().extend(batch);
-            }
-            if let Some(lsn) = sync {
-                let durable = self.wals[i].sync_to(lsn).expect("sync");
-                self.nodes[i].synced(durable.max(lsn));
-            }
-            if !self.nodes[i].has_work() {
-                break;
-            }
-        }
-        sent
-    }
-
-    /// Delivers what the nodes send (through the filter) until nothing moves.
-    fn pump(&mut self) {
-        for _ in 0..16 {
-            let mut delivered = false;
-            for i in 0..self.nodes.len() {
-                let from = NodeId(i as u64 + 1);
-                for (to, batch) in self.drain(i) {
-                    let mut deliver = Vec::new();
-                    for (group, message) in batch {
-                        match (self.filter)(from, to, &message) {
-                            Fate::Deliver => deliver.push((group, message)),
-                            Fate::Drop => {}
-                            Fate::Hold => self.held.push((from, to, vec![(group, message)])),
-                        }
-                    }
-                    if !deliver.is_empty() {
-                        delivered = true;
-                        self.nodes[(to.0 - 1) as usize].step(from, deliver);
-                    }
-                }
-            }
-            if !delivered {
-                break;
-            }
-        }
-    }
-
-    /// One tick everywhere (each node at its own clock), then the messages.
-    fn step_all(&mut self) {
-        self.now_ms += TICK_MS;
-        for (i, node) in self.nodes.iter_mut().enumerate() {
-            node.tick(self.now_ms.saturating_add_signed(self.clock_offsets_ms[i]));
-        }
-        self.pump();
-    }
-
-    fn release_held(&mut self) {
-        for (from, to, batch) in std::mem::take(&mut self.held) {
-            self.nodes[(to.0 - 1) as usize].step(from, batch);
-        }
-        self.pump();
-    }
-
-    fn lease_ms(&self, i: usize) -> Option<u64> {
-        self.nodes[i].status().groups[0].lease_remaining_ms
-    }
-
-    /// The master with a lease, once the store has elected one.
-    fn elect(&mut self) -> usize {
-        for _ in 0..400 {
-            self.step_all();
-            if let Some(i) = (0..3).find(|&i| self.lease_ms(i).is_some()) {
-                return i;
-            }
-        }
-        panic!("no master with a lease after 400 ticks");
-    }
-
-    /// Sends `request` to node `i`, runs the store until it is answered, returns the answer.
-    fn call(&mut self, i: usize, request: Request) -> Response {
-        let id = self.next_request;
-        self.next_request += 1;
-        self.nodes[i].request(id, request);
-        for _ in 0..100 {
-            self.pump();
-            if let Some(response) = self.responses.remove(&id) {
-                return response;
-            }
-            self.step_all();
-        }
-        panic!("request {id} unanswered after 100 ticks");
-    }
-
-    fn produce(&mut self, i: usize, value: &str) -> Response {
-        let request = Request::Produce {
-            topic: "t".to_string(),
-            queue: 0,
-            message_id: Vec::new(),
-            messages: vec![Message {
-                key: Vec::new(),
-                value: value.as_bytes().to_vec(),
-            }],
-        };
-        self.call(i, request)
-    }
-
-    /// The offsets of queue 0 that node `i` retains.
-    fn retained(&self, i: usize) -> Vec<u64> {
-        self.nodes[i]
-            .read_all("t", 0)
-            .iter()
-            .map(|m| m.offset)
-            .collect()
-    }
+/// The offsets of queue 0 that node `i` retains.
+fn retained(store: &Store, i: usize) -> Vec<u64> {
+    store.nodes[i]
+        .read_all("t", 0)
+        .iter()
+        .map(|m| m.offset)
+        .collect()
 }
 
 /// A request for node 1's vote in `term` from node 2, whose log is as long as anyone's.
@@ -293,7 +115,7 @@ fn a_restarted_voter_grants_no_vote_for_one_election_timeout() {
 
 #[test]
 fn a_master_that_sent_timeout_now_holds_no_lease_for_an_election_timeout() {
-    let mut store = Store::new(keep_everything(), vec![0; 3]);
+    let mut store = compacting_store(keep_everything(), vec![0; 3]);
     let timing = Timing::default();
     // Node 1 (the group's preferred node) is cut off, so another node is elected; then it
     // comes back and catches up.
@@ -335,7 +157,7 @@ fn a_master_that_sent_timeout_now_holds_no_lease_for_an_election_timeout() {
     let mut started = false;
     for _ in 0..2 * timing.rebalance_ticks {
         store.step_all();
-        if matches!(store.produce_now(master), Response::Error { .. }) {
+        if matches!(produce_now(&mut store, master), Response::Error { .. }) {
             started = true;
             break;
         }
@@ -371,7 +193,7 @@ fn a_master_that_sent_timeout_now_holds_no_lease_for_an_election_timeout() {
             None,
             "tick {tick} after MsgTimeoutNow: the target may still be elected by it"
         );
-        let refused = store.produce_now(master);
+        let refused = produce_now(&mut store, master);
         assert!(
             matches!(&refused, Response::Error { code, .. } if matches!(code, ErrorCode::NotMaster | ErrorCode::NoMaster)),
             "tick {tick}: {refused:?}"
@@ -380,40 +202,26 @@ fn a_master_that_sent_timeout_now_holds_no_lease_for_an_election_timeout() {
     }
 }
 
-impl Store {
-    /// A produce admitted or refused by node `i` now (without running the store): the
-    /// refusal, or `Produced` standing for "admitted".
-    fn produce_now(&mut self, i: usize) -> Response {
-        let id = self.next_request;
-        self.next_request += 1;
-        self.nodes[i].request(
-            id,
-            Request::Produce {
-                topic: "t".to_string(),
-                queue: 0,
-                message_id: Vec::new(),
-                messages: vec![Message {
-                    key: Vec::new(),
-                    value: b"probe".to_vec(),
-                }],
-            },
-        );
-        let output = self.nodes[i].round().expect("round");
-        let answer = output.responses.iter().find(|(r, _)| *r == id).cloned();
-        self.responses.extend(output.responses);
-        if let Some(lsn) = output.sync {
-            let durable = self.wals[i].sync_to(lsn).expect("sync");
-            self.nodes[i].synced(durable.max(lsn));
-        }
-        answer.map_or(
-            Response::Produced {
-                first_offset: 0,
-                count: 0,
-                duplicate: false,
-            },
-            |(_, response)| response,
-        )
+/// A produce admitted or refused by node `i` now (without running the store): the refusal,
+/// or `Produced` standing for "admitted".
+fn produce_now(store: &mut Store, i: usize) -> Response {
+    let id = store.next_request;
+    store.next_request += 1;
+    store.nodes[i].request(id, produce_request("probe"));
+    let output = store.nodes[i].round().expect("round");
+    let answer = output.responses.iter().find(|(r, _)| *r == id).cloned();
+    store.responses.extend(output.responses);
+    if let Some(lsn) = output.sync {
+        store.sync(i, lsn);
     }
+    answer.map_or(
+        Response::Produced {
+            first_offset: 0,
+            count: 0,
+            duplicate: false,
+        },
+        |(_, response)| response,
+    )
 }
 
 #[test]
@@ -428,7 +236,7 @@ fn retention_by_age_releases_the_same_offsets_on_every_replica_with_skewed_clock
     // Node 3's clock is ten minutes ahead: were each replica to judge age by its own clock,
     // it would release everything the others keep (or, as master, stamp times the others
     // think are in the future).
-    let mut store = Store::new(retention, vec![0, -30_000, 10 * MINUTE_MS as i64]);
+    let mut store = compacting_store(retention, vec![0, -30_000, 10 * MINUTE_MS as i64]);
     let master = store.elect();
     for value in ["old-1", "old-2"] {
         assert!(matches!(
@@ -451,7 +259,7 @@ fn retention_by_age_releases_the_same_offsets_on_every_replica_with_skewed_clock
     let all = vec![1, 2, 3, 4];
     for i in 0..3 {
         assert_eq!(
-            store.retained(i),
+            retained(&store, i),
             all,
             "node {}: nothing is a minute old yet",
             i + 1
@@ -464,6 +272,6 @@ fn retention_by_age_releases_the_same_offsets_on_every_replica_with_skewed_clock
         store.step_all();
     }
     for i in 0..3 {
-        assert_eq!(store.retained(i), [3, 4], "node {}", i + 1);
+        assert_eq!(retained(&store, i), [3, 4], "node {}", i + 1);
     }
 }

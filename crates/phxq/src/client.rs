@@ -1517,6 +1517,8 @@ fn render_status(status: &api::ClusterStatusResponse, views: &[View]) -> String 
                 counter(view, |c| {
                     format!("{:.1}", c.messages as f64 / c.proposals.max(1) as f64)
                 }),
+                counter(view, |c| c.peer_messages_rejected.to_string()),
+                counter(view, |c| c.compactions_refused.to_string()),
             ]
         })
         .collect();
@@ -1529,6 +1531,8 @@ fn render_status(status: &api::ClusterStatusResponse, views: &[View]) -> String 
         ("syncs", Align::Right),
         ("entries", Align::Right),
         ("msgs/entry", Align::Right),
+        ("peer_rejected", Align::Right),
+        ("compact_refused", Align::Right),
     ];
     out.push_str(&render(&node_columns, &node_rows));
     out.push('\n');
@@ -1587,11 +1591,15 @@ fn render_status(status: &api::ClusterStatusResponse, views: &[View]) -> String 
 
 /// One of a node's counters, or "-" if it did not answer.
 fn counter(view: &View, show: impl Fn(&api::NodeCounters) -> String) -> String {
+    node_counters(view).map_or("-".to_string(), show)
+}
+
+/// A node's counters, if it answered (and showed them: admins only).
+fn node_counters(view: &View) -> Option<&api::NodeCounters> {
     view.answer
         .as_ref()
         .ok()
         .and_then(|status| status.counters.as_ref())
-        .map_or("-".to_string(), show)
 }
 
 fn status_json(status: &api::ClusterStatusResponse, views: &[View]) -> serde_json::Value {
@@ -1606,6 +1614,8 @@ fn status_json(status: &api::ClusterStatusResponse, views: &[View]) -> serde_jso
                 "up": view.answer.is_ok(),
                 "error": view.answer.as_ref().err(),
                 "masters": rows.iter().filter(|r| r.master == Some(view.node.id)).count(),
+                "peer_messages_rejected": node_counters(view).map(|c| c.peer_messages_rejected),
+                "compactions_refused": node_counters(view).map(|c| c.compactions_refused),
             })
         })
         .collect();

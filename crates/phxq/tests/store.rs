@@ -354,6 +354,11 @@ fn cluster_status_shows_every_node_and_a_master_with_a_lease_for_every_group() {
     }
     let mastered: u64 = nodes.iter().map(|n| n["masters"].as_u64().unwrap()).sum();
     assert_eq!(mastered, u64::from(GROUPS));
+    for node in nodes {
+        // A healthy store: no peer message dropped, every compaction written.
+        assert_eq!(node["peer_messages_rejected"], 0, "{node}");
+        assert_eq!(node["compactions_refused"], 0, "{node}");
+    }
     assert_eq!(status["topics"][0]["name"], "test");
     assert_eq!(status["topics"][0]["queues"], QUEUES);
 
@@ -365,6 +370,7 @@ fn cluster_status_shows_every_node_and_a_master_with_a_lease_for_every_group() {
         "{table}"
     );
     assert!(table.contains("lease_ms"), "{table}");
+    assert!(table.contains("compact_refused"), "{table}");
 }
 
 /// A bad request: the expected typed error on standard error, exit 1, and nothing stored.

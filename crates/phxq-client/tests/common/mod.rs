@@ -1,9 +1,11 @@
 //! The store the client tests run against: every node a full server (event loop, write-ahead
 //! log, peer TCP, gRPC) in the test process on 127.0.0.1, on ports picked by the kernel.
 //! Shared by the producer, consumer, failure, membership and settings tests (with one
-//! `Running` consumer task helper); each uses part of it.
+//! `Running` consumer task helper) and the forged-frame test (peer ports, certificates and
+//! transport counters); each uses part of it.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -14,6 +16,8 @@ use phxq_proto::api::{self, phxq_client::PhxqClient};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+/// The store id of every test store.
+pub const STORE_ID: u64 = 1;
 /// Replication groups of the test stores.
 pub const GROUPS: u32 = 4;
 /// Queues of the topic.
@@ -121,7 +125,7 @@ impl Store {
     fn config(&self, id: usize) -> ServerConfig {
         let data_dir = self.dir.path().join(format!("node-{id}"));
         let mut text = format!(
-            "[node]\nid = {id}\ndata_dir = {:?}\n\n[store]\nid = 1\ngroups = {GROUPS}\n\
+            "[node]\nid = {id}\ndata_dir = {:?}\n\n[store]\nid = {STORE_ID}\ngroups = {GROUPS}\n\
              message_bytes_max = {MESSAGE_BYTES_MAX}\n\n",
             data_dir.display().to_string()
         );
@@ -138,7 +142,7 @@ impl Store {
              consumer_groups = [{:?}]\n",
             self.queues, CONSUMER_GROUPS[0]
         );
-        text += &peer_tls_section(self.dir.path(), id, self.peer_addrs.len());
+        text += &peer_tls_section(&self.tls_dir(), id, self.peer_addrs.len());
         text += &self.config_extra;
         ServerConfig::parse(&text).expect("valid config")
     }
@@ -172,6 +176,43 @@ impl Store {
             .filter(|(server, _)| server.is_some())
             .map(|(_, addr)| addr.clone())
             .collect()
+    }
+
+    /// Node `id`'s server, which must be running.
+    pub fn server(&self, id: usize) -> &RunningServer {
+        self.servers[id - 1].as_ref().expect("node running")
+    }
+
+    /// Where the store's CA and node certificates are (see [`peer_tls_section`]).
+    pub fn tls_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("tls")
+    }
+
+    /// Every message of [`TOPIC`] queue `queue`, in offset order, read at its master from
+    /// offset 1 (at most 10,000: the read must reach the queue's end).
+    pub async fn read_queue(&self, queue: u32) -> Vec<api::StoredMessage> {
+        let request = api::ConsumeRequest {
+            topic: TOPIC.to_string(),
+            queue,
+            consumer_group: CONSUMER_GROUPS[0].to_string(),
+            from_offset: Some(1),
+            max_messages: 10_000,
+            max_bytes: 16 << 20,
+            wait_ms: 0,
+            store_id: 0,
+        };
+        let response = self.consume_at_master(request).await;
+        assert_eq!(response.next_offset, response.end_offset, "read it all");
+        response.messages
+    }
+
+    /// Every message of [`TOPIC`] in this store, by queue ([`Store::read_queue`]).
+    pub async fn read_all(&self) -> BTreeMap<u32, Vec<api::StoredMessage>> {
+        let mut queues = BTreeMap::new();
+        for queue in 0..self.queues {
+            queues.insert(queue, self.read_queue(queue).await);
+        }
+        queues
     }
 
     /// The node a group settles on when every node runs (`members[g mod n]`).
@@ -309,10 +350,9 @@ impl Running {
 }
 
 /// The `[tls]` section of node `id` of a store of `nodes` nodes: a store CA and node
-/// certificates made in `dir/tls` (once; reused by every node and restart).
+/// certificates made in `dir` (once; reused by every node and restart).
 pub fn peer_tls_section(dir: &std::path::Path, id: usize, nodes: usize) -> String {
     let ids: Vec<_> = (1..=nodes as u64).map(phxq_types::NodeId).collect();
-    let files =
-        phxq_node::tls::ensure_store_certs(&dir.join("tls"), 1, &ids).expect("test certificates");
+    let files = phxq_node::tls::ensure_store_certs(dir, STORE_ID, &ids).expect("test certificates");
     phxq_node::tls::config_section(&files[id - 1])
 }
