@@ -338,7 +338,15 @@ impl Replica {
     /// if the master saw it hold entries it no longer has.
     fn check_heartbeat_commit(&mut self, message: &mut eraftpb::Message) -> Result<(), NodeError> {
         let log = &self.raw.raft.raft_log;
-        if message.commit <= log.last_index() || message.term < self.raw.raft.term {
+        if message.term < self.raw.raft.term {
+            return Ok(());
+        }
+        if message.commit <= log.last_index() {
+            // An idle master sends heartbeats only, which do not say how far its log is
+            // committed: ask it for an append (see `forget_lost_progress`), which does.
+            if self.rejoin.is_some_and(|rejoin| !rejoin.heard) {
+                self.rejoin_reply = Some(self.rejoin_rejection(message));
+            }
             return Ok(());
         }
         let Some(rejoin) = &mut self.rejoin else {
@@ -353,18 +361,24 @@ impl Replica {
         rejoin.target = rejoin.target.max(message.commit);
         // Tell the master it holds less than it believes (it then starts over from what this
         // node has: `forget_lost_progress`), and claim nothing new in the answer.
+        self.rejoin_reply = Some(self.rejoin_rejection(message));
+        message.commit = self.raw.raft.raft_log.committed;
+        Ok(())
+    }
+
+    /// The marked append rejection a rejoining group answers a heartbeat with: "I hold up to
+    /// my last index; send from there".
+    fn rejoin_rejection(&self, heartbeat: &eraftpb::Message) -> eraftpb::Message {
         let mut reply = eraftpb::Message::default();
         reply.set_msg_type(MessageType::MsgAppendResponse);
-        reply.to = message.from;
+        reply.to = heartbeat.from;
         reply.from = self.me.0;
-        reply.term = message.term;
-        reply.index = message.commit;
+        reply.term = heartbeat.term;
+        reply.index = heartbeat.commit;
         reply.reject = true;
-        reply.reject_hint = log.last_index();
+        reply.reject_hint = self.raw.raft.raft_log.last_index();
         reply.context = REJOIN_CONTEXT.to_vec().into();
-        self.rejoin_reply = Some(reply);
-        message.commit = log.committed;
-        Ok(())
+        reply
     }
 
     fn note_rejoin_progress(&mut self, message: &eraftpb::Message) {
@@ -391,12 +405,16 @@ impl Replica {
         {
             return;
         }
-        if let Some(progress) = self.raw.raft.mut_prs().get_mut(message.from)
-            && progress.matched > message.reject_hint
-        {
+        let Some(progress) = self.raw.raft.mut_prs().get_mut(message.from) else {
+            return;
+        };
+        if progress.matched > message.reject_hint {
             progress.matched = 0;
             progress.become_probe();
         }
+        // An append, even an empty one, carries the commit index the follower must reach
+        // before it votes again; an idle group would otherwise send heartbeats only.
+        self.raw.raft.send_append(message.from);
     }
 
     /// Marks what this node sends while rejoining; voids the lease when it hands mastership

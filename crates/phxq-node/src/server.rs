@@ -65,6 +65,7 @@ mod auth;
 mod delivery;
 mod heartbeat;
 mod history;
+pub use history::{REJOIN_FILE, require_rejoin};
 mod produce_stream;
 
 /// Inputs queued for the event loop at most; beyond, clients get `BUSY` and peer frames are
@@ -760,6 +761,10 @@ impl EventLoop {
             // Before the votes and acknowledgements of a new term are released.
             self.history.keep(self.node.term_max())?;
             self.node.synced(self.synced);
+        }
+        // An idle group catches up with no write, so this is not inside the sync above.
+        if self.history.rejoin_pending() && self.node.rejoining_groups() == 0 {
+            self.history.rejoined()?;
         }
         Ok(())
     }

@@ -51,6 +51,40 @@ fn log_dir(dir: &Path) -> std::path::PathBuf {
     }
 }
 
+/// A cut log may have lost entries the node acknowledged: the node must not vote on it until
+/// it caught up, so it starts only with `--rejoin-empty` (`REJOIN_REQUIRED` in its data
+/// directory says so, and goes once every group caught up).
+fn require_rejoin(
+    given: &Path,
+    log: &Path,
+    cut: &[(phxq_types::GroupId, u64)],
+) -> CommandResult<()> {
+    let cuts: Vec<String> = cut
+        .iter()
+        .map(|(g, i)| format!("{g} at index {i}"))
+        .collect();
+    let why = format!("`phxq wal repair` cut this node's log: {}", cuts.join(", "));
+    let data_dir = [given, log.parent().unwrap_or(log)]
+        .into_iter()
+        .find(|dir| dir.join("IDENTITY").is_file());
+    let Some(data_dir) = data_dir else {
+        print_line(format_args!(
+            "{} is not inside a node's data directory: start the node that uses it with \
+             `phxq node --rejoin-empty`",
+            log.display()
+        ))?;
+        return Ok(());
+    };
+    phxq_node::server::require_rejoin(data_dir, &why)
+        .map_err(|error| format!("cannot write {}: {error}", data_dir.display()))?;
+    print_line(format_args!(
+        "{}: the node now starts only with `phxq node --rejoin-empty` (it may have \
+         acknowledged entries the cut removed), until every group caught up",
+        data_dir.join(phxq_node::server::REJOIN_FILE).display()
+    ))?;
+    Ok(())
+}
+
 /// `phxq wal repair`: opens the log in repair mode and says what it dropped and cut.
 pub fn repair(args: &RepairArgs) -> CommandResult {
     let dir = log_dir(&args.dir);
@@ -85,6 +119,9 @@ pub fn repair(args: &RepairArgs) -> CommandResult {
         print_line(format_args!(
             "cut {group} at index {index}: its peers send it from there when the node rejoins"
         ))?;
+    }
+    if !report.cut_groups.is_empty() {
+        require_rejoin(&args.dir, &dir, &report.cut_groups)?;
     }
     if let Some((path, offset, bytes)) = &report.torn_tail {
         print_line(format_args!(

@@ -276,6 +276,11 @@ fn wal_repair_drops_the_damage_cuts_the_group_and_the_log_then_opens() {
     ] {
         assert!(text.contains(&expected), "missing {expected:?} in\n{text}");
     }
+    // The cut log may lack entries the node acknowledged: it votes again only after it
+    // caught up under `--rejoin-empty` (tests/store.rs runs that part).
+    let rejoin = std::fs::read_to_string(node_dir.path().join("REJOIN_REQUIRED")).unwrap();
+    assert!(rejoin.contains("g7 at index 1"), "{rejoin}");
+    assert!(text.contains("--rejoin-empty"), "{text}");
     let (code, report) = inspect_json(&dir);
     assert_eq!(code, 0, "clean after repair: {report:#}");
     assert_eq!(report["status"], "clean", "{report:#}");

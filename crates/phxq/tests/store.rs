@@ -2339,6 +2339,39 @@ fn a_node_whose_wal_was_wiped_refuses_to_start_and_rejoins_only_with_rejoin_empt
 }
 
 #[test]
+fn a_node_whose_log_repair_cut_votes_again_only_after_rejoin_empty_caught_up() {
+    let mut store = Store::start();
+    let mut acknowledged = produce_lines(&store, "before", 40);
+    store.stop(3);
+    // What `phxq wal repair` writes when it cut a group (tests/cli.rs checks that it does).
+    let rejoin = store.data_dir(3).join("REJOIN_REQUIRED");
+    std::fs::write(
+        &rejoin,
+        "`phxq wal repair` cut this node's log: g0 at index 1\n",
+    )
+    .unwrap();
+    store.refused_start(3, "g0 at index 1");
+    assert!(store.log(3).contains("--rejoin-empty"), "{}", store.log(3));
+
+    store.nodes[2] = Some(store.spawn_with(3, &["--rejoin-empty"]));
+    acknowledged.extend(produce_lines(&store, "rejoining", 20));
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while rejoin.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "REJOIN_REQUIRED outlived the catch-up:\n{}",
+            store.log(3)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Caught up: a plain start is a plain start again.
+    store.stop(3);
+    store.nodes[2] = Some(store.spawn(3));
+    store.wait_ready();
+    check_rejoined(&mut store, &acknowledged);
+}
+
+#[test]
 fn a_wiped_data_dir_stops_at_its_masters_first_heartbeat_and_rejoins_with_rejoin_empty() {
     let mut store = Store::start();
     let mut acknowledged = produce_lines(&store, "before", 40);

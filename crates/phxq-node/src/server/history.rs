@@ -61,6 +61,17 @@ struct Marker {
     term: u64,
 }
 
+/// Written by `phxq wal repair` when it cut a group's log: the node may have acknowledged
+/// entries it no longer has, so until its groups caught up with their masters it must not
+/// vote on that log. Its text says what was cut. Removed once every group caught up.
+pub const REJOIN_FILE: &str = "REJOIN_REQUIRED";
+
+/// Records durably in `data_dir` that this node's log lost entries (`why`), so that it
+/// starts only with `--rejoin-empty` and keeps that rule until it caught up.
+pub fn require_rejoin(data_dir: &Path, why: &str) -> std::io::Result<()> {
+    write_file(data_dir, REJOIN_FILE, why)
+}
+
 /// The marker as the event loop keeps it current.
 #[derive(Debug)]
 pub(crate) struct History {
@@ -69,6 +80,8 @@ pub(crate) struct History {
     node_id: u64,
     /// The term the file says.
     term: u64,
+    /// `REJOIN_FILE` exists and goes when every group caught up.
+    rejoin_file: bool,
 }
 
 impl History {
@@ -90,6 +103,27 @@ impl History {
         self.term = term;
         Ok(())
     }
+
+    /// Whether `REJOIN_FILE` waits for every group to catch up.
+    pub(crate) fn rejoin_pending(&self) -> bool {
+        self.rejoin_file
+    }
+
+    /// Every group caught up after `--rejoin-empty`: the log holds again what this node
+    /// acknowledged, so a later start needs no flag.
+    pub(crate) fn rejoined(&mut self) -> Result<(), ServerError> {
+        let fail = |error: std::io::Error| ServerError::DataDir {
+            path: self.dir.clone(),
+            reason: format!("cannot remove {REJOIN_FILE}: {error}"),
+        };
+        std::fs::remove_file(self.dir.join(REJOIN_FILE)).map_err(fail)?;
+        std::fs::File::open(&self.dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(fail)?;
+        self.rejoin_file = false;
+        tracing::info!("every group caught up; {REJOIN_FILE} removed");
+        Ok(())
+    }
 }
 
 /// Before the log opens: the marker read (or written on a first start), or a refusal when
@@ -101,6 +135,17 @@ pub(crate) fn before_open(config: &ServerConfig, fresh: bool) -> Result<Option<u
         reason,
     };
     let wal_exists = dir.join(WAL_DIR).exists();
+    if !config.rejoin_empty
+        && let Ok(why) = std::fs::read_to_string(dir.join(REJOIN_FILE))
+    {
+        return Err(fail(format!(
+            "{REJOIN_FILE}: {}; it may have acknowledged entries it no longer holds, so it \
+             must not vote on this log: start it with `phxq node --rejoin-empty` (safe only \
+             while the other members still hold a majority of the old voters' data; see \
+             README, \"A node that lost its disk\")",
+            why.trim()
+        )));
+    }
     let new = Marker {
         store_id: config.store_id,
         node_id: config.node.0,
@@ -157,6 +202,7 @@ pub(crate) fn after_open(
         store_id: config.store_id,
         node_id: config.node.0,
         term: marker_term.unwrap_or(0),
+        rejoin_file: dir.join(REJOIN_FILE).exists(),
     };
     match marker_term {
         Some(term) if term > log_term && !config.rejoin_empty => Err(fail(lost_log(
@@ -227,17 +273,22 @@ fn parse(text: &str) -> Option<Marker> {
     })
 }
 
-/// Writes the marker durably: temporary file, fsync, rename, fsync of the directory.
+/// Writes the marker durably.
 fn write(dir: &Path, marker: Marker) -> std::io::Result<()> {
     let text = format!(
         "store_id = {}\nnode_id = {}\nterm = {}\n",
         marker.store_id, marker.node_id, marker.term
     );
-    let temporary = dir.join(format!("{MARKER_FILE}.tmp"));
+    write_file(dir, MARKER_FILE, &text)
+}
+
+/// Writes `dir/name` durably: temporary file, fsync, rename, fsync of the directory.
+fn write_file(dir: &Path, name: &str, text: &str) -> std::io::Result<()> {
+    let temporary = dir.join(format!("{name}.tmp"));
     let mut file = std::fs::File::create(&temporary)?;
     file.write_all(text.as_bytes())?;
     file.sync_all()?;
-    std::fs::rename(&temporary, dir.join(MARKER_FILE))?;
+    std::fs::rename(&temporary, dir.join(name))?;
     std::fs::File::open(dir)?.sync_all()
 }
 
