@@ -82,7 +82,7 @@ pub struct NodeConfig {
     /// Bytes of log entries a round reads for parked consumes and receives at most (at
     /// least one entry is read). Reads happen on the event loop; this keeps each round's
     /// share of them short, because on a busy machine a round's CPU time is stretched many
-    /// times over by the scheduler (16 MiB per round, 15 ms of CPU, took 50–180 ms of wall
+    /// times over by the scheduler (16 MiB at once, 10–20 ms of CPU, took 50–180 ms of wall
     /// time under a client flood on two shared cores), and peer messages and ticks are
     /// served only between rounds. Reads a round does not reach run in the next one, at
     /// once (`has_work`), and an answer is cut where the budget ran out.
@@ -402,7 +402,8 @@ pub struct NodeCounters {
     pub writes: u64,
     /// Syncs reported by the shell.
     pub syncs: u64,
-    /// Entries this node proposed as master (one per group per round at most).
+    /// Entries this node proposed as master (`ENTRIES_PER_ROUND_MAX` per group per round at
+    /// most).
     pub proposals: u64,
     /// Client commands packed into those entries.
     pub commands: u64,

@@ -8,16 +8,17 @@
 //! Each request is checked and handed to the node as a unary Produce would be, **in stream
 //! order**: [`NodeHandle::submit`] queues it before the next request is read, so requests
 //! for one queue are admitted, proposed and appended in the order they were sent. Their
-//! answers are awaited concurrently ([`IN_FLIGHT_MAX`] requests and
-//! [`WINDOW_BYTES_MAX`] bytes of messages at most; the stream is not read beyond that, which
-//! holds the client back through HTTP/2 flow control) and sent as they come. A request read
-//! while the window is full waits, unsubmitted, until answers free enough of it (alone in an
-//! empty window it always goes), so a stream's order holds. When the client closes its side, the call ends after the last answer; when it goes
-//! away, answers still owed are dropped (their writes may still commit: at least once, as a
-//! unary call cancelled mid-flight). A malformed request frame stops the reading too, and
-//! the call ends with its error status after the answers owed. When the node stops, open
-//! streams stop reading and end once their answers are sent, so a graceful stop does not
-//! wait for idle streams to be closed by their clients.
+//! answers are awaited concurrently ([`IN_FLIGHT_MAX`] requests and [`WINDOW_BYTES_MAX`]
+//! bytes of messages at most; the stream is not read beyond that, which holds the client
+//! back through HTTP/2 flow control) and sent as they come. A request read while the window
+//! is full waits, unsubmitted, until answers free enough of it (alone in an empty window it
+//! always goes), so a stream's order holds. When the client closes its side, the call ends
+//! after the last answer; when it goes away, answers still owed are dropped (their writes
+//! may still commit: at least once, as a unary call cancelled mid-flight). A malformed
+//! request frame stops the reading too, and the call ends with its error status after the
+//! answers owed. When the node stops, open streams stop reading and end once their answers
+//! are sent, so a graceful stop does not wait for idle streams to be closed by their
+//! clients.
 
 use std::future::Future;
 use std::pin::Pin;
