@@ -260,6 +260,11 @@ struct LimitsSection {
     batch_bytes_max: Option<usize>,
     requests_pending_max: Option<usize>,
     compact_entries_min: Option<u64>,
+    produce_pending_bytes_max: Option<usize>,
+    long_polls_parked_max: Option<usize>,
+    consume_answer_bytes_max: Option<usize>,
+    read_bytes_per_round_max: Option<usize>,
+    inputs_queued_max: Option<usize>,
 }
 
 /// The `[tls]` section: all three files, or an explicit opt-out, never neither or both.
@@ -313,7 +318,20 @@ pub struct Limits {
     pub requests_pending_max: usize,
     /// A group compacts only when at least this many entries are deletable.
     pub compact_entries_min: u64,
+    /// Bytes of produce payloads handed to the node and not yet answered; beyond, `BUSY`.
+    pub produce_pending_bytes_max: u64,
+    /// Long polls parked at once; beyond, `BUSY` (see [`NodeConfig`]).
+    pub long_polls_parked_max: usize,
+    /// Bytes of messages in one consume or receive answer at most.
+    pub consume_answer_bytes_max: u64,
+    /// Bytes of log a round of the event loop reads for consumes and receives at most.
+    pub read_bytes_per_round_max: u64,
+    /// Client requests queued for the event loop at most; beyond, `BUSY`.
+    pub inputs_queued_max: usize,
 }
+
+/// Default of `limits.produce_pending_bytes_max` (256 MiB).
+pub const PRODUCE_PENDING_BYTES_MAX_DEFAULT: u64 = 256 << 20;
 
 /// A node's validated configuration. See the module documentation.
 #[derive(Clone, Debug)]
@@ -465,6 +483,9 @@ impl ServerConfig {
         config.batch_bytes_max = self.limits.batch_bytes_max;
         config.requests_pending_max = self.limits.requests_pending_max;
         config.compact_entries_min = self.limits.compact_entries_min;
+        config.long_polls_parked_max = self.limits.long_polls_parked_max;
+        config.consume_answer_bytes_max = self.limits.consume_answer_bytes_max;
+        config.read_bytes_per_round_max = self.limits.read_bytes_per_round_max;
         config
     }
 }
@@ -785,6 +806,36 @@ fn limits(section: &LimitsSection) -> Result<Limits, ConfigError> {
         compact_entries_min: section
             .compact_entries_min
             .unwrap_or(default.compact_entries_min),
+        produce_pending_bytes_max: positive(
+            "produce_pending_bytes_max",
+            section.produce_pending_bytes_max,
+            PRODUCE_PENDING_BYTES_MAX_DEFAULT as usize,
+            1 << 40,
+        )? as u64,
+        long_polls_parked_max: positive(
+            "long_polls_parked_max",
+            section.long_polls_parked_max,
+            default.long_polls_parked_max,
+            10_000_000,
+        )?,
+        consume_answer_bytes_max: positive(
+            "consume_answer_bytes_max",
+            section.consume_answer_bytes_max,
+            default.consume_answer_bytes_max as usize,
+            crate::server::CONSUME_BYTES_MAX as usize,
+        )? as u64,
+        read_bytes_per_round_max: positive(
+            "read_bytes_per_round_max",
+            section.read_bytes_per_round_max,
+            default.read_bytes_per_round_max as usize,
+            1 << 40,
+        )? as u64,
+        inputs_queued_max: positive(
+            "inputs_queued_max",
+            section.inputs_queued_max,
+            crate::server::INPUTS_QUEUED_MAX,
+            1 << 20,
+        )?,
     })
 }
 

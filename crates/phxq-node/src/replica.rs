@@ -15,6 +15,12 @@ use raft::{RawNode, Ready, StateRole};
 use crate::node::{NodeConfig, NodeCounters, NodeError, Output, RequestId, Response, push_message};
 use crate::{GroupStatus, node};
 
+/// Entries a master proposes per group per round at most. The rest of a backlog waits for
+/// the next round (after this round's sync), so a backlog of admitted produces costs one
+/// round at most this many full entries of write and fsync, never the whole backlog at once:
+/// a round that long would hold heartbeats back past the lease.
+pub(crate) const ENTRIES_PER_ROUND_MAX: usize = 2;
+
 /// A consume request parked until messages arrive or its deadline passes.
 #[derive(Clone, Debug)]
 pub(crate) struct Consume {
@@ -102,6 +108,11 @@ pub(crate) struct Replica {
     /// Proposed entries by raft index.
     in_flight: BTreeMap<u64, InFlight>,
     waiters: Vec<(RequestId, Consume)>,
+    /// The applied index at which `waiters[..n]` were last read and found empty: while
+    /// nothing new is applied they stay empty, so a round reads only the waiters after them
+    /// (new ones, or ones a spent read budget put off). Without it every round re-read every
+    /// parked long poll, and thousands of them cost more CPU than the produces.
+    waiters_seen: (u64, usize),
     /// Receives waiting for something to deliver.
     receivers: Vec<(RequestId, Receive)>,
     /// Receives whose `Deliver` is proposed: for what, and the messages read for it (offsets
@@ -207,6 +218,7 @@ impl Replica {
             proposals: VecDeque::new(),
             in_flight: BTreeMap::new(),
             waiters: Vec::new(),
+            waiters_seen: (0, 0),
             receivers: Vec::new(),
             delivering: BTreeMap::new(),
             acks: BTreeMap::new(),
@@ -434,6 +446,8 @@ impl Replica {
         }
     }
 
+    /// Requests admitted and not yet answered, long polls left out: they have their own
+    /// limit ([`Replica::long_polls_parked`]), so parked reads never make a produce `BUSY`.
     pub(crate) fn requests_pending(&self) -> usize {
         self.proposals.len()
             + self
@@ -441,8 +455,12 @@ impl Replica {
                 .values()
                 .map(|f| f.requests.len())
                 .sum::<usize>()
-            + self.waiters.len()
-            + self.receivers.len()
+    }
+
+    /// Consumes and receives parked (waiting for messages), or proposed (a receive's
+    /// `Deliver`).
+    pub(crate) fn long_polls_parked(&self) -> usize {
+        self.waiters.len() + self.receivers.len() + self.delivering.len()
     }
 
     pub(crate) fn has_work(&self) -> bool {
@@ -593,7 +611,10 @@ impl Replica {
         if self.writing_proposal() {
             return;
         }
-        while !self.proposals.is_empty() {
+        for _ in 0..ENTRIES_PER_ROUND_MAX {
+            if self.proposals.is_empty() {
+                break;
+            }
             let mut batch = Batch {
                 time_ms: now_ms,
                 commands: Vec::new(),
@@ -856,11 +877,14 @@ impl Replica {
     }
 
     /// Answers parked consumes that can be answered: messages arrived, or (on the master) the
-    /// wait is zero. Non-masters have no waiters (they are failed over in `on_role`).
+    /// wait is zero. Non-masters have no waiters (they are failed over in `on_role`). Reads
+    /// at most `read_budget` bytes of log (counted down); the waiters it does not reach stay
+    /// parked, unseen, for a later round.
     pub(crate) fn serve_waiters(
         &mut self,
         wal: &Wal,
         now_tick: u64,
+        read_budget: &mut u64,
         responses: &mut Vec<(RequestId, Response)>,
     ) {
         if self.waiters.is_empty() {
@@ -871,9 +895,22 @@ impl Replica {
             responses.extend(self.waiters.drain(..).map(|(id, _)| (id, hint.clone())));
             return;
         }
-        let waiters = std::mem::take(&mut self.waiters);
-        for (id, consume) in waiters {
-            match self.read(wal, &consume) {
+        let applied = self.machine.applied_index();
+        let (seen_at, seen) = self.waiters_seen;
+        let start = if seen_at == applied {
+            seen.min(self.waiters.len())
+        } else {
+            0
+        };
+        let mut unseen = self.waiters.split_off(start);
+        let mut rest = unseen.drain(..);
+        let mut put_off = None;
+        for (id, consume) in rest.by_ref() {
+            if *read_budget == 0 {
+                put_off = Some((id, consume));
+                break;
+            }
+            match self.read(wal, &consume, read_budget) {
                 Ok(response) => {
                     let empty = matches!(&response, Response::Consumed { messages, .. } if messages.is_empty());
                     if empty && consume.deadline > now_tick {
@@ -885,6 +922,11 @@ impl Replica {
                 Err(response) => responses.push((id, response)),
             }
         }
+        // Waiters up to here were read at `applied` and found empty; the ones the budget did
+        // not reach come after them.
+        self.waiters_seen = (applied, self.waiters.len());
+        self.waiters.extend(put_off);
+        self.waiters.extend(rest);
     }
 
     /// Proposes a `Deliver` for each parked receive that has something to deliver at
@@ -895,6 +937,7 @@ impl Replica {
         wal: &Wal,
         now_tick: u64,
         now_ms: u64,
+        read_budget: &mut u64,
         responses: &mut Vec<(RequestId, Response)>,
     ) {
         if self.receivers.is_empty() {
@@ -907,11 +950,12 @@ impl Replica {
         }
         for (id, receive) in std::mem::take(&mut self.receivers) {
             let key = receive.key();
-            if self.delivering.values().any(|(busy, _)| *busy == key) {
+            // Busy, or the round's read budget spent: wait for a later round.
+            if *read_budget == 0 || self.delivering.values().any(|(busy, _)| *busy == key) {
                 self.receivers.push((id, receive));
                 continue;
             }
-            match self.read_deliverable(wal, &receive, now_ms) {
+            match self.read_deliverable(wal, &receive, now_ms, read_budget) {
                 // Nothing yet: wait, unless the wait is over (zero: answer at once).
                 Ok(messages) if messages.is_empty() && receive.deadline > now_tick => {
                     self.receivers.push((id, receive));
@@ -970,6 +1014,7 @@ impl Replica {
         wal: &Wal,
         receive: &Receive,
         now_ms: u64,
+        read_budget: &mut u64,
     ) -> Result<Vec<StoredMessage>, Response> {
         let count_max = usize::try_from(receive.count_max).unwrap_or(usize::MAX);
         let offsets = (self.machine)
@@ -999,7 +1044,11 @@ impl Replica {
                 bytes_max: bytes_left,
                 deadline: 0,
             };
-            let Response::Consumed { messages: got, .. } = self.read(wal, &consume)? else {
+            if *read_budget == 0 && !messages.is_empty() {
+                break;
+            }
+            let Response::Consumed { messages: got, .. } = self.read(wal, &consume, read_budget)?
+            else {
                 unreachable!("a read answers Consumed");
             };
             let wanted = first..first + run as u64;
@@ -1035,9 +1084,17 @@ impl Replica {
             false
         });
         let machine = &self.machine;
+        // Expired waiters leave the read-and-empty prefix too; keep its count exact.
+        let (seen_at, seen_before) = self.waiters_seen;
+        let mut seen = seen_before;
+        let mut position = 0;
         self.waiters.retain(|(id, consume)| {
+            position += 1;
             if consume.deadline > now_tick {
                 return true;
+            }
+            if position <= seen_before {
+                seen -= 1;
             }
             let end = machine
                 .end_offset(&consume.topic, consume.queue)
@@ -1057,9 +1114,17 @@ impl Replica {
             ));
             false
         });
+        self.waiters_seen = (seen_at, seen);
     }
 
-    fn read(&self, wal: &Wal, consume: &Consume) -> Result<Response, Response> {
+    /// Reads what `consume` asks for, at most about `read_budget` bytes of log entries
+    /// (counted down; at least one entry is read, so the first message always comes).
+    fn read(
+        &self,
+        wal: &Wal,
+        consume: &Consume,
+        read_budget: &mut u64,
+    ) -> Result<Response, Response> {
         let from = match consume.from {
             Some(from) => from,
             None => self
@@ -1077,7 +1142,7 @@ impl Replica {
         let mut bytes_left = consume.bytes_max;
         for entry in &plan.entries {
             let count_left = consume.count_max - messages.len() as u64;
-            if count_left == 0 || bytes_left == 0 {
+            if count_left == 0 || bytes_left == 0 || (*read_budget == 0 && !messages.is_empty()) {
                 break;
             }
             let stored = wal
@@ -1086,6 +1151,7 @@ impl Replica {
             let Some(stored) = stored.into_iter().next() else {
                 break;
             };
+            *read_budget = read_budget.saturating_sub(stored.data.len() as u64);
             let got = GroupMachine::extract(
                 entry,
                 &stored.data,
@@ -1120,7 +1186,8 @@ impl Replica {
             bytes_max: u64::MAX,
             deadline: 0,
         };
-        match self.read(wal, &consume) {
+        let mut unbounded = u64::MAX;
+        match self.read(wal, &consume, &mut unbounded) {
             Ok(Response::Consumed { messages, .. }) => messages,
             _ => Vec::new(),
         }

@@ -55,6 +55,9 @@ use tokio::sync::oneshot;
 use crate::auth::{Action, Secret, Verifier};
 use crate::config::ServerConfig;
 use crate::server::auth::caller;
+use crate::server::budget::{
+    ByteBudget, PeerReceiver, PeerRefused, PeerSender, Reserved, produce_bytes,
+};
 use crate::server::heartbeat::CoordinatorShell;
 use crate::transport::{Transport, TransportConfig};
 use crate::{
@@ -62,15 +65,20 @@ use crate::{
 };
 
 mod auth;
+mod budget;
 mod delivery;
 mod heartbeat;
 mod history;
 pub use history::{REJOIN_FILE, require_rejoin};
 mod produce_stream;
 
-/// Inputs queued for the event loop at most; beyond, clients get `BUSY` and peer frames are
-/// dropped.
+/// Client inputs queued for the event loop at most, by default (`limits.inputs_queued_max`);
+/// beyond, clients get `BUSY`. Peer frames have a queue of their own (`budget.rs`), which
+/// clients cannot fill.
 pub const INPUTS_QUEUED_MAX: usize = 16_384;
+/// Peer frames the event loop takes per wake-up, and before each round, at most.
+pub const PEER_FRAMES_PER_WAKE_MAX: usize = 1_024;
+pub use budget::{PEER_INPUT_BYTES_MAX, PEER_INPUTS_QUEUED_MAX};
 /// Inputs the event loop takes per wake-up before running a round (bounds a round's latency).
 pub const INPUTS_PER_WAKE_MAX: usize = 4_096;
 /// Rounds run per wake-up at most, so ticks are never starved by a busy node.
@@ -155,12 +163,10 @@ pub enum ServerError {
 // ---------------------------------------------------------------------------------------------
 // Handles
 
-/// What the event loop receives.
+/// What the event loop receives from clients (peer frames come on their own queue).
 enum Input {
-    /// Raft messages from a peer (already checked by the transport).
-    Peer(PeerFrame),
-    /// A client request and where its answer goes.
-    Client(Request, oneshot::Sender<Response>),
+    /// A client request, where its answer goes, and the produce bytes it holds.
+    Client(Request, oneshot::Sender<Response>, Option<Reserved>),
     /// Nothing to do but look at the stop flag.
     Wake,
 }
@@ -170,6 +176,11 @@ enum Input {
 #[derive(Clone)]
 pub struct NodeHandle {
     inputs: SyncSender<Input>,
+    /// Bytes of produce payloads handed to the node and not yet answered.
+    produce_budget: Arc<ByteBudget>,
+    /// Peer frames the transport dropped because the peer input queue was full
+    /// (`NodeCounters.peer_frames_dropped` in `ClusterStatus`).
+    peer_frames_dropped: Arc<AtomicU64>,
 }
 
 impl NodeHandle {
@@ -182,21 +193,42 @@ impl NodeHandle {
     /// Queues `request` for the node now, before the returned future is first polled, and
     /// gives the future of its answer: requests submitted one after the other reach the node
     /// in that order (a `ProduceStream` relies on it).
+    /// A produce that would pass the pending produce bytes is answered `BUSY` at once.
     pub fn submit(&self, request: Request) -> impl Future<Output = Response> + Send + use<> {
         let (reply, answer) = oneshot::channel();
-        let refused = match self.inputs.try_send(Input::Client(request, reply)) {
-            Ok(()) => None,
-            Err(TrySendError::Full(_)) => Some(Response::error(
+        let bytes = produce_bytes(&request);
+        let reserved = match bytes {
+            0 => Ok(None),
+            _ => self.produce_budget.try_reserve(bytes).map(Some).ok_or(()),
+        };
+        let refused = match reserved {
+            Err(()) => Some(Response::error(
                 ErrorCode::Busy,
-                "the node's input queue is full",
+                format!(
+                    "{} of {} bytes of produces pending; {bytes} more do not fit",
+                    self.produce_budget.used(),
+                    self.produce_budget.max()
+                ),
             )),
-            Err(TrySendError::Disconnected(_)) => Some(stopped_response()),
+            Ok(reserved) => self.queue(Input::Client(request, reply, reserved)),
         };
         async move {
             match refused {
                 Some(response) => response,
                 None => answer.await.unwrap_or_else(|_| stopped_response()),
             }
+        }
+    }
+
+    /// Queues `input`; the answer if it could not be.
+    fn queue(&self, input: Input) -> Option<Response> {
+        match self.inputs.try_send(input) {
+            Ok(()) => None,
+            Err(TrySendError::Full(_)) => Some(Response::error(
+                ErrorCode::Busy,
+                "the node's input queue is full",
+            )),
+            Err(TrySendError::Disconnected(_)) => Some(stopped_response()),
         }
     }
 
@@ -273,16 +305,27 @@ impl RunningServer {
         let peer_listener = bind("peer", config.peer_listen).await?;
         let client_addr = local_addr("client", &client_listener, config.client_listen)?;
 
-        let (inputs, receiver) = std::sync::mpsc::sync_channel(INPUTS_QUEUED_MAX);
-        let handle = NodeHandle { inputs };
-        let transport = start_transport(&config, peer_listener, &handle)?;
+        let (inputs, receiver) = std::sync::mpsc::sync_channel(config.limits.inputs_queued_max);
+        let produce_budget = ByteBudget::new(config.limits.produce_pending_bytes_max);
+        let handle = NodeHandle {
+            inputs,
+            produce_budget,
+            peer_frames_dropped: Arc::new(AtomicU64::new(0)),
+        };
+        let (peer_sender, peer_receiver) =
+            budget::peer_inputs(PEER_INPUTS_QUEUED_MAX, PEER_INPUT_BYTES_MAX);
+        let transport = start_transport(&config, peer_listener, &handle, peer_sender)?;
         let stopping = Arc::new(AtomicBool::new(false));
         #[cfg(test)]
         let wal_for_tests = wal.clone();
+        let inputs = Inputs {
+            clients: receiver,
+            peers: peer_receiver,
+        };
         let exited = spawn_event_loop(
             &config,
             (wal, history),
-            receiver,
+            inputs,
             transport.clone(),
             stopping.clone(),
         )
@@ -437,16 +480,20 @@ fn start_transport(
     config: &ServerConfig,
     listener: tokio::net::TcpListener,
     handle: &NodeHandle,
+    peers: PeerSender,
 ) -> Result<Transport, ServerError> {
     let peer_addr = config.peer_listen;
-    let inputs = handle.inputs.clone();
-    let dropped = Arc::new(AtomicU64::new(0));
-    let deliver = Arc::new(move |frame: PeerFrame| {
-        if inputs.try_send(Input::Peer(frame)).is_err() {
-            // Raft retransmits; count and say so once in a while.
+    let handle = handle.clone();
+    let dropped = handle.peer_frames_dropped.clone();
+    let deliver = Arc::new(move |frame: PeerFrame| match peers.send(frame) {
+        Ok(true) => handle.wake(),
+        Ok(false) | Err(PeerRefused::Stopped) => {}
+        Err(PeerRefused::Full) => {
+            // Only a stalled event loop fills the peer queue (clients cannot): raft
+            // retransmits; count and say so once in a while.
             let count = dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if count.is_power_of_two() {
-                tracing::warn!(count, "event loop input queue full: peer frames dropped");
+                tracing::warn!(count, "peer input queue full: peer frames dropped");
             }
         }
     });
@@ -524,7 +571,7 @@ fn write_identity(dir: &Path, path: &Path, text: &str) -> std::io::Result<()> {
 async fn spawn_event_loop(
     config: &Arc<ServerConfig>,
     (wal, history): (Arc<Wal>, history::History),
-    receiver: Receiver<Input>,
+    receiver: Inputs,
     transport: Transport,
     stopping: Arc<AtomicBool>,
 ) -> Result<oneshot::Receiver<Result<(), ServerError>>, ServerError> {
@@ -602,6 +649,16 @@ struct Pending {
     reply: oneshot::Sender<Response>,
     /// A write (produce or cursor commit): if the node stops first, the outcome is unknown.
     write: bool,
+    /// The produce bytes it holds, released with the answer.
+    _reserved: Option<Reserved>,
+}
+
+/// The event loop's two input queues.
+struct Inputs {
+    /// Client requests and wake-ups.
+    clients: Receiver<Input>,
+    /// Peer frames, served first.
+    peers: PeerReceiver,
 }
 
 /// The thread that owns the [`Node`]. See the module documentation.
@@ -611,7 +668,7 @@ struct EventLoop {
     /// The data directory's marker, kept at the log's highest durable term.
     history: history::History,
     wal: Arc<Wal>,
-    inputs: Receiver<Input>,
+    inputs: Inputs,
     transport: Transport,
     stopping: Arc<AtomicBool>,
     pending: HashMap<RequestId, Pending>,
@@ -635,7 +692,7 @@ impl EventLoop {
         config: Arc<ServerConfig>,
         (node, history): (Node, history::History),
         wal: Arc<Wal>,
-        inputs: Receiver<Input>,
+        inputs: Inputs,
         transport: Transport,
         stopping: Arc<AtomicBool>,
     ) -> EventLoop {
@@ -675,21 +732,26 @@ impl EventLoop {
 
     fn serve(&mut self) -> Result<(), ServerError> {
         while !self.stopping.load(Ordering::SeqCst) {
-            // Work left over from a capped wake-up runs at once; otherwise sleep until the
-            // next tick unless an input comes first.
-            let timeout = if self.node.has_work() {
+            // Peer frames first: they are never behind client load. Work left over from a
+            // capped wake-up, or peer frames, run at once; otherwise sleep until the next
+            // tick unless an input comes first (the transport wakes the loop on the client
+            // queue when it queues a frame on an empty peer queue).
+            let mut frames = self.inputs.peers.drain(PEER_FRAMES_PER_WAKE_MAX);
+            let timeout = if self.node.has_work() || !frames.is_empty() {
                 Duration::ZERO
             } else {
                 self.next_tick.saturating_duration_since(Instant::now())
             };
             let mut inputs = Vec::new();
-            match self.inputs.recv_timeout(timeout) {
+            match self.inputs.clients.recv_timeout(timeout) {
                 Ok(input) => inputs.push(input),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return Ok(()),
             }
+            let room = PEER_FRAMES_PER_WAKE_MAX - frames.len();
+            frames.extend(self.inputs.peers.drain(room));
             while inputs.len() < INPUTS_PER_WAKE_MAX {
-                match self.inputs.try_recv() {
+                match self.inputs.clients.try_recv() {
                     Ok(input) => inputs.push(input),
                     Err(_) => break,
                 }
@@ -702,8 +764,11 @@ impl EventLoop {
             // lease (ARCHITECTURE invariant 2).
             let heard_tick = self.node.now_tick();
             self.tick_due();
+            for frame in frames {
+                self.step_peer(frame, heard_tick);
+            }
             for input in inputs {
-                self.handle(input, heard_tick);
+                self.handle(input);
             }
             self.run_rounds()?;
             self.sync()?;
@@ -711,20 +776,22 @@ impl EventLoop {
         Ok(())
     }
 
-    fn handle(&mut self, input: Input, heard_tick: u64) {
+    /// Steps a peer's frame, its answers counted as heard at `heard_tick`.
+    fn step_peer(&mut self, frame: PeerFrame, heard_tick: u64) {
+        let before = self.node.status_counters().peer_messages_rejected;
+        self.node
+            .step_heard_at(frame.from, frame.messages, heard_tick);
+        let after = self.node.status_counters().peer_messages_rejected;
+        // Say so at the first rejection and then at every power of two.
+        if (before + 1..=after).any(u64::is_power_of_two) {
+            let reason = self.node.last_peer_rejection().unwrap_or_default();
+            tracing::warn!(count = after, %reason, "peer raft messages dropped");
+        }
+    }
+
+    fn handle(&mut self, input: Input) {
         match input {
-            Input::Peer(frame) => {
-                let before = self.node.status_counters().peer_messages_rejected;
-                self.node
-                    .step_heard_at(frame.from, frame.messages, heard_tick);
-                let after = self.node.status_counters().peer_messages_rejected;
-                // Say so at the first rejection and then at every power of two.
-                if (before + 1..=after).any(u64::is_power_of_two) {
-                    let reason = self.node.last_peer_rejection().unwrap_or_default();
-                    tracing::warn!(count = after, %reason, "peer raft messages dropped");
-                }
-            }
-            Input::Client(request, reply) => {
+            Input::Client(request, reply, reserved) => {
                 if self.stopping.load(Ordering::SeqCst) {
                     let _ = reply.send(stopped_response());
                     return;
@@ -742,7 +809,12 @@ impl EventLoop {
                         | Request::PutTopic { .. }
                         | Request::DeleteTopic { .. }
                 );
-                self.pending.insert(id, Pending { reply, write });
+                let pending = Pending {
+                    reply,
+                    write,
+                    _reserved: reserved,
+                };
+                self.pending.insert(id, pending);
                 self.node.request(id, request);
             }
             Input::Wake => {}
@@ -788,11 +860,21 @@ impl EventLoop {
     }
 
     /// Runs rounds while the node has work (bounded), dispatching each round's output.
+    /// Peer frames that arrived meanwhile are stepped before each round after the first (no
+    /// tick passes here, so they count as heard now), so a long burst of rounds never holds
+    /// a heartbeat or its answer back.
     fn run_rounds(&mut self) -> Result<(), ServerError> {
-        for _ in 0..ROUNDS_PER_WAKE_MAX {
+        for round in 0..ROUNDS_PER_WAKE_MAX {
+            if round > 0 {
+                for frame in self.inputs.peers.drain(PEER_FRAMES_PER_WAKE_MAX) {
+                    self.step_peer(frame, self.node.now_tick());
+                }
+            }
             let output = self.node.round()?;
             self.dispatch(output);
-            if !self.node.has_work() {
+            // A tick due ends the burst: heartbeats and lease checks run on ticks, and the
+            // sync after the burst releases what followers must answer.
+            if !self.node.has_work() || Instant::now() >= self.next_tick {
                 break;
             }
         }
@@ -827,9 +909,9 @@ impl EventLoop {
     /// Refuses what is still queued, finishes the round, syncs what was written, and answers
     /// the clients left.
     fn stop_gracefully(&mut self) -> Result<(), ServerError> {
-        while let Ok(input) = self.inputs.try_recv() {
-            // Clients are refused while stopping; peer frames are harmless.
-            self.handle(input, self.node.now_tick());
+        while let Ok(input) = self.inputs.clients.try_recv() {
+            // Clients are refused while stopping.
+            self.handle(input);
         }
         self.run_rounds()?;
         if self.sync_requested > self.synced {
@@ -1500,7 +1582,10 @@ impl Service {
             groups: status.groups.iter().map(group_status).collect(),
             topics: topics_status(&status.groups),
             groups_count: config.layout.groups,
-            counters: Some(counters(&status.counters)),
+            counters: Some(api::NodeCounters {
+                peer_frames_dropped: self.handle.peer_frames_dropped.load(Ordering::Relaxed),
+                ..counters(&status.counters)
+            }),
         }
     }
 }
@@ -1527,6 +1612,7 @@ fn counters(c: &crate::NodeCounters) -> api::NodeCounters {
         compactions: c.compactions,
         peer_messages_rejected: c.peer_messages_rejected,
         compactions_refused: c.compactions_refused,
+        peer_frames_dropped: 0,
     }
 }
 

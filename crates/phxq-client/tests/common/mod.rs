@@ -99,6 +99,17 @@ impl Store {
         }
     }
 
+    /// [`Store::start`] with `limits` (TOML lines) as every node's `[limits]` section.
+    pub async fn start_with_limits(nodes: usize, placed: bool, limits: &str) -> Store {
+        let mut store = Store::new(nodes);
+        store.config_extra = format!("\n[limits]\n{limits}\n");
+        for id in 1..=nodes {
+            store.start_node(id).await;
+        }
+        store.wait_masters(placed).await;
+        store
+    }
+
     /// [`Store::start`] with `queues` queues of [`TOPIC`] (stores of a multi-store producer
     /// differ).
     pub async fn start_with_queues(nodes: usize, placed: bool, queues: u32) -> Store {
