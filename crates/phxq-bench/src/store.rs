@@ -38,10 +38,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use phxq_client::StoreCa;
 use phxq_proto::api;
 use phxq_types::ErrorCode;
 use serde::Serialize;
-use phxq_client::StoreCa;
 
 /// Most producers one run may start.
 pub const PRODUCERS_MAX: usize = 4096;

@@ -155,7 +155,11 @@ mod tests {
 
     #[test]
     fn a_ca_must_hold_a_certificate() {
-        assert!(StoreCa::from_pem("").unwrap_err().contains("no certificate"));
+        assert!(
+            StoreCa::from_pem("")
+                .unwrap_err()
+                .contains("no certificate")
+        );
         let key = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
         assert!(StoreCa::from_pem(key).is_err());
         let broken = "-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n";
@@ -166,7 +170,12 @@ mod tests {
 
     #[test]
     fn tls_is_verified_for_the_advertised_host() {
-        let plain = endpoint("10.0.0.1:7100", "127.0.0.1:9100", None, Duration::from_secs(1));
+        let plain = endpoint(
+            "10.0.0.1:7100",
+            "127.0.0.1:9100",
+            None,
+            Duration::from_secs(1),
+        );
         assert_eq!(plain.unwrap().uri().scheme_str(), Some("http"));
         assert!(endpoint("no port", "no port", None, Duration::from_secs(1)).is_err());
     }

@@ -592,7 +592,8 @@ impl Router {
                 // TLS on one side only, or another store's CA: retrying cannot change it.
                 Ok(Err(status)) if tls_mismatch(&status, self.config.ca.is_some()).is_some() => {
                     let why = tls_mismatch(&status, self.config.ca.is_some()).expect("checked");
-                    let error = ProduceError::new(ErrorKind::Protocol, None, format!("{addr}: {why}"));
+                    let error =
+                        ProduceError::new(ErrorKind::Protocol, None, format!("{addr}: {why}"));
                     return Err(Halt::Error(progress.fail(error)));
                 }
                 Ok(Err(status)) if !is_transport_trouble(&status) => {

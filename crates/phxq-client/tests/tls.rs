@@ -107,7 +107,11 @@ fn a_tls_store_with_auth_is_served_to_clients_with_its_ca_and_refuses_the_others
         }
         let report = running.drain().await;
         let seen = lock(&seen).clone();
-        assert_eq!(seen.len(), MESSAGES, "each once, none refused stored: {seen:?}");
+        assert_eq!(
+            seen.len(),
+            MESSAGES,
+            "each once, none refused stored: {seen:?}"
+        );
         assert_eq!(seen.into_iter().collect::<BTreeSet<_>>(), sent);
         assert_eq!(report.handled, MESSAGES as u64);
         store.stop().await;

@@ -268,9 +268,8 @@ pub fn client_port_identity(
     load_key(&files.key)?;
     let ip = advertised.ip();
     if !ip.is_unspecified() {
-        let end_entity = webpki::EndEntityCert::try_from(&chain[0]).map_err(|error| {
-            TlsError::Config(format!("{}: {error}", files.cert.display()))
-        })?;
+        let end_entity = webpki::EndEntityCert::try_from(&chain[0])
+            .map_err(|error| TlsError::Config(format!("{}: {error}", files.cert.display())))?;
         let name = ServerName::IpAddress(ip.into());
         if end_entity.verify_is_valid_for_subject_name(&name).is_err() {
             return Err(TlsError::Config(format!(
@@ -403,7 +402,9 @@ mod tests {
         let any: SocketAddr = "0.0.0.0:7100".parse().unwrap();
         client_port_identity(&files[0], any).expect("a wildcard names no host to check");
         let elsewhere: SocketAddr = "10.1.2.3:7100".parse().unwrap();
-        let error = client_port_identity(&files[0], elsewhere).unwrap_err().to_string();
+        let error = client_port_identity(&files[0], elsewhere)
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("--host 10.1.2.3"), "{error}");
         let named = ensure_node_cert(dir.path(), 7, NodeId(2), &["10.1.2.3".into()]).unwrap();
         client_port_identity(&named, elsewhere).expect("named by --host");

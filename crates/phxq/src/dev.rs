@@ -118,7 +118,9 @@ pub fn run(args: &Args) -> CommandResult {
     // about peers not up yet, or gone, are noise here.
     crate::logging::init("warn,phxq_node::transport=error");
     let runtime = crate::node_cmd::runtime()?;
-    let ca = args.tls.then(|| args.dir.join("tls").join(phxq_node::tls::CA_CERT_FILE));
+    let ca = args
+        .tls
+        .then(|| args.dir.join("tls").join(phxq_node::tls::CA_CERT_FILE));
     runtime.block_on(serve(configs, ca))?;
     Ok(ExitCode::SUCCESS)
 }

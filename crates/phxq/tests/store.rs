@@ -1348,12 +1348,11 @@ fn start_dev(dir: &Path, flags: &[&str]) -> (Child, Vec<String>, u16) {
         .expect("spawn phxq dev");
     let stdout = dev.stdout.take().unwrap();
     let (lines, read) = std::sync::mpsc::channel();
+    // Read to the end even once nobody listens: a closed pipe would fail dev's last lines.
     std::thread::spawn(move || {
         use std::io::BufRead;
         for line in std::io::BufReader::new(stdout).lines() {
-            if lines.send(line.unwrap_or_default()).is_err() {
-                return;
-            }
+            let _ = lines.send(line.unwrap_or_default());
         }
     });
     let mut printed: Vec<String> = Vec::new();
@@ -1471,14 +1470,29 @@ fn dev_with_tls_serves_clients_that_pass_its_ca_and_refuses_the_others() {
     );
     let other = tempfile::tempdir().unwrap();
     let made = run(
-        &["cert", "ca", "--dir", other.path().to_str().unwrap(), "--store-id", "1"],
+        &[
+            "cert",
+            "ca",
+            "--dir",
+            other.path().to_str().unwrap(),
+            "--store-id",
+            "1",
+        ],
         b"",
     );
     assert!(made.status.success(), "{}", text(&made.stderr));
     let foreign = other.path().join("ca.pem");
     let server = format!("127.0.0.1:{client}");
     let produce = |ca: Option<&str>| {
-        let mut args = vec!["produce", "--topic", "test", "--key", "a", "--timeout-ms", "8000"];
+        let mut args = vec![
+            "produce",
+            "--topic",
+            "test",
+            "--key",
+            "a",
+            "--timeout-ms",
+            "8000",
+        ];
         args.extend(["--server", server.as_str(), "--token", token.as_str()]);
         if let Some(ca) = ca {
             args.extend(["--ca", ca]);
@@ -1495,11 +1509,21 @@ fn dev_with_tls_serves_clients_that_pass_its_ca_and_refuses_the_others() {
         assert_eq!(refused.status.code(), Some(1), "{what}");
         let said = text(&refused.stderr);
         assert!(said.contains(says), "{what}: {said}");
-        assert!(took < Duration::from_secs(4), "{what}: refused after {took:?}");
+        assert!(
+            took < Duration::from_secs(4),
+            "{what}: refused after {took:?}"
+        );
     }
-    let status = run(&["cluster", "status", "--server", &server, "--token", &token], b"");
+    let status = run(
+        &["cluster", "status", "--server", &server, "--token", &token],
+        b"",
+    );
     assert_eq!(status.status.code(), Some(1));
-    assert!(text(&status.stderr).contains("--ca"), "{}", text(&status.stderr));
+    assert!(
+        text(&status.stderr).contains("--ca"),
+        "{}",
+        text(&status.stderr)
+    );
 
     let (produced, _) = produce(Some(ca));
     assert!(produced.status.success(), "{}", text(&produced.stderr));
@@ -1510,11 +1534,28 @@ fn dev_with_tls_serves_clients_that_pass_its_ca_and_refuses_the_others() {
         .output()
         .expect("run phxq consume");
     assert!(consumed.status.success(), "{}", text(&consumed.stderr));
-    assert_eq!(text(&consumed.stdout).lines().count(), 1, "only the line sent with the CA");
+    assert_eq!(
+        text(&consumed.stdout).lines().count(),
+        1,
+        "only the line sent with the CA"
+    );
     let bench = run(
         &[
-            "bench", "produce", "--server", &server, "--token", &token, "--ca", ca,
-            "--producers", "2", "--stream", "--duration-s", "0.5", "--warmup-s", "0",
+            "bench",
+            "produce",
+            "--server",
+            &server,
+            "--token",
+            &token,
+            "--ca",
+            ca,
+            "--producers",
+            "2",
+            "--stream",
+            "--duration-s",
+            "0.5",
+            "--warmup-s",
+            "0",
         ],
         b"",
     );

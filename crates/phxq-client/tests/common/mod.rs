@@ -123,7 +123,11 @@ impl Store {
         );
         // The CA the nodes' certificates come from (made here once, as the nodes do).
         peer_tls_section(store.dir.path(), 1, nodes);
-        let ca = store.dir.path().join("tls").join(phxq_node::tls::CA_CERT_FILE);
+        let ca = store
+            .dir
+            .path()
+            .join("tls")
+            .join(phxq_node::tls::CA_CERT_FILE);
         store.access = Access {
             ca: Some(StoreCa::load(&ca).expect("the store CA")),
             token: Some(store.token(&[Role::Admin])),
