@@ -38,10 +38,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use phxq_client::StoreCa;
 use phxq_proto::api;
 use phxq_types::ErrorCode;
 use serde::Serialize;
-use tonic::transport::Endpoint;
 
 /// Most producers one run may start.
 pub const PRODUCERS_MAX: usize = 4096;
@@ -372,24 +372,25 @@ pub fn masters_by_node(views: &[Option<api::ClusterStatusResponse>]) -> BTreeMap
 }
 
 fn connect(addr: &str) -> Result<api::Client, String> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|error| format!("bad node address {addr:?}: {error}"))?
-        .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
-        .tcp_nodelay(true);
-    let token = TOKEN.get().cloned().unwrap_or_default();
+    let (token, ca) = CREDENTIALS.get().cloned().unwrap_or_default();
+    let connect_timeout = Duration::from_millis(CONNECT_TIMEOUT_MS);
+    let endpoint = phxq_client::connect::endpoint(addr, addr, ca.as_ref(), connect_timeout)?;
     Ok(api::client(endpoint.connect_lazy(), token))
 }
 
-/// The token every benchmark client sends (stores with auth on); set once per process.
-static TOKEN: std::sync::OnceLock<api::BearerToken> = std::sync::OnceLock::new();
+/// The token every benchmark client sends (stores with auth on) and the store CA it dials
+/// with (stores with client TLS); set once per process.
+static CREDENTIALS: std::sync::OnceLock<(api::BearerToken, Option<StoreCa>)> =
+    std::sync::OnceLock::new();
 
-/// Sets the token the benchmark clients send (`None`: none), before the first connection;
-/// `Err` for a token that cannot be sent, or a second setting.
-pub fn set_token(token: Option<&str>) -> Result<(), String> {
+/// Sets the token the benchmark clients send (`None`: none) and the CA they verify nodes
+/// with (`None`: plaintext), before the first connection; `Err` for a token that cannot be
+/// sent, or a second setting.
+pub fn set_credentials(token: Option<&str>, ca: Option<StoreCa>) -> Result<(), String> {
     let token = api::BearerToken::new(token)?;
-    TOKEN
-        .set(token)
-        .map_err(|_| "the benchmark token is set once".to_string())
+    CREDENTIALS
+        .set((token, ca))
+        .map_err(|_| "the benchmark credentials are set once".to_string())
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+use crate::connect::StoreCa;
+
 /// Default time one send may take with all its retries: 10 s.
 pub const DEADLINE_DEFAULT: Duration = Duration::from_secs(10);
 /// Default time one attempt may wait for its answer: 5 s (capped by what is left of the
@@ -142,6 +144,12 @@ pub struct ProducerConfig {
     /// consumer, seek or receiver may do; a refusal is `UNAUTHENTICATED` or
     /// `PERMISSION_DENIED`, never retried.
     pub token: Option<String>,
+    /// The store's CA (`ca.pem`): `Some` dials every node over TLS and accepts only a
+    /// certificate signed by it naming the node's advertised host (see `connect.rs`); `None`
+    /// dials plaintext. With several stores, a bundle of their CAs. A mismatch with the
+    /// node's port fails at once, [`ErrorKind::Protocol`](crate::ErrorKind::Protocol), saying
+    /// what to change.
+    pub ca: Option<StoreCa>,
 }
 
 impl ProducerConfig {
@@ -162,6 +170,7 @@ impl ProducerConfig {
             produce_streams: true,
             connect_via: Vec::new(),
             token: None,
+            ca: None,
         }
     }
 

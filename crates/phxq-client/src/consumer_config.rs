@@ -154,6 +154,8 @@ pub struct ConsumerConfig {
     /// The token sent on every call, as [`ProducerConfig::token`]: `consume` on the topic and
     /// group is enough for running a consumer (a dead-letter topic also needs `produce`).
     pub token: Option<String>,
+    /// The store's CA, as [`ProducerConfig::ca`]: `Some` dials every node over TLS.
+    pub ca: Option<crate::StoreCa>,
     /// The topic to read.
     pub topic: String,
     /// The consumer group reading it: its cursors are the ones read from and committed.
@@ -249,6 +251,7 @@ impl ConsumerConfig {
             store_id: 0,
             connect_via: Vec::new(),
             token: None,
+            ca: None,
             topic: topic.into(),
             consumer_group: consumer_group.into(),
             members: Vec::new(),
@@ -279,6 +282,7 @@ impl ConsumerConfig {
         config.store_id = self.store_id;
         config.connect_via.clone_from(&self.connect_via);
         config.token.clone_from(&self.token);
+        config.ca.clone_from(&self.ca);
         config.deadline = self.deadline;
         config.attempt_timeout = self.long_poll + LONG_POLL_MARGIN;
         config.backoff_initial = self.backoff_initial;

@@ -89,6 +89,7 @@
 
 mod backoff;
 mod config;
+pub mod connect;
 mod consumer;
 mod consumer_assign;
 mod consumer_config;
@@ -111,6 +112,7 @@ pub use config::{
     ProducerConfig, SERVERS_MAX, STORE_CHANGE_AFTER_DEFAULT, STORE_WEIGHT_MAX, STORES_MAX,
     StoreConfig,
 };
+pub use connect::StoreCa;
 pub use consumer::{
     Consumer, ConsumerError, ConsumerProgress, ConsumerReport, Delivery, Handler, Outcome,
 };

@@ -26,10 +26,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use phxq_proto::api::{self, Failure};
 use phxq_types::{ErrorCode, GroupId, Rng};
-use tonic::transport::Endpoint;
 
 use crate::backoff::Backoff;
 use crate::config::{ProducerConfig, check_address};
+use crate::connect::{endpoint, tls_mismatch};
 use crate::error::{ErrorKind, ProduceError};
 
 /// Redirects (`NOT_MASTER` with an address) followed in a row without a pause: masters can
@@ -516,10 +516,7 @@ impl Router {
         }
         check_address(addr)?;
         let dial = self.config.dial(addr);
-        let endpoint = Endpoint::from_shared(format!("http://{dial}"))
-            .map_err(|error| format!("{dial:?}: {error}"))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true);
+        let endpoint = endpoint(addr, dial, self.config.ca.as_ref(), CONNECT_TIMEOUT)?;
         let client = api::client(endpoint.connect_lazy(), self.token.clone());
         if channels.len() >= CHANNELS_MAX {
             channels.clear();
@@ -590,6 +587,13 @@ impl Router {
                 Ok(Err(status)) if api::status_failure(&status).is_some() => {
                     let failure = api::status_failure(&status).expect("just checked");
                     let error = ProduceError::from_failure(&failure);
+                    return Err(Halt::Error(progress.fail(error)));
+                }
+                // TLS on one side only, or another store's CA: retrying cannot change it.
+                Ok(Err(status)) if tls_mismatch(&status, self.config.ca.is_some()).is_some() => {
+                    let why = tls_mismatch(&status, self.config.ca.is_some()).expect("checked");
+                    let error =
+                        ProduceError::new(ErrorKind::Protocol, None, format!("{addr}: {why}"));
                     return Err(Halt::Error(progress.fail(error)));
                 }
                 Ok(Err(status)) if !is_transport_trouble(&status) => {

@@ -27,6 +27,7 @@
 //! cert = "tls/node-1.pem"              # this node's certificate (`phxq cert`)
 //! key = "tls/node-1.key"
 //! # insecure_peer_plaintext = true     # instead of the three above: no TLS (tests only)
+//! client_port = true                   # the client (gRPC) port too, with the same certificate
 //! ```
 //!
 //! Without a `[tls]` section a config is refused: an unauthenticated peer port lets anyone
@@ -34,7 +35,10 @@
 //! its store.
 //! Section `[auth]` (`secret_file = "phxq-data/store.secret"`) turns client authentication
 //! on: every call must carry a token signed with that secret (see `crate::auth`). Without
-//! it, any client may do anything, and the node says so loudly at start.
+//! it, any client may do anything, and the node says so loudly at start. `[tls] client_port`
+//! (default false, so configs written before it keep their plaintext clients) serves the
+//! client port over TLS with the node's certificate; a plaintext client port with auth on is
+//! warned about at start (tokens cross the network in clear).
 //!
 //! Sections `[timing]` and `[limits]` are optional and override [`Timing::default`] and the
 //! limits of [`NodeConfig::new`]. `etc/node1.toml` in the repository documents every key.
@@ -157,6 +161,8 @@ struct TlsSection {
     key: Option<PathBuf>,
     #[serde(default)]
     insecure_peer_plaintext: bool,
+    #[serde(default)]
+    client_port: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -293,6 +299,22 @@ fn peer_tls(
     }
 }
 
+/// `[tls] client_port = true`: the client port serves the node's certificate, so it needs
+/// the peer files (one certificate per node, one CA per store: nothing more to manage).
+fn client_tls(
+    section: Option<&TlsSection>,
+    peer: Option<&CertFiles>,
+) -> Result<Option<CertFiles>, ConfigError> {
+    match (section.is_some_and(|section| section.client_port), peer) {
+        (false, _) => Ok(None),
+        (true, Some(files)) => Ok(Some(files.clone())),
+        (true, None) => Err(invalid(
+            "tls.client_port",
+            "serves the node's certificate: set ca, cert and key, not insecure_peer_plaintext",
+        )),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The validated configuration.
 
@@ -360,6 +382,9 @@ pub struct ServerConfig {
     /// Peer TLS files, resolved against `data_dir`; `None` only with
     /// `insecure_peer_plaintext = true`.
     pub peer_tls: Option<CertFiles>,
+    /// The files the client port serves TLS with (`[tls] client_port = true`: the peer
+    /// files); `None`: plaintext.
+    pub client_tls: Option<CertFiles>,
     /// Client authentication (`[auth]`); `None`: every client may do everything (configs
     /// written before auth existed; the node warns at start).
     pub auth: Option<AuthConfig>,
@@ -442,6 +467,8 @@ impl ServerConfig {
         if file.store.id == 0 {
             return Err(invalid("store.id", "store ids start at 1"));
         }
+        let peer_tls = peer_tls(file.tls.as_ref(), &file.node.data_dir)?;
+        let client_tls = client_tls(file.tls.as_ref(), peer_tls.as_ref())?;
         Ok(ServerConfig {
             node,
             client_listen,
@@ -452,7 +479,8 @@ impl ServerConfig {
             timing: timing(&file.timing)?,
             limits: limits(&file.limits)?,
             rejoin_empty: false,
-            peer_tls: peer_tls(file.tls.as_ref(), &file.node.data_dir)?,
+            peer_tls,
+            client_tls,
             data_dir: file.node.data_dir,
             auth: auth(file.auth)?,
         })
@@ -935,6 +963,23 @@ mod tests {
         assert!(both.contains("tls.insecure_peer_plaintext"), "{both}");
         let partial = refusal("key = \"tls/node-2.key\"", "");
         assert!(partial.contains("peer TLS is required"), "{partial}");
+    }
+
+    #[test]
+    fn the_client_port_serves_the_peer_certificate_when_asked() {
+        let config = ServerConfig::parse(SAMPLE).expect("valid");
+        assert_eq!(config.client_tls, None, "plaintext unless asked");
+        let on = format!("{SAMPLE}client_port = true\n");
+        let config = ServerConfig::parse(&on).expect("valid");
+        assert_eq!(config.client_tls, config.peer_tls);
+        assert!(config.client_tls.is_some());
+        let tls = SAMPLE.find("[tls]").unwrap();
+        let plaintext = format!(
+            "{}[tls]\ninsecure_peer_plaintext = true\nclient_port = true\n",
+            &SAMPLE[..tls]
+        );
+        let error = ServerConfig::parse(&plaintext).unwrap_err().to_string();
+        assert!(error.contains("tls.client_port"), "{error}");
     }
 
     #[test]

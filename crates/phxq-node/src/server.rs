@@ -158,6 +158,10 @@ pub enum ServerError {
     /// The peer TLS files are missing or unusable.
     #[error("peer TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    /// The client port's TLS files are unusable, or its certificate does not name the node's
+    /// client address.
+    #[error("client port TLS: {0}")]
+    ClientTls(crate::tls::TlsError),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -276,6 +280,7 @@ impl RunningServer {
         let config = Arc::new(config);
         let fresh = check_identity(&config)?;
         let verifier = load_verifier(&config)?;
+        let client_tls = client_tls(&config)?;
         // A node that ran before never starts empty (see `server/history.rs`).
         let marker_term = history::before_open(&config, fresh)?;
         let wal_dir = config.data_dir.join(WAL_DIR);
@@ -338,7 +343,8 @@ impl RunningServer {
             transport: transport.clone(),
             coordinator: CoordinatorShell::new(),
         };
-        let grpc = tokio::spawn(serve_grpc(service, verifier, client_listener, grpc_stopped));
+        let gate = (verifier, client_tls);
+        let grpc = tokio::spawn(serve_grpc(service, gate, client_listener, grpc_stopped));
         tracing::info!(
             node = %config.node,
             store = config.store_id,
@@ -455,6 +461,35 @@ fn load_verifier(config: &ServerConfig) -> Result<Option<Arc<Verifier>>, ServerE
     let secret = Secret::load(&auth.secret_file).map_err(ServerError::Auth)?;
     tracing::info!(node = %config.node, secret_file = %auth.secret_file.display(), "client auth on");
     Ok(Some(Arc::new(Verifier::new(secret))))
+}
+
+/// The client port's TLS, or `None` for plaintext (warned about when tokens would cross it).
+fn client_tls(
+    config: &ServerConfig,
+) -> Result<Option<tonic::transport::ServerTlsConfig>, ServerError> {
+    let Some(files) = &config.client_tls else {
+        if config.auth.is_some() {
+            tracing::warn!(
+                node = %config.node,
+                "CLIENT PORT IN PLAINTEXT with auth on: tokens cross {} in clear, and anyone on \
+                 the path can replay them; set [tls] client_port = true (see etc/node1.toml)",
+                config.client_listen
+            );
+        }
+        return Ok(None);
+    };
+    let (cert, key) = crate::tls::client_port_identity(files, config.me().client_addr)
+        .map_err(ServerError::ClientTls)?;
+    tracing::info!(node = %config.node, cert = %files.cert.display(), "client port TLS on");
+    let identity = tonic::transport::Identity::from_pem(cert, key);
+    // A client that connects and never finishes its handshake holds a connection only this
+    // long (handshakes run apart from the accept loop, so a slow one delays no one else).
+    let handshake = Duration::from_millis(crate::transport::HANDSHAKE_TIMEOUT_MS);
+    Ok(Some(
+        tonic::transport::ServerTlsConfig::new()
+            .identity(identity)
+            .timeout(handshake),
+    ))
 }
 
 async fn bind(
@@ -939,7 +974,10 @@ impl EventLoop {
 /// Serves the client API on `listener` until `stop` fires (or its sender is dropped).
 async fn serve_grpc(
     service: Service,
-    verifier: Option<Arc<Verifier>>,
+    (verifier, tls): (
+        Option<Arc<Verifier>>,
+        Option<tonic::transport::ServerTlsConfig>,
+    ),
     listener: tokio::net::TcpListener,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
@@ -954,7 +992,11 @@ async fn serve_grpc(
         auth::authenticate(verifier.as_deref(), request)
     });
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .max_concurrent_streams(CALLS_PER_CONNECTION_MAX)
         .add_service(server)
         .serve_with_incoming_shutdown(incoming, async {

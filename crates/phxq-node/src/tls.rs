@@ -1,5 +1,5 @@
-//! TLS for the peer port (and, later, the client port): a store's certificate authority, the
-//! node certificates it signs, and the rustls configurations built from them.
+//! TLS for the peer port and the client port: a store's certificate authority, the node
+//! certificates it signs, and the rustls configurations built from them.
 //!
 //! Every store has its own CA (`ca.pem`, `ca.key`). A node certificate names exactly one node
 //! of one store, as the DNS name [`node_name`] (`node-2.store-42.phxq`), and may name extra
@@ -8,10 +8,17 @@
 //! it dials, and the listener takes the connecting node's id from its client certificate
 //! ([`PeerTls::node_of`]), never from the frames it sends.
 //!
+//! The client port (`[tls] client_port = true`) serves the same node certificate, without
+//! client certificates (clients prove who they are with tokens, `crate::auth`): clients
+//! verify it against the store CA by the host they dial, so the certificate must name the
+//! node's advertised client address ([`client_port_identity`] checks it at start) and every
+//! host clients use (`phxq cert node --host`; [`LOCAL_HOSTS`] always).
+//!
 //! Certificates carry no useful expiry (rcgen's default runs to the year 4096): rotation is a
 //! new CA and new node certificates, rolled out node by node. Private keys are written 0600.
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -144,6 +151,10 @@ pub fn ensure_node_cert(
     Ok(files)
 }
 
+/// Hosts every node certificate names, so a client on the node's own machine can dial it by
+/// either (and every store on 127.0.0.1, `phxq dev` and the tests, by its addresses).
+pub const LOCAL_HOSTS: [&str; 2] = ["localhost", "127.0.0.1"];
+
 /// A CA and a certificate for every node of `nodes` in `dir`, reusing what exists: what
 /// `phxq dev` and the test harnesses run on.
 pub fn ensure_store_certs(
@@ -152,7 +163,7 @@ pub fn ensure_store_certs(
     nodes: &[NodeId],
 ) -> Result<Vec<CertFiles>, TlsError> {
     ensure_ca(dir, store_id)?;
-    let hosts = ["localhost".to_string(), "127.0.0.1".to_string()];
+    let hosts = LOCAL_HOSTS.map(String::from);
     nodes
         .iter()
         .map(|&node| ensure_node_cert(dir, store_id, node, &hosts))
@@ -244,6 +255,31 @@ impl PeerTls {
             _ => None,
         }
     }
+}
+
+/// The client port's certificate chain and key as PEM (what tonic's server takes), after
+/// checking that they load and that the certificate names `advertised`'s IP: clients
+/// redirected there (`NOT_MASTER` carries it) check the certificate against that address.
+pub fn client_port_identity(
+    files: &CertFiles,
+    advertised: SocketAddr,
+) -> Result<(String, String), TlsError> {
+    let chain = load_certs(&files.cert)?;
+    load_key(&files.key)?;
+    let ip = advertised.ip();
+    if !ip.is_unspecified() {
+        let end_entity = webpki::EndEntityCert::try_from(&chain[0])
+            .map_err(|error| TlsError::Config(format!("{}: {error}", files.cert.display())))?;
+        let name = ServerName::IpAddress(ip.into());
+        if end_entity.verify_is_valid_for_subject_name(&name).is_err() {
+            return Err(TlsError::Config(format!(
+                "{} does not name {ip}, the node's client address: clients dialling it would \
+                 refuse it; make the certificate with `phxq cert node --host {ip}`",
+                files.cert.display()
+            )));
+        }
+    }
+    Ok((read_file(&files.cert)?, read_file(&files.key)?))
 }
 
 fn client_builder(
@@ -354,5 +390,23 @@ mod tests {
             (again, std::fs::read(&files[0].cert).unwrap()),
             (files, before)
         );
+    }
+
+    #[test]
+    fn the_client_port_certificate_must_name_the_advertised_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = ensure_store_certs(dir.path(), 7, &[NodeId(1)]).unwrap();
+        let local: SocketAddr = "127.0.0.1:7100".parse().unwrap();
+        let (cert, key) = client_port_identity(&files[0], local).unwrap();
+        assert!(cert.contains("BEGIN CERTIFICATE") && key.contains("PRIVATE KEY"));
+        let any: SocketAddr = "0.0.0.0:7100".parse().unwrap();
+        client_port_identity(&files[0], any).expect("a wildcard names no host to check");
+        let elsewhere: SocketAddr = "10.1.2.3:7100".parse().unwrap();
+        let error = client_port_identity(&files[0], elsewhere)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--host 10.1.2.3"), "{error}");
+        let named = ensure_node_cert(dir.path(), 7, NodeId(2), &["10.1.2.3".into()]).unwrap();
+        client_port_identity(&named, elsewhere).expect("named by --host");
     }
 }

@@ -110,6 +110,10 @@ pub struct ProduceArgs {
     /// prints an admin one).
     #[arg(long, env = "PHXQ_TOKEN", hide_env_values = true, value_name = "TOKEN")]
     token: Option<String>,
+    /// The store's CA certificate (PEM), for stores whose client port serves TLS (`phxq dev
+    /// --tls` prints it); without it, plaintext.
+    #[arg(long, env = "PHXQ_CA", value_name = "FILE")]
+    ca: Option<std::path::PathBuf>,
     #[command(flatten)]
     load: LoadArgs,
 }
@@ -127,6 +131,10 @@ pub struct ConsumeArgs {
     /// prints an admin one).
     #[arg(long, env = "PHXQ_TOKEN", hide_env_values = true, value_name = "TOKEN")]
     token: Option<String>,
+    /// The store's CA certificate (PEM), for stores whose client port serves TLS (`phxq dev
+    /// --tls` prints it); without it, plaintext.
+    #[arg(long, env = "PHXQ_CA", value_name = "FILE")]
+    ca: Option<std::path::PathBuf>,
 
     /// The consumer group reading (its cursors are first moved to the end of every queue).
     #[arg(long, default_value = "g1")]
@@ -265,11 +273,21 @@ fn print_report(json_only: bool, report: &Report) -> std::io::Result<()> {
     print_line(report.render().trim_end())
 }
 
+/// The token and CA every benchmark client uses.
+fn set_credentials(token: Option<&str>, ca: Option<&std::path::Path>) -> CommandResult<()> {
+    let ca = ca
+        .map(phxq_client::StoreCa::load)
+        .transpose()
+        .map_err(|error| format!("--ca {error}"))?;
+    phxq_bench::store::set_credentials(token, ca)?;
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // bench produce
 
 pub fn produce(args: &ProduceArgs) -> CommandResult {
-    phxq_bench::store::set_token(args.token.as_deref())?;
+    set_credentials(args.token.as_deref(), args.ca.as_deref())?;
     let mut options = options(&args.load, args.server.clone(), args.topic.clone())?;
     options.duration = seconds("--duration-s", args.duration_s)?;
     options.warmup = seconds("--warmup-s", args.warmup_s)?;
@@ -337,7 +355,7 @@ pub fn produce(args: &ProduceArgs) -> CommandResult {
 // bench consume
 
 pub fn consume(args: &ConsumeArgs) -> CommandResult {
-    phxq_bench::store::set_token(args.token.as_deref())?;
+    set_credentials(args.token.as_deref(), args.ca.as_deref())?;
     let options = consume::Options {
         server: args.server.clone(),
         topic: args.topic.clone(),

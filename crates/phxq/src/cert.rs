@@ -33,7 +33,9 @@ pub enum CertCommand {
         /// The node's id.
         #[arg(long)]
         id: u64,
-        /// Extra DNS names or IP addresses the node is reached by (repeat).
+        /// Extra DNS names or IP addresses clients reach the node by (repeat): with client
+        /// TLS, its `client_addr` IP at least (the node refuses to start otherwise).
+        /// `localhost` and `127.0.0.1` are always named.
         #[arg(long = "host")]
         hosts: Vec<String>,
     },
@@ -55,7 +57,10 @@ pub fn run(command: &CertCommand) -> CommandResult {
             if *id == 0 {
                 return Err("node ids start at 1".into());
             }
-            let files = phxq_node::tls::ensure_node_cert(dir, *store_id, NodeId(*id), hosts)?;
+            let local = phxq_node::tls::LOCAL_HOSTS.map(String::from);
+            let extra = hosts.iter().filter(|host| !local.contains(host)).cloned();
+            let names: Vec<String> = local.iter().cloned().chain(extra).collect();
+            let files = phxq_node::tls::ensure_node_cert(dir, *store_id, NodeId(*id), &names)?;
             crate::print_line(phxq_node::tls::config_section(&files))?;
         }
     }

@@ -26,7 +26,8 @@ pub mod produce;
 pub mod receive;
 pub mod topic;
 
-use phxq_client::{ErrorKind, ProducerConfig, SeekError, SeekTo, StoreConfig, fnv1a_64};
+use phxq_client::connect::{endpoint, tls_mismatch};
+use phxq_client::{ErrorKind, ProducerConfig, SeekError, SeekTo, StoreCa, StoreConfig, fnv1a_64};
 use phxq_proto::api::{self, Failure};
 use phxq_types::{ErrorCode, MESSAGE_ID_BYTES_MAX, TIME_MS_MAX, validate_name};
 use serde_json::json;
@@ -76,6 +77,11 @@ pub struct Connection {
     /// it exists (the dev store's, said on stderr).
     #[arg(long, env = "PHXQ_TOKEN", hide_env_values = true, value_name = "TOKEN")]
     token: Option<String>,
+    /// The store's CA certificate (PEM): connect over TLS and accept only nodes it signed.
+    /// For stores whose client port serves TLS (`[tls] client_port = true`; `phxq dev
+    /// --tls` prints the file). Without it, plaintext.
+    #[arg(long, env = "PHXQ_CA", value_name = "FILE")]
+    ca: Option<std::path::PathBuf>,
 }
 
 /// Where `phxq dev` (run from the same directory) leaves its admin token.
@@ -99,6 +105,15 @@ impl Connection {
                 "cannot read ./{DEV_TOKEN_FILE}: {error}"
             ))),
         }
+    }
+
+    /// `--ca` (or `PHXQ_CA`), loaded and checked.
+    fn store_ca(&self) -> Result<Option<StoreCa>, ClientError> {
+        self.ca
+            .as_deref()
+            .map(StoreCa::load)
+            .transpose()
+            .map_err(|error| ClientError::Usage(format!("--ca {error}")))
     }
 
     /// [`Connection::token`] as the interceptor that sends it.
@@ -340,6 +355,14 @@ enum ClientError {
     /// A bad command line.
     #[error("{0}")]
     Usage(String),
+    /// The node and this client disagree on TLS (or on the CA): retrying cannot help.
+    #[error("{addr}: {detail}")]
+    Tls {
+        /// The node.
+        addr: String,
+        /// What to change.
+        detail: String,
+    },
     /// Writing standard output failed (a closed pipe, as with `phxq tail | head`, is a normal
     /// end: `main` exits without a message).
     #[error("writing standard output: {0}")]
@@ -391,6 +414,8 @@ struct RouterInner {
     timeout: Duration,
     /// Sent on every call.
     token: api::BearerToken,
+    /// `--ca`: dial every node over TLS verified against it.
+    ca: Option<StoreCa>,
     channels: Mutex<HashMap<String, api::Client>>,
     masters: Mutex<HashMap<u64, String>>,
     /// Rotates over `nodes` when no master is known.
@@ -409,7 +434,8 @@ impl Router {
     ) -> Result<(Router, api::ClusterStatusResponse), ClientError> {
         let server = parse_server(&connection.server)?;
         let token = connection.bearer()?;
-        let seed = Router::new(vec![server], 1, connection.timeout_ms, token.clone());
+        let ca = connection.store_ca()?;
+        let seed = Router::new(vec![server], 1, connection, (token.clone(), ca.clone()));
         let status = seed
             .call(None, |mut client| async move {
                 let status = client
@@ -431,18 +457,24 @@ impl Router {
                 seed.inner.nodes[0]
             )));
         }
-        let router = Router::new(nodes, status.groups_count, connection.timeout_ms, token);
+        let router = Router::new(nodes, status.groups_count, connection, (token, ca));
         router.learn_masters(&status);
         Ok((router, status))
     }
 
-    fn new(nodes: Vec<String>, groups: u32, timeout_ms: u64, token: api::BearerToken) -> Router {
+    fn new(
+        nodes: Vec<String>,
+        groups: u32,
+        connection: &Connection,
+        (token, ca): (api::BearerToken, Option<StoreCa>),
+    ) -> Router {
         Router {
             inner: Arc::new(RouterInner {
                 token,
+                ca,
                 nodes,
                 groups,
-                timeout: Duration::from_millis(timeout_ms),
+                timeout: Duration::from_millis(connection.timeout_ms),
                 channels: Mutex::new(HashMap::new()),
                 masters: Mutex::new(HashMap::new()),
                 next_node: AtomicU64::new(0),
@@ -496,10 +528,9 @@ impl Router {
         if let Some(client) = channels.get(addr) {
             return Ok(client.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|error| ClientError::Usage(format!("bad node address {addr:?}: {error}")))?
-            .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
-            .tcp_nodelay(true);
+        let connect_timeout = Duration::from_millis(CONNECT_TIMEOUT_MS);
+        let endpoint = endpoint(addr, addr, self.inner.ca.as_ref(), connect_timeout)
+            .map_err(ClientError::Usage)?;
         let client = api::client(endpoint.connect_lazy(), self.inner.token.clone())
             .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
@@ -559,6 +590,10 @@ impl Router {
                 },
                 Ok(Err(status)) if api::status_failure(&status).is_some() => {
                     return Err(auth_refusal(&status).expect("just checked"));
+                }
+                Ok(Err(status)) if tls_mismatch(&status, self.inner.ca.is_some()).is_some() => {
+                    let detail = tls_mismatch(&status, self.inner.ca.is_some()).expect("checked");
+                    return Err(ClientError::Tls { addr, detail });
                 }
                 Ok(Err(status)) => {
                     self.forget_master(group);
@@ -1300,6 +1335,7 @@ async fn seek_all(args: &SeekArgs) -> Result<(), ClientError> {
     let mut config = ProducerConfig::new([server.clone()]);
     config.deadline = Duration::from_millis(args.connection.timeout_ms);
     config.token = args.connection.token()?;
+    config.ca = args.connection.store_ca()?;
     let moves = phxq_client::seek(&config, &args.topic, &args.group, args.queue, args.to)
         .await
         .map_err(|error| seek_error(&server, error))?;

@@ -93,6 +93,11 @@ pub struct Args {
     /// NATS or Kafka: anyone on this machine may do anything.
     #[arg(long)]
     auth: bool,
+    /// Serve the client ports over TLS with the nodes' certificates (signed by the store CA
+    /// in DIR/tls/ca.pem, which clients pass as --ca or PHXQ_CA). Off by default, like a
+    /// local NATS, etcd or Kafka: plaintext on 127.0.0.1. The peer ports always use TLS.
+    #[arg(long)]
+    tls: bool,
 }
 
 /// How long the dev store's admin token is valid, in milliseconds (a year).
@@ -113,7 +118,10 @@ pub fn run(args: &Args) -> CommandResult {
     // about peers not up yet, or gone, are noise here.
     crate::logging::init("warn,phxq_node::transport=error");
     let runtime = crate::node_cmd::runtime()?;
-    runtime.block_on(serve(configs))?;
+    let ca = args
+        .tls
+        .then(|| args.dir.join("tls").join(phxq_node::tls::CA_CERT_FILE));
+    runtime.block_on(serve(configs, ca))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -136,6 +144,7 @@ fn configs(args: &Args) -> CommandResult<Vec<ServerConfig>> {
                 cert: tls.join(format!("node-{id}.pem")),
                 key: tls.join(format!("node-{id}.key")),
             });
+            config.client_tls = args.tls.then(|| config.peer_tls.clone()).flatten();
             config.auth = args.auth.then(|| phxq_node::config::AuthConfig {
                 secret_file: args.dir.join("store.secret"),
             });
@@ -207,9 +216,10 @@ fn clean(configs: &[ServerConfig]) -> CommandResult<()> {
 }
 
 /// Starts the nodes, serves until a signal or a node failure, then stops them all.
-async fn serve(configs: Vec<ServerConfig>) -> CommandResult<()> {
+/// `ca`: the CA file clients need (client TLS on), or `None`.
+async fn serve(configs: Vec<ServerConfig>, ca: Option<PathBuf>) -> CommandResult<()> {
     let servers = start_all(configs).await?;
-    print_started(&servers)?;
+    print_started(&servers, ca.as_deref())?;
     let handles: Vec<(NodeId, NodeHandle)> = servers
         .iter()
         .map(|server| (server.config().node, server.handle()))
@@ -289,7 +299,7 @@ async fn start_all(configs: Vec<ServerConfig>) -> CommandResult<Vec<RunningServe
     Ok(servers.into_iter().map(|(_, server)| server).collect())
 }
 
-fn print_started(servers: &[RunningServer]) -> CommandResult<()> {
+fn print_started(servers: &[RunningServer], ca: Option<&Path>) -> CommandResult<()> {
     let first = servers[0].config();
     print_line(format_args!(
         "phxq dev: started a {}-node store on 127.0.0.1 (store {}, {} replication groups)",
@@ -326,11 +336,20 @@ fn print_started(servers: &[RunningServer]) -> CommandResult<()> {
         ))?;
     }
     let server = servers[0].client_addr();
-    let flag = if server.port() == 7100 {
+    let mut flag = if server.port() == 7100 {
         String::new()
     } else {
         format!(" --server {server}")
     };
+    if let Some(ca) = ca {
+        print_line(format_args!(
+            "  client ports serve TLS: clients verify them with the store CA {} \
+             (--ca FILE, or export PHXQ_CA={})",
+            ca.display(),
+            ca.display()
+        ))?;
+        flag += &format!(" --ca {}", ca.display());
+    }
     print_line("  try:")?;
     print_line(format_args!(
         "    seq 1 10 | phxq produce{flag} --topic test --key k1"
@@ -403,6 +422,7 @@ mod tests {
             client_port: 7100,
             peer_port: 7200,
             auth: false,
+            tls: false,
         }
     }
 
@@ -431,6 +451,15 @@ mod tests {
             .remove(i)
             .auth;
             assert_eq!(sample.auth, dev_auth, "{}", path.display());
+            let dev_tls = configs(&Args {
+                tls: true,
+                ..args("phxq-data")
+            })
+            .unwrap()
+            .remove(i)
+            .client_tls;
+            assert_eq!(sample.client_tls, dev_tls, "{}", path.display());
+            assert!(dev.client_tls.is_none(), "plaintext unless --tls");
         }
     }
 

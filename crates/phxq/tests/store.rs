@@ -1334,19 +1334,14 @@ fn dev_runs_a_three_node_store_in_one_command_and_stops_cleanly_on_sigterm() {
 /// `phxq dev --auth` prints an admin token (and saves it in its directory); `--token` with
 /// it works for admin and client commands; without a token, or with a forged one, a
 /// command fails (exit 1) saying why and what to pass, and nothing is produced.
-#[test]
-fn dev_with_auth_prints_an_admin_token_that_works_and_no_token_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
+/// `phxq dev FLAGS` on free ports in `dir`, and every line it printed until ready.
+fn start_dev(dir: &Path, flags: &[&str]) -> (Child, Vec<String>, u16) {
     let ports = free_ports(6);
     let (client, peer) = consecutive_free(ports[0], ports[3]);
     let mut dev = phxq()
-        .args([
-            "dev",
-            "--auth",
-            "--dir",
-            dir.path().to_str().unwrap(),
-            "--clean",
-        ])
+        .arg("dev")
+        .args(flags)
+        .args(["--dir", dir.to_str().unwrap(), "--clean"])
         .args([
             "--client-port",
             &client.to_string(),
@@ -1359,12 +1354,11 @@ fn dev_with_auth_prints_an_admin_token_that_works_and_no_token_is_refused() {
         .expect("spawn phxq dev");
     let stdout = dev.stdout.take().unwrap();
     let (lines, read) = std::sync::mpsc::channel();
+    // Read to the end even once nobody listens: a closed pipe would fail dev's last lines.
     std::thread::spawn(move || {
         use std::io::BufRead;
         for line in std::io::BufReader::new(stdout).lines() {
-            if lines.send(line.unwrap_or_default()).is_err() {
-                return;
-            }
+            let _ = lines.send(line.unwrap_or_default());
         }
     });
     let mut printed: Vec<String> = Vec::new();
@@ -1378,12 +1372,25 @@ fn dev_with_auth_prints_an_admin_token_that_works_and_no_token_is_refused() {
             }
         }
     }
+    (dev, printed, client)
+}
+
+/// The admin token `phxq dev --auth` printed.
+fn printed_token(printed: &[String]) -> String {
     let at = printed
         .iter()
         .position(|l| l.contains("admin token"))
         .expect("a token line");
     let token = printed[at + 1].trim().to_string();
     assert!(token.starts_with("phxq1."), "{printed:#?}");
+    token
+}
+
+#[test]
+fn dev_with_auth_prints_an_admin_token_that_works_and_no_token_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut dev, printed, client) = start_dev(dir.path(), &["--auth"]);
+    let token = printed_token(&printed);
     let saved = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
     assert_eq!(saved.trim(), token);
 
@@ -1447,6 +1454,118 @@ fn dev_with_auth_prints_an_admin_token_that_works_and_no_token_is_refused() {
         b"",
     );
     assert!(created.status.success(), "{}", text(&created.stderr));
+
+    terminate(&dev);
+    assert!(wait_exit(&mut dev, Duration::from_secs(20)).is_some_and(|s| s.success()));
+}
+
+/// `phxq dev --tls --auth` serves its client ports over TLS and prints the CA to pass;
+/// `--ca` (or `PHXQ_CA`) with the token works for the CLI and the benchmark client; without
+/// it, or with another store's CA, a command fails at once (exit 1) saying what to change,
+/// and nothing is produced.
+#[test]
+fn dev_with_tls_serves_clients_that_pass_its_ca_and_refuses_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut dev, printed, client) = start_dev(dir.path(), &["--tls", "--auth"]);
+    let token = printed_token(&printed);
+    let ca = dir.path().join("tls/ca.pem");
+    let ca = ca.to_str().unwrap();
+    assert!(
+        printed.iter().any(|l| l.contains(&format!("--ca {ca}"))),
+        "{printed:#?}"
+    );
+    let other = tempfile::tempdir().unwrap();
+    let made = run(
+        &[
+            "cert",
+            "ca",
+            "--dir",
+            other.path().to_str().unwrap(),
+            "--store-id",
+            "1",
+        ],
+        b"",
+    );
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    let foreign = other.path().join("ca.pem");
+    let server = format!("127.0.0.1:{client}");
+    let produce = |ca: Option<&str>| {
+        let mut args = vec![
+            "produce",
+            "--topic",
+            "test",
+            "--key",
+            "a",
+            "--timeout-ms",
+            "8000",
+        ];
+        args.extend(["--server", server.as_str(), "--token", token.as_str()]);
+        if let Some(ca) = ca {
+            args.extend(["--ca", ca]);
+        }
+        let started = Instant::now();
+        let output = run(&args, b"one\n");
+        (output, started.elapsed())
+    };
+    for (what, ca, says) in [
+        ("no CA", None, "speaks TLS"),
+        ("another store's CA", foreign.to_str(), "not accepted"),
+    ] {
+        let (refused, took) = produce(ca);
+        assert_eq!(refused.status.code(), Some(1), "{what}");
+        let said = text(&refused.stderr);
+        assert!(said.contains(says), "{what}: {said}");
+        assert!(
+            took < Duration::from_secs(4),
+            "{what}: refused after {took:?}"
+        );
+    }
+    let status = run(
+        &["cluster", "status", "--server", &server, "--token", &token],
+        b"",
+    );
+    assert_eq!(status.status.code(), Some(1));
+    assert!(
+        text(&status.stderr).contains("--ca"),
+        "{}",
+        text(&status.stderr)
+    );
+
+    let (produced, _) = produce(Some(ca));
+    assert!(produced.status.success(), "{}", text(&produced.stderr));
+    let consumed = phxq()
+        .args(["consume", "--topic", "test", "--group", "g1", "--json"])
+        .args(["--server", &server, "--token", &token])
+        .env("PHXQ_CA", ca)
+        .output()
+        .expect("run phxq consume");
+    assert!(consumed.status.success(), "{}", text(&consumed.stderr));
+    assert_eq!(
+        text(&consumed.stdout).lines().count(),
+        1,
+        "only the line sent with the CA"
+    );
+    let bench = run(
+        &[
+            "bench",
+            "produce",
+            "--server",
+            &server,
+            "--token",
+            &token,
+            "--ca",
+            ca,
+            "--producers",
+            "2",
+            "--stream",
+            "--duration-s",
+            "0.5",
+            "--warmup-s",
+            "0",
+        ],
+        b"",
+    );
+    assert!(bench.status.success(), "{}", text(&bench.stderr));
 
     terminate(&dev);
     assert!(wait_exit(&mut dev, Duration::from_secs(20)).is_some_and(|s| s.success()));

@@ -9,10 +9,11 @@ use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use phxq_client::{Consumer, ConsumerError, ConsumerReport, Handler};
+use phxq_client::{Consumer, ConsumerError, ConsumerReport, Handler, StoreCa};
+use phxq_node::auth::{Claims, Role, Secret};
 use phxq_node::config::ServerConfig;
 use phxq_node::server::RunningServer;
-use phxq_proto::api::{self, phxq_client::PhxqClient};
+use phxq_proto::api;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -82,6 +83,19 @@ pub struct Store {
     pub queues: u32,
     /// TOML appended to every node's config (e.g. a `[limits]` section); empty by default.
     pub config_extra: String,
+    /// How the harness's own calls reach the nodes (and what a secured store requires).
+    pub access: Access,
+    /// The store's auth secret ([`Store::start_secured`]), for [`Store::token`].
+    secret: Option<Secret>,
+}
+
+/// A client's credentials: the store CA to dial over TLS with, and the token to send.
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    /// `Some`: the nodes' client ports serve TLS; dial with this CA.
+    pub ca: Option<StoreCa>,
+    /// Sent on every call (an admin token in a secured store).
+    pub token: Option<String>,
 }
 
 impl Store {
@@ -96,6 +110,8 @@ impl Store {
             servers: (0..nodes).map(|_| None).collect(),
             queues: QUEUES,
             config_extra: String::new(),
+            access: Access::default(),
+            secret: None,
         }
     }
 
@@ -108,6 +124,49 @@ impl Store {
         }
         store.wait_masters(placed).await;
         store
+    }
+
+    /// A store of `nodes` nodes whose client ports serve TLS (`[tls] client_port`, the node
+    /// certificates of the store CA) and require tokens (`[auth]`), started, masters placed.
+    pub async fn start_secured(nodes: usize) -> Store {
+        let mut store = Store::new(nodes);
+        let secret_file = store.dir.path().join("store.secret");
+        store.secret = Some(Secret::create(&secret_file).expect("store secret"));
+        store.config_extra = format!(
+            "client_port = true\n\n[auth]\nsecret_file = {:?}\n",
+            secret_file.display().to_string()
+        );
+        // The CA the nodes' certificates come from (made here once, as the nodes do).
+        peer_tls_section(store.dir.path(), 1, nodes);
+        let ca = store
+            .dir
+            .path()
+            .join("tls")
+            .join(phxq_node::tls::CA_CERT_FILE);
+        store.access = Access {
+            ca: Some(StoreCa::load(&ca).expect("the store CA")),
+            token: Some(store.token(&[Role::Admin])),
+        };
+        for id in 1..=nodes {
+            store.start_node(id).await;
+        }
+        store.wait_masters(true).await;
+        store
+    }
+
+    /// A token of this secured store with `roles`, valid for an hour.
+    pub fn token(&self, roles: &[Role]) -> String {
+        let secret = self.secret.as_ref().expect("a secured store");
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_millis() as u64;
+        let claims = Claims {
+            subject: "test".to_string(),
+            roles: roles.to_vec(),
+            expires_ms: now_ms + 3_600_000,
+        };
+        phxq_node::auth::issue(secret, &claims).expect("a token")
     }
 
     /// [`Store::start`] with `queues` queues of [`TOPIC`] (stores of a multi-store producer
@@ -238,7 +297,7 @@ impl Store {
         loop {
             let mut views = Vec::new();
             for addr in self.running() {
-                views.push(cluster_status(&addr).await);
+                views.push(cluster_status_with(&addr, &self.access).await);
             }
             let masters: Option<Vec<u64>> = (0..GROUPS)
                 .map(|group| {
@@ -275,7 +334,7 @@ impl Store {
                 "queue {} unreadable",
                 request.queue
             );
-            if let Some(response) = consume(&target, request.clone()).await {
+            if let Some(response) = consume_with(&target, request.clone(), &self.access).await {
                 match api::check(response.error.as_ref()) {
                     Ok(()) => return response,
                     Err(failure) => {
@@ -293,16 +352,27 @@ impl Store {
     }
 }
 
-async fn client(addr: &str) -> Option<PhxqClient<tonic::transport::Channel>> {
-    let connect = PhxqClient::connect(format!("http://{addr}"));
-    tokio::time::timeout(Duration::from_secs(2), connect)
+/// A client of the node at `addr` with `access`, connected (within 2 s).
+async fn client(addr: &str, access: &Access) -> Option<api::Client> {
+    let timeout = Duration::from_secs(2);
+    let endpoint = phxq_client::connect::endpoint(addr, addr, access.ca.as_ref(), timeout).ok()?;
+    let channel = tokio::time::timeout(timeout, endpoint.connect())
         .await
         .ok()?
-        .ok()
+        .ok()?;
+    let token = api::BearerToken::new(access.token.as_deref()).ok()?;
+    Some(api::client(channel, token))
 }
 
 pub async fn cluster_status(addr: &str) -> Option<api::ClusterStatusResponse> {
-    let mut client = client(addr).await?;
+    cluster_status_with(addr, &Access::default()).await
+}
+
+pub async fn cluster_status_with(
+    addr: &str,
+    access: &Access,
+) -> Option<api::ClusterStatusResponse> {
+    let mut client = client(addr, access).await?;
     let call = client.cluster_status(api::ClusterStatusRequest {});
     let status = tokio::time::timeout(Duration::from_secs(2), call)
         .await
@@ -314,7 +384,15 @@ pub async fn cluster_status(addr: &str) -> Option<api::ClusterStatusResponse> {
 }
 
 pub async fn consume(addr: &str, request: api::ConsumeRequest) -> Option<api::ConsumeResponse> {
-    let mut client = client(addr).await?;
+    consume_with(addr, request, &Access::default()).await
+}
+
+pub async fn consume_with(
+    addr: &str,
+    request: api::ConsumeRequest,
+    access: &Access,
+) -> Option<api::ConsumeResponse> {
+    let mut client = client(addr, access).await?;
     let call = client.consume(request);
     let response = tokio::time::timeout(Duration::from_secs(5), call).await;
     Some(response.ok()?.ok()?.into_inner())

@@ -129,6 +129,7 @@ fn consumer_config(
     servers.truncate(phxq_client::SERVERS_MAX);
     let mut config = ConsumerConfig::new(servers, &args.topic, &args.group);
     config.token = args.connection.token()?;
+    config.ca = args.connection.store_ca()?;
     config.order = HandlingOrder::PerQueue;
     config.queues = args.queue.map(|queue| vec![queue]);
     config.long_poll = match (args.wait_ms, &args.member) {

@@ -145,6 +145,7 @@ fn producer_config(args: &ProduceArgs) -> Result<ProducerConfig, ClientError> {
     };
     config.deadline = Duration::from_millis(args.connection.timeout_ms);
     config.token = args.connection.token()?;
+    config.ca = args.connection.store_ca()?;
     config.store_change_retry = args.store_change_retry;
     config.validate().map_err(|error| {
         let flag = match error.field.as_str() {

@@ -195,6 +195,7 @@ fn receiver(
     let mut config = ProducerConfig::new([server.clone()]);
     config.deadline = Duration::from_millis(connection.timeout_ms);
     config.token = connection.token()?;
+    config.ca = connection.store_ca()?;
     let receiver = Receiver::new(config, topic, group)
         .map_err(|error| ClientError::Usage(error.to_string()))?;
     Ok((receiver, server))
