@@ -137,12 +137,8 @@ impl Store {
             secret_file.display().to_string()
         );
         // The CA the nodes' certificates come from (made here once, as the nodes do).
-        peer_tls_section(store.dir.path(), 1, nodes);
-        let ca = store
-            .dir
-            .path()
-            .join("tls")
-            .join(phxq_node::tls::CA_CERT_FILE);
+        peer_tls_section(&store.tls_dir(), 1, nodes);
+        let ca = store.tls_dir().join(phxq_node::tls::CA_CERT_FILE);
         store.access = Access {
             ca: Some(StoreCa::load(&ca).expect("the store CA")),
             token: Some(store.token(&[Role::Admin])),
