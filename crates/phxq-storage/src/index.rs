@@ -346,15 +346,22 @@ impl LogIndex {
 
     /// A group's snapshot no longer lives in `segment`.
     fn unpin(&mut self, segment: Option<SegmentId>, lsn: Lsn) {
-        let Some(segment) = segment else { return };
+        if let Some(segment) = segment {
+            self.end_use(segment, lsn, |usage| &mut usage.live_snapshots);
+        }
+    }
+
+    /// One use of `segment` (an entry or a snapshot: `count` picks which) ended with write
+    /// `lsn`.
+    fn end_use(&mut self, segment: SegmentId, lsn: Lsn, count: fn(&mut SegmentUse) -> &mut u64) {
         let usage = self
             .segment_use
             .get_mut(&segment)
-            .expect("a live snapshot's segment is tracked");
-        usage.live_snapshots = usage
-            .live_snapshots
+            .expect("a live entry's or snapshot's segment is tracked");
+        let live = count(usage);
+        *live = live
             .checked_sub(1)
-            .expect("live snapshot count never goes below zero");
+            .expect("live counts never go below zero");
         usage.released_at = usage.released_at.max(lsn);
         if usage.dead() {
             self.segments_emptied += 1;
@@ -418,18 +425,7 @@ impl LogIndex {
 
     fn release<'a>(&mut self, removed: impl Iterator<Item = &'a EntryLocation>, lsn: Lsn) {
         for location in removed {
-            let usage = self
-                .segment_use
-                .get_mut(&location.segment)
-                .expect("a live entry's segment is tracked");
-            usage.live_entries = usage
-                .live_entries
-                .checked_sub(1)
-                .expect("live entry count never goes below zero");
-            usage.released_at = usage.released_at.max(lsn);
-            if usage.dead() {
-                self.segments_emptied += 1;
-            }
+            self.end_use(location.segment, lsn, |usage| &mut usage.live_entries);
         }
     }
 
