@@ -7,7 +7,7 @@
 # Each round: a fresh `phxq dev` (3 nodes, 24 groups, topic `test` with 8 queues), then
 # `phxq bench produce` with 16 and 64 producers, each waiting for its own acknowledgement
 # (1 KB, no client batching); then the peer with the same producer counts through
-# ../shared/peers (its `peerbench --window 1`):
+# the peer-broker kit in $PEERS (its `peerbench --window 1`):
 #   rabbitmq  3-node quorum queue, publisher confirms;
 #   nats      JetStream, 3-node cluster, R3 file stream, each publish waits for its PubAck;
 #   redis     Redis Streams XADD, appendonly + appendfsync always, one node (Redis cannot
@@ -16,8 +16,9 @@
 # fsync probe runs. Only ratios between neighbouring runs mean anything on this machine (its
 # fsync rate swings fiftyfold); the summary pairs each phxq round with the peer round after it.
 #
-# Environment: PHXQ (binary, default target/release/phxq, built if missing), PEERS (default
-# ../shared/peers), OUT (results directory, default /tmp/phxq-vs-PEER), DURATION (10 s),
+# Environment: PHXQ (binary, default target/release/phxq, built if missing), PEERS (required: the
+# peer-broker kit's directory, with common.sh and rabbitmq|nats|redis/bench.sh; not part of
+# this repository), OUT (results directory, default /tmp/phxq-vs-PEER), DURATION (10 s),
 # WARMUP (2 s), PRODUCERS ("16 64"), WINDOW (1: every message waits for its own ack; N > 1:
 # phxq producers send N messages per call (client batching, one ack per call) and the peer's
 # keep N publishes in flight (pipelining, one ack each) -- issue 4's "client batching or
@@ -35,7 +36,8 @@ case $PEER in
   *) echo "unknown peer $PEER: rabbitmq, nats or redis" >&2; exit 2 ;;
 esac
 PHXQ=${PHXQ:-$ROOT/target/release/phxq}
-PEERS=${PEERS:-$ROOT/../shared/peers}
+PEERS=${PEERS:?set PEERS to the peer-broker kit (a directory with common.sh and rabbitmq|nats|redis/bench.sh)}
+[ -f "$PEERS/common.sh" ] || { echo "PEERS=$PEERS has no common.sh" >&2; exit 2; }
 OUT=${OUT:-/tmp/phxq-vs-$PEER}
 DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-2}
