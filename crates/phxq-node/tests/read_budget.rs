@@ -7,9 +7,11 @@
 //!
 //! One real `Node` over a real log, alone in its store, pumped by hand.
 
+mod common;
+
 use std::sync::Arc;
 
-use phxq_core::{Message, Retention, StoreLayout, TopicConfig};
+use phxq_core::{Message, Retention, StoreLayout};
 use phxq_node::{Node, NodeConfig, Request, Response};
 use phxq_storage::{Wal, WalOptions};
 use phxq_types::NodeId;
@@ -20,22 +22,11 @@ const ENTRIES: usize = 20;
 const VALUE_BYTES: usize = 1_000;
 
 fn layout() -> Arc<StoreLayout> {
-    Arc::new(StoreLayout {
-        groups: 1,
-        topics: vec![TopicConfig {
-            name: "t".to_string(),
-            queues: 1,
-            consumer_groups: vec!["g".to_string()],
-            retention: Retention {
-                replay_count: 1_000,
-                replay_age_ms: 3_600_000,
-                max_age_ms: None,
-                max_bytes: None,
-            },
-            dedup_window: 0,
-            group_settings: Default::default(),
-        }],
-        message_bytes_max: 1 << 20,
+    common::layout(Retention {
+        replay_count: 1_000,
+        replay_age_ms: 3_600_000,
+        max_age_ms: None,
+        max_bytes: None,
     })
 }
 

@@ -150,19 +150,7 @@ impl Store {
     }
 
     fn spawn(&self, id: usize) -> Child {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join(format!("node{id}.log")))
-            .expect("log file");
-        phxq()
-            .args(["node", "--config", self.config_path(id).to_str().unwrap()])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn phxq node")
+        self.spawn_with(id, &[])
     }
 
     fn server(&self, id: usize) -> String {
