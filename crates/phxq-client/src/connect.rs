@@ -12,6 +12,7 @@
 //! with a message saying what to change, instead of retrying until their deadline.
 
 use std::error::Error as _;
+use std::io::Read as _;
 use std::path::Path;
 use std::time::Duration;
 
@@ -56,15 +57,16 @@ impl StoreCa {
     /// A CA from a PEM file; errors name the file.
     pub fn load(path: &Path) -> Result<StoreCa, String> {
         let fail = |reason: String| format!("{}: {reason}", path.display());
-        let size = std::fs::metadata(path)
-            .map_err(|error| fail(error.to_string()))?
-            .len();
-        if size > CA_FILE_BYTES_MAX {
+        // Read through the bound itself, not after a size check a growing file could pass.
+        let mut pem = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|file| file.take(CA_FILE_BYTES_MAX + 1).read_to_end(&mut pem))
+            .map_err(|error| fail(error.to_string()))?;
+        if pem.len() as u64 > CA_FILE_BYTES_MAX {
             return Err(fail(format!(
-                "{size} bytes; a CA file is at most {CA_FILE_BYTES_MAX}"
+                "over {CA_FILE_BYTES_MAX} bytes; a CA file is at most that"
             )));
         }
-        let pem = std::fs::read(path).map_err(|error| fail(error.to_string()))?;
         StoreCa::from_pem(pem).map_err(fail)
     }
 }

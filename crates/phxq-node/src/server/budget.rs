@@ -84,15 +84,14 @@ impl Drop for Reserved {
 
 /// Bytes of keys and values a request asks the node to store (0 for anything but produces).
 pub fn produce_bytes(request: &Request) -> u64 {
-    let messages = match request {
-        Request::Produce { messages, .. } => messages.iter().collect::<Vec<_>>(),
-        Request::ProduceMany { appends } => appends.iter().flat_map(|a| &a.messages).collect(),
-        _ => return 0,
-    };
-    messages
-        .iter()
-        .map(|m| (m.key.len() + m.value.len()) as u64)
-        .sum()
+    let bytes = |m: &phxq_core::Message| (m.key.len() + m.value.len()) as u64;
+    match request {
+        Request::Produce { messages, .. } => messages.iter().map(bytes).sum(),
+        Request::ProduceMany { appends } => {
+            appends.iter().flat_map(|a| &a.messages).map(bytes).sum()
+        }
+        _ => 0,
+    }
 }
 
 /// What a peer frame costs the queue: its entries' and snapshots' data, plus a little per
